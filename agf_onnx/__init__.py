@@ -1,0 +1,9 @@
+"""agf-onnx: compile an ONNX image classifier into one that also returns an AGF explanation."""
+
+from __future__ import annotations
+
+from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
+from .errors import CompileError, UnsupportedOpsError
+
+__version__ = "0.1.0"
+__all__ = ["compile", "CompileError", "UnsupportedOpsError", "TARGET_INPUT", "HEATMAP_OUTPUT", "__version__"]

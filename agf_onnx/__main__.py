@@ -1,0 +1,3 @@
+from agf_onnx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""A tiny ONNX graph builder: ``b.Mul(x, y)``, ``b.const(array)``, unique names per scope.
+
+Rules emit the explanation graph through this class only; none of them touches protobuf.
+Values are plain tensor names (``str``), so a rule can mix tensors of the original graph
+(``node.inputs[0]``) with tensors it created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+#: The one opset of ``ai.onnx`` every compiled model is written in (see README, "Opset").
+TARGET_OPSET = 17
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; ``b.OpType(*inputs, **attributes)`` emits one node.
+
+    ``outputs=k`` asks for ``k`` outputs and returns a tuple of names; an input may be ``""``
+    for an omitted optional input. Names are ``<scope>/<op_type>_<n>``, unique within the
+    builder and against ``reserved`` (the names of the original graph).
+    """
+
+    def __init__(self, reserved: Iterable[str] = ()) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._taken: set[str] = set(reserved)
+        self._scopes: list[str] = ["agf"]
+        self._constants: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+
+    # -- naming -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Name everything emitted inside ``with b.scope("conv1/rel"):`` as ``agf/conv1/rel/…``."""
+        self._scopes.append(name)
+        try:
+            yield
+        finally:
+            self._scopes.pop()
+
+    def fresh(self, hint: str) -> str:
+        """A tensor or node name not used anywhere yet."""
+        base = "/".join([*self._scopes, hint])
+        name, n = base, 0
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+    # -- nodes --------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attributes: Any) -> Any:
+        """Emit one ``ai.onnx`` node and return its output name (a tuple if ``outputs > 1``)."""
+        node_name = self.fresh(op_type)
+        names = [node_name if i == 0 else f"{node_name}:{i}" for i in range(outputs)]
+        self._taken.update(names)
+        attributes = {k: v for k, v in attributes.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name, **attributes))
+        return names[0] if outputs == 1 else tuple(names)
+
+    def __getattr__(self, op_type: str) -> Any:
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+        return lambda *inputs, **attributes: self.op(op_type, *inputs, **attributes)
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        """An initializer holding ``value``; identical constants are stored once."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = self.fresh("const")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def ints(self, values: Iterable[int]) -> str:
+        """An int64 1-D constant, the form shape and axes inputs take."""
+        return self.const(list(values), np.int64)

@@ -1,0 +1,122 @@
+"""The ``agf-onnx`` command line: a thin layer over ``agf_onnx.compile`` and the rule registry."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import onnx
+
+from . import __version__, passes
+from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
+from .coverage import coverage_table
+from .errors import CompileError
+from .methods import FLAT_POLICIES, METHODS
+
+#: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
+_PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agf-onnx",
+        description="Compile ONNX image classifiers into models that also output a per-pixel explanation "
+                    "(Attribution Guided Factorization), runnable in ONNX Runtime on CPU or CUDA.")
+    parser.add_argument("--version", action="version", version=f"agf-onnx {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compile_ = commands.add_parser(
+        "compile", help="write MODEL plus its explanation graph to OUT",
+        description=f"Compile MODEL into OUT: same inputs plus '{TARGET_INPUT}' (int64 [N] or [1]; negative or "
+                    f"not fed = each sample's top class), same outputs plus '{HEATMAP_OUTPUT}' (float32 "
+                    "[N, 1, H, W]: positive = evidence for the class, negative = against). Exit codes: 0 done, "
+                    "1 the model cannot be compiled (the message says why), 2 unsupported ops (all listed).")
+    compile_.add_argument("model", metavar="MODEL", help="the ONNX classifier (external data is read beside it)")
+    compile_.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the compiled model")
+    compile_.add_argument("--method", choices=sorted(METHODS), default="agf", help="explanation method (default: agf)")
+    compile_.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
+                          help="fix the shape of an input with dynamic height/width, e.g. x=1,3,224,224 "
+                               "(repeatable; the batch axis stays dynamic)")
+    compile_.add_argument("--logits", metavar="NAME",
+                          help="tensor holding the class scores (default: the only 2-D float output, taken "
+                               "before a trailing Softmax/LogSoftmax)")
+    compile_.add_argument("--image", metavar="NAME", help="the image input (default: the only 4-D input)")
+    compile_.add_argument("--flat-policy", choices=sorted(FLAT_POLICIES), default="authors",
+                          help="which convs get the flat rule ΦX = C instead of the full AGF rule (default: authors): " +
+                               "; ".join(f"{k}: {v}" for k, v in FLAT_POLICIES.items()))
+    compile_.add_argument("--flat", metavar="NODE", action="append", default=[],
+                          help="force this Conv node to the flat rule (repeatable)")
+    compile_.add_argument("--full", metavar="NODE", action="append", default=[],
+                          help="force this Conv node to the full AGF rule (repeatable)")
+    compile_.add_argument("--external-data", action="store_true",
+                          help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
+                               "MODEL has external data)")
+    compile_.add_argument("--no-check", action="store_true",
+                          help="skip onnx.checker's full check of the result (faster on huge models)")
+    compile_.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
+                                description="Print the coverage table generated from the rule registry.")
+    rules.add_argument("--method", choices=sorted(METHODS), default="agf")
+    return parser
+
+
+def _uses_external_data(path: str) -> bool:
+    model = onnx.load(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def save(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
+    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    external_data = external_data or model.ByteSize() > _PROTOBUF_LIMIT
+    data_name = os.path.basename(path) + ".data"
+    staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
+    try:
+        staged = os.path.join(staging, os.path.basename(path))
+        if external_data:
+            onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+            os.replace(os.path.join(staging, data_name), os.path.join(directory, data_name))
+        else:
+            onnx.save(model, staged)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    began = time.perf_counter()
+    model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
+                    flat_policy=args.flat_policy, flat=args.flat, full=args.full, check=not args.no_check)
+    save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
+    if not args.quiet:
+        before, after = os.path.getsize(args.model), os.path.getsize(args.output)
+        added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
+        print(f"{args.model} → {args.output}: {args.method}, {added} explanation nodes, "
+              f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input), "
+              f"{time.perf_counter() - began:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            return _compile(args)
+        print(coverage_table(args.method))
+        return 0
+    except CompileError as error:
+        print(f"agf-onnx: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The compiler: canonicalise, walk back from the logits emitting the gradient and relevance
+streams with the registered rules, and append the explanation graph to the original one.
+
+    model.onnx ──canonicalise──▶ graph ──walk back from the logits──▶ gradient stream
+                                                                 └──▶ relevance stream
+    model_agf.onnx = original graph + explanation graph (inputs + ``target``, outputs + ``heatmap``)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .rules import REGISTRY
+
+from . import passes
+from .builder import GraphBuilder
+from .errors import CompileError, UnsupportedOpsError
+from .graph import GraphView, NodeView
+from .maths import max_per_sample, nonzero, safe_divide
+from .methods import Method, flat_convs, get_method
+
+TARGET_INPUT = "target"
+HEATMAP_OUTPUT = "heatmap"
+#: Ops after the logits that the explanation starts below (spec "Start").
+HEAD_OPS = ("Softmax", "LogSoftmax")
+#: Linear ops that may start the relevance stream (spec "the top linear layer").
+LINEAR_OPS = ("Gemm", "MatMul", "Conv")
+#: Ops that only relabel the image's layout; the linear layer behind them still reads the image.
+_LAYOUT_OPS = ("Transpose", "Identity", "Reshape", "Flatten")
+
+
+@dataclass
+class Plan:
+    """What the compiler found in the model before emitting anything."""
+
+    graph: GraphView
+    image: str
+    logits: str
+    start: str  # the data input X of the top linear layer, where relevance starts
+    path: list[onnx.NodeProto]  # nodes from the image to the logits, in topological order
+    data: set[str]  # tensors that depend on the image
+    kinds: dict[str, str]  # node name → relevance rule kind (nodes below the start)
+    first_layers: set[str]
+    channels_last: bool
+
+
+def _find_image(graph: GraphView, image: str | None) -> str:
+    candidates = [name for name in graph.inputs if len(graph.shapes.get(name, ())) == 4]
+    if image is not None:
+        if image not in graph.inputs:
+            raise CompileError(f"--image: the model has no input '{image}' (inputs: {', '.join(graph.inputs)})")
+        return image
+    if len(candidates) != 1:
+        raise CompileError("cannot tell which input is the image: " +
+                           (f"several 4-D inputs ({', '.join(candidates)}); pass --image NAME" if candidates
+                            else f"no 4-D input among {', '.join(graph.inputs) or 'none'}; pass --image NAME"))
+    return candidates[0]
+
+
+def _find_logits(graph: GraphView, logits: str | None) -> str:
+    if logits is not None:
+        if logits not in graph.producer and logits not in graph.inputs:
+            raise CompileError(f"--logits: the model has no tensor '{logits}'")
+        return logits
+    candidates = [name for name in graph.outputs
+                  if len(graph.shapes.get(name, ())) == 2 and graph.dtypes.get(name) == TensorProto.FLOAT]
+    if len(candidates) != 1:
+        raise CompileError("cannot tell which output holds the class scores: "
+                           + (f"several 2-D float outputs ({', '.join(candidates)})" if candidates
+                              else f"no 2-D float output among {', '.join(graph.outputs)}")
+                           + "; pass --logits NAME")
+    logits = candidates[0]
+    producer = graph.producer.get(logits)
+    while producer is not None and producer.op_type in HEAD_OPS:  # spec: logits precede the softmax
+        logits = producer.input[0]
+        producer = graph.producer.get(logits)
+    return logits
+
+
+def _top_linear_input(graph: GraphView, logits: str, data: set[str]) -> str:
+    """The data input X of the last linear op before the logits."""
+    tensor = logits
+    while tensor in graph.producer:
+        node = graph.producer[tensor]
+        inputs = [i for i in node.input if i in data]
+        if node.op_type in LINEAR_OPS and inputs and node.input[0] in data:
+            return node.input[0]
+        if not inputs:
+            break
+        tensor = inputs[0]
+    raise CompileError(f"no Gemm, MatMul or Conv between the image and the logits '{logits}'")
+
+
+def _reads_image(graph: GraphView, tensor: str, image: str) -> bool:
+    while tensor != image:
+        producer = graph.producer.get(tensor)
+        if producer is None or producer.op_type not in _LAYOUT_OPS:
+            return False
+        tensor = producer.input[0]
+    return True
+
+
+def _channels_last(graph: GraphView, image: str) -> bool:
+    readers = graph.consumers.get(image, [])
+    return bool(readers) and all(r.op_type == "Transpose" and list(helper.get_attribute_value(a) for a in r.attribute
+                                                                    if a.name == "perm") == [[0, 3, 1, 2]]
+                                 for r in readers)
+
+
+def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
+         method: Method, flat_policy: str = "authors", flat: Iterable[str] = (),
+         full: Iterable[str] = ()) -> Plan:
+    """Locate image, logits and the explained path; choose a rule for every node on it."""
+    graph = GraphView(model)
+    image = _find_image(graph, image)
+    logits = _find_logits(graph, logits)
+    below, above = graph.descendants([image]), graph.ancestors([logits])
+    path = [node for node in graph.nodes if node.name in below and node.name in above]
+    if not path:
+        raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
+    data = {image} | {o for node in graph.nodes if node.name in below for o in node.output if o}
+    start = _top_linear_input(graph, logits, data)
+    relevant = graph.ancestors([start]) & below
+    first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
+    flats = flat_convs(graph, [n for n in path if n.op_type == "Conv" and n.name in relevant], data,
+                       flat_policy, flat, full)
+    kinds: dict[str, str] = {}
+    unsupported: dict[str, list[str]] = defaultdict(list)
+    for node in path:
+        entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        kind = None
+        if entry is not None and node.name in relevant:
+            kind = method.kind_for(node.op_type, entry.relevance, first_layer=node.name in first_layers,
+                                   flat=node.name in flats)
+        if entry is None or entry.gradient is None or (node.name in relevant and kind is None):
+            unsupported[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
+        elif kind is not None:
+            kinds[node.name] = kind
+    if unsupported:
+        raise UnsupportedOpsError(unsupported)
+    for name in [image, logits, *(o for n in path for o in n.output if o)]:
+        shape = graph.shape(name)
+        if any(d is None for d in shape[1:]) or not shape:
+            raise CompileError(f"tensor '{name}' has shape {list(shape)}: every axis but the batch must be "
+                               "static; pass --input-shape NAME=d0,d1,...")
+    if graph.dtypes.get(image) != TensorProto.FLOAT:
+        raise CompileError(f"the image input '{image}' is not float32")
+    return Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image))
+
+
+class _Streams:
+    """Per-tensor contributions of the gradient and relevance streams, combined on first read."""
+
+    def __init__(self, b: GraphBuilder) -> None:
+        self.b = b
+        self.gradients: dict[str, list[str]] = defaultdict(list)
+        self.relevances: dict[str, list[str]] = defaultdict(list)
+
+    def gradient(self, tensor: str) -> str | None:
+        parts = self.gradients.get(tensor)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            with self.b.scope(f"{tensor}/fanout"):
+                self.gradients[tensor] = [self.b.Sum(*parts)]
+        return self.gradients[tensor][0]
+
+    def relevance(self, tensor: str) -> str | None:
+        """Fan-out: ``ΦX = X ⊙ Σ_k sdiv(Φk, X)`` (impl); one consumer passes its Φ as it is."""
+        parts = self.relevances.get(tensor)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            b = self.b
+            with b.scope(f"{tensor}/fanout"):
+                self.relevances[tensor] = [b.Mul(tensor, b.Sum(*(safe_divide(b, part, tensor) for part in parts)))]
+        return self.relevances[tensor][0]
+
+
+def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
+    """Emit both streams and the heatmap; returns the heatmap tensor's name."""
+    graph, streams = plan.graph, _Streams(b)
+    classes = graph.shape(plan.logits)[1]
+    with b.scope("start"):
+        target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(plan.logits, axis=1, keepdims=0),
+                         TARGET_INPUT)
+        target = b.Unsqueeze(target, b.ints([1]))
+        streams.gradients[plan.logits].append(method.start(b, plan.logits, target, classes))
+    for proto in reversed(plan.path):
+        node = NodeView(proto, graph, frozenset(i for i in proto.input if i in plan.data),
+                        is_first_layer=proto.name in plan.first_layers)
+        node.gradient = [streams.gradient(o) for o in proto.output]
+        if node.gradient[0] is None:
+            continue  # no path from this node to the target's score
+        entry = REGISTRY[proto.op_type]
+        with b.scope(f"{proto.name}/vjp"):
+            node.input_gradients = entry.gradient(b, node)
+        for name, contribution in zip(proto.input, node.input_gradients):
+            if contribution is not None:
+                streams.gradients[name].append(contribution)
+        kind = plan.kinds.get(proto.name)
+        if kind is None:
+            continue
+        node.relevance = [streams.relevance(o) for o in proto.output]
+        if node.relevance[0] is None:
+            node.relevance = [_start_relevance(b, streams, plan.start) if plan.start in proto.output else None]
+            if node.relevance[0] is None:
+                continue
+        with b.scope(f"{proto.name}/rel"):
+            contributions = entry.relevance[kind](b, node)
+        for name, contribution in zip(proto.input, contributions):
+            if contribution is not None:
+                streams.relevances[name].append(contribution)
+    relevance = streams.relevance(plan.image)
+    if relevance is None:
+        relevance = _start_relevance(b, streams, plan.image) if plan.start == plan.image else None
+    if relevance is None:
+        raise CompileError(f"no relevance reaches the image '{plan.image}'")
+    with b.scope("heatmap"):
+        return _heatmap(b, relevance, plan.channels_last)
+
+
+def _start_relevance(b: GraphBuilder, streams: _Streams, start: str) -> str | None:
+    """``ΦX = X ⊙ ∇X`` at the data input of the top linear layer (spec "Start")."""
+    if start in streams.relevances:
+        return streams.relevance(start)
+    gradient = streams.gradient(start)
+    if gradient is None:
+        return None
+    with b.scope("start"):
+        streams.relevances[start] = [b.Mul(start, gradient)]
+    return streams.relevances[start][0]
+
+
+def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
+    """``Σ_c Φ₀ / max Φ₀`` per sample; ``/ max |Φ₀|`` where ``max Φ₀ ≤ 0``; ``[N, 1, H, W]``."""
+    channel_sum = b.ReduceSum(relevance, b.ints([3 if channels_last else 1]), keepdims=1)
+    if channels_last:
+        channel_sum = b.Transpose(channel_sum, perm=[0, 3, 1, 2])
+    peak = max_per_sample(b, relevance, 4)
+    zero = b.const(0.0)
+    scale = b.Where(b.Greater(peak, zero), peak, max_per_sample(b, b.Abs(relevance), 4))
+    scale = b.Where(b.Greater(scale, zero), scale, b.const(1.0))
+    heatmap = b.Div(channel_sum, scale)
+    # float32 overflow is the one way left to a non-finite value; the contract is a finite map
+    finite = b.Not(b.Or(b.IsNaN(heatmap), b.IsInf(heatmap)))
+    return b.Where(finite, heatmap, zero)
+
+
+def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str) -> onnx.ModelProto:
+    graph = model.graph
+    for name in (TARGET_INPUT, HEATMAP_OUTPUT):
+        if name in plan.graph.producer or name in plan.graph.shapes:
+            raise CompileError(f"the model already has a tensor named '{name}'; the compiled model needs that name")
+    graph.node.extend(b.nodes)
+    graph.node.append(helper.make_node("Identity", [heatmap], [HEATMAP_OUTPUT], name="agf/heatmap/output"))
+    graph.initializer.extend(b.initializers)
+    graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["T"]))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), TARGET_INPUT))
+    image_shape = plan.graph.shape(plan.image)
+    height, width = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
+    graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
+                                                      [passes.BATCH_DIM, 1, height, width]))
+    del graph.value_info[:]  # the original's inferred shapes: recomputed by whoever needs them
+    model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
+        "agf-onnx: feed 'target' (int64 [N] or [1], negative = top class) and read 'heatmap' [N, 1, H, W]."
+    return model
+
+
+def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
+            input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
+            image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
+            full: Iterable[str] = (), check: bool = True) -> onnx.ModelProto:
+    """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
+
+    Args:
+        model: a ``ModelProto`` or the path of an ``.onnx`` file (external data is read beside it).
+        method: the explanation method; ``"agf"``.
+        input_shapes: fixed shapes for inputs with dynamic spatial axes, e.g. ``{"x": [1, 3, 48, 192]}``
+            (the batch axis stays dynamic).
+        logits: the tensor holding the class scores; default: the only 2-D float output, before a
+            trailing Softmax/LogSoftmax.
+        image: the image input; default: the only 4-D input.
+        flat_policy: which convs get the flat rule (``methods.FLAT_POLICIES``).
+        flat, full: Conv node names forced to the flat or the full AGF rule.
+        check: run ``onnx.checker.check_model(full_check=True)`` on the result.
+
+    Raises:
+        UnsupportedOpsError: ops without a rule on the path from the image to the logits.
+        CompileError: anything else that makes the model impossible to explain, with the reason.
+    """
+    chosen = get_method(method)
+    canonical = passes.canonicalise(passes.load(model), input_shapes)
+    found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full)
+    b = GraphBuilder(reserved=_all_names(canonical.graph))
+    heatmap = _emit(b, found, chosen)
+    compiled = _assemble(canonical, b, found, heatmap)
+    if check:
+        try:
+            onnx.checker.check_model(compiled, full_check=True)
+        except Exception as error:  # a compiler bug, never the user's: say so plainly
+            raise CompileError(f"internal error: the compiled model fails the ONNX checker: {error}") from error
+    return compiled
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+    return names

@@ -1,0 +1,27 @@
+"""The coverage table, generated from the rule registry (README and ``agf-onnx rules``)."""
+
+from __future__ import annotations
+
+from .rules import REGISTRY
+
+from .compiler import HEAD_OPS
+from .methods import get_method
+
+
+def _first_line(function) -> str:
+    return (function.__doc__ or "").strip().splitlines()[0] if function and function.__doc__ else ""
+
+
+def coverage_table(method: str = "agf") -> str:
+    """A Markdown table: op type, rule module, gradient rule, relevance rule(s) under ``method``."""
+    chosen = get_method(method)
+    rows = ["| op | rules/ | gradient (VJP) | relevance under `" + method + "` |", "|---|---|---|---|"]
+    for op_type in sorted(REGISTRY):
+        entry = REGISTRY[op_type]
+        kinds = list(entry.relevance)
+        used = [k for k in (chosen.relevance.get(op_type), chosen.flat, chosen.first_layer) if k in kinds] or kinds
+        relevance = "<br>".join(f"`{k}`: {entry.describe(k)}" for k in dict.fromkeys(used))
+        rows.append(f"| {op_type} | `{entry.module}.py` | {_first_line(entry.gradient)} | {relevance} |")
+    for op_type in HEAD_OPS:
+        rows.append(f"| {op_type} | — | trailing only: the logits are its input | — |")
+    return "\n".join(rows)

@@ -1,0 +1,186 @@
+"""Read-only views of a canonicalised ONNX graph: who produces and reads each tensor, its static
+shape, which tensors are constants (weights), and the values of those constants."""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import CompileError
+
+Shape = tuple  # of int | None; None is a dynamic dimension (the batch)
+
+
+def _shape_of(value_info: onnx.ValueInfoProto) -> Shape | None:
+    tensor = value_info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+
+
+class GraphView:
+    """Indexes over ``model.graph``; build it again after a pass changes the graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = model.graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.shapes: dict[str, Shape] = {}
+        self.dtypes: dict[str, int] = {}
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            shape = _shape_of(info)
+            if shape is not None:
+                self.shapes[info.name] = shape
+            self.dtypes[info.name] = info.type.tensor_type.elem_type
+        for name, tensor in self.initializers.items():
+            self.shapes[name] = tuple(tensor.dims)
+            self.dtypes[name] = tensor.data_type
+        self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        self.outputs = [o.name for o in graph.output]
+        self.constants: set[str] = set(self.initializers)
+        for node in self.nodes:
+            if node.op_type in _NONDETERMINISTIC:
+                continue
+            if all(not name or name in self.constants for name in node.input):
+                self.constants.update(name for name in node.output if name)
+
+    def shape(self, name: str) -> Shape:
+        if name not in self.shapes:
+            raise CompileError(f"tensor '{name}' has no inferred shape; pass --input-shape to fix "
+                               "the image size")
+        return self.shapes[name]
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants
+
+    def value(self, name: str) -> np.ndarray:
+        """The value of a constant tensor, evaluating the weight-only subgraph behind it."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        if name not in self.constants:
+            raise CompileError(f"tensor '{name}' depends on the input; a constant is needed here")
+        return self._evaluate(name)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - the view lives as long as one compile
+    def _evaluate(self, name: str) -> np.ndarray:
+        from onnx.reference import ReferenceEvaluator
+
+        needed, stack = [], [name]
+        seen: set[str] = set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen or tensor in self.initializers or not tensor:
+                continue
+            seen.add(tensor)
+            node = self.producer[tensor]
+            if node not in needed:
+                needed.append(node)
+            stack.extend(node.input)
+        order = [n for n in self.nodes if n in needed]
+        used = {i for n in order for i in n.input}
+        graph = helper.make_graph(order, "constant", [], [helper.make_value_info(name, onnx.TypeProto())],
+                                  [t for k, t in self.initializers.items() if k in used])
+        model = helper.make_model(graph, opset_imports=self.model.opset_import)
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+
+    def ancestors(self, names: Iterable[str]) -> set[str]:
+        """Names of the nodes that the given tensors depend on."""
+        found: set[str] = set()
+        stack = list(names)
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is not None and node.name not in found:
+                found.add(node.name)
+                stack.extend(node.input)
+        return found
+
+    def descendants(self, names: Iterable[str]) -> set[str]:
+        """Names of the nodes that read the given tensors, directly or not."""
+        found: set[str] = set()
+        stack = list(names)
+        while stack:
+            for node in self.consumers.get(stack.pop(), ()):
+                if node.name not in found:
+                    found.add(node.name)
+                    stack.extend(node.output)
+        return found
+
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "Multinomial", "Bernoulli"}
+
+
+@dataclass
+class NodeView:
+    """What a rule sees of one node: its tensors, attributes, shapes, and the incoming streams.
+
+    ``gradient``/``relevance`` hold one entry per output (``None`` where that output carries
+    nothing). ``input_gradients`` is what the gradient rule returned, so relevance rules that
+    need ``VJP_op(G)`` reuse it instead of emitting it twice.
+    """
+
+    proto: onnx.NodeProto
+    graph: GraphView
+    data: frozenset  # the inputs that depend on the image
+    gradient: list[str | None] = field(default_factory=list)
+    relevance: list[str | None] = field(default_factory=list)
+    input_gradients: list[str | None] = field(default_factory=list)
+    is_first_layer: bool = False
+    cache: dict = field(default_factory=dict)  # fragments a node's two rules share
+
+    @property
+    def name(self) -> str:
+        return self.proto.name
+
+    @property
+    def op_type(self) -> str:
+        return self.proto.op_type
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.proto.input)
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.proto.output)
+
+    @functools.cached_property
+    def attrs(self) -> dict[str, Any]:
+        return {a.name: helper.get_attribute_value(a) for a in self.proto.attribute}
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        value = self.attrs.get(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def is_data(self, index: int) -> bool:
+        return index < len(self.proto.input) and self.proto.input[index] in self.data
+
+    def shape(self, name_or_index: str | int) -> Shape:
+        name = self.inputs[name_or_index] if isinstance(name_or_index, int) else name_or_index
+        return self.graph.shape(name)
+
+    def value(self, index: int) -> np.ndarray:
+        return self.graph.value(self.inputs[index])
+
+    def refuse(self, why: str) -> CompileError:
+        return CompileError(f"{self.op_type} node '{self.name}': {why}")

@@ -1,0 +1,149 @@
+"""Explanation methods as data over the rule registry, and AGF's "flat" conv policy.
+
+A ``Method`` says which relevance rule kind each op type gets, which kind the linear layer that
+reads the image gets, which kind the convs chosen by the flat policy get, and how the gradient
+at the logits starts. Ops it does not list use their only relevance rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .builder import GraphBuilder
+from .errors import CompileError
+from .graph import GraphView
+
+Start = Callable[[GraphBuilder, str, str, int], str]
+
+
+def agf_start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
+    """``∂ŷ_t/∂y`` for ``ŷ = softmax(y_t·exp(−½((y − y_t)/σ)²))``, ``σ = max_i |y_i − y_t|``.
+
+    The closed form of the derivative, through ``y_t`` and ``σ`` too (spec "Start"):
+    with ``a = ∂ŷ_t/∂z = p_t(δ_t − p)``, ``u = (y − y_t)/σ``, ``e = exp(−u²/2)`` and
+    ``w = −a·y_t·e·u``:
+    ``∇y = δ_t·Σ a e + w/σ − δ_t·Σw/σ − (Σ w·(y − y_t))/σ² · sign(d_m)(δ_m − δ_t)``,
+    where ``m`` is the class at which ``σ`` is attained. ``σ = 0`` (all logits equal) gives 0.
+    ``target`` is ``[N, 1]`` int64.
+    """
+    classes_row = b.const(np.arange(classes, dtype=np.int64).reshape(1, classes), np.int64)
+
+    def one_hot(index: str) -> str:
+        return b.Cast(b.Equal(classes_row, index), to=1)
+
+    target_hot = one_hot(target)
+    target_logit = b.GatherElements(logits, target, axis=1)
+    offset = b.Sub(logits, target_logit)
+    spread = b.ReduceMax(b.Abs(offset), axes=[1], keepdims=1)
+    zero = b.const(0.0)
+    spread = b.Where(b.Greater(spread, zero), spread, b.const(1.0))
+    scaled = b.Div(offset, spread)
+    gaussian = b.Exp(b.Mul(b.Mul(scaled, scaled), b.const(-0.5)))
+    probabilities = b.Softmax(b.Mul(target_logit, gaussian), axis=1)
+    target_probability = b.GatherElements(probabilities, target, axis=1)
+    d_softmax = b.Mul(target_probability, b.Sub(target_hot, probabilities))
+
+    def row_sum(x: str) -> str:
+        return b.ReduceSum(x, b.ints([1]), keepdims=1)
+
+    weighted = b.Neg(b.Mul(b.Mul(b.Mul(d_softmax, target_logit), gaussian), scaled))
+    through_target = b.Mul(target_hot, b.Sub(row_sum(b.Mul(d_softmax, gaussian)), b.Div(row_sum(weighted), spread)))
+    through_offset = b.Div(weighted, spread)
+    argmax = b.ArgMax(b.Abs(offset), axis=1, keepdims=1)
+    sign = b.Sign(b.GatherElements(offset, argmax, axis=1))
+    spread_coefficient = b.Div(row_sum(b.Mul(weighted, offset)), b.Mul(spread, spread))
+    through_spread = b.Mul(b.Mul(spread_coefficient, sign), b.Sub(one_hot(argmax), target_hot))
+    return b.Sub(b.Add(through_target, through_offset), through_spread)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Which relevance rule each op gets under one explanation method."""
+
+    name: str
+    summary: str
+    start: Start
+    relevance: Mapping[str, str] = field(default_factory=dict)
+    first_layer: str | None = None
+    flat: str | None = None
+
+    def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool) -> str | None:
+        """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
+        kinds = list(kinds)
+        for wanted in ([self.first_layer] if first_layer else []) + ([self.flat] if flat else []) + \
+                [self.relevance.get(op_type)]:
+            if wanted in kinds:
+                return wanted
+        return kinds[0] if len(kinds) == 1 else None
+
+
+AGF = Method(
+    name="agf",
+    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as ../shared/agf-spec.md",
+    start=agf_start,
+    relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"},
+    first_layer="zB",
+    flat="flat",
+)
+
+METHODS: dict[str, Method] = {AGF.name: AGF}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise CompileError(f"unknown method '{name}' (available: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+# -- the flat conv policy -----------------------------------------------------------------------
+
+#: Ops between a conv and a residual Add that keep a conv "on the residual branch".
+_BETWEEN_CONV_AND_ADD = {"BatchNormalization", "Identity"}
+
+FLAT_POLICIES = {
+    "authors": "1×1 convs and convs whose output reaches a residual Add through BatchNormalization only",
+    "pointwise": "1×1 convs only",
+    "none": "no conv is flat: every conv but the input layer gets the full AGF rule",
+}
+
+
+def _is_pointwise(graph: GraphView, node) -> bool:
+    return all(k == 1 for k in graph.shape(node.input[1])[2:])
+
+
+def _feeds_residual_add(graph: GraphView, node, data: set[str]) -> bool:
+    tensor = node.output[0]
+    while True:
+        readers = graph.consumers.get(tensor, [])
+        if len(readers) != 1:
+            return False
+        reader = readers[0]
+        if reader.op_type in ("Add", "Sum"):
+            return sum(i in data for i in reader.input) >= 2
+        if reader.op_type not in _BETWEEN_CONV_AND_ADD:
+            return False
+        tensor = reader.output[0]
+
+
+def flat_convs(graph: GraphView, convs: Iterable, data: set[str], policy: str = "authors",
+               flat: Iterable[str] = (), full: Iterable[str] = ()) -> set[str]:
+    """Names of the convs that get the flat rule: the policy's choice, plus ``flat``, minus ``full``."""
+    if policy not in FLAT_POLICIES:
+        raise CompileError(f"unknown flat policy '{policy}' (available: {', '.join(FLAT_POLICIES)})")
+    convs = list(convs)
+    names = {node.name for node in convs}
+    for option, chosen in (("--flat", flat), ("--full", full)):
+        unknown = sorted(set(chosen) - names)
+        if unknown:
+            raise CompileError(f"{option}: no Conv node named {', '.join(unknown)} on the explained path "
+                               f"(Conv nodes: {', '.join(sorted(names)) or 'none'})")
+    selected = set()
+    for node in convs:
+        if policy == "none":
+            continue
+        if _is_pointwise(graph, node) or (policy == "authors" and _feeds_residual_add(graph, node, data)):
+            selected.add(node.name)
+    return (selected | set(flat)) - set(full)

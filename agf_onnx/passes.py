@@ -1,0 +1,255 @@
+"""Canonicalisation passes: each takes a model, returns ``(model, changed)``, and states what holds
+after it ran. ``canonicalise`` runs them in order. None of them changes what the original
+outputs compute: values move between nodes and initializers, opsets change versions, names
+are added, nothing is recomputed differently."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference, version_converter
+
+from .builder import TARGET_OPSET
+from .errors import CompileError
+
+#: IR version written with TARGET_OPSET (opset 17 came with IR 8).
+TARGET_IR_VERSION = 8
+BATCH_DIM = "N"
+
+#: Ops whose folded output can be far larger than their inputs (the onnx zoo stores weights
+#: as ConstantOfShape): folding them would bloat the file, so their outputs stay computed.
+_EXPANDING_OPS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample"}
+
+
+def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """Read a model file (external data included) or copy a ``ModelProto``.
+
+    After: a ``ModelProto`` whose tensors hold their data in memory.
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise CompileError(f"initializer '{tensor.name}' has external data; pass the model's "
+                                   "file path instead of a loaded ModelProto")
+        return model
+    path = os.fspath(model_or_path)
+    if not os.path.isfile(path):
+        raise CompileError(f"{path}: no such model file")
+    try:
+        return onnx.load(path, load_external_data=True)
+    except Exception as error:  # protobuf raises several unrelated types on bad files
+        raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: graph inputs are the model's real inputs (IR 3 listed every initializer as one)."""
+    weights = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in weights]
+    changed = len(keep) != len(model.graph.input)
+    if changed:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    return model, changed
+
+
+def name_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: every node has a unique, non-empty name (error messages and rule scopes use it)."""
+    seen: set[str] = set()
+    changed = False
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{index}"
+            name, n = base, 0
+            while name in seen:
+                n += 1
+                name = f"{base}_{n}"
+            node.name, changed = name, True
+        seen.add(node.name)
+    return model, changed
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    attribute = node.attribute[0] if len(node.attribute) == 1 else None
+    if attribute is None:
+        return None
+    value = helper.get_attribute_value(attribute)
+    if attribute.name == "value":
+        return numpy_helper.to_array(value)
+    if attribute.name in ("value_float", "value_floats"):
+        return np.asarray(value, dtype=np.float32)
+    if attribute.name in ("value_int", "value_ints"):
+        return np.asarray(value, dtype=np.int64)
+    return None
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: weights held in ``Constant`` nodes (Paddle, older exporters) are initializers."""
+    graph, changed = model.graph, False
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        value = _constant_value(node) if node.op_type == "Constant" and not node.domain else None
+        if value is None or node.output[0] in outputs:
+            keep.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        changed = True
+    if changed:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return model, changed
+
+
+def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: the model imports ``ai.onnx`` at TARGET_OPSET and is written with IR 8.
+
+    Older models are upgraded and newer ones downgraded: ONNX Runtime registers several CUDA
+    kernels only up to opset 17/18 (README, "Opset").
+    """
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        raise CompileError("the model imports no ai.onnx opset")
+    changed = version != TARGET_OPSET
+    if changed:
+        try:
+            model = version_converter.convert_version(model, TARGET_OPSET)
+        except Exception as error:
+            raise CompileError(f"cannot convert the model from opset {version} to {TARGET_OPSET}: "
+                               f"{error}") from error
+    if model.ir_version != TARGET_IR_VERSION:
+        model.ir_version, changed = TARGET_IR_VERSION, True
+    return model, changed
+
+
+def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: no node computes only from initializers unless it expands data (``_EXPANDING_OPS``),
+    so rules see weights as initializers; initializers nothing reads are gone."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep, changed = [], False
+    for node in graph.node:
+        foldable = (not node.domain and node.op_type not in _EXPANDING_OPS and node.op_type != "Constant"
+                    and all(not i or i in values for i in node.input)
+                    and not any(o in outputs for o in node.output) and len(node.input) > 0
+                    and not node.op_type.startswith("Random"))
+        if foldable:
+            try:
+                single = helper.make_graph(
+                    [node], "fold", [], [helper.make_value_info(o, onnx.TypeProto()) for o in node.output],
+                    [values[i] for i in node.input if i])
+                results = ReferenceEvaluator(helper.make_model(single, opset_imports=model.opset_import)).run(None, {})
+            except Exception:  # an op the reference evaluator lacks stays a node: ORT folds it
+                results = None
+            if results is not None:
+                in_bytes = sum(values[i].ByteSize() for i in node.input if i)
+                arrays = [np.asarray(r) for r in results]
+                if sum(a.nbytes for a in arrays) <= in_bytes + 1024:
+                    for name, array in zip(node.output, arrays):
+                        if name:
+                            values[name] = numpy_helper.from_array(array, name)
+                    changed = True
+                    continue
+        keep.append(node)
+    used = {i for n in keep for i in n.input} | outputs
+    used |= {i for n in keep for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for i in _graph_reads(a.g)}
+    if changed or len(used & set(values)) != len(graph.initializer):
+        del graph.node[:]
+        graph.node.extend(keep)
+        del graph.initializer[:]
+        graph.initializer.extend(t for name, t in values.items() if name in used)
+        changed = True
+    return model, changed
+
+
+def _graph_reads(graph: onnx.GraphProto) -> set[str]:
+    return {i for n in graph.node for i in n.input}
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int | str]]:
+    """``NAME=d0,d1,...`` → ``(NAME, dims)``; a dim that is not an integer stays symbolic."""
+    name, sep, dims = text.rpartition("=")
+    if not sep or not name or not dims:
+        raise CompileError(f"--input-shape '{text}': expected NAME=d0,d1,... such as x=1,3,224,224")
+    parsed: list[int | str] = []
+    for dim in dims.split(","):
+        dim = dim.strip()
+        if dim.lstrip("-").isdigit():
+            if int(dim) <= 0:
+                raise CompileError(f"--input-shape '{text}': dimension {dim} must be positive")
+            parsed.append(int(dim))
+        elif dim:
+            parsed.append(dim)
+        else:
+            raise CompileError(f"--input-shape '{text}': empty dimension")
+    return name, parsed
+
+
+def set_input_shapes(model: onnx.ModelProto,
+                     shapes: Mapping[str, Sequence[int | str]]) -> tuple[onnx.ModelProto, bool]:
+    """After: the named inputs have the given dims, and every float input of rank ≥ 2 has a
+    symbolic batch dimension ``N`` (the compiled model takes any batch size)."""
+    inputs = {i.name: i for i in model.graph.input}
+    for name in shapes:
+        if name not in inputs:
+            raise CompileError(f"--input-shape: the model has no input '{name}' "
+                               f"(inputs: {', '.join(inputs) or 'none'})")
+    changed = False
+    for name, info in inputs.items():
+        tensor = info.type.tensor_type
+        if name in shapes:
+            dims = list(shapes[name])
+            if tensor.HasField("shape") and len(tensor.shape.dim) != len(dims):
+                raise CompileError(f"--input-shape {name}: the model's input has rank "
+                                   f"{len(tensor.shape.dim)}, not {len(dims)}")
+            del tensor.shape.dim[:]
+            for dim in dims:
+                entry = tensor.shape.dim.add()
+                if isinstance(dim, int):
+                    entry.dim_value = dim
+                else:
+                    entry.dim_param = dim
+            changed = True
+        if tensor.elem_type in _IMAGE_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) >= 2:
+            batch = tensor.shape.dim[0]
+            if batch.dim_param != BATCH_DIM:
+                batch.Clear()
+                batch.dim_param = BATCH_DIM
+                changed = True
+    return model, changed
+
+
+_IMAGE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+           onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8}
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: ``graph.value_info`` holds the inferred type and shape of every tensor it can."""
+    for output in model.graph.output:  # re-inferred: stale batch dims would clash with N
+        output.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+    try:
+        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as error:
+        raise CompileError(f"shape inference failed: {error}") from error
+    return model, True
+
+
+def canonicalise(model: onnx.ModelProto,
+                 input_shapes: Mapping[str, Sequence[int | str]] | None = None) -> onnx.ModelProto:
+    """Run every pass in order; see each pass for what it guarantees."""
+    model, _ = drop_initializer_inputs(model)
+    model, _ = constants_to_initializers(model)
+    model, _ = convert_opset(model)
+    model, _ = name_nodes(model)
+    model, _ = fold_constants(model)
+    model, _ = set_input_shapes(model, input_shapes or {})
+    model, _ = infer_shapes(model)
+    return model

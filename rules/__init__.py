@@ -1,0 +1,11 @@
+"""Per-op propagation rules, one module per op family; importing this package registers them.
+
+``REGISTRY`` maps each supported op type to its gradient rule and its relevance rules.
+"""
+
+from __future__ import annotations
+
+from . import activation, conv, elementwise, gemm, normalization, pool, shape  # noqa: F401 - registers
+from ._registry import REGISTRY, OpRules, gradient, relevance
+
+__all__ = ["REGISTRY", "OpRules", "gradient", "relevance"]

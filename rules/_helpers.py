@@ -1,0 +1,107 @@
+"""Shapes of rule that many ops share, so that most rules are one to five lines.
+
+- ``proportional``: the z-rule ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``.
+- ``adjoint``: relevance moves the way data moves, ``ΦX = VJP_op(Φ)``.
+- ``pass_through``: ``ΦX = Φ`` for the data input.
+- ``Bilinear``: ops linear in a data input ``X`` and a weight ``W`` (Conv, Gemm, MatMul), with
+  the absolute-influence rule (eq. 9) and the z^B input-layer rule built on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import numpy_helper
+
+from agf_onnx.maths import nonzero, safe_divide
+
+if TYPE_CHECKING:
+    from agf_onnx.builder import GraphBuilder
+    from agf_onnx.graph import NodeView
+
+_ONE = numpy_helper.from_array(np.ones(1, np.float32))
+Vjp = Callable[["GraphBuilder", "NodeView", str], str]
+
+
+def data_only(node: NodeView, values: dict[int, str]) -> list[str | None]:
+    """One entry per node input: ``values[i]`` for data input ``i``, ``None`` elsewhere."""
+    return [values.get(i) if node.is_data(i) else None for i in range(len(node.inputs))]
+
+
+def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
+    """z-rule for an op with one data input (input 0) and output ``Y``."""
+    relevance = node.relevance[0]
+    activation = b.Mul(node.outputs[0], nonzero(b, relevance))
+    ratio = safe_divide(b, relevance, activation)
+    return data_only(node, {0: b.Mul(node.inputs[0], vjp(b, node, ratio))})
+
+
+def adjoint(gradient_rule: Callable[..., list[str | None]]) -> Callable[..., list[str | None]]:
+    """A relevance rule that applies ``gradient_rule`` to ``Φ`` instead of ``G``."""
+
+    def rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
+        return gradient_rule(b, node, node.relevance[0])
+
+    rule.__doc__ = "Moves relevance the way the op moves data: ΦX = VJP_op(Φ)."
+    return rule
+
+
+def pass_through(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """Passes relevance through unchanged: ΦX = Φ."""
+    return data_only(node, {0: node.relevance[0]})
+
+
+def unbroadcast(b: GraphBuilder, gradient: str, output_shape: tuple, input_shape: tuple) -> str:
+    """Sum ``gradient`` (shaped like the output) over the axes on which the input was broadcast."""
+    if tuple(output_shape) == tuple(input_shape):
+        return gradient
+    rank = len(output_shape)
+    padded = (1,) * (rank - len(input_shape)) + tuple(input_shape)
+    axes = [i for i, (o, n) in enumerate(zip(output_shape, padded)) if n == 1 and o != 1]
+    if axes:
+        gradient = b.ReduceSum(gradient, b.ints(axes), keepdims=1)
+    if len(input_shape) != rank:
+        gradient = b.Reshape(gradient, b.ints([0 if d is None else d for d in input_shape]))
+    return gradient
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """An op ``Y = op(X, W) + bias`` with data ``X`` (input 0) and a constant weight.
+
+    ``weight`` returns the weight tensor the two others take (for Gemm: alpha and transB
+    folded in), ``forward`` computes ``op(x, w)`` without bias, ``vjp`` its adjoint in ``x``.
+    """
+
+    weight: Callable[["GraphBuilder", "NodeView"], str]
+    forward: Callable[["GraphBuilder", "NodeView", str, str], str]
+    vjp: Callable[["GraphBuilder", "NodeView", str, str], str]
+
+    def gradient(self, b: GraphBuilder, node: NodeView) -> list[str | None]:
+        return data_only(node, {0: self.vjp(b, node, node.gradient[0], self.weight(b, node))})
+
+    def absolute_influence(self, b: GraphBuilder, node: NodeView) -> str:
+        """``C = |X| ⊙ VJP_{|W|}(sdiv(Φ, op(|X|, |W|) ⊙ 1[Φ≠0]))`` (eq. 9)."""
+        relevance = node.relevance[0]
+        abs_x, abs_w = b.Abs(node.inputs[0]), b.Abs(self.weight(b, node))
+        activation = b.Mul(self.forward(b, node, abs_x, abs_w), nonzero(b, relevance))
+        return b.Mul(abs_x, self.vjp(b, node, safe_divide(b, relevance, activation), abs_w))
+
+    def input_layer(self, b: GraphBuilder, node: NodeView) -> list[str | None]:
+        """z^B rule with the per-sample image minimum ``l`` and maximum ``h`` as bounds."""
+        x, w = node.inputs[0], self.weight(b, node)
+        axes = list(range(1, len(node.shape(0))))
+        low, high = b.ReduceMin(x, axes=axes, keepdims=1), b.ReduceMax(x, axes=axes, keepdims=1)
+        positive, negative = b.Max(w, b.const(0.0)), b.Min(w, b.const(0.0))
+        ones = b.ConstantOfShape(b.ints([1, *node.shape(0)[1:]]), value=_ONE)
+        # conv(l·1, W⁺) = l·conv(1, W⁺): conv(1, ·) is data-free, folded when the model loads
+        activation = b.Sub(b.Sub(self.forward(b, node, x, w), b.Mul(low, self.forward(b, node, ones, positive))),
+                           b.Mul(high, self.forward(b, node, ones, negative)))
+        ratio = safe_divide(b, node.relevance[0], activation)
+        relevance = b.Sub(b.Sub(b.Mul(x, self.vjp(b, node, ratio, w)), b.Mul(low, self.vjp(b, node, ratio, positive))),
+                          b.Mul(high, self.vjp(b, node, ratio, negative)))
+        return data_only(node, {0: relevance})
+

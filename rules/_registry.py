@@ -1,0 +1,73 @@
+"""The rule registry: the single list of supported ops.
+
+A *gradient rule* returns ``VJP_op(G)`` for each input of a node; a *relevance rule* returns
+``Φ`` for each input. Both take ``(b, node)`` (the builder and a ``NodeView``) and return one
+entry per node input, ``None`` for weights and shape inputs. An op may have several relevance
+rules, told apart by *kind* (``"z"``, ``"agf"``, ``"zB"``…); a method (``agf_onnx.methods``)
+says which kind each op gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agf_onnx.builder import GraphBuilder
+    from agf_onnx.graph import NodeView
+
+Rule = Callable[["GraphBuilder", "NodeView"], list]
+
+
+@dataclass
+class OpRules:
+    """Everything registered for one op type."""
+
+    op_type: str
+    module: str = ""
+    gradient: Rule | None = None
+    relevance: dict[str, Rule] = field(default_factory=dict)
+
+    def describe(self, kind: str) -> str:
+        """The one-line docstring of a relevance rule, for ``agf-onnx rules`` and the README."""
+        doc = (self.relevance[kind].__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+REGISTRY: dict[str, OpRules] = {}
+
+
+def _entry(op_type: str, function: Rule) -> OpRules:
+    entry = REGISTRY.setdefault(op_type, OpRules(op_type))
+    if not entry.module:  # shared helpers registered for an op don't move it out of its module
+        entry.module = function.__module__.rsplit(".", 1)[-1]
+    return entry
+
+
+def gradient(*op_types: str) -> Callable[[Rule], Rule]:
+    """Register ``function`` as the VJP of ``op_types``."""
+
+    def register(function: Rule) -> Rule:
+        for op_type in op_types:
+            entry = _entry(op_type, function)
+            if entry.gradient is not None:
+                raise ValueError(f"two gradient rules for {op_type}")
+            entry.gradient = function
+        return function
+
+    return register
+
+
+def relevance(*op_types: str, kind: str) -> Callable[[Rule], Rule]:
+    """Register ``function`` as the relevance rule ``kind`` of ``op_types``."""
+
+    def register(function: Rule) -> Rule:
+        for op_type in op_types:
+            entry = _entry(op_type, function)
+            if kind in entry.relevance:
+                raise ValueError(f"two '{kind}' relevance rules for {op_type}")
+            entry.relevance[kind] = function
+        return function
+
+    return register

@@ -1,0 +1,110 @@
+"""Conv: ``Y = conv(X, W) + b``.
+
+Gradient: ``VJP_conv(G) = conv_transpose(G, W)`` with the same strides, pads, dilations and
+groups, and an output padding that restores X's size where the last rows fit no window.
+
+Relevance (spec "Linear layers"):
+- ``agf``: the full AGF rule (eq. 10–14): absolute influence ``C`` (eq. 9), the gradient–input
+  map ``M`` (eq. 12), the factorisations of the input and of the masked gradient over the
+  partition ``φ = mean_c(C)`` (eq. 11), the input-agnostic ``A`` (eq. 10), Δ-shifted (eq. 14).
+- ``flat``: ``ΦX = C``, what the authors use for 1×1 convs and convs feeding a residual Add.
+- ``zB``: the z^B rule for the conv that reads the image.
+"""
+
+from __future__ import annotations
+
+from agf_onnx.graph import NodeView
+from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide
+
+from ._helpers import _ONE, Bilinear, data_only
+from ._registry import gradient, relevance
+
+
+def geometry(node: NodeView) -> dict:
+    """Explicit kernel, strides, dilations and begin/end pads (auto_pad resolved) of a Conv."""
+    in_shape, w_shape = node.shape(0), node.shape(1)
+    spatial = len(w_shape) - 2
+    kernel = list(node.attr("kernel_shape", w_shape[2:]))
+    strides = list(node.attr("strides", [1] * spatial))
+    dilations = list(node.attr("dilations", [1] * spatial))
+    pads = list(node.attr("pads", [0] * 2 * spatial))
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for i in range(spatial):
+            size = in_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    return {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "pads": pads,
+            "group": node.attr("group", 1)}
+
+
+def _forward(b, node: NodeView, x: str, w: str) -> str:
+    return b.Conv(x, w, **geometry(node))
+
+
+def _vjp(b, node: NodeView, g: str, w: str) -> str:
+    shape = geometry(node)
+    in_size, out_size = node.shape(0)[2:], node.shape(node.outputs[0])[2:]
+    spatial = len(in_size)
+    output_padding = []
+    for i in range(spatial):
+        covered = ((out_size[i] - 1) * shape["strides"][i] + (shape["kernel_shape"][i] - 1) * shape["dilations"][i]
+                   + 1 - shape["pads"][i] - shape["pads"][i + spatial])
+        output_padding.append(in_size[i] - covered)
+    return b.ConvTranspose(g, w, output_padding=output_padding if any(output_padding) else None, **shape)
+
+
+CONV = Bilinear(weight=lambda b, node: node.inputs[1], forward=_forward, vjp=_vjp)
+
+
+def _check(node: NodeView) -> None:
+    if node.is_data(1) or (len(node.inputs) > 2 and node.is_data(2)):
+        raise node.refuse("the weight or bias depends on the input; only constant weights are supported")
+
+
+@gradient("Conv")
+def conv_gradient(b, node: NodeView) -> list[str | None]:
+    """conv_transpose(G, W)."""
+    _check(node)
+    return CONV.gradient(b, node)
+
+
+@relevance("Conv", kind="flat")
+def conv_flat(b, node: NodeView) -> list[str | None]:
+    """Absolute influence only: ΦX = C (authors' rule for 1×1 and residual-branch convs)."""
+    return data_only(node, {0: CONV.absolute_influence(b, node)})
+
+
+@relevance("Conv", kind="zB")
+def conv_input_layer(b, node: NodeView) -> list[str | None]:
+    """z^B rule bounded by the image's per-sample minimum and maximum."""
+    return CONV.input_layer(b, node)
+
+
+@relevance("Conv", kind="agf")
+def conv_agf(b, node: NodeView) -> list[str | None]:
+    """Full AGF rule: Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0]) (eq. 10–14)."""
+    x, weight = node.inputs[0], node.inputs[1]
+    relevance_out, gradient_out = node.relevance[0], node.gradient[0]
+    shape = tuple(node.shape(0)[1:])
+    mask = nonzero(b, relevance_out)
+    influence = CONV.absolute_influence(b, node)
+    gradient_in = node.input_gradients[0]
+    rank = len(shape) + 1
+    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank)
+    masked_gradient = CONV.vjp(b, node, b.Mul(gradient_out, mask), weight)
+    partition = channel_mean(b, influence)
+    input_factor = b.Relu(factorise(b, x, partition, shape))
+    gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
+    abs_weight = b.Abs(weight)
+    # conv(1, |W|) is data-free: ONNX Runtime folds it once when it loads the model
+    ones = b.ConstantOfShape(b.ints([1, *shape]), value=_ONE)
+    agnostic = CONV.vjp(b, node, safe_divide(b, relevance_out, b.Mul(_forward(b, node, ones, abs_weight), mask)),
+                        abs_weight)
+    sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
+    residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
+    return data_only(node, {0: delta_shift(b, influence, residual, rank)})

@@ -1,0 +1,99 @@
+"""Gemm and MatMul with a constant weight: ``Y = X' · W' + bias`` (a following ``Add`` of a
+constant bias is an ``Add`` rule of its own, which passes relevance through).
+
+Gradient: ``G · W'ᵀ`` (transposed back when ``transA``).
+
+Relevance (spec "Linear layers"):
+- ``agf``: the absolute influence ``C`` (eq. 9); where ``X`` was flattened from a 4-D map (VGG's
+  first classifier layer) the authors add the gradient–input map:
+  ``ΦX = Δshift(C, nmax(relu(expand_c(mean_c(x4 ⊙ g4))) ⊙ 1[C≠0]))``.
+- ``zB``: the z^B rule when the layer reads the image directly.
+"""
+
+from __future__ import annotations
+
+from agf_onnx.graph import NodeView
+from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max
+
+from ._helpers import Bilinear, data_only
+from ._registry import gradient, relevance
+
+#: Ops that only move data; the flattened-map test looks through them.
+_TRANSPARENT = {"Identity", "Dropout"}
+
+
+def _weight(b, node: NodeView) -> str:
+    """``W'`` with ``transB`` and ``alpha`` folded in, so that ``Y = X' · W'``."""
+    weight = node.inputs[1]
+    if node.attr("transB", 0):
+        weight = b.Transpose(weight, perm=[1, 0])
+    alpha = node.attr("alpha", 1.0)
+    return b.Mul(weight, b.const(alpha)) if alpha != 1.0 else weight
+
+
+def _gemm_forward(b, node: NodeView, x: str, w: str) -> str:
+    return b.MatMul(b.Transpose(x, perm=[1, 0]) if node.attr("transA", 0) else x, w)
+
+
+def _gemm_vjp(b, node: NodeView, g: str, w: str) -> str:
+    gradient_in = b.MatMul(g, b.Transpose(w, perm=[1, 0]))
+    return b.Transpose(gradient_in, perm=[1, 0]) if node.attr("transA", 0) else gradient_in
+
+
+def _matmul_vjp(b, node: NodeView, g: str, w: str) -> str:
+    return b.MatMul(g, b.Transpose(w, perm=[1, 0]))
+
+
+GEMM = Bilinear(weight=_weight, forward=_gemm_forward, vjp=_gemm_vjp)
+MATMUL = Bilinear(weight=lambda b, node: node.inputs[1], forward=lambda b, node, x, w: b.MatMul(x, w),
+                  vjp=_matmul_vjp)
+LINEAR = {"Gemm": GEMM, "MatMul": MATMUL}
+
+
+def _check(node: NodeView) -> None:
+    if node.is_data(1) or (len(node.inputs) > 2 and node.is_data(2)):
+        raise node.refuse("only a data input A times a constant weight B is supported "
+                          "(both operands depend on the input)")
+    if node.op_type == "Gemm" and node.attr("transA", 0) and node.graph.shape(node.inputs[0])[0] is None:
+        raise node.refuse("transA=1 on a batched input mixes samples; not an image classifier layer")
+    if node.op_type == "MatMul" and len(node.shape(1)) != 2:
+        raise node.refuse(f"the weight must be 2-D, it has shape {list(node.shape(1))}")
+
+
+@gradient("Gemm", "MatMul")
+def linear_gradient(b, node: NodeView) -> list[str | None]:
+    """G · W'ᵀ."""
+    _check(node)
+    return LINEAR[node.op_type].gradient(b, node)
+
+
+@relevance("Gemm", "MatMul", kind="zB")
+def linear_input_layer(b, node: NodeView) -> list[str | None]:
+    """z^B rule bounded by the image's per-sample minimum and maximum."""
+    return LINEAR[node.op_type].input_layer(b, node)
+
+
+def flattened_map(node: NodeView) -> str | None:
+    """The 4-D tensor that this layer's input was flattened from, if any."""
+    producer = node.graph.producer.get(node.inputs[0])
+    while producer is not None and producer.op_type in _TRANSPARENT:
+        producer = node.graph.producer.get(producer.input[0])
+    if producer is None or producer.op_type not in ("Flatten", "Reshape"):
+        return None
+    source = producer.input[0]
+    return source if len(node.graph.shape(source)) == 4 and len(node.shape(0)) == 2 else None
+
+
+@relevance("Gemm", "MatMul", kind="agf")
+def linear_agf(b, node: NodeView) -> list[str | None]:
+    """Absolute influence C; Δshift(C, nmax(gradient–input map)) after a flattened 4-D map."""
+    influence = LINEAR[node.op_type].absolute_influence(b, node)
+    source = flattened_map(node)
+    if source is None:
+        return data_only(node, {0: influence})
+    view = b.ints([0, *node.graph.shape(source)[1:]])
+    flat = b.ints([0, -1])
+    gradient_map = b.Relu(channel_mean(b, b.Mul(source, b.Reshape(node.input_gradients[0], view))))
+    gradient_map = b.Reshape(b.Expand(gradient_map, b.ints([1, *node.graph.shape(source)[1:]])), flat)
+    gradient_map = normalise_by_max(b, b.Mul(b.Relu(gradient_map), nonzero(b, influence)), 2)
+    return data_only(node, {0: delta_shift(b, influence, gradient_map, 2)})

@@ -1,0 +1,109 @@
+"""MaxPool, AveragePool, GlobalAveragePool.
+
+Gradient:
+- MaxPool routes ``G`` to the arg-max of each window (the first maximum, as PyTorch and ONNX
+  Runtime pick it) and *adds* where overlapping windows pick the same pixel: a scatter-add
+  of ``G`` at the pool's own ``Indices``.
+- AveragePool spreads ``G / divisor`` over each window: a depthwise transposed conv with a
+  ones kernel; the divisor map counts the pixels each window averages (``count_include_pad``
+  and ``ceil_mode`` respected), computed from constants and folded when the model loads.
+- GlobalAveragePool broadcasts ``G / (H·W)``.
+
+Relevance: the z-rule ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))`` for all three.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from agf_onnx.graph import NodeView
+
+from ._helpers import data_only, proportional
+from ._registry import gradient, relevance
+
+
+def _window(node: NodeView) -> dict:
+    """Kernel, strides, explicit begin/end pads, plus the extra end padding ``ceil_mode`` adds."""
+    size = node.shape(0)[2:]
+    spatial = len(size)
+    kernel = list(node.attr("kernel_shape"))
+    strides = list(node.attr("strides", [1] * spatial))
+    dilations = list(node.attr("dilations", [1] * spatial))
+    pads = list(node.attr("pads", [0] * 2 * spatial))
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    out = node.shape(node.outputs[0])[2:]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for i in range(spatial):
+            total = max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i])
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    extra = [max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                 - size[i] - pads[i] - pads[i + spatial]) for i in range(spatial)]
+    return {"kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads, "extra": extra,
+            "size": list(size), "out": list(out)}
+
+
+def _maxpool_vjp(b, node: NodeView, g: str) -> str:
+    if node.attr("storage_order", 0):
+        raise node.refuse("storage_order=1 (column-major indices) is not supported")
+    if "indices" not in node.cache:
+        attributes = {k: v for k, v in node.attrs.items()}
+        node.cache["indices"] = b.MaxPool(node.inputs[0], outputs=2, **attributes)[1]
+    zeros = b.Reshape(b.Mul(node.inputs[0], b.const(0.0)), b.ints([-1]))
+    flat = b.ScatterElements(zeros, b.Reshape(node.cache["indices"], b.ints([-1])), b.Reshape(g, b.ints([-1])),
+                             axis=0, reduction="add")
+    return b.Reshape(flat, b.ints([-1, *node.shape(0)[1:]]))
+
+
+def _average_divisor(node: NodeView, window: dict) -> np.ndarray:
+    """How many pixels each output averages, ``[1, 1, *out]``."""
+    spatial = len(window["size"])
+    counts = []
+    for i in range(spatial):
+        begin, end = window["pads"][i], window["pads"][i + spatial]
+        lo, hi = (0, window["size"][i]) if not node.attr("count_include_pad", 0) else (-begin, window["size"][i] + end)
+        starts = np.arange(window["out"][i]) * window["strides"][i] - begin
+        stops = starts + window["kernel"][i]
+        counts.append(np.minimum(stops, hi) - np.maximum(starts, lo))
+    grid = counts[0]
+    for axis_counts in counts[1:]:
+        grid = np.multiply.outer(grid, axis_counts)
+    return grid.astype(np.float32).reshape(1, 1, *window["out"])
+
+
+def _averagepool_vjp(b, node: NodeView, g: str) -> str:
+    window = _window(node)
+    spatial, channels = len(window["size"]), node.shape(0)[1]
+    if any(d != 1 for d in window["dilations"]):
+        raise node.refuse("dilated AveragePool is not supported")
+    ones = b.const(np.ones((channels, 1, *window["kernel"]), np.float32))
+    pads = window["pads"][:spatial] + [e + x for e, x in zip(window["pads"][spatial:], window["extra"])]
+    output_padding = [window["size"][i] - ((window["out"][i] - 1) * window["strides"][i] + window["kernel"][i]
+                                           - pads[i] - pads[i + spatial]) for i in range(spatial)]
+    spread = b.Div(g, b.const(_average_divisor(node, window)))
+    return b.ConvTranspose(spread, ones, kernel_shape=window["kernel"], strides=window["strides"], pads=pads,
+                           group=channels, output_padding=output_padding if any(output_padding) else None)
+
+
+def _global_average_vjp(b, node: NodeView, g: str) -> str:
+    spatial = node.shape(0)[2:]
+    return b.Expand(b.Div(g, b.const(float(math.prod(spatial)))), b.ints([1, 1, *spatial]))
+
+
+_VJP = {"MaxPool": _maxpool_vjp, "AveragePool": _averagepool_vjp, "GlobalAveragePool": _global_average_vjp}
+
+
+@gradient("MaxPool", "AveragePool", "GlobalAveragePool")
+def pool_gradient(b, node: NodeView) -> list[str | None]:
+    """Scatter-add at the arg-max (MaxPool); spread over the window (average pools)."""
+    return data_only(node, {0: _VJP[node.op_type](b, node, node.gradient[0])})
+
+
+@relevance("MaxPool", "AveragePool", "GlobalAveragePool", kind="z")
+def pool_relevance(b, node: NodeView) -> list[str | None]:
+    """z-rule: ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))."""
+    return proportional(b, node, lambda b, node, ratio: _VJP[node.op_type](b, node, ratio))
