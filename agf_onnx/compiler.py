@@ -184,47 +184,94 @@ class _Streams:
         return self.relevances[tensor][0]
 
 
-def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
-    """Emit both streams and the heatmap; returns the heatmap tensor's name."""
-    graph, streams = plan.graph, _Streams(b)
-    classes = graph.shape(plan.logits)[1]
-    with b.scope("start"):
-        target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(plan.logits, axis=1, keepdims=0),
-                         TARGET_INPUT)
-        target = b.Unsqueeze(target, b.ints([1]))
-        streams.gradients[plan.logits].append(method.start(b, plan.logits, target, classes))
-    for proto in reversed(plan.path):
-        node = NodeView(proto, graph, frozenset(i for i in proto.input if i in plan.data),
-                        is_first_layer=proto.name in plan.first_layers)
+def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], data: set[str], streams: _Streams,
+          kinds: Mapping[str, str], start: str | None = None, first_layers: set[str] = frozenset()) -> None:
+    """Visit ``path`` from the output back, applying each node's gradient rule and, for nodes
+    in ``kinds``, its relevance rule. Reverse topological order means every consumer of a
+    tensor has contributed before the tensor's own producer reads its streams."""
+    for proto in reversed(path):
+        node = NodeView(proto, graph, frozenset(i for i in proto.input if i in data),
+                        is_first_layer=proto.name in first_layers)
         node.gradient = [streams.gradient(o) for o in proto.output]
         if node.gradient[0] is None:
-            continue  # no path from this node to the target's score
+            continue  # no path from this node to the explained score
         entry = REGISTRY[proto.op_type]
         with b.scope(f"{proto.name}/vjp"):
             node.input_gradients = entry.gradient(b, node)
         for name, contribution in zip(proto.input, node.input_gradients):
             if contribution is not None:
                 streams.gradients[name].append(contribution)
-        kind = plan.kinds.get(proto.name)
+        kind = kinds.get(proto.name)
         if kind is None:
             continue
         node.relevance = [streams.relevance(o) for o in proto.output]
+        if node.relevance[0] is None and start in proto.output:
+            node.relevance = [_start_relevance(b, streams, start)]
         if node.relevance[0] is None:
-            node.relevance = [_start_relevance(b, streams, plan.start) if plan.start in proto.output else None]
-            if node.relevance[0] is None:
-                continue
+            continue
         with b.scope(f"{proto.name}/rel"):
             contributions = entry.relevance[kind](b, node)
         for name, contribution in zip(proto.input, contributions):
             if contribution is not None:
                 streams.relevances[name].append(contribution)
+
+
+def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
+    """Emit both streams and the heatmap; returns the heatmap tensor's name."""
+    streams = _Streams(b)
+    classes = plan.graph.shape(plan.logits)[1]
+    with b.scope("start"):
+        target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(plan.logits, axis=1, keepdims=0),
+                         TARGET_INPUT)
+        target = b.Unsqueeze(target, b.ints([1]))
+        streams.gradients[plan.logits].append(method.start(b, plan.logits, target, classes))
+    _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers)
     relevance = streams.relevance(plan.image)
-    if relevance is None:
-        relevance = _start_relevance(b, streams, plan.image) if plan.start == plan.image else None
+    if relevance is None and plan.start == plan.image:
+        relevance = _start_relevance(b, streams, plan.image)
     if relevance is None:
         raise CompileError(f"no relevance reaches the image '{plan.image}'")
     with b.scope("heatmap"):
         return _heatmap(b, relevance, plan.channels_last)
+
+
+def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | None = None,
+                   input: str | None = None) -> onnx.ModelProto:
+    """The model plus its emitted gradient graph: a new input ``gradient_in`` (shaped like
+    ``output``) and a new output ``gradient_out`` = ∂⟨output, gradient_in⟩/∂``input``.
+
+    This exercises exactly the gradient rules the compiler uses; the tests compare it with
+    ``torch.autograd``. Defaults: the first input and the first output.
+    """
+    canonical = passes.canonicalise(passes.load(model))
+    graph = GraphView(canonical)
+    input, output = input or graph.inputs[0], output or graph.outputs[0]
+    below, above = graph.descendants([input]), graph.ancestors([output])
+    path = [node for node in graph.nodes if node.name in below and node.name in above]
+    missing = defaultdict(list)
+    for node in path:
+        if node.op_type not in REGISTRY or REGISTRY[node.op_type].gradient is None:
+            missing[node.op_type].append(node.name)
+    if missing:
+        raise UnsupportedOpsError(missing)
+    data = {input} | {o for node in graph.nodes if node.name in below for o in node.output if o}
+    b = GraphBuilder(reserved=_all_names(canonical.graph) | {"gradient_in", "gradient_out"})
+    streams = _Streams(b)
+    streams.gradients[output].append("gradient_in")
+    _walk(b, graph, path, data, streams, kinds={})
+    result = streams.gradient(input)
+    if result is None:
+        raise CompileError(f"'{output}' does not depend on '{input}'")
+    canonical.graph.node.extend(b.nodes)
+    canonical.graph.node.append(helper.make_node("Identity", [result], ["gradient_out"], name="agf/gradient_out"))
+    canonical.graph.initializer.extend(b.initializers)
+    out_info = next(o for o in canonical.graph.output if o.name == output)
+    in_info = next(i for i in canonical.graph.input if i.name == input)
+    canonical.graph.input.append(helper.make_value_info("gradient_in", out_info.type))
+    canonical.graph.output.append(helper.make_value_info("gradient_out", in_info.type))
+    del canonical.graph.value_info[:]
+    onnx.checker.check_model(canonical, full_check=True)
+    return canonical
 
 
 def _start_relevance(b: GraphBuilder, streams: _Streams, start: str) -> str | None:

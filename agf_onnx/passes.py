@@ -121,9 +121,34 @@ def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         except Exception as error:
             raise CompileError(f"cannot convert the model from opset {version} to {TARGET_OPSET}: "
                                f"{error}") from error
+        if version > TARGET_OPSET:
+            _drop_newer_default_attributes(model, version)
     if model.ir_version != TARGET_IR_VERSION:
         model.ir_version, changed = TARGET_IR_VERSION, True
     return model, changed
+
+
+def _drop_newer_default_attributes(model: onnx.ModelProto, source: int) -> None:
+    """The converter's downgrades keep attributes that newer op versions added (ReduceMean 18's
+    ``noop_with_empty_axes``); one holding its default is dropped, any other value refused."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            known = onnx.defs.get_schema(node.op_type, TARGET_OPSET).attributes
+            newer = onnx.defs.get_schema(node.op_type, source).attributes
+        except onnx.defs.SchemaError:
+            continue
+        for attribute in list(node.attribute):
+            if attribute.name in known:
+                continue
+            default = newer.get(attribute.name)
+            if default is not None and default.default_value.ByteSize() and \
+                    helper.get_attribute_value(default.default_value) == helper.get_attribute_value(attribute):
+                node.attribute.remove(attribute)
+            else:
+                raise CompileError(f"{node.op_type} node '{node.name}': attribute '{attribute.name}' has no "
+                                   f"equivalent at opset {TARGET_OPSET}")
 
 
 def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
