@@ -151,7 +151,8 @@ def _fuse(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
 def export(model: nn.Module, image: int = 32, *, dynamo: bool = False, fold: bool = True, opset: int = 17,
            softmax: bool = False) -> onnx.ModelProto:
     """``torch.onnx.export`` with a dynamic batch; ``softmax`` appends a trailing Softmax."""
-    module = nn.Sequential(model, nn.Softmax(dim=1)) if softmax else model
+    module = (nn.Sequential(model, nn.Softmax(dim=1)) if softmax else model).eval()  # a train-mode wrapper
+    # would be restored after export with its children: the model would come back in train mode
     example = torch.randn(2, 3, image, image)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
