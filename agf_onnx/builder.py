@@ -38,7 +38,7 @@ class GraphBuilder:
     @contextlib.contextmanager
     def scope(self, name: str) -> Iterator[None]:
         """Name everything emitted inside ``with b.scope("conv1/rel"):`` as ``agf/conv1/rel/…``."""
-        self._scopes.append(name)
+        self._scopes.append(name.strip("/"))
         try:
             yield
         finally:

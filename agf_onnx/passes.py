@@ -47,13 +47,15 @@ def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: graph inputs are the model's real inputs (IR 3 listed every initializer as one)."""
+    """After: graph inputs are the model's real inputs (IR 3 listed every initializer as one),
+    and the IR version (≥ 4) allows initializers that are not inputs."""
     weights = {t.name for t in model.graph.initializer}
     keep = [i for i in model.graph.input if i.name not in weights]
-    changed = len(keep) != len(model.graph.input)
+    changed = len(keep) != len(model.graph.input) or model.ir_version < 4
     if changed:
         del model.graph.input[:]
         model.graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)
     return model, changed
 
 

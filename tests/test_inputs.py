@@ -1,0 +1,143 @@
+"""Input graphs as they come: older opsets and IR versions, weights in Constant nodes or behind
+weight-only subgraphs, external data, dynamic image sizes, models with unsupported ops."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+import agf_onnx
+from agf_onnx import CompileError, UnsupportedOpsError
+
+from . import models
+from .runtime import run
+from .test_parity import assert_matches_oracle
+
+VGG = models.seeded(models.VGGish(), seed=11)
+RESNET = models.seeded(models.ResNetish(), seed=12)
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def legacy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network as an IR 3 file: initializers listed as inputs, the first conv's weight
+    in a Constant node, the classifier's last weight stored transposed behind a Transpose node."""
+    graph = proto.graph
+    proto.ir_version = 3
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    gemm = [n for n in graph.node if n.op_type == "Gemm"][-1]
+    weights = {t.name: t for t in graph.initializer}
+    conv_weight = weights[conv.input[1]]
+    graph.initializer.remove(conv_weight)
+    graph.node.insert(0, helper.make_node("Constant", [], [conv.input[1]], value=conv_weight))
+    gemm_weight = weights[gemm.input[1]]
+    transposed = numpy_helper.from_array(numpy_helper.to_array(gemm_weight).T.copy(), gemm_weight.name + "_t")
+    graph.initializer.remove(gemm_weight)
+    graph.initializer.append(transposed)
+    graph.node.insert(0, helper.make_node("Transpose", [transposed.name], [gemm_weight.name], perm=[1, 0]))
+    for tensor in graph.initializer:
+        graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return proto
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13])
+def test_older_opsets_and_ir3_files(opset):
+    proto = legacy(models.export(VGG, opset=opset))
+    assert [o.version for o in proto.opset_import] == [opset]
+    compiled = agf_onnx.compile(proto)
+    assert [o.version for o in compiled.opset_import if o.domain == ""] == [17]
+    assert_matches_oracle(VGG, compiled, X)
+
+
+def test_external_data(tmp_path):
+    path = tmp_path / "vgg.onnx"
+    onnx.save(models.export(VGG), path, save_as_external_data=True, location="vgg.weights", size_threshold=0)
+    assert (tmp_path / "vgg.weights").exists()
+    assert_matches_oracle(VGG, agf_onnx.compile(path), X)
+    unloaded = onnx.load(path, load_external_data=False)
+    with pytest.raises(CompileError, match="external data"):
+        agf_onnx.compile(unloaded)
+
+
+def dynamic_size_export() -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(RESNET, (X,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}}, opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_dynamic_image_size_needs_and_takes_an_input_shape():
+    proto = dynamic_size_export()
+    with pytest.raises(CompileError, match="--input-shape"):
+        agf_onnx.compile(proto)
+    compiled = agf_onnx.compile(proto, input_shapes={"x": [1, 3, 32, 32]})
+    assert_matches_oracle(RESNET, compiled, X)  # the batch stays dynamic despite the 1 given
+
+
+class WithUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.sin(self.conv(x))
+        h = torch.tanh(h) + torch.sin(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_unsupported_ops_are_all_listed_with_their_nodes():
+    with pytest.raises(UnsupportedOpsError) as caught:
+        agf_onnx.compile(models.export(WithUnsupported()))
+    assert set(caught.value.unsupported) == {"Sin", "Tanh"}
+    assert len(caught.value.unsupported["Sin"]) == 2
+    message = str(caught.value)
+    for names in caught.value.unsupported.values():
+        assert all(name in message for name in names)
+    assert caught.value.exit_code == 2
+
+
+def test_logits_are_found_before_a_trailing_softmax_and_can_be_named():
+    with_softmax = agf_onnx.compile(models.export(VGG, softmax=True))
+    plain = agf_onnx.compile(models.export(VGG))
+    np.testing.assert_allclose(run(with_softmax, {"x": X.numpy()})["heatmap"],
+                               run(plain, {"x": X.numpy()})["heatmap"], atol=1e-6)
+    with pytest.raises(CompileError, match="no tensor 'nope'"):
+        agf_onnx.compile(models.export(VGG), logits="nope")
+
+
+def test_two_candidate_outputs_need_logits():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = models.seeded(models.VGGish(), seed=1)
+
+        def forward(self, x):
+            y = self.body(x)
+            return y, torch.softmax(y, 1)
+
+    buffer = io.BytesIO()
+    torch.onnx.export(TwoHeads().eval(), (X,), buffer, dynamo=False, input_names=["x"], output_names=["a", "b"],
+                      dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    proto = onnx.load_from_string(buffer.getvalue())
+    with pytest.raises(CompileError, match="several 2-D float outputs .*--logits"):
+        agf_onnx.compile(proto)
+    compiled = agf_onnx.compile(proto, logits="a")
+    outputs = run(compiled, {"x": X.numpy()})
+    assert set(outputs) == {"a", "b", "heatmap"} and np.isfinite(outputs["heatmap"]).all()
+
+
+def test_file_size_stays_within_a_tenth_of_the_input():
+    # weights dominate real classifiers: |W|, W⁺, W⁻ and conv(1, |W|) must be computed in the graph
+    net = models.VGGish(widths=(64, "M", 128, 128, "M", 256, "M"), hidden=256)
+    proto = models.export(models.seeded(net, seed=2))
+    compiled = agf_onnx.compile(proto)
+    assert compiled.ByteSize() <= 1.1 * proto.ByteSize()
