@@ -257,15 +257,35 @@ _IMAGE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
            onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8}
 
 
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large float initializers turned into inputs of the same type and shape.
+
+    Shape inference and the checker read only their shapes; serialising hundreds of MB of
+    weights for them would dominate the compile time.
+    """
+    graph = model.graph
+    skeleton = helper.make_graph(list(graph.node), graph.name, list(graph.input), list(graph.output),
+                                 value_info=list(graph.value_info))
+    for tensor in graph.initializer:
+        if tensor.data_type in _IMAGE_TYPES and np.prod(tensor.dims, dtype=np.int64) > 256:
+            skeleton.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            skeleton.initializer.append(tensor)
+    return helper.make_model(skeleton, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """After: ``graph.value_info`` holds the inferred type and shape of every tensor it can."""
     for output in model.graph.output:  # re-inferred: stale batch dims would clash with N
         output.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
     try:
-        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = shape_inference.infer_shapes(weightless(model), check_type=True, strict_mode=True, data_prop=True)
     except Exception as error:
         raise CompileError(f"shape inference failed: {error}") from error
+    model.graph.value_info.extend(inferred.graph.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
     return model, True
 
 
