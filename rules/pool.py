@@ -114,9 +114,21 @@ _VJP = {"MaxPool": _maxpool_vjp, "AveragePool": _averagepool_vjp, "GlobalAverage
         "ReduceMean": _reduce_mean_vjp}
 
 
-@gradient("MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean")
-def pool_gradient(b, node: NodeView) -> list[str | None]:
-    """Scatter-add at the arg-max (MaxPool); spread over the window (average pools)."""
+@gradient("MaxPool")
+def maxpool_gradient(b, node: NodeView) -> list[str | None]:
+    """Scatter-add of G at each window's arg-max (adds where windows overlap)."""
+    return data_only(node, {0: _maxpool_vjp(b, node, node.gradient[0])})
+
+
+@gradient("AveragePool")
+def averagepool_gradient(b, node: NodeView) -> list[str | None]:
+    """G / divisor spread over each window (depthwise transposed conv)."""
+    return data_only(node, {0: _averagepool_vjp(b, node, node.gradient[0])})
+
+
+@gradient("GlobalAveragePool", "ReduceMean")
+def global_average_gradient(b, node: NodeView) -> list[str | None]:
+    """G / (number of averaged pixels), broadcast back."""
     return data_only(node, {0: _VJP[node.op_type](b, node, node.gradient[0])})
 
 
