@@ -141,3 +141,58 @@ def test_file_size_stays_within_a_tenth_of_the_input():
     proto = models.export(models.seeded(net, seed=2))
     compiled = agf_onnx.compile(proto)
     assert compiled.ByteSize() <= 1.1 * proto.ByteSize()
+
+
+def as_matmul_add(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every ``Gemm(x, W, b, transB=1)`` rewritten as ``MatMul(x, Wᵀ) + b`` (how exporters write
+    linear layers on N-D inputs)."""
+    graph = proto.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Gemm":
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]]).T.copy()
+        graph.initializer.append(numpy_helper.from_array(weight, node.input[1] + "_kn"))
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1] + "_kn"], [node.output[0] + "_mm"],
+                                      name=node.name + "_matmul"))
+        nodes.append(helper.make_node("Add", [node.output[0] + "_mm", node.input[2]], [node.output[0]],
+                                      name=node.name + "_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+def test_matmul_plus_add_is_a_linear_layer():
+    proto = as_matmul_add(models.export(VGG))
+    assert {"MatMul", "Add"} <= {n.op_type for n in proto.graph.node} and "Gemm" not in {n.op_type for n in proto.graph.node}
+    assert_matches_oracle(VGG, agf_onnx.compile(proto), X)
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x.permute(0, 3, 1, 2))
+
+
+def test_channels_last_image_gives_an_n1hw_map():
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ChannelsLast(RESNET).eval(), (X.permute(0, 2, 3, 1),), buffer, dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    proto = onnx.load_from_string(buffer.getvalue())
+    maps = run(agf_onnx.compile(proto), {"x": X.permute(0, 2, 3, 1).numpy()})["heatmap"]
+    assert maps.shape == (2, 1, 32, 32)
+    expected = run(agf_onnx.compile(models.export(RESNET)), {"x": X.numpy()})["heatmap"]
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+
+
+def test_explanation_graph_has_no_shape_arithmetic():
+    compiled = agf_onnx.compile(models.export(RESNET, fold=False))
+    emitted = {n.op_type for n in compiled.graph.node if n.name.startswith("agf/")}
+    assert not emitted & {"Shape", "Gather", "Size"}  # ONNX Runtime would run those on the CPU
