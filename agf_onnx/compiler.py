@@ -32,8 +32,11 @@ HEATMAP_OUTPUT = "heatmap"
 HEAD_OPS = ("Softmax", "LogSoftmax")
 #: Linear ops that may start the relevance stream (spec "the top linear layer").
 LINEAR_OPS = ("Gemm", "MatMul", "Conv")
-#: Ops that only relabel the image's layout; the linear layer behind them still reads the image.
-_LAYOUT_OPS = ("Transpose", "Identity", "Reshape", "Flatten")
+#: Preprocessing: ops that relabel the image's layout or scale and shift it by constants. The
+#: linear layer behind them still reads the image (z^B rule), and a Transpose behind them still
+#: tells a channels-last image.
+_PREPROCESSING_OPS = ("Transpose", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Add", "Sub",
+                      "Mul", "Div", "BatchNormalization")
 
 
 @dataclass
@@ -68,15 +71,15 @@ def _find_logits(graph: GraphView, logits: str | None) -> str:
     if logits is not None:
         if logits not in graph.producer and logits not in graph.inputs:
             raise CompileError(f"--logits: the model has no tensor '{logits}'")
-        return logits
-    candidates = [name for name in graph.outputs
-                  if len(graph.shapes.get(name, ())) == 2 and graph.dtypes.get(name) == TensorProto.FLOAT]
-    if len(candidates) != 1:
-        raise CompileError("cannot tell which output holds the class scores: "
-                           + (f"several 2-D float outputs ({', '.join(candidates)})" if candidates
-                              else f"no 2-D float output among {', '.join(graph.outputs)}")
-                           + "; pass --logits NAME")
-    logits = candidates[0]
+    else:
+        candidates = [name for name in graph.outputs
+                      if len(graph.shapes.get(name, ())) == 2 and graph.dtypes.get(name) == TensorProto.FLOAT]
+        if len(candidates) != 1:
+            raise CompileError("cannot tell which output holds the class scores: "
+                               + (f"several 2-D float outputs ({', '.join(candidates)})" if candidates
+                                  else f"no 2-D float output among {', '.join(graph.outputs)}")
+                               + "; pass --logits NAME")
+        logits = candidates[0]
     producer = graph.producer.get(logits)
     while producer is not None and producer.op_type in HEAD_OPS:  # spec: logits precede the softmax
         logits = producer.input[0]
@@ -98,20 +101,35 @@ def _top_linear_input(graph: GraphView, logits: str, data: set[str]) -> str:
     raise CompileError(f"no Gemm, MatMul or Conv between the image and the logits '{logits}'")
 
 
+def _preprocessing_input(graph: GraphView, node: onnx.NodeProto) -> str | None:
+    """The one non-constant input of a preprocessing op, else None."""
+    if node.op_type not in _PREPROCESSING_OPS:
+        return None
+    inputs = [i for i in node.input if i and not graph.is_constant(i)]
+    return inputs[0] if len(inputs) == 1 else None
+
+
 def _reads_image(graph: GraphView, tensor: str, image: str) -> bool:
     while tensor != image:
         producer = graph.producer.get(tensor)
-        if producer is None or producer.op_type not in _LAYOUT_OPS:
+        tensor = _preprocessing_input(graph, producer) if producer is not None else None
+        if tensor is None:
             return False
-        tensor = producer.input[0]
     return True
 
 
 def _channels_last(graph: GraphView, image: str) -> bool:
-    readers = graph.consumers.get(image, [])
-    return bool(readers) and all(r.op_type == "Transpose" and list(helper.get_attribute_value(a) for a in r.attribute
-                                                                    if a.name == "perm") == [[0, 3, 1, 2]]
-                                 for r in readers)
+    """Whether the image reaches the network through a Transpose NHWC → NCHW."""
+    tensor = image
+    while len(graph.consumers.get(tensor, [])) == 1:
+        reader = graph.consumers[tensor][0]
+        if reader.op_type == "Transpose":
+            perm = [helper.get_attribute_value(a) for a in reader.attribute if a.name == "perm"]
+            return perm == [[0, 3, 1, 2]]
+        if _preprocessing_input(graph, reader) != tensor:
+            return False
+        tensor = reader.output[0]
+    return False
 
 
 def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
@@ -121,13 +139,13 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     graph = GraphView(model)
     image = _find_image(graph, image)
     logits = _find_logits(graph, logits)
-    below, above = graph.descendants([image]), graph.ancestors([logits])
-    path = [node for node in graph.nodes if node.name in below and node.name in above]
+    flow, data = graph.data_flow(image)
+    above = graph.ancestors([logits])
+    path = [node for node in flow if node.name in above]
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    data = {image} | {o for node in graph.nodes if node.name in below for o in node.output if o}
     start = _top_linear_input(graph, logits, data)
-    relevant = graph.ancestors([start]) & below
+    relevant = graph.ancestors([start]) & {node.name for node in path}
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
     flats = flat_convs(graph, [n for n in path if n.op_type == "Conv" and n.name in relevant], data,
                        flat_policy, flat, full)
@@ -150,8 +168,9 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
         if any(d is None for d in shape[1:]) or not shape:
             raise CompileError(f"tensor '{name}' has shape {list(shape)}: every axis but the batch must be "
                                "static; pass --input-shape NAME=d0,d1,...")
-    if graph.dtypes.get(image) != TensorProto.FLOAT:
-        raise CompileError(f"the image input '{image}' is not float32")
+    if graph.dtypes.get(image) != TensorProto.FLOAT and not all(r.op_type == "Cast"
+                                                                 for r in graph.consumers.get(image, [])):
+        raise CompileError(f"the image input '{image}' is not float32 and not cast to float by the model")
     return Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image))
 
 
@@ -193,7 +212,7 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
         node = NodeView(proto, graph, frozenset(i for i in proto.input if i in data),
                         is_first_layer=proto.name in first_layers)
         node.gradient = [streams.gradient(o) for o in proto.output]
-        if node.gradient[0] is None:
+        if all(g is None for g in node.gradient):
             continue  # no path from this node to the explained score
         entry = REGISTRY[proto.op_type]
         with b.scope(f"{proto.name}/vjp"):
@@ -205,9 +224,9 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
         if kind is None:
             continue
         node.relevance = [streams.relevance(o) for o in proto.output]
-        if node.relevance[0] is None and start in proto.output:
-            node.relevance = [_start_relevance(b, streams, start)]
-        if node.relevance[0] is None:
+        if all(r is None for r in node.relevance) and start in proto.output:
+            node.relevance = [_start_relevance(b, streams, o) if o == start else None for o in proto.output]
+        if all(r is None for r in node.relevance):
             continue
         with b.scope(f"{proto.name}/rel"):
             contributions = entry.relevance[kind](b, node)
@@ -246,15 +265,15 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     canonical = passes.canonicalise(passes.load(model))
     graph = GraphView(canonical)
     input, output = input or graph.inputs[0], output or graph.outputs[0]
-    below, above = graph.descendants([input]), graph.ancestors([output])
-    path = [node for node in graph.nodes if node.name in below and node.name in above]
+    flow, data = graph.data_flow(input)
+    above = graph.ancestors([output])
+    path = [node for node in flow if node.name in above]
     missing = defaultdict(list)
     for node in path:
         if node.op_type not in REGISTRY or REGISTRY[node.op_type].gradient is None:
             missing[node.op_type].append(node.name)
     if missing:
         raise UnsupportedOpsError(missing)
-    data = {input} | {o for node in graph.nodes if node.name in below for o in node.output if o}
     b = GraphBuilder(reserved=_all_names(canonical.graph) | {"gradient_in", "gradient_out"})
     streams = _Streams(b)
     streams.gradients[output].append("gradient_in")

@@ -114,17 +114,41 @@ class GraphView:
                 stack.extend(node.input)
         return found
 
-    def descendants(self, names: Iterable[str]) -> set[str]:
-        """Names of the nodes that read the given tensors, directly or not."""
-        found: set[str] = set()
-        stack = list(names)
+    def depends_on(self, tensor: str, other: str) -> bool:
+        """Whether ``tensor`` is computed from ``other`` (or is it)."""
+        stack, seen = [tensor], set()
         while stack:
-            for node in self.consumers.get(stack.pop(), ()):
-                if node.name not in found:
-                    found.add(node.name)
-                    stack.extend(node.output)
-        return found
+            name = stack.pop()
+            if name == other:
+                return True
+            if name in seen:
+                continue
+            seen.add(name)
+            node = self.producer.get(name)
+            if node is not None:
+                stack.extend(i for i in node.input if i)
+        return False
 
+    def data_flow(self, source: str) -> tuple[list[onnx.NodeProto], set[str]]:
+        """The nodes that compute differentiably from ``source`` and the float tensors they make.
+
+        Flow stops at ops that only read metadata or compare (``Shape``…) and at non-float
+        outputs: ``Reshape(x, Concat(Shape(x)[0], -1))`` reads ``x`` as data, its shape not.
+        """
+        data, nodes = {source}, []
+        for node in self.nodes:
+            if node.op_type in NON_DIFFERENTIABLE or not any(i in data for i in node.input):
+                continue
+            nodes.append(node)
+            data.update(o for o in node.output if o and self.dtypes.get(o, onnx.TensorProto.FLOAT) in _FLOATS)
+        return nodes, data
+
+
+#: Ops whose outputs carry no gradient: metadata, comparisons, indices.
+NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less", "GreaterOrEqual",
+                      "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Round", "Floor", "Ceil",
+                      "EyeLike", "ConstantOfShape"}
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial", "Bernoulli"}

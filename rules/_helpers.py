@@ -1,7 +1,6 @@
 """Shapes of rule that many ops share, so that most rules are one to five lines.
 
 - ``proportional``: the z-rule ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``.
-- ``adjoint``: relevance moves the way data moves, ``ΦX = VJP_op(Φ)``.
 - ``pass_through``: ``ΦX = Φ`` for the data input.
 - ``Bilinear``: ops linear in a data input ``X`` and a weight ``W`` (Conv, Gemm, MatMul), with
   the absolute-influence rule (eq. 9) and the z^B input-layer rule built on them.
@@ -37,16 +36,6 @@ def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
     activation = b.Mul(node.outputs[0], nonzero(b, relevance))
     ratio = safe_divide(b, relevance, activation)
     return data_only(node, {0: b.Mul(node.inputs[0], vjp(b, node, ratio))})
-
-
-def adjoint(gradient_rule: Callable[..., list[str | None]]) -> Callable[..., list[str | None]]:
-    """A relevance rule that applies ``gradient_rule`` to ``Φ`` instead of ``G``."""
-
-    def rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
-        return gradient_rule(b, node, node.relevance[0])
-
-    rule.__doc__ = "Moves relevance the way the op moves data: ΦX = VJP_op(Φ)."
-    return rule
 
 
 def pass_through(b: GraphBuilder, node: NodeView) -> list[str | None]:

@@ -37,6 +37,7 @@ class Case:
     constants: list = field(default_factory=list)  # numpy arrays, inputs after x ("" = omitted)
     data_inputs: int = 1  # x fed this many times (Add(x, x), Sum(x, x, c))
     id: str = ""
+    outputs: int = 1  # node outputs; the check differentiates the first
 
 
 def _pad(x, pads):  # ONNX begin/end pads (2-D) → F.pad order
@@ -88,23 +89,48 @@ CASES = [
     Case("Sum", (2, 3, 4, 4), lambda x, c: x + x + c, constants=[weights(3, 1, 1)], data_inputs=2),
     Case("Dropout", (2, 5), lambda x: x),
     Case("Identity", (2, 5), lambda x: x),
+    Case("Cast", (2, 5), lambda x: x, attrs=dict(to=TensorProto.FLOAT)),
+    Case("Sigmoid", (2, 3, 4, 4), torch.sigmoid),
+    Case("Tanh", (2, 3, 4, 4), torch.tanh),
+    Case("HardSigmoid", (2, 3, 4, 4), lambda x: torch.clamp(x / 6 + 0.5, 0, 1), attrs=dict(alpha=1 / 6, beta=0.5)),
+    Case("HardSwish", (2, 3, 4, 4), F.hardswish),
+    Case("LeakyRelu", (2, 3, 4, 4), lambda x: F.leaky_relu(x, 0.1), attrs=dict(alpha=0.1)),
+    Case("PRelu", (2, 3, 4, 4), lambda x, s: F.prelu(x, s.reshape(-1)), constants=[weights(3, 1, 1)]),
+    Case("Clip", (2, 3, 4, 4), lambda x, lo, hi: F.relu6(x), constants=[np.float32(0), np.float32(6)],
+         id="relu6"),
+    Case("Sub", (2, 3, 4, 4), lambda x, c: x - c, constants=[weights(3, 1, 1)], id="constant"),
+    Case("Sub", (2, 3, 4, 4), lambda x: x - x * 1, data_inputs=2, id="data"),
+    Case("Mul", (2, 3, 4, 4), lambda x, c: x * c, constants=[weights(1, 3, 1, 1)], id="scale"),
+    Case("Mul", (2, 3, 4, 4), lambda x: x * x, data_inputs=2, id="gate"),
+    Case("Div", (2, 3, 4, 4), lambda x, c: x / c, constants=[np.float32(6)]),
+    Case("Concat", (2, 3, 4, 4), lambda x: torch.cat([x, x], 1), attrs=dict(axis=1), data_inputs=2),
+    Case("Split", (2, 5, 4, 4), lambda x, s: torch.split(x, [2, 3], 1)[0], attrs=dict(axis=1),
+         constants=[np.array([2, 3], np.int64)], outputs=2),
+    Case("Slice", (2, 6, 5, 5), lambda x, *_: x[:, 1:4, :, 2:], constants=[
+        np.array([1, 2], np.int64), np.array([4, 100], np.int64), np.array([1, 3], np.int64)]),
+    Case("Pad", (2, 3, 4, 4), lambda x, p: F.pad(x, (1, 2, 0, 3)), constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)]),
+    Case("Squeeze", (2, 1, 4), lambda x, a: x.squeeze(1), constants=[np.array([1], np.int64)]),
+    Case("Unsqueeze", (2, 4), lambda x, a: x[:, None], constants=[np.array([1], np.int64)]),
+    Case("LRN", (2, 7, 3, 3), lambda x: F.local_response_norm(x, 5, 1e-2, 0.75, 2.0),
+         attrs=dict(size=5, alpha=1e-2, beta=0.75, bias=2.0)),
 ]
 
 
 def one_node_model(case: Case) -> onnx.ModelProto:
     names = ["x"] * case.data_inputs + [f"c{i}" for i in range(len(case.constants))]
     initializers = [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(case.constants)]
-    node = helper.make_node(case.op, names, ["y"], name=f"{case.op}_under_test", **case.attrs)
+    outputs = ["y"] + [f"y{i}" for i in range(1, case.outputs)]
+    node = helper.make_node(case.op, names, outputs, name=f"{case.op}_under_test", **case.attrs)
     graph = helper.make_graph([node], "case", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                               ["N", *case.shape[1:]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" if c.id else c.op for c in CASES])
 def test_gradient_matches_autograd(case: Case):
     x = RNG.standard_normal(case.shape).astype(np.float32)
-    constants = [torch.from_numpy(c).double() if c.dtype != np.int64 else c for c in case.constants]
+    constants = [torch.tensor(c).double() if c.dtype != np.int64 else c for c in case.constants]
     x_torch = torch.from_numpy(x).double().requires_grad_(True)
     y = case.reference(x_torch, *constants)
     upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
