@@ -30,6 +30,7 @@ TARGET_INPUT = "target"
 HEATMAP_OUTPUT = "heatmap"
 #: Ops after the logits that the explanation starts below (spec "Start").
 HEAD_OPS = ("Softmax", "LogSoftmax")
+_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 #: Linear ops that may start the relevance stream (spec "the top linear layer").
 LINEAR_OPS = ("Gemm", "MatMul", "Conv")
 #: Preprocessing: ops that relabel the image's layout or scale and shift it by constants. The
@@ -72,19 +73,28 @@ def _find_logits(graph: GraphView, logits: str | None) -> str:
         if logits not in graph.producer and logits not in graph.inputs:
             raise CompileError(f"--logits: the model has no tensor '{logits}'")
     else:
-        candidates = [name for name in graph.outputs
-                      if len(graph.shapes.get(name, ())) == 2 and graph.dtypes.get(name) == TensorProto.FLOAT]
+        candidates = [name for name in graph.outputs if _is_score_shape(graph.shapes.get(name, ()))
+                      and graph.dtypes.get(name) == TensorProto.FLOAT]
         if len(candidates) != 1:
             raise CompileError("cannot tell which output holds the class scores: "
-                               + (f"several 2-D float outputs ({', '.join(candidates)})" if candidates
-                                  else f"no 2-D float output among {', '.join(graph.outputs)}")
+                               + (f"several [N, classes] float outputs ({', '.join(candidates)})" if candidates
+                                  else f"no [N, classes] float output among {', '.join(graph.outputs)}")
                                + "; pass --logits NAME")
         logits = candidates[0]
-    producer = graph.producer.get(logits)
-    while producer is not None and producer.op_type in HEAD_OPS:  # spec: logits precede the softmax
-        logits = producer.input[0]
-        producer = graph.producer.get(logits)
+    # spec: the logits precede a trailing Softmax, also one wrapped in reshapes (opset conversion
+    # writes an opset-9 Softmax over [N, K, 1, 1] as Reshape → Softmax → Reshape)
+    tensor, producer = logits, graph.producer.get(logits)
+    while producer is not None and producer.op_type in (*HEAD_OPS, *_RESHAPES):
+        tensor = producer.input[0]
+        if producer.op_type in HEAD_OPS:
+            logits = tensor
+        producer = graph.producer.get(tensor)
     return logits
+
+
+def _is_score_shape(shape: tuple) -> bool:
+    """``[N, K]``, or ``[N, K, 1, 1]`` as convolutional heads (SqueezeNet, DenseNet) leave it."""
+    return len(shape) >= 2 and all(d == 1 for d in shape[2:])
 
 
 def _top_linear_input(graph: GraphView, logits: str, data: set[str]) -> str:
@@ -238,12 +248,16 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
 def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
     """Emit both streams and the heatmap; returns the heatmap tensor's name."""
     streams = _Streams(b)
-    classes = plan.graph.shape(plan.logits)[1]
+    shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(plan.logits, axis=1, keepdims=0),
+        scores = plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1]))
+        target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(scores, axis=1, keepdims=0),
                          TARGET_INPUT)
         target = b.Unsqueeze(target, b.ints([1]))
-        streams.gradients[plan.logits].append(method.start(b, plan.logits, target, classes))
+        gradient = method.start(b, scores, target, shape[1])
+        if len(shape) > 2:
+            gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
+        streams.gradients[plan.logits].append(gradient)
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers)
     relevance = streams.relevance(plan.image)
     if relevance is None and plan.start == plan.image:
@@ -334,7 +348,11 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str)
     height, width = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
     graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                       [passes.BATCH_DIM, 1, height, width]))
-    del graph.value_info[:]  # the original's inferred shapes: recomputed by whoever needs them
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used and t.name != TARGET_INPUT]
+    for tensor in unused:  # left over by opset conversion; ONNX Runtime warns about each
+        graph.initializer.remove(tensor)
+    model, _ = passes.annotate_shapes(model)
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
         "agf-onnx: feed 'target' (int64 [N] or [1], negative = top class) and read 'heatmap' [N, 1, H, W]."
     return model
