@@ -354,9 +354,10 @@ def annotate_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         raise CompileError(f"internal error: shape inference of the compiled model failed: {error}") from error
     for info in inferred.graph.value_info:
         for dim in info.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value") and dim.dim_value == _BATCH_SENTINEL:
+            if dim.HasField("dim_value") and dim.dim_value % _BATCH_SENTINEL == 0:  # N, or N·k when flattened
+                multiple = dim.dim_value // _BATCH_SENTINEL
                 dim.Clear()
-                dim.dim_param = BATCH_DIM
+                dim.dim_param = BATCH_DIM if multiple == 1 else f"{BATCH_DIM}*{multiple}"
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     return model, True
