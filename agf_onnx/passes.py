@@ -314,50 +314,58 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(skeleton, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
+#: A batch size no real model uses, to tell the batch axis apart in inferred shapes.
+_BATCH_SENTINEL = 1_000_003
+
+
+def _infer_with_named_batch(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """Shape inference with the batch axis named ``N`` in every result.
+
+    Inferring with a symbolic batch loses it through broadcasts and reshapes (``[N, -1]`` of an
+    ``[N, C, H, W]`` tensor has an unknown second axis). Inferring with a sentinel batch size and
+    renaming it afterwards (``N``, or ``N*k`` for a flattened batch) keeps every axis known.
+    """
+    skeleton = weightless(model)
+    del skeleton.graph.value_info[:]
+    for info in skeleton.graph.output:  # re-inferred: stale batch sizes would clash
+        info.type.tensor_type.ClearField("shape")
+    for info in skeleton.graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) and dims[0].dim_param == BATCH_DIM:
+            dims[0].Clear()
+            dims[0].dim_value = _BATCH_SENTINEL
+    inferred = shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=strict, data_prop=True)
+    for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value % _BATCH_SENTINEL == 0:
+                multiple = dim.dim_value // _BATCH_SENTINEL
+                dim.Clear()
+                dim.dim_param = BATCH_DIM if multiple == 1 else f"{BATCH_DIM}*{multiple}"
+    return inferred
+
+
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: ``graph.value_info`` holds the inferred type and shape of every tensor it can."""
-    for output in model.graph.output:  # re-inferred: stale batch dims would clash with N
-        output.type.tensor_type.ClearField("shape")
-    del model.graph.value_info[:]
+    """After: ``graph.value_info`` and the outputs hold the inferred type and shape of every tensor,
+    the batch axis named ``N``."""
     try:
-        inferred = shape_inference.infer_shapes(weightless(model), check_type=True, strict_mode=True, data_prop=True)
+        inferred = _infer_with_named_batch(model, strict=True)
     except Exception as error:
         raise CompileError(f"shape inference failed: {error}") from error
+    del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model, True
 
 
-#: A batch size no real model uses, to tell the batch axis apart in inferred shapes.
-_BATCH_SENTINEL = 1_000_003
-
-
 def annotate_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: ``graph.value_info`` gives every tensor its shape with the batch axis named ``N``.
-
-    ONNX shape inference loses the symbol through broadcasts and reshapes, and ONNX Runtime's
-    memory planner then cannot match buffers of equal size: on a ResNet-50 sized explanation
-    graph the session took 20 s to load instead of 2. Inferring with a sentinel batch size and
-    renaming it afterwards keeps the symbol everywhere.
-    """
-    skeleton = weightless(model)
-    del skeleton.graph.value_info[:]
-    for info in skeleton.graph.input:
-        dims = info.type.tensor_type.shape.dim
-        if len(dims) and dims[0].dim_param == BATCH_DIM:
-            dims[0].Clear()
-            dims[0].dim_value = _BATCH_SENTINEL
+    """After: ``graph.value_info`` gives every tensor of the compiled model its shape, the batch
+    axis named ``N``: ONNX Runtime's memory planner cannot match buffers whose batch axis it
+    lost, and took 20 s instead of 2 to load a ResNet-50 sized explanation graph."""
     try:
-        inferred = shape_inference.infer_shapes(skeleton, data_prop=True)
+        inferred = _infer_with_named_batch(model, strict=False)
     except Exception as error:
         raise CompileError(f"internal error: shape inference of the compiled model failed: {error}") from error
-    for info in inferred.graph.value_info:
-        for dim in info.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value") and dim.dim_value % _BATCH_SENTINEL == 0:  # N, or N·k when flattened
-                multiple = dim.dim_value // _BATCH_SENTINEL
-                dim.Clear()
-                dim.dim_param = BATCH_DIM if multiple == 1 else f"{BATCH_DIM}*{multiple}"
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     return model, True
