@@ -30,6 +30,7 @@ TARGET_INPUT = "target"
 HEATMAP_OUTPUT = "heatmap"
 #: Ops after the logits that the explanation starts below (spec "Start").
 HEAD_OPS = ("Softmax", "LogSoftmax")
+_INTEGER_IMAGES = (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16)
 _RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 #: Linear ops that may start the relevance stream (spec "the top linear layer").
 LINEAR_OPS = ("Gemm", "MatMul", "Conv")
@@ -53,6 +54,7 @@ class Plan:
     kinds: dict[str, str]  # node name → relevance rule kind (nodes below the start)
     first_layers: set[str]
     channels_last: bool
+    unsupported: dict[str, list[str]]  # op type → node names (empty unless planned with strict=False)
 
 
 def _find_image(graph: GraphView, image: str | None) -> str:
@@ -144,8 +146,10 @@ def _channels_last(graph: GraphView, image: str) -> bool:
 
 def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
          method: Method, flat_policy: str = "authors", flat: Iterable[str] = (),
-         full: Iterable[str] = ()) -> Plan:
-    """Locate image, logits and the explained path; choose a rule for every node on it."""
+         full: Iterable[str] = (), strict: bool = True) -> Plan:
+    """Locate image, logits and the explained path; choose a rule for every node on it.
+
+    ``strict=False`` records unsupported ops in the plan instead of raising (``inspect``)."""
     graph = GraphView(model)
     image = _find_image(graph, image)
     logits = _find_logits(graph, logits)
@@ -171,17 +175,19 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
             unsupported[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
         elif kind is not None:
             kinds[node.name] = kind
-    if unsupported:
+    if unsupported and strict:
         raise UnsupportedOpsError(unsupported)
-    for name in [image, logits, *(o for n in path for o in n.output if o)]:
+    for name in [image, logits, *(o for n in path for o in n.output if o)] if strict else []:
         shape = graph.shape(name)
         if any(d is None for d in shape[1:]) or not shape:
             raise CompileError(f"tensor '{name}' has shape {list(shape)}: every axis but the batch must be "
                                "static; pass --input-shape NAME=d0,d1,...")
-    if graph.dtypes.get(image) != TensorProto.FLOAT and not all(r.op_type == "Cast"
-                                                                 for r in graph.consumers.get(image, [])):
-        raise CompileError(f"the image input '{image}' is not float32 and not cast to float by the model")
-    return Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image))
+    dtype = graph.dtypes.get(image)
+    if dtype != TensorProto.FLOAT and not (dtype in _INTEGER_IMAGES and any(n.op_type == "Cast" for n in path)):
+        raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
+                           "or integer images the model casts to float32, are supported")
+    return Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
+                dict(unsupported))
 
 
 class _Streams:

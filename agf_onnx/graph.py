@@ -132,15 +132,15 @@ class GraphView:
     def data_flow(self, source: str) -> tuple[list[onnx.NodeProto], set[str]]:
         """The nodes that compute differentiably from ``source`` and the float tensors they make.
 
-        Flow stops at ops that only read metadata or compare (``Shape``…) and at non-float
-        outputs: ``Reshape(x, Concat(Shape(x)[0], -1))`` reads ``x`` as data, its shape not.
+        Flow stops at ops that only read metadata or compare (``Shape``…) and at index and mask
+        tensors: ``Reshape(x, Concat(Shape(x)[0], -1))`` reads ``x`` as data, its shape not.
         """
         data, nodes = {source}, []
         for node in self.nodes:
             if node.op_type in NON_DIFFERENTIABLE or not any(i in data for i in node.input):
                 continue
             nodes.append(node)
-            data.update(o for o in node.output if o and self.dtypes.get(o, onnx.TensorProto.FLOAT) in _FLOATS)
+            data.update(o for o in node.output if o and self.dtypes.get(o) not in _INDICES)
         return nodes, data
 
 
@@ -148,7 +148,7 @@ class GraphView:
 NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less", "GreaterOrEqual",
                       "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Round", "Floor", "Ceil",
                       "EyeLike", "ConstantOfShape"}
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+_INDICES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial", "Bernoulli"}

@@ -9,12 +9,15 @@ import onnxruntime as ort
 ort.set_default_logger_severity(3)  # the overridable 'target' initializer draws a warning per session
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:  # no fusions: ONNX Runtime fuses Conv+BN only where the conv has one reader
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def run(model: onnx.ModelProto, feeds: dict, outputs=None) -> dict:
+def run(model: onnx.ModelProto, feeds: dict, outputs=None, optimize: bool = True) -> dict:
     """Run ``model`` on ``feeds`` (numpy arrays); returns {output name: array}."""
-    sess = session(model)
+    sess = session(model, optimize)
     names = outputs or [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})))

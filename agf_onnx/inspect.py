@@ -1,0 +1,93 @@
+"""``agf-onnx inspect``: which rule each op of a model gets, what is unsupported, and whether
+the model compiles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from . import passes
+from .compiler import compile, plan
+from .errors import CompileError
+from .methods import get_method
+from .rules import REGISTRY
+
+
+@dataclass
+class OpReport:
+    op_type: str
+    count: int
+    gradient: str  # the gradient rule's one-line description, or "unsupported"
+    relevance: list[str]  # rule kinds used on the explained path ("—" above the start)
+    unsupported_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    model: str
+    image: str | None
+    logits: str | None
+    nodes: int  # nodes on the path from the image to the logits
+    covered: int
+    ops: list[OpReport]
+    compiles: bool
+    error: str | None
+
+    @property
+    def share(self) -> float:
+        return self.covered / self.nodes if self.nodes else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "share": self.share}, indent=2)
+
+    def to_text(self) -> str:
+        lines = [f"model: {self.model}", f"image: {self.image}   logits: {self.logits}",
+                 f"{self.covered}/{self.nodes} nodes on the explained path have rules ({self.share:.0%})", "",
+                 f"{'op':<22}{'nodes':>6}  {'relevance':<22}gradient"]
+        for op in self.ops:
+            relevance = ", ".join(op.relevance) if op.relevance else "—"
+            lines.append(f"{op.op_type:<22}{op.count:>6}  {relevance:<22}{op.gradient}")
+            if op.unsupported_nodes:
+                lines.append(f"{'':<28}UNSUPPORTED: {', '.join(op.unsupported_nodes)}")
+        lines += ["", "compiles: yes" if self.compiles else f"compiles: no\n{self.error}"]
+        return "\n".join(lines)
+
+
+def _first_line(function) -> str:
+    return (function.__doc__ or "").strip().splitlines()[0] if function is not None and function.__doc__ else ""
+
+
+def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
+            input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
+            image: str | None = None) -> Report:
+    """Report the rule each op on the explained path gets and whether the model compiles."""
+    name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
+    loaded = passes.load(model)
+    try:
+        found = plan(passes.canonicalise(loaded, input_shapes), image=image, logits=logits,
+                     method=get_method(method), strict=False)
+    except CompileError as error:
+        return Report(name, image, logits, 0, 0, [], False, str(error))
+    counts = Counter(node.op_type for node in found.path)
+    kinds: dict[str, set[str]] = defaultdict(set)
+    for node in found.path:
+        if node.name in found.kinds:
+            kinds[node.op_type].add(found.kinds[node.name])
+    ops = []
+    for op_type, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        entry = REGISTRY.get(op_type)
+        missing = found.unsupported.get(op_type, [])
+        ops.append(OpReport(op_type, count, _first_line(entry.gradient) if entry else "unsupported",
+                            sorted(kinds[op_type]), missing))
+    covered = sum(counts.values()) - sum(len(v) for v in found.unsupported.values())
+    error = None
+    try:
+        compile(loaded, method=method, input_shapes=input_shapes, logits=logits, image=image, check=False)
+    except CompileError as failure:
+        error = str(failure)
+    return Report(name, found.image, found.logits, sum(counts.values()), covered, ops, error is None, error)
