@@ -121,7 +121,11 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
-    report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image)
+    try:
+        report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image)
+    except CompileError as error:  # unreadable file: the model does not compile either
+        print(f"agf-onnx: error: {error}", file=sys.stderr)
+        return 2
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.compiles else 2
 

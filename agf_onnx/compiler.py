@@ -358,7 +358,10 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str)
     unused = [t for t in graph.initializer if t.name not in used and t.name != TARGET_INPUT]
     for tensor in unused:  # left over by opset conversion; ONNX Runtime warns about each
         graph.initializer.remove(tensor)
-    model, _ = passes.annotate_shapes(model)
+    try:
+        model, _ = passes.infer_shapes(model)
+    except CompileError as error:
+        raise CompileError(f"internal error: the compiled model's {error}") from error
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
         "agf-onnx: feed 'target' (int64 [N] or [1], negative = top class) and read 'heatmap' [N, 1, H, W]."
     return model

@@ -159,3 +159,6 @@ def test_inspect_reports_rules_coverage_and_exit_codes(tmp_path, capsys):
     assert main(["inspect", str(ocr)]) == 2
     assert "--input-shape" in capsys.readouterr().out
     assert main(["inspect", str(ocr), "--input-shape", "x=1,3,48,192"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
+    assert "no such model file" in capsys.readouterr().err
