@@ -72,10 +72,16 @@ class Bilinear:
     def gradient(self, b: GraphBuilder, node: NodeView) -> list[str | None]:
         return data_only(node, {0: self.vjp(b, node, node.gradient[0], self.weight(b, node))})
 
+    def absolute_weight(self, b: GraphBuilder, node: NodeView) -> str:
+        """``|W|``, emitted once per node (ONNX Runtime folds each copy into a new initializer)."""
+        if "abs_weight" not in node.cache:
+            node.cache["abs_weight"] = b.Abs(self.weight(b, node))
+        return node.cache["abs_weight"]
+
     def absolute_influence(self, b: GraphBuilder, node: NodeView) -> str:
         """``C = |X| ⊙ VJP_{|W|}(sdiv(Φ, op(|X|, |W|) ⊙ 1[Φ≠0]))`` (eq. 9)."""
         relevance = node.relevance[0]
-        abs_x, abs_w = b.Abs(node.inputs[0]), b.Abs(self.weight(b, node))
+        abs_x, abs_w = b.Abs(node.inputs[0]), self.absolute_weight(b, node)
         activation = b.Mul(self.forward(b, node, abs_x, abs_w), nonzero(b, relevance))
         return b.Mul(abs_x, self.vjp(b, node, safe_divide(b, relevance, activation), abs_w))
 

@@ -100,7 +100,7 @@ def conv_agf(b, node: NodeView) -> list[str | None]:
     partition = channel_mean(b, influence)
     input_factor = b.Relu(factorise(b, x, partition, shape))
     gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
-    abs_weight = b.Abs(weight)
+    abs_weight = CONV.absolute_weight(b, node)
     # conv(1, |W|) is data-free: ONNX Runtime folds it once when it loads the model
     ones = b.ConstantOfShape(b.ints([1, *shape]), value=_ONE)
     agnostic = CONV.vjp(b, node, safe_divide(b, relevance_out, b.Mul(_forward(b, node, ones, abs_weight), mask)),

@@ -1,7 +1,8 @@
 """Gemm and MatMul with a constant weight: ``Y = X' · W' + bias`` (a following ``Add`` of a
 constant bias is an ``Add`` rule of its own, which passes relevance through).
 
-Gradient: ``G · W'ᵀ`` (transposed back when ``transA``).
+Gradient: ``G · W'ᵀ`` (transposed back when ``transA``), written as Gemm with ``transB`` so that
+no transposed copy of the weight is made.
 
 Relevance (spec "Linear layers"):
 - ``agf``: the absolute influence ``C`` (eq. 9); where ``X`` was flattened from a 4-D map (VGG's
@@ -23,24 +24,25 @@ _TRANSPARENT = {"Identity", "Dropout"}
 
 
 def _weight(b, node: NodeView) -> str:
-    """``W'`` with ``transB`` and ``alpha`` folded in, so that ``Y = X' · W'``."""
-    weight = node.inputs[1]
-    if node.attr("transB", 0):
-        weight = b.Transpose(weight, perm=[1, 0])
+    """``B`` as stored (``transB`` stays an attribute: a transposed copy of a large classifier
+    weight would cost memory and load time), with ``alpha`` folded in when it is not 1."""
     alpha = node.attr("alpha", 1.0)
-    return b.Mul(weight, b.const(alpha)) if alpha != 1.0 else weight
+    return b.Mul(node.inputs[1], b.const(alpha)) if alpha != 1.0 else node.inputs[1]
 
 
 def _gemm_forward(b, node: NodeView, x: str, w: str) -> str:
-    return b.MatMul(b.Transpose(x, perm=[1, 0]) if node.attr("transA", 0) else x, w)
+    return b.Gemm(x, w, transA=node.attr("transA", 0), transB=node.attr("transB", 0))
 
 
 def _gemm_vjp(b, node: NodeView, g: str, w: str) -> str:
-    gradient_in = b.MatMul(g, b.Transpose(w, perm=[1, 0]))
+    # X' · B' = Y  ⇒  ∂/∂X' = G · B'ᵀ, with B' = Bᵀ when transB
+    gradient_in = b.Gemm(g, w, transB=0 if node.attr("transB", 0) else 1)
     return b.Transpose(gradient_in, perm=[1, 0]) if node.attr("transA", 0) else gradient_in
 
 
 def _matmul_vjp(b, node: NodeView, g: str, w: str) -> str:
+    if len(node.shape(0)) == 2:
+        return b.Gemm(g, w, transB=1)
     return b.MatMul(g, b.Transpose(w, perm=[1, 0]))
 
 
