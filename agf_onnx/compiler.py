@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .rules import REGISTRY
-
 from . import passes
 from .builder import GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
-from .maths import max_per_sample, nonzero, safe_divide
+from .maths import max_per_sample, safe_divide
 from .methods import Method, flat_convs, get_method
+from .rules import REGISTRY
 
 TARGET_INPUT = "target"
 HEATMAP_OUTPUT = "heatmap"

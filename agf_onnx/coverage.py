@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from .rules import REGISTRY
-
 from .compiler import HEAD_OPS
 from .methods import get_method
+from .rules import REGISTRY
 
 
 def _first_line(function) -> str:

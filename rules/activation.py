@@ -12,7 +12,6 @@ never met — relevance passes where the unit's output is non-zero.
 from __future__ import annotations
 
 from agf_onnx.graph import NodeView
-
 from agf_onnx.maths import nonzero
 
 from ._helpers import data_only, proportional

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import BasicBlock, Bottleneck, ResNetish, VGGish
+from .models import Bottleneck, VGGish
 
 
 # -- the spec's helpers -------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _resnet(model, x, target, flat_policy):
     stem_bn = tape(model.bn1, stem)
     stem_relu = tape(nn.ReLU(), stem_bn)
     h = tape(model.maxpool, stem_relu)
-    pooled_in = h
+
     blocks = []
     for stage in model.layers:
         for block in stage:
@@ -254,7 +254,7 @@ def _resnet(model, x, target, flat_policy):
     relevance = z_rule(model.avgpool, h.detach(), relevance)
     authors = flat_policy == "authors"
     pointwise_flat = flat_policy in ("authors", "pointwise")
-    for block, record in reversed(blocks):
+    for _, record in reversed(blocks):
         relevance = z_rule(torch.relu, record["sum"].detach(), relevance)
         ratio = sdiv(relevance, record["sum"].detach() * (relevance != 0))
         main, skip = record["main_out"].detach() * ratio, record["skip"].detach() * ratio

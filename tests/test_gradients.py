@@ -14,10 +14,10 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from agf_onnx.rules import REGISTRY
 from onnx import TensorProto, helper, numpy_helper
 
 from agf_onnx.compiler import gradient_model
-from agf_onnx.rules import REGISTRY
 
 from .runtime import run
 
