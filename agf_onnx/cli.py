@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 
 from . import __version__, passes
@@ -73,6 +74,35 @@ def _parser() -> argparse.ArgumentParser:
     inspect_.add_argument("--logits", metavar="NAME")
     inspect_.add_argument("--image", metavar="NAME")
 
+    explain = commands.add_parser(
+        "explain", help="heatmaps, overlays and a gallery for image files",
+        description="Explain every image (files, or folders searched recursively) with MODEL (a compiled model, "
+                    "or an original classifier compiled on the fly). Writes per image an overlay PNG (the image, "
+                    "then one red/blue overlay per explained class) and the raw heatmaps (.npy), plus "
+                    "results.json and, for several images, index.html. Exit 0 when every image was explained, 1 "
+                    "when some failed (listed in results.json), 2 when nothing could run.")
+    explain.add_argument("model", metavar="MODEL")
+    explain.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+")
+    explain.add_argument("-o", "--output", metavar="OUTDIR", required=True)
+    which = explain.add_mutually_exclusive_group()
+    which.add_argument("--target", metavar="CLASS", help="class index or label name (default: the predicted class)")
+    which.add_argument("--top-k", metavar="K", type=int, help="one heatmap per class among the K best")
+    explain.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    explain.add_argument("--preset", choices=["imagenet", "symmetric", "unit", "none"], default="imagenet",
+                         help="normalisation: imagenet mean/std on [0,1] pixels (default), symmetric [-1,1], unit "
+                              "[0,1], none (raw 0-255)")
+    explain.add_argument("--mean", metavar="R,G,B", help="per-channel mean on [0,1] pixels (with --std)")
+    explain.add_argument("--std", metavar="R,G,B", help="per-channel std on [0,1] pixels (with --mean)")
+    explain.add_argument("--size", type=int, metavar="S",
+                         help="resize the shorter side to S, then centre-crop to the model's input size "
+                              "(default: resize straight to the model's size)")
+    explain.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+    explain.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
+                         help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+    explain.add_argument("--batch-size", type=int, default=8, metavar="B")
+    explain.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
+                         help="for compiling an original model with dynamic height/width on the fly")
+
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
     rules.add_argument("--method", choices=sorted(METHODS), default="agf")
@@ -130,6 +160,82 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if report.compiles else 2
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CompileError(f"{option} '{text}': expected three numbers such as 0.485,0.456,0.406") from None
+    if len(values) != 3:
+        raise CompileError(f"{option} '{text}': expected three numbers (R,G,B)")
+    return values
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from .explain import ExplainError, Explainer, collect_images, read_labels
+    from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
+
+    labels = read_labels(args.labels) if args.labels else None
+    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    explainer = Explainer(args.model, args.provider, preset=args.preset, mean=_floats(args.mean, "--mean"),
+                          std=_floats(args.std, "--std"), size=args.size, bgr=args.bgr, labels=labels,
+                          input_shapes=shapes, batch_size=args.batch_size)
+    if explainer.compiled_on_the_fly:
+        print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
+              f"`agf-onnx compile`)")
+    print(f"provider: {explainer.provider}")
+    target = explainer.class_index(args.target) if args.target is not None else None
+    if args.top_k is not None and args.top_k < 1:
+        raise ExplainError(f"--top-k {args.top_k}: must be at least 1")
+    images, folder = collect_images(args.images)
+    if not images:
+        raise ExplainError(f"no images found in {', '.join(args.images)}")
+    out = pathlib.Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results, stems, began = [], set(), time.perf_counter()
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    progress = _progress(len(images)) if len(batches) > 1 else None
+    for batch in batches:
+        good, photos = [], []
+        for path in batch:
+            result, notes = ImageResult(str(path)), []
+            try:
+                photos.append(explainer.prepare([path], notes)[0])
+                good.append(result)
+            except ExplainError as error:
+                result.error = str(error)
+                print(f"agf-onnx: error: {error}", file=sys.stderr)
+            result.notes = notes
+            results.append(result)
+        if good:
+            explanation = explainer.explain_photos(np.stack(photos), target, args.top_k)
+            for i, result in enumerate(good):
+                write_image_outputs(explanation, i, out, unique_stem(pathlib.Path(result.image), stems), result)
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
+    settings = {"model": str(args.model), "provider": explainer.provider, "target": args.target,
+                "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean, "std": explainer.std,
+                "size": args.size, "bgr": args.bgr}
+    write_results(out, results, settings)
+    failed = sum(1 for r in results if r.error)
+    if folder or len(images) > 1:
+        write_gallery(out, results, f"agf-onnx explain: {os.path.basename(str(args.model))}")
+    print(f"explained {len(results) - failed} of {len(results)} images in {time.perf_counter() - began:.1f} s "
+          f"→ {out}" + (f" ({failed} failed, see results.json)" if failed else ""))
+    return 1 if failed else 0
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="image", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -137,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compile(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "explain":
+            return _explain(args)
         print(coverage_table(args.method))
         return 0
     except CompileError as error:

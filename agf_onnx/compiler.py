@@ -339,7 +339,19 @@ def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
     return b.Where(finite, heatmap, zero)
 
 
-def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str) -> onnx.ModelProto:
+def _scores_output(plan: Plan) -> str:
+    """The graph output that carries the class scores: the logits, or a Softmax of them."""
+    for output in plan.graph.outputs:
+        tensor = output
+        while tensor != plan.logits and tensor in plan.graph.producer and \
+                plan.graph.producer[tensor].op_type in (*HEAD_OPS, *_RESHAPES):
+            tensor = plan.graph.producer[tensor].input[0]
+        if tensor == plan.logits:
+            return output
+    return ""
+
+
+def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str) -> onnx.ModelProto:
     graph = model.graph
     for name in (TARGET_INPUT, HEATMAP_OUTPUT):
         if name in plan.graph.producer or name in plan.graph.shapes:
@@ -361,6 +373,11 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str)
         model, _ = passes.infer_shapes(model)
     except CompileError as error:
         raise CompileError(f"internal error: the compiled model's {error}") from error
+    # what `agf-onnx explain` and other tools need to know about the compiled model
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        "agf_onnx.method": method, "agf_onnx.image": plan.image,
+                                        "agf_onnx.layout": "NHWC" if plan.channels_last else "NCHW",
+                                        "agf_onnx.logits": plan.logits, "agf_onnx.scores": _scores_output(plan)})
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
         "agf-onnx: feed 'target' (int64 [N] or [1], negative = top class) and read 'heatmap' [N, 1, H, W]."
     return model
@@ -393,7 +410,7 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
     heatmap = _emit(b, found, chosen)
-    compiled = _assemble(canonical, b, found, heatmap)
+    compiled = _assemble(canonical, b, found, heatmap, method)
     if check:
         try:
             onnx.checker.check_model(passes.weightless(compiled), full_check=True)

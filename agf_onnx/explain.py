@@ -1,0 +1,308 @@
+"""Explain images with a compiled model: preprocessing, batched ONNX Runtime runs, top-K
+classes, overlays (``Explainer``, ``Explanation``). The ``agf-onnx explain`` command is a thin
+layer over this module."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
+from .errors import CompileError
+
+#: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
+PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], as Paddle classifiers and MTCNN
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # [0, 1]
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class ExplainError(CompileError):
+    """A bad image, class or label: the message names it."""
+
+
+def diverging(heatmap: np.ndarray) -> np.ndarray:
+    """Signed map → RGB uint8: white at 0, red (204, 0, 0) at +1 (evidence for the class), blue
+    (0, 51, 204) at −1 (against); values beyond ±1 saturate."""
+    value = np.clip(heatmap, -1.0, 1.0)[..., None]
+    white, red, blue = np.ones(3), np.array([0.8, 0.0, 0.0]), np.array([0.0, 0.2, 0.8])
+    rgb = np.where(value >= 0, white + value * (red - white), white - value * (blue - white))
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def blend(photo: np.ndarray, heatmap: np.ndarray, opacity: float = 0.7) -> np.ndarray:
+    """The photo with the colour-mapped heatmap over it; the map's weight grows with |value|."""
+    weight = (np.clip(np.abs(heatmap), 0.0, 1.0) * opacity)[..., None]
+    mixed = (1 - weight) * photo.astype(np.float64) + weight * diverging(heatmap).astype(np.float64)
+    return mixed.round().astype(np.uint8)
+
+
+@dataclass
+class Explanation:
+    """Heatmaps ``[N, K, H, W]`` for the classes ``targets`` ``[N, K]`` of N images."""
+
+    photos: np.ndarray  # [N, H, W, 3] uint8, the images as the model saw them (after resize/crop)
+    heatmaps: np.ndarray
+    targets: np.ndarray
+    scores: np.ndarray | None  # [N, classes] the model's class scores
+    probabilities: np.ndarray | None
+    labels: Sequence[str] | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels and index < len(self.labels) else str(index)
+
+    def overlay(self, i: int, k: int | None = None):
+        """A PIL image: the photo, then one overlay per explained class (or only class ``k``)."""
+        from PIL import Image
+
+        columns = [self.photos[i]]
+        ranks = range(self.heatmaps.shape[1]) if k is None else [k]
+        gap = np.full((self.photos.shape[1], 4, 3), 255, np.uint8)
+        for rank in ranks:
+            columns += [gap, blend(self.photos[i], self.heatmaps[i, rank])]
+        return Image.fromarray(np.concatenate(columns, axis=1))
+
+
+def _load_image(source: Any, notes: list[str]) -> np.ndarray:
+    """An RGB uint8 array ``[H, W, 3]`` from a path, a PIL image or an array."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+                source = opened.copy()
+        except FileNotFoundError as error:
+            raise ExplainError(f"{name}: no such file") from error
+        except (UnidentifiedImageError, OSError) as error:
+            raise ExplainError(f"{name}: not a readable image ({error})") from error
+    if hasattr(source, "mode"):  # a PIL image
+        if source.mode not in ("RGB",):
+            notes.append(f"{name}: {source.mode} image converted to RGB")
+            source = source.convert("RGB")
+        return np.asarray(source, dtype=np.uint8)
+    array = np.asarray(source)
+    if array.ndim == 2:
+        notes.append(f"{name}: grayscale image converted to RGB")
+        array = np.stack([array] * 3, -1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ExplainError(f"{name}: expected an image array [H, W, 3], got shape {list(array.shape)}")
+    if array.shape[-1] == 4:
+        notes.append(f"{name}: alpha channel dropped")
+        array = array[..., :3]
+    if array.dtype != np.uint8:
+        array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    return array
+
+
+class Explainer:
+    """Runs a compiled model (or compiles an original one on the fly) on images.
+
+    Args:
+        model: path of a compiled model (``agf-onnx compile``) or of an original classifier.
+        provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
+        preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
+        mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
+        size: resize the shorter side to this, then centre-crop to the model's size; default:
+            resize straight to the model's size.
+        bgr: feed channels in BGR order.
+        input_shapes: for compiling a model with dynamic height/width on the fly.
+    """
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
+                 preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 size: int | None = None, bgr: bool = False, labels: Sequence[str] | None = None,
+                 input_shapes: dict | None = None, batch_size: int = 8) -> None:
+        import onnxruntime as ort
+
+        if preset not in (*PRESETS, "none"):
+            raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
+        proto = model if isinstance(model, onnx.ModelProto) else _read(model)
+        self.compiled_on_the_fly = not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
+        if self.compiled_on_the_fly:
+            proto = compile(model, input_shapes=input_shapes)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if provider not in ("auto", "cuda", "cpu"):
+            raise ExplainError(f"unknown provider '{provider}' (auto, cuda, cpu)")
+        serialized = proto.SerializeToString()
+        self.session = None
+        if provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            # the GPU wheel lists CUDA even where its libraries are missing: try it, quietly for auto
+            ort.set_default_logger_severity(4 if provider == "auto" else 3)
+            self.session = ort.InferenceSession(serialized, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if "CUDAExecutionProvider" not in self.session.get_providers():
+                self.session = None
+        ort.set_default_logger_severity(3)
+        if self.session is None:
+            if provider == "cuda":
+                raise ExplainError("--provider cuda: ONNX Runtime cannot use CUDA here (no CUDA build or no GPU)")
+            self.session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+        self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
+        info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
+        self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
+        dims = info.shape[1:3] if self.channels_last else info.shape[2:4]
+        if not all(isinstance(d, int) for d in dims):
+            raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
+        self.height, self.width = dims
+        self.integer_input = info.type != "tensor(float)"
+        self.scores_output = meta.get("agf_onnx.scores") or None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
+        self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
+            isinstance(d, int) for d in scores_info.shape[1:]) else None
+        self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
+        if (mean is None) != (std is None):
+            raise ExplainError("--mean and --std go together")
+        self.size, self.bgr, self.labels, self.batch_size = size, bgr, labels, batch_size
+
+    # -- preprocessing ------------------------------------------------------------------------
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        picture = Image.fromarray(image)
+        if self.size:
+            scale = self.size / min(picture.size)
+            picture = picture.resize((max(self.width, round(picture.width * scale)),
+                                      max(self.height, round(picture.height * scale))), Image.BILINEAR)
+            left, top = (picture.width - self.width) // 2, (picture.height - self.height) // 2
+            picture = picture.crop((left, top, left + self.width, top + self.height))
+        else:
+            picture = picture.resize((self.width, self.height), Image.BILINEAR)
+        return np.asarray(picture, dtype=np.uint8)
+
+    def _tensor(self, photos: np.ndarray) -> np.ndarray:
+        pixels = photos[..., ::-1] if self.bgr else photos
+        if self.integer_input:
+            batch = pixels.astype(np.uint8)
+        elif self.mean is None:
+            batch = pixels.astype(np.float32)
+        else:
+            batch = ((pixels / 255.0 - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+        return np.ascontiguousarray(batch if self.channels_last else batch.transpose(0, 3, 1, 2))
+
+    def prepare(self, images: Sequence[Any], notes: list[str] | None = None) -> np.ndarray:
+        """Load, convert to RGB and fit images to the model's size → ``[N, H, W, 3]`` uint8."""
+        notes = [] if notes is None else notes
+        return np.stack([self._fit(_load_image(image, notes)) for image in images])
+
+    # -- running ------------------------------------------------------------------------------
+    def _run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.session.run(self.outputs, {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)})
+        return dict(zip(self.outputs, values))
+
+    def class_index(self, target: int | str) -> int:
+        """A class index from an index or a label name, checked against the number of classes."""
+        index = self._index(target)
+        if self.classes is not None and not 0 <= index < self.classes:
+            raise ExplainError(f"class {target} is out of range: the model has {self.classes} classes "
+                               f"(0–{self.classes - 1})")
+        return index
+
+    def _index(self, target: int | str) -> int:
+        if isinstance(target, str) and not target.lstrip("-").isdigit():
+            if not self.labels or target not in self.labels:
+                close = [label for label in (self.labels or []) if target.lower() in label.lower()][:5]
+                raise ExplainError(f"unknown label '{target}'" + (f" (did you mean: {', '.join(close)})" if close
+                                                                  else "" if self.labels else "; pass --labels FILE"))
+            return list(self.labels).index(target)
+        return int(target)
+
+    def explain_photos(self, photos: np.ndarray, target: int | str | None = None,
+                       top_k: int | None = None) -> Explanation:
+        """Explain prepared photos (``prepare``): the predicted class, ``target``, or the ``top_k`` best."""
+        if target is not None and top_k:
+            raise ExplainError("give a target or top-k, not both")
+        if top_k is not None and not 1 <= top_k <= (self.classes or top_k):
+            raise ExplainError(f"top-k {top_k}: must be between 1 and the number of classes ({self.classes})")
+        batch = self._tensor(photos)
+        first = self._run(batch, np.array([-1] if target is None else [self.class_index(target)]))
+        scores = first.get(self.scores_output) if self.scores_output else None
+        if scores is not None:
+            scores = scores.reshape(len(batch), -1)
+        if not top_k or top_k == 1:
+            if scores is None:
+                chosen = np.full((len(batch), 1), -1 if target is None else self.class_index(target))
+            elif target is None:
+                chosen = scores.argmax(1)[:, None]
+            else:
+                chosen = np.full((len(batch), 1), self.class_index(target))
+            heatmaps = first[HEATMAP_OUTPUT]
+        else:
+            if scores is None:
+                raise ExplainError("top-k needs the model's class scores, which this model does not output")
+            chosen = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+            heatmaps = np.concatenate([self._run(batch, chosen[:, k])[HEATMAP_OUTPUT] for k in range(top_k)], 1)
+        probabilities = None if scores is None else _as_probabilities(scores)
+        return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels)
+
+    def explain(self, images: Sequence[Any] | Any, target: int | str | None = None,
+                top_k: int | None = None) -> Explanation:
+        """Explain images (paths, PIL images or arrays ``[H, W, 3]``), in batches."""
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
+            images = [images]
+        images = list(images)
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            parts.append(self.explain_photos(self.prepare(chunk), target, top_k))
+        explanation = Explanation(*(np.concatenate([getattr(p, name) for p in parts])
+                                    if getattr(parts[0], name) is not None else None
+                                    for name in ("photos", "heatmaps", "targets", "scores", "probabilities")),
+                                  labels=self.labels)
+        explanation.sources = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {n}"
+                               for n, i in enumerate(images)]
+        return explanation
+
+
+def _as_probabilities(scores: np.ndarray) -> np.ndarray:
+    """The scores if they already are probabilities (a trailing Softmax), else their softmax."""
+    if (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3):
+        return scores
+    shifted = np.exp(scores - scores.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+def _read(path: str | os.PathLike) -> onnx.ModelProto:
+    if not os.path.isfile(path):
+        raise ExplainError(f"{path}: no such model file")
+    try:
+        return onnx.load(path, load_external_data=True)
+    except Exception as error:
+        raise ExplainError(f"{path}: not a readable ONNX model ({error})") from error
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """One label per line (blank lines kept as empty labels would shift indices: refused)."""
+    try:
+        lines = pathlib.Path(path).read_text().splitlines()
+    except OSError as error:
+        raise ExplainError(f"--labels {path}: {error.strerror}") from error
+    labels = [line.strip() for line in lines]
+    while labels and not labels[-1]:
+        labels.pop()
+    if not labels or any(not label for label in labels):
+        raise ExplainError(f"--labels {path}: expected one non-empty label per line")
+    return labels
+
+
+def collect_images(paths: Sequence[str | os.PathLike]) -> tuple[list[pathlib.Path], bool]:
+    """Image files from files and folders (recursively, sorted); whether a folder was given."""
+    found, folder = [], False
+    for path in map(pathlib.Path, paths):
+        if path.is_dir():
+            folder = True
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            found.append(path)
+    return found, folder
