@@ -175,7 +175,7 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 def _explain(args: argparse.Namespace) -> int:
     import pathlib
 
-    from .explain import ExplainError, Explainer, collect_images, read_labels
+    from .explain import Explainer, ExplainError, collect_images, read_labels
     from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
 
     labels = read_labels(args.labels) if args.labels else None

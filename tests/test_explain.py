@@ -13,7 +13,7 @@ from PIL import Image
 
 import agf_onnx
 from agf_onnx.cli import main
-from agf_onnx.explain import PRESETS, ExplainError, Explainer, blend, diverging
+from agf_onnx.explain import PRESETS, Explainer, ExplainError, blend, diverging
 
 from . import models, zoo
 from .runtime import run
