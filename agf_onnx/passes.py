@@ -316,6 +316,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 #: A batch size no real model uses, to tell the batch axis apart in inferred shapes.
 _BATCH_SENTINEL = 1_000_003
+_OTHER_SENTINEL = 1_000_033
 
 
 def _infer_with_named_batch(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
@@ -360,6 +361,89 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return model, True
 
 
+def _sentinel_dims(info: onnx.ValueInfoProto) -> list[int] | None:
+    """Inferred dims with the batch symbol back as the sentinel; None if any dim is unknown."""
+    dims = []
+    for dim in info.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif dim.dim_param == BATCH_DIM:
+            dims.append(_BATCH_SENTINEL)
+        elif dim.dim_param.startswith(f"{BATCH_DIM}*") and dim.dim_param[2:].isdigit():
+            dims.append(_BATCH_SENTINEL * int(dim.dim_param[2:]))
+        else:
+            return None
+    return dims
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: a ``Reshape`` whose target shape is computed from ``Shape`` outputs (TorchScript's
+    ``x.reshape(n, g, c // g, h, w)``) reads a constant shape instead, with ``0`` copying the
+    batch. Shape inference cannot divide symbolic sizes; here the computation is evaluated with
+    the known sizes and a sentinel batch, which must end up alone in the batch position."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    shapes = {info.name: info for info in [*graph.input, *graph.value_info]}
+    initializers = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = False
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] in initializers:
+            continue
+        needed, stack, feeds, ok = [], [node.input[1]], {}, True
+        while stack and ok:
+            tensor = stack.pop()
+            if tensor in initializers or tensor in feeds or not tensor:
+                continue
+            source = producer.get(tensor)
+            if source is None or source.op_type in _EXPANDING_OPS or source.op_type.startswith("Random"):
+                ok = False
+            elif source.op_type == "Shape":
+                dims = _sentinel_dims(shapes[source.input[0]]) if source.input[0] in shapes else None
+                ok = dims is not None
+                if ok:
+                    start = next((a.i for a in source.attribute if a.name == "start"), 0)
+                    end = next((a.i for a in source.attribute if a.name == "end"), len(dims))
+                    feeds[tensor] = np.array(dims[start:end], np.int64)
+            elif source not in needed:
+                needed.append(source)
+                stack.extend(source.input)
+        if not ok:
+            continue
+        order = [n for n in graph.node if n in needed]
+        used = {i for n in order for i in n.input}
+        mini = helper.make_graph(order, "shape", [helper.make_tensor_value_info(k, onnx.TensorProto.INT64, v.shape)
+                                                  for k, v in feeds.items()],
+                                 [helper.make_value_info(node.input[1], onnx.TypeProto())],
+                                 [t for name, t in initializers.items() if name in used])
+        evaluator = ReferenceEvaluator(helper.make_model(mini, opset_imports=model.opset_import)) if order else None
+        values = []
+        for batch in (_BATCH_SENTINEL, _OTHER_SENTINEL):  # two batch sizes tell what depends on the batch
+            batch_feeds = {k: np.where(v % _BATCH_SENTINEL == 0, v // _BATCH_SENTINEL * batch, v)
+                           for k, v in feeds.items()}
+            try:
+                values.append(np.asarray(evaluator.run(None, batch_feeds)[0] if evaluator else
+                                         batch_feeds[node.input[1]]).astype(np.int64))
+            except Exception:  # not evaluable here: left to shape inference
+                break
+        if len(values) != 2 or values[0].ndim != 1:
+            continue
+        varying = np.flatnonzero(values[0] != values[1]).tolist()
+        if varying not in ([], [0]) or (varying == [0] and (values[0][0], values[1][0]) !=
+                                        (_BATCH_SENTINEL, _OTHER_SENTINEL)):
+            continue  # the batch enters the shape otherwise than as axis 0: leave it computed
+        value = values[0]
+        if varying == [0]:
+            value[0] = 0
+        name = f"{node.name}/folded_shape"
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        initializers[name] = graph.initializer[-1]
+        node.input[1] = name
+        changed = True
+    return model, changed
+
+
 def canonicalise(model: onnx.ModelProto,
                  input_shapes: Mapping[str, Sequence[int | str]] | None = None) -> onnx.ModelProto:
     """Run every pass in order; see each pass for what it guarantees."""
@@ -371,4 +455,9 @@ def canonicalise(model: onnx.ModelProto,
     model, _ = free_batch(model)
     model, _ = set_input_shapes(model, input_shapes or {})
     model, _ = infer_shapes(model)
+    for _ in range(8):  # each fold can make the next reshape's input shape known
+        model, folded = fold_shape_arithmetic(model)
+        if not folded:
+            break
+        model, _ = infer_shapes(model)
     return model

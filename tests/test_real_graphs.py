@@ -114,7 +114,7 @@ ARCHITECTURES = [(architectures.MobileNetV2ish, False), (architectures.MobileNet
                  (architectures.EfficientNetish, False), (architectures.EfficientNetish, True),
                  (architectures.DenseNetish, False), (architectures.DenseNetish, True),
                  (architectures.Inceptionish, False), (architectures.Inceptionish, True),
-                 (architectures.ShuffleNetish, True)]
+                 (architectures.ShuffleNetish, False), (architectures.ShuffleNetish, True)]
 
 
 @pytest.mark.parametrize("cls, dynamo", ARCHITECTURES,
