@@ -158,7 +158,7 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
     start = _top_linear_input(graph, logits, data)
-    relevant = graph.ancestors([start]) & {node.name for node in path}
+    relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
     flats = flat_convs(graph, [n for n in path if n.op_type == "Conv" and n.name in relevant], data,
                        flat_policy, flat, full)
@@ -264,6 +264,13 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
             gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
         streams.gradients[plan.logits].append(gradient)
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers)
+    if method.image_map is not None:  # a gradient method: the map comes from ∇x at the image
+        with b.scope("image_map"):
+            image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else \
+                b.Cast(plan.image, to=TensorProto.FLOAT)
+            relevance = method.image_map(b, image, streams.gradient(plan.image))
+        with b.scope("heatmap"):
+            return _heatmap(b, relevance, plan.channels_last)
     relevance = streams.relevance(plan.image)
     if relevance is None and plan.start == plan.image:
         relevance = _start_relevance(b, streams, plan.image)

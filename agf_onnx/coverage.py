@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .compiler import HEAD_OPS
-from .methods import get_method
+from .methods import METHODS, get_method
 from .rules import REGISTRY
 
 
@@ -23,4 +23,11 @@ def coverage_table(method: str = "agf") -> str:
         rows.append(f"| {op_type} | `{entry.module}.py` | {_first_line(entry.gradient)} | {relevance} |")
     for op_type in HEAD_OPS:
         rows.append(f"| {op_type} | — | trailing only: the logits are its input | — |")
+    return "\n".join(rows)
+
+
+def methods_table() -> str:
+    """A Markdown table of the compile targets (``--method``) with their definitions."""
+    rows = ["| `--method` | what | heatmap |", "|---|---|---|"]
+    rows += [f"| `{m.name}` | {m.summary} | {m.formula} |" for m in METHODS.values()]
     return "\n".join(rows)

@@ -59,9 +59,19 @@ def agf_start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
     return b.Sub(b.Add(through_target, through_offset), through_spread)
 
 
+def target_score_start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
+    """``∂y_t/∂y``: the one-hot of the target class (the gradient of the target's logit)."""
+    classes_row = b.const(np.arange(classes, dtype=np.int64).reshape(1, classes), np.int64)
+    return b.Cast(b.Equal(classes_row, target), to=1)
+
+
 @dataclass(frozen=True)
 class Method:
-    """Which relevance rule each op gets under one explanation method."""
+    """Which relevance rule each op gets under one explanation method.
+
+    A method with an ``image_map`` has no relevance stream: its per-channel map at the image is
+    ``image_map(b, x, ∇x)``, summed over channels and scaled like AGF's (spec "Output").
+    """
 
     name: str
     summary: str
@@ -69,6 +79,12 @@ class Method:
     relevance: Mapping[str, str] = field(default_factory=dict)
     first_layer: str | None = None
     flat: str | None = None
+    image_map: Callable[[GraphBuilder, str, str], str] | None = None
+    formula: str = ""
+
+    @property
+    def relevance_stream(self) -> bool:
+        return self.image_map is None
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool) -> str | None:
         """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
@@ -83,13 +99,30 @@ class Method:
 AGF = Method(
     name="agf",
     summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as ../shared/agf-spec.md",
+    formula="the spec's relevance stream; Σ_c Φ₀ / max Φ₀",
     start=agf_start,
     relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"},
     first_layer="zB",
     flat="flat",
 )
 
-METHODS: dict[str, Method] = {AGF.name: AGF}
+GRADIENT = Method(
+    name="gradient",
+    summary="Saliency (Simonyan et al. 2014): the absolute gradient of the target's logit",
+    start=target_score_start,
+    image_map=lambda b, x, gradient: b.Abs(gradient),
+    formula="A = abs(∂y_t/∂x); Σ_c A / max A (Captum's Saliency(abs=True) per channel)",
+)
+
+GRADIENT_X_INPUT = Method(
+    name="gradient-x-input",
+    summary="Gradient × Input (Shrikumar et al. 2016): the input times the target logit's gradient",
+    start=target_score_start,
+    image_map=lambda b, x, gradient: b.Mul(x, gradient),
+    formula="A = x ⊙ ∂y_t/∂x; Σ_c A / max A, or / max abs(A) where max A ≤ 0 (Captum's InputXGradient)",
+)
+
+METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT)}
 
 
 def get_method(name: str) -> Method:
