@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="force this Conv node to the flat rule (repeatable)")
     compile_.add_argument("--full", metavar="NODE", action="append", default=[],
                           help="force this Conv node to the full AGF rule (repeatable)")
+    compile_.add_argument("--layer", metavar="NODE",
+                          help="the node whose output a layer method (gradcam) explains (default: the last Conv "
+                               "with a spatial output)")
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
                                "MODEL has external data)")
@@ -138,7 +141,8 @@ def _compile(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     began = time.perf_counter()
     model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
-                    flat_policy=args.flat_policy, flat=args.flat, full=args.full, check=not args.no_check)
+                    flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
+                    check=not args.no_check)
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
         before, after = os.path.getsize(args.model), os.path.getsize(args.output)

@@ -54,6 +54,7 @@ class Plan:
     first_layers: set[str]
     channels_last: bool
     unsupported: dict[str, list[str]]  # op type → node names (empty unless planned with strict=False)
+    layer: str | None = None  # the explained layer's output tensor, for layer methods (Grad-CAM)
 
 
 def _find_image(graph: GraphView, image: str | None) -> str:
@@ -145,7 +146,7 @@ def _channels_last(graph: GraphView, image: str) -> bool:
 
 def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
          method: Method, flat_policy: str = "authors", flat: Iterable[str] = (),
-         full: Iterable[str] = (), strict: bool = True) -> Plan:
+         full: Iterable[str] = (), strict: bool = True, layer: str | None = None) -> Plan:
     """Locate image, logits and the explained path; choose a rule for every node on it.
 
     ``strict=False`` records unsupported ops in the plan instead of raising (``inspect``)."""
@@ -185,8 +186,26 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     if dtype != TensorProto.FLOAT and not (dtype in _INTEGER_IMAGES and any(n.op_type == "Cast" for n in path)):
         raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
                            "or integer images the model casts to float32, are supported")
+    layer_output = _find_layer(graph, path, layer) if method.layer_map is not None else None
+    if layer is not None and method.layer_map is None:
+        raise CompileError(f"--layer: the method '{method.name}' explains at the image, not at a layer")
     return Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
-                dict(unsupported))
+                dict(unsupported), layer_output)
+
+
+def _find_layer(graph: GraphView, path: Sequence[onnx.NodeProto], layer: str | None) -> str:
+    """The output of ``layer`` (a node name), default: the last Conv with a spatial output."""
+    convs = [n for n in path if n.op_type == "Conv" and any(d > 1 for d in graph.shape(n.output[0])[2:])]
+    if layer is None:
+        if not convs:
+            raise CompileError("no Conv with a spatial output on the path from the image to the logits; "
+                               "pass --layer NODE")
+        return convs[-1].output[0]
+    node = next((n for n in path if n.name == layer), None)
+    if node is None or len(graph.shape(node.output[0])) != 4:
+        raise CompileError(f"--layer: no node '{layer}' with a 4-D output on the explained path "
+                           f"(Conv nodes: {', '.join(n.name for n in convs) or 'none'})")
+    return node.output[0]
 
 
 class _Streams:
@@ -263,6 +282,11 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
         if len(shape) > 2:
             gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
         streams.gradients[plan.logits].append(gradient)
+    if method.layer_map is not None:  # a layer method: only the nodes above the layer are needed
+        above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
+        _walk(b, plan.graph, [n for n in plan.path if n.name in above], plan.data, streams, {})
+        with b.scope("layer_map"):
+            return _layer_heatmap(b, method, plan, streams.gradient(plan.layer))
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers)
     if method.image_map is not None:  # a gradient method: the map comes from ∇x at the image
         with b.scope("image_map"):
@@ -317,6 +341,19 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     del canonical.graph.value_info[:]
     onnx.checker.check_model(canonical, full_check=True)
     return canonical
+
+
+def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -> str:
+    """The method's map at the layer, upsampled bilinearly (half-pixel centres, as PyTorch's
+    ``interpolate(align_corners=False)``) to the image and divided by its per-sample maximum."""
+    layer_map = method.layer_map(b, plan.layer, gradient)
+    image_shape = plan.graph.shape(plan.image)
+    size = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
+    scales = [1.0, 1.0] + [target / source for target, source in zip(size, plan.graph.shape(plan.layer)[2:])]
+    upsampled = b.Resize(layer_map, "", b.const(scales), mode="linear",
+                         coordinate_transformation_mode="half_pixel")
+    peak = max_per_sample(b, b.Abs(upsampled), 4)
+    return b.Div(upsampled, b.Where(b.Greater(peak, b.const(0.0)), peak, b.const(1.0)))
 
 
 def _start_relevance(b: GraphBuilder, streams: _Streams, start: str) -> str | None:
@@ -393,7 +430,7 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
 def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
-            full: Iterable[str] = (), check: bool = True) -> onnx.ModelProto:
+            full: Iterable[str] = (), layer: str | None = None, check: bool = True) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
@@ -406,6 +443,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         image: the image input; default: the only 4-D input.
         flat_policy: which convs get the flat rule (``methods.FLAT_POLICIES``).
         flat, full: Conv node names forced to the flat or the full AGF rule.
+        layer: the node whose output a layer method (Grad-CAM) explains; default: the last Conv
+            with a spatial output.
         check: run ``onnx.checker.check_model(full_check=True)`` on the result.
 
     Raises:
@@ -414,7 +453,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     """
     chosen = get_method(method)
     canonical = passes.canonicalise(passes.load(model), input_shapes)
-    found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full)
+    found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
+                 layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
     heatmap = _emit(b, found, chosen)
     compiled = _assemble(canonical, b, found, heatmap, method)

@@ -80,11 +80,12 @@ class Method:
     first_layer: str | None = None
     flat: str | None = None
     image_map: Callable[[GraphBuilder, str, str], str] | None = None
+    layer_map: Callable[[GraphBuilder, str, str], str] | None = None  # (b, activation, ∇activation) → [N,1,h,w]
     formula: str = ""
 
     @property
     def relevance_stream(self) -> bool:
-        return self.image_map is None
+        return self.image_map is None and self.layer_map is None
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool) -> str | None:
         """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
@@ -122,7 +123,21 @@ GRADIENT_X_INPUT = Method(
     formula="A = x ⊙ ∂y_t/∂x; Σ_c A / max A, or / max abs(A) where max A ≤ 0 (Captum's InputXGradient)",
 )
 
-METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT)}
+def _gradcam(b: GraphBuilder, activation: str, gradient: str) -> str:
+    weights = b.ReduceMean(gradient, axes=[2, 3], keepdims=1)  # α_k: the gradient averaged over space
+    return b.Relu(b.ReduceSum(b.Mul(weights, activation), b.ints([1]), keepdims=1))
+
+
+GRADCAM = Method(
+    name="gradcam",
+    summary="Grad-CAM (Selvaraju et al. 2017) at the last Conv with a spatial output, or --layer NODE",
+    start=target_score_start,
+    layer_map=_gradcam,
+    formula="relu(Σ_k mean_ij(∂y_t/∂A_k) · A_k), bilinear upsampling to the image, / max (Captum's "
+            "LayerGradCam with relu_attributions=True, then LayerAttribution.interpolate)",
+)
+
+METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM)}
 
 
 def get_method(name: str) -> Method:

@@ -59,3 +59,41 @@ def test_cli_method_flag(tmp_path):
     assert main(["compile", str(source), "-o", str(out), "--method", "gradient-x-input", "-q"]) == 0
     maps = run(onnx.load(out), {"x": torch.randn(1, 3, 32, 32).numpy()})["heatmap"]
     assert np.isfinite(maps).all() and maps.shape == (1, 1, 32, 32)
+
+
+def gradcam_oracle(model, layer, images, targets):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cam = LayerGradCam(model, layer).attribute(images.double(), target=torch.from_numpy(targets),
+                                                   relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, tuple(images.shape[2:]), interpolate_mode="bilinear").detach()
+    peak = cam.flatten(1).abs().max(1).values.reshape(-1, 1, 1, 1)
+    return torch.where(peak > 0, cam / torch.where(peak > 0, peak, torch.ones_like(peak)), cam).numpy()
+
+
+def test_gradcam_matches_captum_at_the_last_conv():
+    model = copy.deepcopy(NETS["vgg"]).double()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    targets = np.array([2, 5, 9])
+    compiled = agf_onnx.compile(models.export(NETS["vgg"]), method="gradcam")
+    heatmaps = run(compiled, {"x": images.numpy(), "target": targets})["heatmap"]
+    last_conv = [m for m in model.features if isinstance(m, torch.nn.Conv2d)][-1]
+    np.testing.assert_allclose(heatmaps, gradcam_oracle(model, last_conv, images, targets), atol=2e-5)
+
+
+def test_gradcam_at_a_named_layer():
+    model = copy.deepcopy(NETS["resnet"]).double()
+    proto = models.export(NETS["resnet"], fold=False)
+    node = "/layers/layers.0/layers.0.1/conv2/Conv"
+    assert node in {n.name for n in proto.graph.node}
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    targets = np.array([1, 6])
+    heatmaps = run(agf_onnx.compile(proto, method="gradcam", layer=node), {"x": images.numpy(), "target": targets})
+    expected = gradcam_oracle(model, model.layers[0][1].conv2, images, targets)
+    np.testing.assert_allclose(heatmaps["heatmap"], expected, atol=2e-5)
+    with pytest.raises(agf_onnx.CompileError, match="--layer: no node 'nope'"):
+        agf_onnx.compile(proto, method="gradcam", layer="nope")
+    with pytest.raises(agf_onnx.CompileError, match="explains at the image"):
+        agf_onnx.compile(proto, method="gradient", layer=node)
