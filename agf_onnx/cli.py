@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--layer", metavar="NODE",
                           help="the node whose output a layer method (gradcam) explains (default: the last Conv "
                                "with a spatial output)")
+    compile_.add_argument("--steps", type=int, metavar="S", help="integrated-gradients: quadrature steps (50)")
+    compile_.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
+    compile_.add_argument("--noise", type=float, metavar="F",
+                          help="smoothgrad: noise std as a share of the image's value range (0.15)")
+    compile_.add_argument("--seed", type=int, metavar="N", help="smoothgrad: seed of the in-graph noise (0)")
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
                                "MODEL has external data)")
@@ -142,7 +147,8 @@ def _compile(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                     flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                    check=not args.no_check)
+                    options={k: v for k in ("steps", "samples", "noise", "seed")
+                             if (v := getattr(args, k)) is not None}, check=not args.no_check)
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
         before, after = os.path.getsize(args.model), os.path.getsize(args.output)

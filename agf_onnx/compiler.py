@@ -269,8 +269,56 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
                 streams.relevances[name].append(contribution)
 
 
-def _emit(b: GraphBuilder, plan: Plan, method: Method) -> str:
+def _target(b: GraphBuilder, scores: str) -> str:
+    """The explained class per sample, ``[N, 1]``: ``target``, or the top class where negative."""
+    target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(scores, axis=1, keepdims=0), TARGET_INPUT)
+    return b.Unsqueeze(target, b.ints([1]))
+
+
+def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
+    """Methods that differentiate the model at several inputs per image (Integrated Gradients,
+    SmoothGrad): the path from the image to the logits is cloned and run on a batch of
+    ``count·N`` expanded inputs, built in the graph; the gradients are combined per image."""
+    image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
+    with b.scope("replicas"):
+        expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
+    renamed = {tensor: f"{tensor}/replica" for tensor in plan.data}
+    renamed[plan.image] = expanded
+    clones = []
+    for node in plan.path:
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = f"{node.name}/replica"
+        clone.input[:] = [renamed.get(i, i) for i in node.input]
+        clone.output[:] = [renamed.get(o, o) for o in node.output]
+        clones.append(clone)
+    b.nodes.extend(clones)
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(plan.graph.model)
+    augmented.graph.node.extend(b.nodes)
+    augmented.graph.initializer.extend(b.initializers)
+    view = GraphView(passes.infer_shapes(augmented)[0])
+    logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
+    streams = _Streams(b)
+    with b.scope("start"):
+        target = _target(b, plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1])))
+        scores = logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))
+        gradient = method.start(b, scores, b.Tile(target, b.ints([count, 1])), shape[1])
+        if len(shape) > 2:
+            gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
+        streams.gradients[logits].append(gradient)
+    data = {expanded} | {o for clone in clones for o in clone.output if o in set(renamed.values())}
+    _walk(b, view, clones, data, streams, {})
+    with b.scope("image_map"):
+        relevance = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count, options)
+    with b.scope("heatmap"):
+        return _heatmap(b, relevance, plan.channels_last)
+
+
+def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
     """Emit both streams and the heatmap; returns the heatmap tensor's name."""
+    if method.expand is not None:
+        return _emit_replicated(b, plan, method, options)
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
@@ -430,7 +478,8 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
 def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
-            full: Iterable[str] = (), layer: str | None = None, check: bool = True) -> onnx.ModelProto:
+            full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
+            check: bool = True) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
@@ -445,6 +494,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         flat, full: Conv node names forced to the flat or the full AGF rule.
         layer: the node whose output a layer method (Grad-CAM) explains; default: the last Conv
             with a spatial output.
+        options: method options, e.g. ``{"steps": 50}`` (integrated-gradients), ``{"samples": 25,
+            "noise": 0.15, "seed": 0}`` (smoothgrad); see ``methods.py``.
         check: run ``onnx.checker.check_model(full_check=True)`` on the result.
 
     Raises:
@@ -456,7 +507,7 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
-    heatmap = _emit(b, found, chosen)
+    heatmap = _emit(b, found, chosen, dict(options or {}))
     compiled = _assemble(canonical, b, found, heatmap, method)
     if check:
         try:

@@ -81,11 +81,15 @@ class Method:
     flat: str | None = None
     image_map: Callable[[GraphBuilder, str, str], str] | None = None
     layer_map: Callable[[GraphBuilder, str, str], str] | None = None  # (b, activation, ∇activation) → [N,1,h,w]
+    #: (b, x, shape, options) → (inputs [count·N, ...], count): the inputs a replicated method
+    #: differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
+    expand: Callable[..., tuple[str, int]] | None = None
+    combine: Callable[..., str] | None = None
     formula: str = ""
 
     @property
     def relevance_stream(self) -> bool:
-        return self.image_map is None and self.layer_map is None
+        return self.image_map is None and self.layer_map is None and self.expand is None
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool) -> str | None:
         """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
@@ -137,7 +141,88 @@ GRADCAM = Method(
             "LayerGradCam with relu_attributions=True, then LayerAttribution.interpolate)",
 )
 
-METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM)}
+def _option(options: Mapping, name: str, default, kind=int, low=1):
+    value = options.get(name, default)
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise CompileError(f"--{name} {value!r}: expected a {kind.__name__}") from None
+    if value < low:
+        raise CompileError(f"--{name} {value}: must be at least {low}")
+    return value
+
+
+def _stack(b: GraphBuilder, x: str, shape: tuple, coefficients: str, offsets: str | None = None) -> str:
+    """``[count·N, ...]`` from ``coefficients ⊙ x (+ offsets)`` with ``count`` leading."""
+    stacked = b.Mul(b.Unsqueeze(x, b.ints([0])), coefficients)
+    if offsets is not None:
+        stacked = b.Add(stacked, offsets)
+    return b.Reshape(stacked, b.ints([-1, *shape[1:]]))
+
+
+def _weighted_sum(b: GraphBuilder, gradients: str, shape: tuple, weights: np.ndarray) -> str:
+    """``Σ_s w_s g_s`` over the ``count`` replicas of each image → ``[N, ...]``."""
+    per_replica = b.Reshape(gradients, b.ints([len(weights), -1, *shape[1:]]))
+    weights = b.const(weights.reshape(-1, *[1] * len(shape)).astype(np.float32))
+    return b.ReduceSum(b.Mul(per_replica, weights), b.ints([0]), keepdims=0)
+
+
+def _ig_expand(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
+    steps = _option(options, "steps", 50)
+    alphas, _ = _gauss_legendre(steps)
+    return _stack(b, x, shape, b.const(alphas.reshape(-1, *[1] * len(shape)))), steps
+
+
+def _ig_combine(b: GraphBuilder, x: str, shape: tuple, gradients: str, count: int, options: Mapping) -> str:
+    _, weights = _gauss_legendre(count)
+    return b.Mul(x, _weighted_sum(b, gradients, shape, weights))  # zero baseline: (x − 0) ⊙ Σ_s w_s ∇F(α_s x)
+
+
+def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captum's default quadrature: Gauss–Legendre nodes and weights mapped to [0, 1]."""
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    return ((nodes + 1) / 2).astype(np.float32), (weights / 2).astype(np.float32)
+
+
+INTEGRATED_GRADIENTS = Method(
+    name="integrated-gradients",
+    summary="Integrated Gradients (Sundararajan et al. 2017), zero baseline, --steps (default 50)",
+    start=target_score_start,
+    expand=_ig_expand,
+    combine=_ig_combine,
+    formula="A = x ⊙ Σ_s w_s ∂y_t/∂x(α_s x), Gauss–Legendre α_s, w_s on [0, 1] (Captum's default); "
+            "Σ_c A / max A",
+)
+
+def _smoothgrad_expand(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
+    samples = _option(options, "samples", 25)
+    noise = _option(options, "noise", 0.15, float, 0.0)
+    seed = _option(options, "seed", 0, int, 0)
+    axes = list(range(1, len(shape)))
+    spread = b.Sub(b.ReduceMax(x, axes=axes, keepdims=1), b.ReduceMin(x, axes=axes, keepdims=1))
+    copies = b.Expand(b.Unsqueeze(x, b.ints([0])), b.ints([samples] + [1] * len(shape)))
+    gaussian = b.RandomNormalLike(copies, seed=float(seed))  # one stream per session, fixed by the seed
+    noisy = b.Add(copies, b.Mul(gaussian, b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(noise))))
+    return b.Reshape(noisy, b.ints([-1, *shape[1:]])), samples
+
+
+def _smoothgrad_combine(b: GraphBuilder, x: str, shape: tuple, gradients: str, count: int, options: Mapping) -> str:
+    return _weighted_sum(b, b.Abs(gradients), shape, np.full(count, 1.0 / count))
+
+
+SMOOTHGRAD = Method(
+    name="smoothgrad",
+    summary="SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies, --samples (25), --noise "
+            "(0.15 of the image's range), --seed (0)",
+    start=target_score_start,
+    expand=_smoothgrad_expand,
+    combine=_smoothgrad_combine,
+    formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²) drawn in the graph "
+            "(Captum's NoiseTunnel(Saliency) smoothgrad); Σ_c A / max A",
+)
+
+METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
+                                                                 INTEGRATED_GRADIENTS, SMOOTHGRAD)}
 
 
 def get_method(name: str) -> Method:

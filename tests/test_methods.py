@@ -97,3 +97,51 @@ def test_gradcam_at_a_named_layer():
         agf_onnx.compile(proto, method="gradcam", layer="nope")
     with pytest.raises(agf_onnx.CompileError, match="explains at the image"):
         agf_onnx.compile(proto, method="gradient", layer=node)
+
+
+def test_integrated_gradients_matches_captum():
+    from captum.attr import IntegratedGradients
+
+    model = NETS["resnet"]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    targets = np.array([3, 8])
+    compiled = agf_onnx.compile(models.export(model, fold=False), method="integrated-gradients",
+                                options={"steps": 20})
+    heatmaps = run(compiled, {"x": images.numpy(), "target": targets})["heatmap"]
+    expected = IntegratedGradients(copy.deepcopy(model).double()).attribute(
+        images.double(), target=torch.from_numpy(targets), n_steps=20).detach()
+    np.testing.assert_allclose(heatmaps, oracle.heatmap(expected).numpy(), atol=2e-5)
+
+
+def test_smoothgrad_without_noise_is_saliency_and_its_seed_is_fixed():
+    proto = models.export(NETS["vgg"])
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)).numpy()
+    silent = run(agf_onnx.compile(proto, method="smoothgrad", options={"samples": 3, "noise": 0.0}), {"x": images})
+    np.testing.assert_allclose(silent["heatmap"], run(agf_onnx.compile(proto, method="gradient"), {"x": images})
+                               ["heatmap"], atol=1e-6)
+    noisy = [run(agf_onnx.compile(proto, method="smoothgrad", options={"samples": 4, "seed": s}), {"x": images})
+             ["heatmap"] for s in (7, 7, 8)]
+    np.testing.assert_array_equal(noisy[0], noisy[1])
+    assert not np.allclose(noisy[0], noisy[2])
+
+
+def test_smoothgrad_agrees_with_captum_statistically():
+    """Both average |∇| over 200 noisy copies: they agree as well as two of our own runs do."""
+    from captum.attr import NoiseTunnel
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    targets = [1, 2]
+    options = {"samples": 200, "noise": 0.1}
+    ours = [run(agf_onnx.compile(models.export(NETS["vgg"]), method="smoothgrad", options={**options, "seed": s}),
+                {"x": images.numpy(), "target": np.array(targets)})["heatmap"] for s in (1, 2)]
+    model = copy.deepcopy(NETS["vgg"]).double()
+    for i, target in enumerate(targets):
+        spread = float(images[i].max() - images[i].min())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            captum = NoiseTunnel(Saliency(model)).attribute(images[i:i + 1].double(), target=target, nt_samples=200,
+                                                            nt_type="smoothgrad", stdevs=0.1 * spread).detach()
+        reference = oracle.heatmap(captum).numpy()[0]
+        ours_vs_captum = np.corrcoef(ours[0][i].ravel(), reference.ravel())[0, 1]
+        ours_vs_ours = np.corrcoef(ours[0][i].ravel(), ours[1][i].ravel())[0, 1]
+        assert ours_vs_captum > 0.93 and abs(ours_vs_captum - ours_vs_ours) < 0.03
