@@ -158,7 +158,7 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     path = [node for node in flow if node.name in above]
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    start = _top_linear_input(graph, logits, data)
+    start = logits if method.logit_relevance is not None else _top_linear_input(graph, logits, data)
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
     flats = flat_convs(graph, [n for n in path if n.op_type == "Conv" and n.name in relevant], data,
@@ -323,13 +323,12 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
         scores = plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1]))
-        target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(scores, axis=1, keepdims=0),
-                         TARGET_INPUT)
-        target = b.Unsqueeze(target, b.ints([1]))
-        gradient = method.start(b, scores, target, shape[1])
-        if len(shape) > 2:
-            gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
-        streams.gradients[plan.logits].append(gradient)
+        seed = method.start(b, scores, _target(b, scores), shape[1])
+        streams.gradients[plan.logits].append(seed if len(shape) == 2 else b.Reshape(seed, b.ints([0, *shape[1:]])))
+        if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
+            relevance = method.logit_relevance(b, scores, seed)
+            streams.relevances[plan.logits].append(
+                relevance if len(shape) == 2 else b.Reshape(relevance, b.ints([0, *shape[1:]])))
     if method.layer_map is not None:  # a layer method: only the nodes above the layer are needed
         above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
         _walk(b, plan.graph, [n for n in plan.path if n.name in above], plan.data, streams, {})

@@ -85,6 +85,9 @@ class Method:
     #: differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
     expand: Callable[..., tuple[str, int]] | None = None
     combine: Callable[..., str] | None = None
+    #: (b, scores [N, K], the start gradient — the target's one-hot for LRP) → relevance at the logits, for methods whose
+    #: relevance stream starts there (LRP) instead of at the top linear layer's input (AGF)
+    logit_relevance: Callable[[GraphBuilder, str, str], str] | None = None
     formula: str = ""
 
     @property
@@ -221,8 +224,25 @@ SMOOTHGRAD = Method(
             "(Captum's NoiseTunnel(Saliency) smoothgrad); Σ_c A / max A",
 )
 
+def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
+    linear = {"Conv": kind, "Gemm": kind, "MatMul": kind}
+    return Method(
+        name=name,
+        summary=f"LRP-α{alpha}β{beta} (Bach et al. 2015) from R = y ⊙ onehot(t), z^B at the input layer",
+        start=target_score_start,
+        relevance=linear,
+        first_layer="zB",
+        logit_relevance=lambda b, scores, one_hot: b.Mul(scores, one_hot),
+        formula=f"α={alpha}, β={beta} on Conv/Gemm/MatMul (no bias), z-rule on ReLU, pools and residual sums; "
+                "Σ_c R₀ / max R₀ (Zennit's AlphaBeta with ZBox first)",
+    )
+
+
+LRP = _lrp("lrp", "alpha1beta0", 1, 0)
+LRP_AB = _lrp("lrp-ab", "alpha2beta1", 2, 1)
+
 METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
-                                                                 INTEGRATED_GRADIENTS, SMOOTHGRAD)}
+                                                                 INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB)}
 
 
 def get_method(name: str) -> Method:

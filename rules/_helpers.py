@@ -85,6 +85,25 @@ class Bilinear:
         activation = b.Mul(self.forward(b, node, abs_x, abs_w), nonzero(b, relevance))
         return b.Mul(abs_x, self.vjp(b, node, safe_divide(b, relevance, activation), abs_w))
 
+    def alpha_beta(self, b: GraphBuilder, node: NodeView, alpha: float, beta: float) -> list[str | None]:
+        """LRP-αβ: ``α·(x⁺ ⊙ VJP_{W⁺}(S⁺) + x⁻ ⊙ VJP_{W⁻}(S⁺)) − β·(x⁺ ⊙ VJP_{W⁻}(S⁻) + x⁻ ⊙ VJP_{W⁺}(S⁻))``
+        with ``S± = sdiv(R, z±)``, ``z⁺ = op(x⁺, W⁺) + op(x⁻, W⁻)``, ``z⁻`` the opposite; no bias."""
+        x, w, relevance = node.inputs[0], self.weight(b, node), node.relevance[0]
+        zero = b.const(0.0)
+        x_pos, x_neg, w_pos, w_neg = b.Max(x, zero), b.Min(x, zero), b.Max(w, zero), b.Min(w, zero)
+
+        def share(for_pos: str, for_neg: str) -> str:
+            z = b.Add(self.forward(b, node, x_pos, for_pos), self.forward(b, node, x_neg, for_neg))
+            ratio = safe_divide(b, relevance, z)
+            return b.Add(b.Mul(x_pos, self.vjp(b, node, ratio, for_pos)), b.Mul(x_neg, self.vjp(b, node, ratio, for_neg)))
+
+        result = share(w_pos, w_neg)
+        if alpha != 1.0:
+            result = b.Mul(result, b.const(alpha))
+        if beta:
+            result = b.Sub(result, b.Mul(share(w_neg, w_pos), b.const(beta)))
+        return data_only(node, {0: result})
+
     def input_layer(self, b: GraphBuilder, node: NodeView) -> list[str | None]:
         """z^B rule with the per-sample image minimum ``l`` and maximum ``h`` as bounds."""
         x, w = node.inputs[0], self.weight(b, node)

@@ -9,6 +9,7 @@ Relevance (spec "Linear layers"):
   partition ``φ = mean_c(C)`` (eq. 11), the input-agnostic ``A`` (eq. 10), Δ-shifted (eq. 14).
 - ``flat``: ``ΦX = C``, what the authors use for 1×1 convs and convs feeding a residual Add.
 - ``zB``: the z^B rule for the conv that reads the image.
+- ``alpha1beta0``, ``alpha2beta1``: LRP-αβ (Bach et al. 2015) for the LRP baselines.
 """
 
 from __future__ import annotations
@@ -108,3 +109,15 @@ def conv_agf(b, node: NodeView) -> list[str | None]:
     sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
     residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
     return data_only(node, {0: delta_shift(b, influence, residual, rank)})
+
+
+@relevance("Conv", kind="alpha1beta0")
+def conv_alpha1beta0(b, node: NodeView) -> list[str | None]:
+    """LRP-α1β0 (z⁺ on positive inputs): positive contributions only, no bias."""
+    return CONV.alpha_beta(b, node, 1.0, 0.0)
+
+
+@relevance("Conv", kind="alpha2beta1")
+def conv_alpha2beta1(b, node: NodeView) -> list[str | None]:
+    """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
+    return CONV.alpha_beta(b, node, 2.0, 1.0)

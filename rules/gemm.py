@@ -9,6 +9,7 @@ Relevance (spec "Linear layers"):
   first classifier layer) the authors add the gradient–input map:
   ``ΦX = Δshift(C, nmax(relu(expand_c(mean_c(x4 ⊙ g4))) ⊙ 1[C≠0]))``.
 - ``zB``: the z^B rule when the layer reads the image directly.
+- ``alpha1beta0``, ``alpha2beta1``: LRP-αβ for the LRP baselines.
 """
 
 from __future__ import annotations
@@ -99,3 +100,15 @@ def linear_agf(b, node: NodeView) -> list[str | None]:
     gradient_map = b.Reshape(b.Expand(gradient_map, b.ints([1, *node.graph.shape(source)[1:]])), flat)
     gradient_map = normalise_by_max(b, b.Mul(b.Relu(gradient_map), nonzero(b, influence)), 2)
     return data_only(node, {0: delta_shift(b, influence, gradient_map, 2)})
+
+
+@relevance("Gemm", "MatMul", kind="alpha1beta0")
+def linear_alpha1beta0(b, node: NodeView) -> list[str | None]:
+    """LRP-α1β0: positive contributions only, no bias."""
+    return LINEAR[node.op_type].alpha_beta(b, node, 1.0, 0.0)
+
+
+@relevance("Gemm", "MatMul", kind="alpha2beta1")
+def linear_alpha2beta1(b, node: NodeView) -> list[str | None]:
+    """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
+    return LINEAR[node.op_type].alpha_beta(b, node, 2.0, 1.0)

@@ -145,3 +145,19 @@ def test_smoothgrad_agrees_with_captum_statistically():
         ours_vs_captum = np.corrcoef(ours[0][i].ravel(), reference.ravel())[0, 1]
         ours_vs_ours = np.corrcoef(ours[0][i].ravel(), ours[1][i].ravel())[0, 1]
         assert ours_vs_captum > 0.93 and abs(ours_vs_captum - ours_vs_ours) < 0.03
+
+
+@pytest.mark.parametrize("method, alpha, beta", [("lrp", 1, 0), ("lrp-ab", 2, 1)])
+def test_lrp_matches_zennit(method, alpha, beta):
+    from .zennit_oracle import lrp_alpha_beta
+
+    model = copy.deepcopy(NETS["vgg"])
+    for module in model.modules():  # the authors' αβ rule ignores biases; Zennit's counts them
+        if getattr(module, "bias", None) is not None:
+            module.bias.data.zero_()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    targets = np.array([1, 4])
+    heatmaps = run(agf_onnx.compile(models.export(model), method=method),
+                   {"x": images.numpy(), "target": targets})["heatmap"]
+    expected = lrp_alpha_beta(model.double(), images.double(), targets, alpha, beta)
+    np.testing.assert_allclose(heatmaps, oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
