@@ -21,7 +21,7 @@ from . import passes
 from .builder import GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
-from .maths import max_per_sample, safe_divide
+from .maths import max_per_sample, safe_divide, sum_per_sample
 from .methods import Method, flat_convs, get_method
 from .rules import REGISTRY
 
@@ -238,22 +238,25 @@ class _Streams:
 
 
 def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], data: set[str], streams: _Streams,
-          kinds: Mapping[str, str], start: str | None = None, first_layers: set[str] = frozenset()) -> None:
-    """Visit ``path`` from the output back, applying each node's gradient rule and, for nodes
-    in ``kinds``, its relevance rule. Reverse topological order means every consumer of a
-    tensor has contributed before the tensor's own producer reads its streams."""
+          kinds: Mapping[str, str], start: str | None = None, first_layers: set[str] = frozenset(),
+          gradients: bool = True) -> None:
+    """Visit ``path`` from the output back, applying each node's gradient rule (unless
+    ``gradients`` is off: a second relevance stream of rules that need none) and, for nodes in
+    ``kinds``, its relevance rule. Reverse topological order means every consumer of a tensor
+    has contributed before the tensor's own producer reads its streams."""
     for proto in reversed(path):
         node = NodeView(proto, graph, frozenset(i for i in proto.input if i in data),
                         is_first_layer=proto.name in first_layers)
-        node.gradient = [streams.gradient(o) for o in proto.output]
-        if all(g is None for g in node.gradient):
-            continue  # no path from this node to the explained score
         entry = REGISTRY[proto.op_type]
-        with b.scope(f"{proto.name}/vjp"):
-            node.input_gradients = entry.gradient(b, node)
-        for name, contribution in zip(proto.input, node.input_gradients):
-            if contribution is not None:
-                streams.gradients[name].append(contribution)
+        if gradients:
+            node.gradient = [streams.gradient(o) for o in proto.output]
+            if all(g is None for g in node.gradient):
+                continue  # no path from this node to the explained score
+            with b.scope(f"{proto.name}/vjp"):
+                node.input_gradients = entry.gradient(b, node)
+            for name, contribution in zip(proto.input, node.input_gradients):
+                if contribution is not None:
+                    streams.gradients[name].append(contribution)
         kind = kinds.get(proto.name)
         if kind is None:
             continue
@@ -329,6 +332,11 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
             relevance = method.logit_relevance(b, scores, seed)
             streams.relevances[plan.logits].append(
                 relevance if len(shape) == 2 else b.Reshape(relevance, b.ints([0, *shape[1:]])))
+        if method.contrast is not None:  # CLRP: a second stream from the other classes
+            contrast = _Streams(b)
+            dual = method.contrast(b, scores, seed)
+            contrast.relevances[plan.logits].append(
+                dual if len(shape) == 2 else b.Reshape(dual, b.ints([0, *shape[1:]])))
     if method.layer_map is not None:  # a layer method: only the nodes above the layer are needed
         above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
         _walk(b, plan.graph, [n for n in plan.path if n.name in above], plan.data, streams, {})
@@ -343,6 +351,11 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
         with b.scope("heatmap"):
             return _heatmap(b, relevance, plan.channels_last)
     relevance = streams.relevance(plan.image)
+    if method.contrast is not None:
+        with b.scope("contrast"):
+            _walk(b, plan.graph, plan.path, plan.data, contrast, plan.kinds, plan.start, plan.first_layers,
+                  gradients=False)
+            relevance = _contrastive(b, relevance, contrast.relevance(plan.image))
     if relevance is None and plan.start == plan.image:
         relevance = _start_relevance(b, streams, plan.image)
     if relevance is None:
@@ -401,6 +414,12 @@ def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -
                          coordinate_transformation_mode="half_pixel")
     peak = max_per_sample(b, b.Abs(upsampled), 4)
     return b.Div(upsampled, b.Where(b.Greater(peak, b.const(0.0)), peak, b.const(1.0)))
+
+
+def _contrastive(b: GraphBuilder, target: str, others: str) -> str:
+    """``R_t − R_o · ΣR_t / ΣR_o`` per sample (CLRP, Gu et al. 2018)."""
+    scale = safe_divide(b, sum_per_sample(b, target, 4), sum_per_sample(b, others, 4))
+    return b.Sub(target, b.Mul(others, scale))
 
 
 def _start_relevance(b: GraphBuilder, streams: _Streams, start: str) -> str | None:

@@ -88,6 +88,9 @@ class Method:
     #: (b, scores [N, K], the start gradient — the target's one-hot for LRP) → relevance at the logits, for methods whose
     #: relevance stream starts there (LRP) instead of at the top linear layer's input (AGF)
     logit_relevance: Callable[[GraphBuilder, str, str], str] | None = None
+    #: (b, scores, start gradient) → the seed of a second, contrastive relevance stream (CLRP):
+    #: the map is ``R_t − R_o · ΣR_t / ΣR_o``
+    contrast: Callable[[GraphBuilder, str, str], str] | None = None
     formula: str = ""
 
     @property
@@ -241,8 +244,29 @@ def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
 LRP = _lrp("lrp", "alpha1beta0", 1, 0)
 LRP_AB = _lrp("lrp-ab", "alpha2beta1", 2, 1)
 
+
+def _others(b: GraphBuilder, scores: str, one_hot: str) -> str:
+    """``y_t / (K − 1)`` on every class but the target (spec "Baselines", CLRP)."""
+    target_score = b.ReduceSum(b.Mul(scores, one_hot), b.ints([1]), keepdims=1)
+    classes = b.ReduceSum(b.Add(one_hot, b.Sub(b.const(1.0), one_hot)), b.ints([1]), keepdims=1)
+    return b.Mul(b.Sub(b.const(1.0), one_hot), b.Div(target_score, b.Sub(classes, b.const(1.0))))
+
+
+CLRP = Method(
+    name="clrp",
+    summary="Contrastive LRP (Gu et al. 2018): LRP-α1β0 of the target minus that of the other classes",
+    start=target_score_start,
+    relevance=LRP.relevance,
+    first_layer="zB",
+    logit_relevance=LRP.logit_relevance,
+    contrast=_others,
+    formula="R = R_t − R_o · ΣR_t / ΣR_o, R_t from y ⊙ onehot(t), R_o from y_t/(K−1) on the other classes, "
+            "both LRP-α1β0; Σ_c R / max R",
+)
+
 METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
-                                                                 INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB)}
+                                                                 INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB,
+                                                                 CLRP)}
 
 
 def get_method(name: str) -> Method:

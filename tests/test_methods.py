@@ -161,3 +161,22 @@ def test_lrp_matches_zennit(method, alpha, beta):
                    {"x": images.numpy(), "target": targets})["heatmap"]
     expected = lrp_alpha_beta(model.double(), images.double(), targets, alpha, beta)
     np.testing.assert_allclose(heatmaps, oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_clrp_matches_its_definition_over_zennit():
+    from .zennit_oracle import lrp_alpha_beta
+
+    model = copy.deepcopy(NETS["vgg"])
+    for module in model.modules():
+        if getattr(module, "bias", None) is not None:
+            module.bias.data.zero_()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    targets = np.array([1, 4])
+    heatmaps = run(agf_onnx.compile(models.export(model), method="clrp"), {"x": images.numpy(), "target": targets})
+    double, x = model.double(), images.double()
+    target_relevance = lrp_alpha_beta(double, x, targets, 1, 0)
+    others = lrp_alpha_beta(double, x, targets, 1, 0, start=lambda y, hot: (1 - hot) * (y * hot).sum(1, keepdim=True)
+                            / (y.shape[1] - 1))
+    ratio = target_relevance.flatten(1).sum(1) / others.flatten(1).sum(1)
+    expected = target_relevance - others * ratio.reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(heatmaps["heatmap"], oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)

@@ -21,9 +21,11 @@ def _stand_in_torchvision() -> None:
     sys.modules.update({"torchvision": root, "torchvision.models": models, "torchvision.models.resnet": resnet})
 
 
-def lrp_alpha_beta(model: torch.nn.Module, images: torch.Tensor, targets, alpha: float, beta: float) -> torch.Tensor:
+def lrp_alpha_beta(model: torch.nn.Module, images: torch.Tensor, targets, alpha: float, beta: float,
+                   start=None) -> torch.Tensor:
     """Relevance at the image: αβ on every conv and dense layer, ZBox with the per-sample image
-    bounds on the first conv, relevance passed through ReLU, started from y ⊙ onehot(t)."""
+    bounds on the first conv, relevance passed through ReLU, started from ``start(y, onehot)``
+    (default: y ⊙ onehot(t))."""
     _stand_in_torchvision()
     from zennit.attribution import Gradient
     from zennit.composites import SpecialFirstLayerMapComposite
@@ -40,5 +42,6 @@ def lrp_alpha_beta(model: torch.nn.Module, images: torch.Tensor, targets, alpha:
         output = model(images)
         one_hot = torch.zeros_like(output)
         one_hot[torch.arange(len(images)), torch.as_tensor(targets)] = 1
-        _, relevance = attributor(images, lambda y: y * one_hot)
+        seed = (start or (lambda y, hot: y * hot))(output.detach(), one_hot)
+        _, relevance = attributor(images, seed)
     return relevance.detach()
