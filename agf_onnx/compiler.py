@@ -272,6 +272,15 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
                 streams.relevances[name].append(contribution)
 
 
+class _ImageGraph:
+    """What a path map needs of the plan: shapes, the image tensor and its spatial size."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.shape, self.image = plan.graph.shape, plan.image
+        shape = plan.graph.shape(plan.image)
+        self.image_size = (shape[1], shape[2]) if plan.channels_last else (shape[2], shape[3])
+
+
 def _target(b: GraphBuilder, scores: str) -> str:
     """The explained class per sample, ``[N, 1]``: ``target``, or the top class where negative."""
     target = b.Where(b.Less(TARGET_INPUT, b.const(0, np.int64)), b.ArgMax(scores, axis=1, keepdims=0), TARGET_INPUT)
@@ -343,6 +352,13 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
         with b.scope("layer_map"):
             return _layer_heatmap(b, method, plan, streams.gradient(plan.layer))
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers)
+    if method.path_map is not None:  # FullGrad: the gradient stream read at every layer
+        with b.scope("path_map"):
+            image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else \
+                b.Cast(plan.image, to=TensorProto.FLOAT)
+            relevance = method.path_map(b, _ImageGraph(plan), plan.path, streams.gradient, image)
+        with b.scope("heatmap"):
+            return _heatmap(b, relevance, plan.channels_last)
     if method.image_map is not None:  # a gradient method: the map comes from ∇x at the image
         with b.scope("image_map"):
             image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else \

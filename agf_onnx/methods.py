@@ -91,11 +91,14 @@ class Method:
     #: (b, scores, start gradient) → the seed of a second, contrastive relevance stream (CLRP):
     #: the map is ``R_t − R_o · ΣR_t / ΣR_o``
     contrast: Callable[[GraphBuilder, str, str], str] | None = None
+    #: (b, graph, path nodes, gradient_at, x) → per-channel map at the image, for methods that
+    #: read the gradient stream at many layers (FullGrad)
+    path_map: Callable[..., str] | None = None
     formula: str = ""
 
     @property
     def relevance_stream(self) -> bool:
-        return self.image_map is None and self.layer_map is None and self.expand is None
+        return self.image_map is None and self.layer_map is None and self.expand is None and self.path_map is None
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool) -> str | None:
         """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
@@ -264,9 +267,53 @@ CLRP = Method(
             "both LRP-α1β0; Σ_c R / max R",
 )
 
+def _normalised_abs(b: GraphBuilder, x: str, rank: int) -> str:
+    """FullGrad's post-processing: |x| shifted to a minimum of 0 and divided by (max + 1e-6), per sample."""
+    magnitude = b.Abs(x)
+    axes = list(range(1, rank))
+    shifted = b.Sub(magnitude, b.ReduceMin(magnitude, axes=axes, keepdims=1))
+    return b.Div(shifted, b.Add(b.ReduceMax(shifted, axes=axes, keepdims=1), b.const(1e-6)))
+
+
+def _bias(b: GraphBuilder, graph, node) -> str | None:
+    """The per-channel bias a Conv adds, or a BatchNormalization's effective one ``β − μγ/√(σ²+ε)``."""
+    if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+        return node.input[2]
+    if node.op_type == "BatchNormalization":
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale = b.Div(node.input[1], b.Sqrt(b.Add(node.input[4], b.const(epsilon))))
+        return b.Sub(node.input[2], b.Mul(node.input[3], scale))
+    return None
+
+
+def _fullgrad(b: GraphBuilder, graph, path, gradient_at, x: str) -> str:
+    height, width = graph.image_size
+    total = b.ReduceSum(_normalised_abs(b, b.Mul(x, gradient_at(graph.image)), 4), b.ints([1]), keepdims=1)
+    for node in path:
+        bias = _bias(b, graph, node)
+        out_shape = graph.shape(node.output[0])
+        gradient = gradient_at(node.output[0])
+        if bias is None or gradient is None or len(out_shape) != 4:
+            continue
+        term = _normalised_abs(b, b.Mul(gradient, b.Reshape(bias, b.ints([1, -1, 1, 1]))), 4)
+        scales = [1.0, 1.0, height / out_shape[2], width / out_shape[3]]
+        term = b.Resize(term, "", b.const(scales), mode="linear", coordinate_transformation_mode="align_corners")
+        total = b.Add(total, b.ReduceSum(term, b.ints([1]), keepdims=1))
+    return total
+
+
+FULLGRAD = Method(
+    name="fullgrad",
+    summary="FullGrad (Srinivas & Fleuret 2019): input-gradient plus every conv/BatchNorm bias-gradient",
+    start=target_score_start,
+    path_map=_fullgrad,
+    formula="ψ(x ⊙ ∂y_t/∂x) + Σ_layers upsample(ψ(b ⊙ ∂y_t/∂z)), ψ = abs, min-shift, / (max + 1e-6), summed "
+            "over channels, bilinear (align_corners) upsampling (the authors' fullgrad.py); / max",
+)
+
 METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
                                                                  INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB,
-                                                                 CLRP)}
+                                                                 CLRP, FULLGRAD)}
 
 
 def get_method(name: str) -> Method:

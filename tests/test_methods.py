@@ -180,3 +180,48 @@ def test_clrp_matches_its_definition_over_zennit():
     ratio = target_relevance.flatten(1).sum(1) / others.flatten(1).sum(1)
     expected = target_relevance - others * ratio.reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(heatmaps["heatmap"], oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def fullgrad_oracle(model, images, targets):
+    """FullGrad from its definition (Srinivas & Fleuret 2019, the authors' fullgrad.py): the
+    post-processed input-gradient plus every conv/BatchNorm bias-gradient, upsampled."""
+    import torch.nn.functional as F
+
+    def post(t):
+        t = t.abs()
+        t = t - t.flatten(1).min(1).values.reshape(-1, 1, 1, 1)
+        return t / (t.flatten(1).max(1).values.reshape(-1, 1, 1, 1) + 1e-6)
+
+    model = copy.deepcopy(model).double().eval()
+    x = images.double().requires_grad_(True)
+    outputs, biases = [], []
+
+    def keep(module, _, out):
+        if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+            bias = module.bias
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            bias = module.bias - module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)
+        else:
+            return
+        out.retain_grad()
+        outputs.append(out)
+        biases.append(bias.detach())
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules()]
+    model(x)[torch.arange(len(x)), torch.as_tensor(targets)].sum().backward()
+    for hook in hooks:
+        hook.remove()
+    cam = post(x.grad * x).sum(1, keepdim=True)
+    for out, bias in zip(outputs, biases):
+        term = post(out.grad * bias.reshape(1, -1, 1, 1))
+        cam = cam + F.interpolate(term, size=x.shape[2:], mode="bilinear", align_corners=True).sum(1, keepdim=True)
+    return (cam / cam.flatten(1).max(1).values.reshape(-1, 1, 1, 1)).detach().numpy()
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_fullgrad_matches_its_definition(net):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    targets = np.array([1, 5])
+    compiled = agf_onnx.compile(models.export(NETS[net], fold=False), method="fullgrad")
+    heatmaps = run(compiled, {"x": images.numpy(), "target": targets})["heatmap"]
+    np.testing.assert_allclose(heatmaps, fullgrad_oracle(NETS[net], images, targets), atol=2e-5)
