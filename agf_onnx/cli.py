@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--size", type=int, metavar="S",
                          help="resize the shorter side to S, then centre-crop to the model's input size "
                               "(default: resize straight to the model's size)")
+    explain.add_argument("--crop", action="store_true",
+                         help="keep the aspect ratio: resize to cover the model's size, then centre-crop "
+                              "(implied by --size)")
     explain.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     explain.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                          help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
@@ -191,7 +194,8 @@ def _explain(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels) if args.labels else None
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     explainer = Explainer(args.model, args.provider, preset=args.preset, mean=_floats(args.mean, "--mean"),
-                          std=_floats(args.std, "--std"), size=args.size, bgr=args.bgr, labels=labels,
+                          std=_floats(args.std, "--std"), size=args.size, crop=args.crop, bgr=args.bgr,
+                          labels=labels,
                           input_shapes=shapes, batch_size=args.batch_size)
     if explainer.compiled_on_the_fly:
         print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
@@ -230,7 +234,7 @@ def _explain(args: argparse.Namespace) -> int:
         progress.close()
     settings = {"model": str(args.model), "provider": explainer.provider, "target": args.target,
                 "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean, "std": explainer.std,
-                "size": args.size, "bgr": args.bgr}
+                "size": args.size, "crop": explainer.crop, "bgr": args.bgr}
     write_results(out, results, settings)
     failed = sum(1 for r in results if r.error)
     if folder or len(images) > 1:

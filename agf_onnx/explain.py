@@ -113,15 +113,17 @@ class Explainer:
         provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
         preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
         mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
-        size: resize the shorter side to this, then centre-crop to the model's size; default:
-            resize straight to the model's size.
+        size: resize the shorter side to this, then centre-crop to the model's size.
+        crop: keep the aspect ratio: resize to cover the model's size, then centre-crop (implied
+            by ``size``); default: resize straight to the model's size.
         bgr: feed channels in BGR order.
         input_shapes: for compiling a model with dynamic height/width on the fly.
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
                  preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 size: int | None = None, bgr: bool = False, labels: Sequence[str] | None = None,
+                 size: int | None = None, crop: bool = False, bgr: bool = False,
+                 labels: Sequence[str] | None = None,
                  input_shapes: dict | None = None, batch_size: int = 8) -> None:
         import onnxruntime as ort
 
@@ -164,15 +166,16 @@ class Explainer:
         self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
         if (mean is None) != (std is None):
             raise ExplainError("--mean and --std go together")
-        self.size, self.bgr, self.labels, self.batch_size = size, bgr, labels, batch_size
+        self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
 
     # -- preprocessing ------------------------------------------------------------------------
     def _fit(self, image: np.ndarray) -> np.ndarray:
         from PIL import Image
 
         picture = Image.fromarray(image)
-        if self.size:
-            scale = self.size / min(picture.size)
+        if self.crop:
+            scale = (self.size / min(picture.size) if self.size else
+                     max(self.width / picture.width, self.height / picture.height))
             picture = picture.resize((max(self.width, round(picture.width * scale)),
                                       max(self.height, round(picture.height * scale))), Image.BILINEAR)
             left, top = (picture.width - self.width) // 2, (picture.height - self.height) // 2

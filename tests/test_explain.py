@@ -154,3 +154,16 @@ def test_cli_compiles_an_original_model_on_the_fly(tmp_path, photos, capsys):
     assert "compiled it on the fly" in capsys.readouterr().out
     entry = json.loads((tmp_path / "o" / "results.json").read_text())["images"][0]
     assert np.isfinite(np.load(tmp_path / "o" / entry["heatmap"])).all()
+
+
+def test_size_and_crop_keep_the_aspect_ratio(compiled_path):
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, 20:60] = 255  # a white centre square between black side bands
+    explainer = Explainer(compiled_path, provider="cpu", crop=True)
+    photo = explainer.prepare([wide])[0]
+    assert photo.shape == (32, 32, 3) and (photo[:, 1:-1] > 250).all()  # the centre square fills the crop
+    assert (photo > 200).all()  # only its bilinear edge touches the black bands
+    stretched = Explainer(compiled_path, provider="cpu").prepare([wide])[0]
+    assert stretched[:, 0].max() < 10 and stretched[:, 16].min() > 245  # the bands stay, squeezed
+    resized = Explainer(compiled_path, provider="cpu", size=64).prepare([wide])[0]
+    assert resized.shape == (32, 32, 3) and (resized > 250).all()
