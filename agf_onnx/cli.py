@@ -24,6 +24,17 @@ from .methods import FLAT_POLICIES, METHODS
 _PROTOBUF_LIMIT = 2**31 - 2**26
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """Where the image, the class scores and the image size are, for models that don't say."""
+    parser.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
+                        help="fix the shape of an input with dynamic height/width, e.g. x=1,3,224,224 "
+                             "(repeatable; the batch axis stays dynamic)")
+    parser.add_argument("--logits", metavar="NAME",
+                        help="tensor holding the class scores (default: the only [N, classes] float output, "
+                             "taken before a trailing Softmax/LogSoftmax)")
+    parser.add_argument("--image", metavar="NAME", help="the image input (default: the only 4-D input)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agf-onnx",
@@ -41,13 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("model", metavar="MODEL", help="the ONNX classifier (external data is read beside it)")
     compile_.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the compiled model")
     compile_.add_argument("--method", choices=sorted(METHODS), default="agf", help="explanation method (default: agf)")
-    compile_.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
-                          help="fix the shape of an input with dynamic height/width, e.g. x=1,3,224,224 "
-                               "(repeatable; the batch axis stays dynamic)")
-    compile_.add_argument("--logits", metavar="NAME",
-                          help="tensor holding the class scores (default: the only 2-D float output, taken "
-                               "before a trailing Softmax/LogSoftmax)")
-    compile_.add_argument("--image", metavar="NAME", help="the image input (default: the only 4-D input)")
+    _model_options(compile_)
     compile_.add_argument("--flat-policy", choices=sorted(FLAT_POLICIES), default="authors",
                           help="which convs get the flat rule ΦX = C instead of the full AGF rule (default: authors): " +
                                "; ".join(f"{k}: {v}" for k, v in FLAT_POLICIES.items()))
@@ -78,9 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect_.add_argument("model", metavar="MODEL")
     inspect_.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect_.add_argument("--method", choices=sorted(METHODS), default="agf")
-    inspect_.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[])
-    inspect_.add_argument("--logits", metavar="NAME")
-    inspect_.add_argument("--image", metavar="NAME")
+    _model_options(inspect_)
 
     explain = commands.add_parser(
         "explain", help="heatmaps, overlays and a gallery for image files",
