@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--layer", metavar="NODE",
                           help="the node whose output a layer method (gradcam) explains (default: the last Conv "
                                "with a spatial output)")
+    compile_.add_argument("--top-k", type=int, metavar="K",
+                          help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
+                               "'classes' [N, K], in the same run")
     compile_.add_argument("--steps", type=int, metavar="S", help="integrated-gradients: quadrature steps (50)")
     compile_.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
     compile_.add_argument("--noise", type=float, metavar="F",
@@ -154,7 +157,7 @@ def _compile(args: argparse.Namespace) -> int:
     model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                     flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
                     options={k: v for k in ("steps", "samples", "noise", "seed")
-                             if (v := getattr(args, k)) is not None}, check=not args.no_check)
+                             if (v := getattr(args, k)) is not None}, top_k=args.top_k, check=not args.no_check)
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
         before, after = os.path.getsize(args.model), os.path.getsize(args.output)

@@ -27,6 +27,7 @@ from .rules import REGISTRY
 
 TARGET_INPUT = "target"
 HEATMAP_OUTPUT = "heatmap"
+HEATMAPS_OUTPUT, CLASSES_OUTPUT = "heatmaps", "classes"  # with top_k
 #: Ops after the logits that the explanation starts below (spec "Start").
 HEAD_OPS = ("Softmax", "LogSoftmax")
 _INTEGER_IMAGES = (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16)
@@ -287,20 +288,17 @@ def _target(b: GraphBuilder, scores: str) -> str:
     return b.Unsqueeze(target, b.ints([1]))
 
 
-def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
-    """Methods that differentiate the model at several inputs per image (Integrated Gradients,
-    SmoothGrad): the path from the image to the logits is cloned and run on a batch of
-    ``count·N`` expanded inputs, built in the graph; the gradients are combined per image."""
-    image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
-    with b.scope("replicas"):
-        expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
-    renamed = {tensor: f"{tensor}/replica" for tensor in plan.data}
-    renamed[plan.image] = expanded
+def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> tuple[GraphView, list, dict[str, str]]:
+    """Emit a copy of the path from the image to the logits that reads ``source`` (a batch built
+    from the image) instead of the image; returns a view of the graph with it, the cloned nodes
+    and the renaming of data tensors."""
+    renamed = {tensor: f"{tensor}/{suffix}" for tensor in plan.data}
+    renamed[plan.image] = source
     clones = []
     for node in plan.path:
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
-        clone.name = f"{node.name}/replica"
+        clone.name = f"{node.name}/{suffix}"
         clone.input[:] = [renamed.get(i, i) for i in node.input]
         clone.output[:] = [renamed.get(o, o) for o in node.output]
         clones.append(clone)
@@ -309,7 +307,47 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
     augmented.CopyFrom(plan.graph.model)
     augmented.graph.node.extend(b.nodes)
     augmented.graph.initializer.extend(b.initializers)
-    view = GraphView(passes.infer_shapes(augmented)[0])
+    return GraphView(passes.infer_shapes(augmented)[0]), clones, renamed
+
+
+def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
+                top_k: int) -> tuple[str, str, int]:
+    """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run:
+    the path is cloned on the image repeated K times, each copy explaining one of the classes."""
+    if method.expand is not None:
+        raise CompileError(f"--top-k is not available with --method {method.name} (it already runs the model "
+                           "on many copies of each image)")
+    shape = plan.graph.shape(plan.logits)
+    if not 1 <= top_k <= shape[1]:
+        raise CompileError(f"--top-k {top_k}: must be between 1 and the number of classes ({shape[1]})")
+    image_shape = plan.graph.shape(plan.image)
+    with b.scope("topk"):
+        scores = plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1]))
+        classes = b.TopK(scores, b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K], best first
+        repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
+        repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
+        targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
+    view, clones, renamed = _clone_path(b, plan, repeated, "topk")
+    names = {node.name: clone.name for node, clone in zip(plan.path, clones)}
+    cloned = Plan(view, repeated, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
+                  set(renamed.values()), {names[n]: k for n, k in plan.kinds.items()},
+                  {names[n] for n in plan.first_layers}, plan.channels_last, {},
+                  renamed.get(plan.layer, plan.layer) if plan.layer else None)
+    heatmap = _emit(b, cloned, method, options, target=targets)
+    height, width = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
+    with b.scope("topk"):
+        heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, height, width])), perm=[1, 0, 2, 3])
+    return heatmaps, classes, top_k
+
+
+def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
+    """Methods that differentiate the model at several inputs per image (Integrated Gradients,
+    SmoothGrad): the path from the image to the logits is cloned and run on a batch of
+    ``count·N`` expanded inputs, built in the graph; the gradients are combined per image."""
+    image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
+    with b.scope("replicas"):
+        expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
+    view, clones, renamed = _clone_path(b, plan, expanded, "replica")
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     streams = _Streams(b)
     with b.scope("start"):
@@ -319,23 +357,23 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
         if len(shape) > 2:
             gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
         streams.gradients[logits].append(gradient)
-    data = {expanded} | {o for clone in clones for o in clone.output if o in set(renamed.values())}
-    _walk(b, view, clones, data, streams, {})
+    _walk(b, view, clones, set(renamed.values()), streams, {})
     with b.scope("image_map"):
         relevance = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count, options)
     with b.scope("heatmap"):
         return _heatmap(b, relevance, plan.channels_last)
 
 
-def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
-    """Emit both streams and the heatmap; returns the heatmap tensor's name."""
+def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None) -> str:
+    """Emit both streams and the heatmap; returns the heatmap tensor's name. ``target`` (``[N, 1]``)
+    replaces the ``target`` input (top-K)."""
     if method.expand is not None:
         return _emit_replicated(b, plan, method, options)
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
         scores = plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1]))
-        seed = method.start(b, scores, _target(b, scores), shape[1])
+        seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
         streams.gradients[plan.logits].append(seed if len(shape) == 2 else b.Reshape(seed, b.ints([0, *shape[1:]])))
         if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
             relevance = method.logit_relevance(b, scores, seed)
@@ -477,9 +515,10 @@ def _scores_output(plan: Plan) -> str:
     return ""
 
 
-def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str) -> onnx.ModelProto:
+def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str,
+              top_k: tuple[str, str, int] | None = None) -> onnx.ModelProto:
     graph = model.graph
-    for name in (TARGET_INPUT, HEATMAP_OUTPUT):
+    for name in (TARGET_INPUT, HEATMAP_OUTPUT, *((HEATMAPS_OUTPUT, CLASSES_OUTPUT) if top_k else ())):
         if name in plan.graph.producer or name in plan.graph.shapes:
             raise CompileError(f"the model already has a tensor named '{name}'; the compiled model needs that name")
     graph.node.extend(b.nodes)
@@ -491,6 +530,13 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     height, width = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
     graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                       [passes.BATCH_DIM, 1, height, width]))
+    if top_k:
+        heatmaps, classes, count = top_k
+        graph.node.append(helper.make_node("Identity", [heatmaps], [HEATMAPS_OUTPUT], name="agf/topk/heatmaps"))
+        graph.node.append(helper.make_node("Identity", [classes], [CLASSES_OUTPUT], name="agf/topk/classes"))
+        graph.output.append(helper.make_tensor_value_info(HEATMAPS_OUTPUT, TensorProto.FLOAT,
+                                                          [passes.BATCH_DIM, count, height, width]))
+        graph.output.append(helper.make_tensor_value_info(CLASSES_OUTPUT, TensorProto.INT64, [passes.BATCH_DIM, count]))
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     unused = [t for t in graph.initializer if t.name not in used and t.name != TARGET_INPUT]
     for tensor in unused:  # left over by opset conversion; ONNX Runtime warns about each
@@ -513,7 +559,7 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
             full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
-            check: bool = True) -> onnx.ModelProto:
+            top_k: int | None = None, check: bool = True) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
@@ -528,6 +574,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         flat, full: Conv node names forced to the flat or the full AGF rule.
         layer: the node whose output a layer method (Grad-CAM) explains; default: the last Conv
             with a spatial output.
+        top_k: also output ``heatmaps`` ``[N, K, H, W]`` for the K best classes and their indices
+            ``classes`` ``[N, K]``, in the same run.
         options: method options, e.g. ``{"steps": 50}`` (integrated-gradients), ``{"samples": 25,
             "noise": 0.15, "seed": 0}`` (smoothgrad); see ``methods.py``.
         check: run ``onnx.checker.check_model(full_check=True)`` on the result.
@@ -542,7 +590,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
     heatmap = _emit(b, found, chosen, dict(options or {}))
-    compiled = _assemble(canonical, b, found, heatmap, method)
+    extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k)) if top_k else None
+    compiled = _assemble(canonical, b, found, heatmap, method, extra)
     if check:
         try:
             onnx.checker.check_model(passes.weightless(compiled), full_check=True)

@@ -225,3 +225,26 @@ def test_fullgrad_matches_its_definition(net):
     compiled = agf_onnx.compile(models.export(NETS[net], fold=False), method="fullgrad")
     heatmaps = run(compiled, {"x": images.numpy(), "target": targets})["heatmap"]
     np.testing.assert_allclose(heatmaps, fullgrad_oracle(NETS[net], images, targets), atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["agf", "gradcam", "clrp", "fullgrad"])
+def test_top_k_gives_every_class_map_in_one_run(method):
+    proto = models.export(NETS["resnet"], fold=False, softmax=True)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(12)).numpy()
+    outputs = run(agf_onnx.compile(proto, method=method, top_k=3), {"x": images})
+    order = np.argsort(-outputs["y"], 1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(outputs["classes"], order)
+    assert outputs["heatmaps"].shape == (3, 3, 32, 32)
+    single = agf_onnx.compile(proto, method=method)
+    for k in range(3):  # the same maps as explaining each class on its own
+        expected = run(single, {"x": images, "target": order[:, k]})["heatmap"][:, 0]
+        np.testing.assert_allclose(outputs["heatmaps"][:, k], expected, atol=1e-4)
+    np.testing.assert_allclose(outputs["heatmaps"][:, 0], outputs["heatmap"][:, 0], atol=1e-4)
+
+
+def test_top_k_bad_values_and_replicated_methods_are_refused():
+    proto = models.export(NETS["vgg"])
+    with pytest.raises(agf_onnx.CompileError, match="--top-k 11: must be between 1 and the number of classes"):
+        agf_onnx.compile(proto, top_k=11)
+    with pytest.raises(agf_onnx.CompileError, match="--top-k is not available with --method smoothgrad"):
+        agf_onnx.compile(proto, method="smoothgrad", top_k=2)
