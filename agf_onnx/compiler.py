@@ -389,7 +389,9 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
         _walk(b, plan.graph, [n for n in plan.path if n.name in above], plan.data, streams, {})
         with b.scope("layer_map"):
             return _layer_heatmap(b, method, plan, streams.gradient(plan.layer))
-    _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers)
+    # LRP's rules read no gradient: emitting the gradient stream would only cost run time
+    _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers,
+          gradients=method.logit_relevance is None)
     if method.path_map is not None:  # FullGrad: the gradient stream read at every layer
         with b.scope("path_map"):
             image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else \
