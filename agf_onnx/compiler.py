@@ -57,6 +57,12 @@ class Plan:
     unsupported: dict[str, list[str]]  # op type → node names (empty unless planned with strict=False)
     layer: str | None = None  # the explained layer's output tensor, for layer methods (Grad-CAM)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The image's height and width, whatever its layout."""
+        shape = self.graph.shape(self.image)
+        return (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
+
 
 def _find_image(graph: GraphView, image: str | None) -> str:
     candidates = [name for name in graph.inputs if len(graph.shapes.get(name, ())) == 4]
@@ -114,6 +120,14 @@ def _top_linear_input(graph: GraphView, logits: str, data: set[str]) -> str:
     raise CompileError(f"no Gemm, MatMul or Conv between the image and the logits '{logits}'")
 
 
+def _path(graph: GraphView, source: str, target: str) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes that compute ``target`` differentiably from ``source``, in topological order,
+    and the tensors that depend on ``source``."""
+    flow, data = graph.data_flow(source)
+    above = graph.ancestors([target])
+    return [node for node in flow if node.name in above], data
+
+
 def _preprocessing_input(graph: GraphView, node: onnx.NodeProto) -> str | None:
     """The one non-constant input of a preprocessing op, else None."""
     if node.op_type not in _PREPROCESSING_OPS:
@@ -154,9 +168,7 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     graph = GraphView(model)
     image = _find_image(graph, image)
     logits = _find_logits(graph, logits)
-    flow, data = graph.data_flow(image)
-    above = graph.ancestors([logits])
-    path = [node for node in flow if node.name in above]
+    path, data = _path(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
     start = logits if method.logit_relevance is not None else _top_linear_input(graph, logits, data)
@@ -273,13 +285,19 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
                 streams.relevances[name].append(contribution)
 
 
-class _ImageGraph:
-    """What a path map needs of the plan: shapes, the image tensor and its spatial size."""
+def _float_image(b: GraphBuilder, plan: Plan) -> str:
+    """The image as float32 (integer images are cast, as the model itself does)."""
+    return plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
 
-    def __init__(self, plan: Plan) -> None:
-        self.shape, self.image = plan.graph.shape, plan.image
-        shape = plan.graph.shape(plan.image)
-        self.image_size = (shape[1], shape[2]) if plan.channels_last else (shape[2], shape[3])
+
+def _as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
+    """Logits as ``[N, K]`` (convolutional heads leave ``[N, K, 1, 1]``)."""
+    return logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))
+
+
+def _as_logits(b: GraphBuilder, scores: str, shape: tuple) -> str:
+    """A ``[N, K]`` tensor back in the logits' own shape."""
+    return scores if len(shape) == 2 else b.Reshape(scores, b.ints([0, *shape[1:]]))
 
 
 def _target(b: GraphBuilder, scores: str) -> str:
@@ -322,8 +340,7 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
         raise CompileError(f"--top-k {top_k}: must be between 1 and the number of classes ({shape[1]})")
     image_shape = plan.graph.shape(plan.image)
     with b.scope("topk"):
-        scores = plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1]))
-        classes = b.TopK(scores, b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K], best first
+        classes = b.TopK(_as_scores(b, plan.logits, shape), b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K]
         repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
         repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
         targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
@@ -334,7 +351,7 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
                   {names[n] for n in plan.first_layers}, plan.channels_last, {},
                   renamed.get(plan.layer, plan.layer) if plan.layer else None)
     heatmap = _emit(b, cloned, method, options, target=targets)
-    height, width = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
+    height, width = plan.image_size
     with b.scope("topk"):
         heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, height, width])), perm=[1, 0, 2, 3])
     return heatmaps, classes, top_k
@@ -344,19 +361,16 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
     """Methods that differentiate the model at several inputs per image (Integrated Gradients,
     SmoothGrad): the path from the image to the logits is cloned and run on a batch of
     ``count·N`` expanded inputs, built in the graph; the gradients are combined per image."""
-    image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
+    image = _float_image(b, plan)
     with b.scope("replicas"):
         expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
     view, clones, renamed = _clone_path(b, plan, expanded, "replica")
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     streams = _Streams(b)
     with b.scope("start"):
-        target = _target(b, plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1])))
-        scores = logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))
-        gradient = method.start(b, scores, b.Tile(target, b.ints([count, 1])), shape[1])
-        if len(shape) > 2:
-            gradient = b.Reshape(gradient, b.ints([0, *shape[1:]]))
-        streams.gradients[logits].append(gradient)
+        target = b.Tile(_target(b, _as_scores(b, plan.logits, shape)), b.ints([count, 1]))
+        seed = method.start(b, _as_scores(b, logits, shape), target, shape[1])
+        streams.gradients[logits].append(_as_logits(b, seed, shape))
     _walk(b, view, clones, set(renamed.values()), streams, {})
     with b.scope("image_map"):
         relevance = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count, options)
@@ -372,18 +386,14 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        scores = plan.logits if len(shape) == 2 else b.Reshape(plan.logits, b.ints([0, -1]))
+        scores = _as_scores(b, plan.logits, shape)
         seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
-        streams.gradients[plan.logits].append(seed if len(shape) == 2 else b.Reshape(seed, b.ints([0, *shape[1:]])))
+        streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
         if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
-            relevance = method.logit_relevance(b, scores, seed)
-            streams.relevances[plan.logits].append(
-                relevance if len(shape) == 2 else b.Reshape(relevance, b.ints([0, *shape[1:]])))
+            streams.relevances[plan.logits].append(_as_logits(b, method.logit_relevance(b, scores, seed), shape))
         if method.contrast is not None:  # CLRP: a second stream from the other classes
             contrast = _Streams(b)
-            dual = method.contrast(b, scores, seed)
-            contrast.relevances[plan.logits].append(
-                dual if len(shape) == 2 else b.Reshape(dual, b.ints([0, *shape[1:]])))
+            contrast.relevances[plan.logits].append(_as_logits(b, method.contrast(b, scores, seed), shape))
     if method.layer_map is not None:  # a layer method: only the nodes above the layer are needed
         above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
         _walk(b, plan.graph, [n for n in plan.path if n.name in above], plan.data, streams, {})
@@ -394,16 +404,12 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
           gradients=method.logit_relevance is None)
     if method.path_map is not None:  # FullGrad: the gradient stream read at every layer
         with b.scope("path_map"):
-            image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else \
-                b.Cast(plan.image, to=TensorProto.FLOAT)
-            relevance = method.path_map(b, _ImageGraph(plan), plan.path, streams.gradient, image)
+            relevance = method.path_map(b, plan, streams.gradient, _float_image(b, plan))
         with b.scope("heatmap"):
             return _heatmap(b, relevance, plan.channels_last)
     if method.image_map is not None:  # a gradient method: the map comes from ∇x at the image
         with b.scope("image_map"):
-            image = plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else \
-                b.Cast(plan.image, to=TensorProto.FLOAT)
-            relevance = method.image_map(b, image, streams.gradient(plan.image))
+            relevance = method.image_map(b, _float_image(b, plan), streams.gradient(plan.image))
         with b.scope("heatmap"):
             return _heatmap(b, relevance, plan.channels_last)
     relevance = streams.relevance(plan.image)
@@ -431,9 +437,7 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     canonical = passes.canonicalise(passes.load(model))
     graph = GraphView(canonical)
     input, output = input or graph.inputs[0], output or graph.outputs[0]
-    flow, data = graph.data_flow(input)
-    above = graph.ancestors([output])
-    path = [node for node in flow if node.name in above]
+    path, data = _path(graph, input, output)
     missing = defaultdict(list)
     for node in path:
         if node.op_type not in REGISTRY or REGISTRY[node.op_type].gradient is None:
@@ -463,9 +467,7 @@ def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -
     """The method's map at the layer, upsampled bilinearly (half-pixel centres, as PyTorch's
     ``interpolate(align_corners=False)``) to the image and divided by its per-sample maximum."""
     layer_map = method.layer_map(b, plan.layer, gradient)
-    image_shape = plan.graph.shape(plan.image)
-    size = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
-    scales = [1.0, 1.0] + [target / source for target, source in zip(size, plan.graph.shape(plan.layer)[2:])]
+    scales = [1.0, 1.0] + [target / source for target, source in zip(plan.image_size, plan.graph.shape(plan.layer)[2:])]
     upsampled = b.Resize(layer_map, "", b.const(scales), mode="linear",
                          coordinate_transformation_mode="half_pixel")
     peak = max_per_sample(b, b.Abs(upsampled), 4)
@@ -528,8 +530,7 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     graph.initializer.extend(b.initializers)
     graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["T"]))
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), TARGET_INPUT))
-    image_shape = plan.graph.shape(plan.image)
-    height, width = (image_shape[1], image_shape[2]) if plan.channels_last else (image_shape[2], image_shape[3])
+    height, width = plan.image_size
     graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                       [passes.BATCH_DIM, 1, height, width]))
     if top_k:

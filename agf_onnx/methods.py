@@ -91,8 +91,8 @@ class Method:
     #: (b, scores, start gradient) → the seed of a second, contrastive relevance stream (CLRP):
     #: the map is ``R_t − R_o · ΣR_t / ΣR_o``
     contrast: Callable[[GraphBuilder, str, str], str] | None = None
-    #: (b, graph, path nodes, gradient_at, x) → per-channel map at the image, for methods that
-    #: read the gradient stream at many layers (FullGrad)
+    #: (b, plan, gradient_at, x) → per-channel map at the image, for methods that read the
+    #: gradient stream at many layers (FullGrad)
     path_map: Callable[..., str] | None = None
     formula: str = ""
 
@@ -275,7 +275,7 @@ def _normalised_abs(b: GraphBuilder, x: str, rank: int) -> str:
     return b.Div(shifted, b.Add(b.ReduceMax(shifted, axes=axes, keepdims=1), b.const(1e-6)))
 
 
-def _bias(b: GraphBuilder, graph, node) -> str | None:
+def _bias(b: GraphBuilder, node) -> str | None:
     """The per-channel bias a Conv adds, or a BatchNormalization's effective one ``β − μγ/√(σ²+ε)``."""
     if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
         return node.input[2]
@@ -286,12 +286,12 @@ def _bias(b: GraphBuilder, graph, node) -> str | None:
     return None
 
 
-def _fullgrad(b: GraphBuilder, graph, path, gradient_at, x: str) -> str:
-    height, width = graph.image_size
-    total = b.ReduceSum(_normalised_abs(b, b.Mul(x, gradient_at(graph.image)), 4), b.ints([1]), keepdims=1)
-    for node in path:
-        bias = _bias(b, graph, node)
-        out_shape = graph.shape(node.output[0])
+def _fullgrad(b: GraphBuilder, plan, gradient_at, x: str) -> str:
+    height, width = plan.image_size
+    total = b.ReduceSum(_normalised_abs(b, b.Mul(x, gradient_at(plan.image)), 4), b.ints([1]), keepdims=1)
+    for node in plan.path:
+        bias = _bias(b, node)
+        out_shape = plan.graph.shape(node.output[0])
         gradient = gradient_at(node.output[0])
         if bias is None or gradient is None or len(out_shape) != 4:
             continue
