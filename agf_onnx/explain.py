@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from . import passes
 from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError
 
@@ -129,7 +130,7 @@ class Explainer:
 
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
-        proto = model if isinstance(model, onnx.ModelProto) else _read(model)
+        proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
         self.compiled_on_the_fly = not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
         if self.compiled_on_the_fly:
             proto = compile(model, input_shapes=input_shapes)
@@ -245,7 +246,10 @@ class Explainer:
             if scores is None:
                 raise ExplainError("top-k needs the model's class scores, which this model does not output")
             chosen = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
-            heatmaps = np.concatenate([self._run(batch, chosen[:, k])[HEATMAP_OUTPUT] for k in range(top_k)], 1)
+            # the first run already explained each sample's top class (argmax picks the first maximum,
+            # as the stable sort does)
+            heatmaps = np.concatenate([first[HEATMAP_OUTPUT]] + [self._run(batch, chosen[:, k])[HEATMAP_OUTPUT]
+                                                                 for k in range(1, top_k)], 1)
         probabilities = None if scores is None else _as_probabilities(scores)
         return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels)
 
@@ -274,15 +278,6 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
         return scores
     shifted = np.exp(scores - scores.max(1, keepdims=True))
     return shifted / shifted.sum(1, keepdims=True)
-
-
-def _read(path: str | os.PathLike) -> onnx.ModelProto:
-    if not os.path.isfile(path):
-        raise ExplainError(f"{path}: no such model file")
-    try:
-        return onnx.load(path, load_external_data=True)
-    except Exception as error:
-        raise ExplainError(f"{path}: not a readable ONNX model ({error})") from error
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:

@@ -15,37 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
-import zlib
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from PIL import Image  # noqa: E402
+
 from agf_onnx.cli import main as agf_onnx_cli  # noqa: E402
+from agf_onnx.explain import diverging  # noqa: E402
 from tests import models, zoo  # noqa: E402
-
-
-def diverging(heatmap: np.ndarray) -> np.ndarray:
-    """Signed map in [-1, 1] → RGB: blue (against) – white (0) – red (for)."""
-    value = np.clip(heatmap, -1, 1)[..., None]
-    white, red, blue = np.ones(3), np.array([0.8, 0.0, 0.0]), np.array([0.0, 0.2, 0.8])
-    rgb = np.where(value >= 0, white + value * (red - white), white - value * (blue - white))
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def write_png(path: str, rgb: np.ndarray) -> None:
-    height, width, _ = rgb.shape
-    rows = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    with open(path, "wb") as file:
-        file.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                   + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 
 
 def _pretrained(out: str) -> tuple[str, np.ndarray, str] | None:
@@ -87,7 +68,7 @@ def main() -> None:
     scale = max(1, 256 // image.shape[-1])
     side_by_side = np.concatenate([photo.astype(np.uint8), np.full((image.shape[2], 4, 3), 255, np.uint8),
                                    diverging(heatmap[0, 0])], axis=1)
-    write_png(os.path.join(args.out, "heatmap.png"), np.repeat(np.repeat(side_by_side, scale, 0), scale, 1))
+    Image.fromarray(np.repeat(np.repeat(side_by_side, scale, 0), scale, 1)).save(os.path.join(args.out, "heatmap.png"))
     print(f"wrote {args.out}/heatmap.npy and {args.out}/heatmap.png")
 
 
