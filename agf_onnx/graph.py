@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,18 @@ def _shape_of(value_info: onnx.ValueInfoProto) -> Shape | None:
     if not tensor.HasField("shape"):
         return None
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+
+
+def evaluator(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str], initializers: Mapping[str, onnx.TensorProto],
+              opset_import, inputs: Sequence[onnx.ValueInfoProto] = ()):
+    """``onnx.reference`` evaluator of ``nodes`` alone, with the initializers they read."""
+    from onnx.reference import ReferenceEvaluator
+
+    used = {i for node in nodes for i in node.input}
+    graph = helper.make_graph(list(nodes), "subgraph", list(inputs),
+                              [helper.make_value_info(name, onnx.TypeProto()) for name in outputs],
+                              [tensor for name, tensor in initializers.items() if name in used])
+    return ReferenceEvaluator(helper.make_model(graph, opset_imports=opset_import))
 
 
 class GraphView:
@@ -83,8 +95,6 @@ class GraphView:
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 - the view lives as long as one compile
     def _evaluate(self, name: str) -> np.ndarray:
-        from onnx.reference import ReferenceEvaluator
-
         needed, stack = [], [name]
         seen: set[str] = set()
         while stack:
@@ -97,11 +107,7 @@ class GraphView:
                 needed.append(node)
             stack.extend(node.input)
         order = [n for n in self.nodes if n in needed]
-        used = {i for n in order for i in n.input}
-        graph = helper.make_graph(order, "constant", [], [helper.make_value_info(name, onnx.TypeProto())],
-                                  [t for k, t in self.initializers.items() if k in used])
-        model = helper.make_model(graph, opset_imports=self.model.opset_import)
-        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+        return np.asarray(evaluator(order, [name], self.initializers, self.model.opset_import).run(None, {})[0])
 
     def ancestors(self, names: Iterable[str]) -> set[str]:
         """Names of the nodes that the given tensors depend on."""

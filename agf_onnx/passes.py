@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .builder import TARGET_OPSET
 from .errors import CompileError
+from .graph import evaluator
 
 #: IR version written with TARGET_OPSET (opset 17 came with IR 8).
 TARGET_IR_VERSION = 8
@@ -168,8 +169,6 @@ def _drop_newer_default_attributes(model: onnx.ModelProto, source: int) -> None:
 def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """After: no node computes only from initializers unless it expands data (``_EXPANDING_OPS``),
     so rules see weights as initializers; initializers nothing reads are gone."""
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     values = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -180,20 +179,17 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
                     and not any(o in outputs for o in node.output) and len(node.input) > 0
                     and not node.op_type.startswith("Random"))
         if foldable:
+            names = [o for o in node.output if o]
             try:
-                single = helper.make_graph(
-                    [node], "fold", [], [helper.make_value_info(o, onnx.TypeProto()) for o in node.output],
-                    [values[i] for i in node.input if i])
-                results = ReferenceEvaluator(helper.make_model(single, opset_imports=model.opset_import)).run(None, {})
+                results = evaluator([node], names, values, model.opset_import).run(None, {})
             except Exception:  # an op the reference evaluator lacks stays a node: ORT folds it
                 results = None
             if results is not None:
                 in_bytes = sum(values[i].ByteSize() for i in node.input if i)
                 arrays = [np.asarray(r) for r in results]
                 if sum(a.nbytes for a in arrays) <= in_bytes + 1024:
-                    for name, array in zip(node.output, arrays):
-                        if name:
-                            values[name] = numpy_helper.from_array(array, name)
+                    for name, array in zip(names, arrays):
+                        values[name] = numpy_helper.from_array(array, name)
                     changed = True
                     continue
         keep.append(node)
@@ -381,8 +377,6 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
     ``x.reshape(n, g, c // g, h, w)``) reads a constant shape instead, with ``0`` copying the
     batch. Shape inference cannot divide symbolic sizes; here the computation is evaluated with
     the known sizes and a sentinel batch, which must end up alone in the batch position."""
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     shapes = {info.name: info for info in [*graph.input, *graph.value_info]}
     initializers = {t.name: t for t in graph.initializer}
@@ -412,18 +406,15 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
         if not ok:
             continue
         order = [n for n in graph.node if n in needed]
-        used = {i for n in order for i in n.input}
-        mini = helper.make_graph(order, "shape", [helper.make_tensor_value_info(k, onnx.TensorProto.INT64, v.shape)
-                                                  for k, v in feeds.items()],
-                                 [helper.make_value_info(node.input[1], onnx.TypeProto())],
-                                 [t for name, t in initializers.items() if name in used])
-        evaluator = ReferenceEvaluator(helper.make_model(mini, opset_imports=model.opset_import)) if order else None
+        shape_computation = evaluator(order, [node.input[1]], initializers, model.opset_import,
+                                      [helper.make_tensor_value_info(k, onnx.TensorProto.INT64, v.shape)
+                                       for k, v in feeds.items()]) if order else None
         values = []
         for batch in (_BATCH_SENTINEL, _OTHER_SENTINEL):  # two batch sizes tell what depends on the batch
             batch_feeds = {k: np.where(v % _BATCH_SENTINEL == 0, v // _BATCH_SENTINEL * batch, v)
                            for k, v in feeds.items()}
             try:
-                values.append(np.asarray(evaluator.run(None, batch_feeds)[0] if evaluator else
+                values.append(np.asarray(shape_computation.run(None, batch_feeds)[0] if shape_computation else
                                          batch_feeds[node.input[1]]).astype(np.int64))
             except Exception:  # not evaluable here: left to shape inference
                 break
