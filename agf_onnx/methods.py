@@ -161,12 +161,9 @@ def _option(options: Mapping, name: str, default, kind=int, low=1):
     return value
 
 
-def _stack(b: GraphBuilder, x: str, shape: tuple, coefficients: str, offsets: str | None = None) -> str:
-    """``[count·N, ...]`` from ``coefficients ⊙ x (+ offsets)`` with ``count`` leading."""
-    stacked = b.Mul(b.Unsqueeze(x, b.ints([0])), coefficients)
-    if offsets is not None:
-        stacked = b.Add(stacked, offsets)
-    return b.Reshape(stacked, b.ints([-1, *shape[1:]]))
+def _stack(b: GraphBuilder, x: str, shape: tuple, coefficients: str) -> str:
+    """``[count·N, ...]``: ``coefficients[s] ⊙ x`` for each of the ``count`` coefficients, ``s`` leading."""
+    return b.Reshape(b.Mul(b.Unsqueeze(x, b.ints([0])), coefficients), b.ints([-1, *shape[1:]]))
 
 
 def _weighted_sum(b: GraphBuilder, gradients: str, shape: tuple, weights: np.ndarray) -> str:
