@@ -475,8 +475,12 @@ def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -
 
 
 def _contrastive(b: GraphBuilder, target: str, others: str) -> str:
-    """``R_t − R_o · ΣR_t / ΣR_o`` per sample (CLRP, Gu et al. 2018)."""
-    scale = safe_divide(b, sum_per_sample(b, target, 4), sum_per_sample(b, others, 4))
+    """``R_t − R_o · ΣR_t / ΣR_o`` per sample (CLRP, Gu et al. 2018). A plain division, as in the
+    authors' code (``sdiv``'s +1e-9 would bias the ratio where ΣR_o is small, as SGLRP's is, and the
+    difference of two nearly equal maps amplifies that); 0 where ΣR_o = 0."""
+    total = sum_per_sample(b, others, 4)
+    nonzero = b.Not(b.Equal(total, b.const(0.0)))
+    scale = b.Where(nonzero, b.Div(sum_per_sample(b, target, 4), b.Where(nonzero, total, b.const(1.0))), b.const(0.0))
     return b.Sub(target, b.Mul(others, scale))
 
 

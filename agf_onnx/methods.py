@@ -264,6 +264,32 @@ CLRP = Method(
             "both LRP-α1β0; Σ_c R / max R",
 )
 
+def _softmax_gradient_target(b: GraphBuilder, scores: str, one_hot: str) -> str:
+    """``p_t(1 − p_t) + 1e-8`` on the target class, ``p = softmax(y)`` (SGLRP, the authors' ``sglrp_target``)."""
+    p = b.Softmax(scores, axis=1)
+    return b.Mul(one_hot, b.Add(b.Mul(p, b.Sub(b.const(1.0), p)), b.const(1e-8)))
+
+
+def _softmax_gradient_others(b: GraphBuilder, scores: str, one_hot: str) -> str:
+    """``p_t · p_j`` on every class ``j ≠ t``: the magnitude of ``∂p_t/∂y_j`` (the authors' ``sglrp_others``)."""
+    p = b.Softmax(scores, axis=1)
+    target_probability = b.ReduceSum(b.Mul(p, one_hot), b.ints([1]), keepdims=1)
+    return b.Mul(b.Sub(b.const(1.0), one_hot), b.Mul(target_probability, p))
+
+
+SGLRP = Method(
+    name="sglrp",
+    summary="Softmax-Gradient LRP (Iwana et al. 2019): CLRP started from the softmax's gradient",
+    start=target_score_start,
+    relevance=LRP.relevance,
+    first_layer="zB",
+    logit_relevance=_softmax_gradient_target,
+    contrast=_softmax_gradient_others,
+    formula="R = R_t − R_o · ΣR_t / ΣR_o, R_t from p_t(1−p_t)+1e-8 on t, R_o from p_t·p_j on every j ≠ t "
+            "(p = softmax(y); the authors' sglrp_target/sglrp_others), both LRP-α1β0; Σ_c R / max R",
+)
+
+
 def _normalised_abs(b: GraphBuilder, x: str, rank: int) -> str:
     """FullGrad's post-processing: |x| shifted to a minimum of 0 and divided by (max + 1e-6), per sample."""
     magnitude = b.Abs(x)
@@ -310,7 +336,7 @@ FULLGRAD = Method(
 
 METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
                                                                  INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB,
-                                                                 CLRP, FULLGRAD)}
+                                                                 CLRP, SGLRP, FULLGRAD)}
 
 
 def get_method(name: str) -> Method:

@@ -164,7 +164,24 @@ def test_lrp_matches_zennit(method, alpha, beta):
     np.testing.assert_allclose(heatmaps, oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_clrp_matches_its_definition_over_zennit():
+def _softmax_target(y, hot):
+    p = torch.softmax(y, 1)
+    return hot * (p * (1 - p) + 1e-8)
+
+
+def _softmax_others(y, hot):
+    p = torch.softmax(y, 1)
+    return (1 - hot) * (p * hot).sum(1, keepdim=True) * p
+
+
+CONTRASTIVE_SEEDS = {  # (target seed, others seed) from the definitions (Gu et al. 2018; Iwana et al. 2019)
+    "clrp": (lambda y, hot: y * hot, lambda y, hot: (1 - hot) * (y * hot).sum(1, keepdim=True) / (y.shape[1] - 1)),
+    "sglrp": (_softmax_target, _softmax_others),
+}
+
+
+@pytest.mark.parametrize("method", CONTRASTIVE_SEEDS)
+def test_contrastive_lrp_matches_its_definition_over_zennit(method):
     from .zennit_oracle import lrp_alpha_beta
 
     model = copy.deepcopy(NETS["vgg"])
@@ -173,11 +190,11 @@ def test_clrp_matches_its_definition_over_zennit():
             module.bias.data.zero_()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
     targets = np.array([1, 4])
-    heatmaps = run(agf_onnx.compile(models.export(model), method="clrp"), {"x": images.numpy(), "target": targets})
+    heatmaps = run(agf_onnx.compile(models.export(model), method=method), {"x": images.numpy(), "target": targets})
     double, x = model.double(), images.double()
-    target_relevance = lrp_alpha_beta(double, x, targets, 1, 0)
-    others = lrp_alpha_beta(double, x, targets, 1, 0, start=lambda y, hot: (1 - hot) * (y * hot).sum(1, keepdim=True)
-                            / (y.shape[1] - 1))
+    target_seed, others_seed = CONTRASTIVE_SEEDS[method]
+    target_relevance = lrp_alpha_beta(double, x, targets, 1, 0, start=target_seed)
+    others = lrp_alpha_beta(double, x, targets, 1, 0, start=others_seed)
     ratio = target_relevance.flatten(1).sum(1) / others.flatten(1).sum(1)
     expected = target_relevance - others * ratio.reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(heatmaps["heatmap"], oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
