@@ -35,6 +35,24 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", metavar="NAME", help="the image input (default: the only 4-D input)")
 
 
+def _image_options(parser: argparse.ArgumentParser) -> None:
+    """How image files become the model's input, and where it runs (explain, evaluate)."""
+    parser.add_argument("--preset", choices=["imagenet", "symmetric", "unit", "none"], default="imagenet",
+                        help="normalisation: imagenet mean/std on [0,1] pixels (default), symmetric [-1,1], unit "
+                             "[0,1], none (raw 0-255)")
+    parser.add_argument("--mean", metavar="R,G,B", help="per-channel mean on [0,1] pixels (with --std)")
+    parser.add_argument("--std", metavar="R,G,B", help="per-channel std on [0,1] pixels (with --mean)")
+    parser.add_argument("--size", type=int, metavar="S",
+                        help="resize the shorter side to S, then centre-crop to the model's input size "
+                             "(default: resize straight to the model's size)")
+    parser.add_argument("--crop", action="store_true",
+                        help="keep the aspect ratio: resize to cover the model's size, then centre-crop "
+                             "(implied by --size)")
+    parser.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+    parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agf-onnx",
@@ -102,23 +120,31 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--target", metavar="CLASS", help="class index or label name (default: the predicted class)")
     which.add_argument("--top-k", metavar="K", type=int, help="one heatmap per class among the K best")
     explain.add_argument("--labels", metavar="FILE", help="class names, one per line")
-    explain.add_argument("--preset", choices=["imagenet", "symmetric", "unit", "none"], default="imagenet",
-                         help="normalisation: imagenet mean/std on [0,1] pixels (default), symmetric [-1,1], unit "
-                              "[0,1], none (raw 0-255)")
-    explain.add_argument("--mean", metavar="R,G,B", help="per-channel mean on [0,1] pixels (with --std)")
-    explain.add_argument("--std", metavar="R,G,B", help="per-channel std on [0,1] pixels (with --mean)")
-    explain.add_argument("--size", type=int, metavar="S",
-                         help="resize the shorter side to S, then centre-crop to the model's input size "
-                              "(default: resize straight to the model's size)")
-    explain.add_argument("--crop", action="store_true",
-                         help="keep the aspect ratio: resize to cover the model's size, then centre-crop "
-                              "(implied by --size)")
-    explain.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
-    explain.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
-                         help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+    _image_options(explain)
     explain.add_argument("--batch-size", type=int, default=8, metavar="B")
     explain.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
                          help="for compiling an original model with dynamic height/width on the fly")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="the paper's perturbation, segmentation and class-sensitivity benchmarks",
+        description="Compile MODEL (an original classifier) with each method and score the explanations on "
+                    "DATA: negative and positive perturbation (AUC of top-1 accuracy as 10%%…90%% of the pixels "
+                    "are removed by rank, explaining the predicted and the labelled class), segmentation against "
+                    "masks (pixel accuracy, mAP) and class sensitivity on images with two labelled objects. DATA: "
+                    "a CSV (file,label[,labels][,mask]), a folder with labels.csv, or a folder of class "
+                    "subfolders (masks as <image>.mask.png beside the images). Writes results.json, results.md "
+                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data.")
+    evaluate.add_argument("model", metavar="MODEL")
+    evaluate.add_argument("data", metavar="DATA")
+    evaluate.add_argument("-o", "--output", metavar="OUTDIR", required=True)
+    evaluate.add_argument("--methods", default="all", metavar="M1,M2,...",
+                          help=f"methods to compare (default: all of {', '.join(METHODS)})")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
+    _image_options(evaluate)
+    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B")
+    _model_options(evaluate)
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
@@ -250,6 +276,44 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from .evaluate import EvaluateError, Evaluation, load_dataset, progress_bar, write_outputs
+    from .explain import read_labels
+
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise EvaluateError(f"--limit {args.limit}: must be at least 1")
+    if args.batch_size < 1:
+        raise EvaluateError(f"--batch-size {args.batch_size}: must be at least 1")
+    labels = read_labels(args.labels) if args.labels else None
+    samples = load_dataset(args.data, labels)[:args.limit]
+    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    began = time.perf_counter()
+    evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
+                                                                  "image": args.image},
+                            provider=args.provider, batch_size=args.batch_size, preset=args.preset,
+                            mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
+                            crop=args.crop, bgr=args.bgr)
+    compiled = time.perf_counter() - began
+    print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}, "
+          f"compiled in {compiled:.1f} s")
+    bar = None if args.quiet else progress_bar(len(samples))
+    results = evaluation.run(samples, None if bar is None else bar.update)
+    if bar is not None:
+        bar.close()
+    settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
+                "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
+                "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
+                "bgr": args.bgr, "batch_size": args.batch_size, "compile_seconds": round(compiled, 1)}
+    out = pathlib.Path(args.output)
+    write_outputs(out, results, settings)
+    print((out / "results.md").read_text().split("\n\n")[1])
+    print(f"{len(samples)} images in {results['seconds']:.0f} s → {out}/results.json, results.md, perturbation.png")
+    return 0
+
+
 def _progress(total: int):
     from tqdm import tqdm
 
@@ -265,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         print(coverage_table(args.method))
         return 0
     except CompileError as error:

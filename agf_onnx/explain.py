@@ -73,7 +73,7 @@ class Explanation:
         return Image.fromarray(np.concatenate(columns, axis=1))
 
 
-def _load_image(source: Any, notes: list[str]) -> np.ndarray:
+def load_image(source: Any, notes: list[str]) -> np.ndarray:
     """An RGB uint8 array ``[H, W, 3]`` from a path, a PIL image or an array."""
     from PIL import Image, UnidentifiedImageError
 
@@ -170,22 +170,25 @@ class Explainer:
         self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
 
     # -- preprocessing ------------------------------------------------------------------------
-    def _fit(self, image: np.ndarray) -> np.ndarray:
+    def fit(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """An image (or, ``nearest``, a label mask) resized/cropped to the model's size, as ``--size``/``--crop`` say."""
         from PIL import Image
 
         picture = Image.fromarray(image)
+        resample = Image.NEAREST if nearest else Image.BILINEAR
         if self.crop:
             scale = (self.size / min(picture.size) if self.size else
                      max(self.width / picture.width, self.height / picture.height))
             picture = picture.resize((max(self.width, round(picture.width * scale)),
-                                      max(self.height, round(picture.height * scale))), Image.BILINEAR)
+                                      max(self.height, round(picture.height * scale))), resample)
             left, top = (picture.width - self.width) // 2, (picture.height - self.height) // 2
             picture = picture.crop((left, top, left + self.width, top + self.height))
         else:
-            picture = picture.resize((self.width, self.height), Image.BILINEAR)
+            picture = picture.resize((self.width, self.height), resample)
         return np.asarray(picture, dtype=np.uint8)
 
-    def _tensor(self, photos: np.ndarray) -> np.ndarray:
+    def to_tensor(self, photos: np.ndarray) -> np.ndarray:
+        """Prepared photos ``[N, H, W, 3]`` uint8 → the model's input (channel order, normalisation, layout)."""
         pixels = photos[..., ::-1] if self.bgr else photos
         if self.integer_input:
             batch = pixels.astype(np.uint8)
@@ -198,10 +201,11 @@ class Explainer:
     def prepare(self, images: Sequence[Any], notes: list[str] | None = None) -> np.ndarray:
         """Load, convert to RGB and fit images to the model's size → ``[N, H, W, 3]`` uint8."""
         notes = [] if notes is None else notes
-        return np.stack([self._fit(_load_image(image, notes)) for image in images])
+        return np.stack([self.fit(load_image(image, notes)) for image in images])
 
     # -- running ------------------------------------------------------------------------------
-    def _run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of one session run on a model input ``batch`` and classes ``target`` ([N] or [1])."""
         values = self.session.run(self.outputs, {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)})
         return dict(zip(self.outputs, values))
 
@@ -229,8 +233,8 @@ class Explainer:
             raise ExplainError("give a target or top-k, not both")
         if top_k is not None and not 1 <= top_k <= (self.classes or top_k):
             raise ExplainError(f"top-k {top_k}: must be between 1 and the number of classes ({self.classes})")
-        batch = self._tensor(photos)
-        first = self._run(batch, np.array([-1] if target is None else [self.class_index(target)]))
+        batch = self.to_tensor(photos)
+        first = self.run(batch, np.array([-1] if target is None else [self.class_index(target)]))
         scores = first.get(self.scores_output) if self.scores_output else None
         if scores is not None:
             scores = scores.reshape(len(batch), -1)
@@ -248,7 +252,7 @@ class Explainer:
             chosen = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
             # the first run already explained each sample's top class (argmax picks the first maximum,
             # as the stable sort does)
-            heatmaps = np.concatenate([first[HEATMAP_OUTPUT]] + [self._run(batch, chosen[:, k])[HEATMAP_OUTPUT]
+            heatmaps = np.concatenate([first[HEATMAP_OUTPUT]] + [self.run(batch, chosen[:, k])[HEATMAP_OUTPUT]
                                                                  for k in range(1, top_k)], 1)
         probabilities = None if scores is None else _as_probabilities(scores)
         return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels)

@@ -1,0 +1,358 @@
+"""``agf-onnx evaluate``: the paper's perturbation, segmentation and class-sensitivity benchmarks
+for several explanation methods on one classifier and a labelled image set, all in ONNX Runtime.
+
+A data set is a CSV file (``file,label`` and optionally ``labels``, ``mask``; paths relative to
+the CSV) or a folder holding ``labels.csv`` or one subfolder per class. Masks are PNG files:
+binary (non-zero = the object), or class-coded (``k + 1`` marks class ``k``'s pixels, 255 is
+ignored, PASCAL VOC style) when every non-zero value other than 255 is a labelled class plus one.
+
+Per method, the compiled model explains each image's predicted class and its label ``label``;
+the metrics are those of ``agf_onnx.metrics``. Images count as classified correctly when the top
+class is one of their labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import metrics
+from .compiler import HEATMAP_OUTPUT, compile
+from .errors import CompileError
+from .explain import IMAGE_SUFFIXES, Explainer, load_image
+from .methods import METHODS
+
+#: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
+MASK_SUFFIX = ".mask.png"
+
+
+class EvaluateError(CompileError):
+    """A bad data set, method or option: the message names the file, row or argument."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: pathlib.Path
+    label: int
+    labels: frozenset[int]
+    mask: pathlib.Path | None = None
+
+
+# -- data sets --------------------------------------------------------------------------------
+
+def load_dataset(path: str | os.PathLike, class_names: Sequence[str] | None = None) -> list[Sample]:
+    """The samples of a CSV file or a folder (``labels.csv`` inside, or one subfolder per class)."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return _read_csv(path, class_names)
+    if not path.is_dir():
+        raise EvaluateError(f"{path}: no such file or folder")
+    if (path / "labels.csv").is_file():
+        return _read_csv(path / "labels.csv", class_names)
+    return _read_class_folders(path, class_names)
+
+
+def _class_index(text: str, class_names: Sequence[str] | None, where: str) -> int:
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+    elif class_names and text in class_names:
+        index = list(class_names).index(text)
+    else:
+        raise EvaluateError(f"{where}: '{text}' is neither a class index nor a name in --labels")
+    if index < 0 or (class_names and index >= len(class_names)):
+        raise EvaluateError(f"{where}: class {index} is out of range")
+    return index
+
+
+def _read_csv(path: pathlib.Path, class_names: Sequence[str] | None) -> list[Sample]:
+    with open(path, newline="") as stream:
+        reader = csv.DictReader(stream)
+        columns = reader.fieldnames or []
+        if "file" not in columns or "label" not in columns:
+            raise EvaluateError(f"{path}: expected a header with the columns file,label[,labels][,mask], "
+                                f"got {','.join(columns) or 'nothing'}")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            where = f"{path}, line {line}"
+            label = _class_index(row["label"] or "", class_names, where)
+            labels = {label} | {_class_index(t, class_names, where) for t in (row.get("labels") or "").split()}
+            mask = path.parent / row["mask"] if row.get("mask") else None
+            samples.append(Sample(path.parent / row["file"], label, frozenset(labels), mask))
+    if not samples:
+        raise EvaluateError(f"{path}: no rows")
+    return samples
+
+
+def _read_class_folders(path: pathlib.Path, class_names: Sequence[str] | None) -> list[Sample]:
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if not folders:
+        raise EvaluateError(f"{path}: expected labels.csv or one subfolder of images per class")
+    names = [f.name for f in folders]
+    if all(n.isdigit() for n in names):
+        indices = [int(n) for n in names]
+    elif class_names and all(n in class_names for n in names):
+        indices = [list(class_names).index(n) for n in names]
+    else:  # torchvision's ImageFolder convention
+        indices = list(range(len(folders)))
+    samples = []
+    for folder, index in zip(folders, indices):
+        for image in sorted(folder.rglob("*")):
+            if image.suffix.lower() not in IMAGE_SUFFIXES or image.name.endswith(MASK_SUFFIX):
+                continue
+            mask = image.with_name(image.stem + MASK_SUFFIX)
+            samples.append(Sample(image, index, frozenset({index}), mask if mask.exists() else None))
+    if not samples:
+        raise EvaluateError(f"{path}: no images in its class subfolders")
+    return samples
+
+
+def object_masks(mask: np.ndarray, sample: Sample) -> dict[int, np.ndarray] | np.ndarray:
+    """Per labelled class, its pixels (class-coded mask), or one boolean object mask (binary mask)."""
+    values = set(np.unique(mask).tolist()) - {0, 255}
+    if values and values <= {k + 1 for k in sample.labels}:
+        return {k: mask == k + 1 for k in sample.labels}
+    return mask > 0
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class _Tally:
+    """Running sums for one method."""
+
+    perturbation: dict = field(default_factory=lambda: {(mode, which): np.zeros(len(metrics.FRACTIONS))
+                                                        for mode in ("negative", "positive")
+                                                        for which in ("predicted", "target")})
+    images: int = 0
+    correct_pixels: int = 0
+    pixels: int = 0
+    precisions: list = field(default_factory=list)
+    own: list = field(default_factory=list)
+    other: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Evaluation:
+    """Runs the benchmarks for ``methods`` on one classifier.
+
+    Args:
+        model: the original ONNX classifier (each method is compiled from it).
+        methods: method names (see ``agf-onnx compile --method``).
+        compile_options: ``input_shapes``, ``logits``, ``image`` as for ``agf_onnx.compile``.
+        explainer_options: preprocessing and provider, as for ``agf_onnx.Explainer``.
+    """
+
+    def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
+                 provider: str = "auto", batch_size: int = 16, **explainer_options) -> None:
+        import onnxruntime as ort
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise EvaluateError(f"--methods: unknown method {', '.join(unknown) or '(none given)'} "
+                                f"(available: {', '.join(METHODS)})")
+        self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
+        self.explainers = {}
+        for method in methods:
+            compiled = compile(model, method=method, **(compile_options or {}))
+            self.explainers[method] = Explainer(compiled, provider, batch_size=batch_size, **explainer_options)
+        first = self.explainers[methods[0]]
+        if first.scores_output is None:
+            raise EvaluateError(f"{model}: the class scores are not a graph output, so perturbed images cannot be "
+                                "classified")
+        self.provider = first.provider
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" else \
+            ["CPUExecutionProvider"]
+        from . import passes
+
+        self.classifier = ort.InferenceSession(passes.load(model).SerializeToString(), providers=providers)
+
+    @property
+    def reference(self) -> Explainer:
+        return self.explainers[self.methods[0]]
+
+    def classify(self, photos: np.ndarray) -> np.ndarray:
+        """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""
+        explainer, tops = self.reference, []
+        for start in range(0, len(photos), self.batch_size * 8):
+            batch = explainer.to_tensor(photos[start:start + self.batch_size * 8])
+            scores = self.classifier.run([explainer.scores_output], {explainer.image_input: batch})[0]
+            tops.append(scores.reshape(len(batch), -1).argmax(1))
+        return np.concatenate(tops)
+
+    def _prepare(self, samples: Sequence[Sample]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        explainer = self.reference
+        photos, masks = [], []
+        for sample in samples:
+            try:
+                photos.append(explainer.fit(load_image(sample.image, [])))
+            except CompileError as error:
+                raise EvaluateError(str(error)) from error
+            if sample.mask is None:
+                masks.append(None)
+                continue
+            masks.append(explainer.fit(_read_mask(sample.mask), nearest=True))
+        return np.stack(photos), masks
+
+    def run(self, samples: Sequence[Sample], progress: Callable[[int], None] | None = None) -> dict:
+        """The metrics per method over ``samples`` (a dict ready for ``results.json``)."""
+        tallies = {method: _Tally() for method in self.methods}
+        clean, began = 0, time.perf_counter()
+        for start in range(0, len(samples), self.batch_size):
+            chunk = samples[start:start + self.batch_size]
+            photos, masks = self._prepare(chunk)
+            labels = [set(sample.labels) for sample in chunk]
+            predicted = self.classify(photos)
+            clean += int(sum(int(c) in labels[n] for n, c in enumerate(predicted)))
+            for method in self.methods:
+                self._method_batch(method, tallies[method], chunk, photos, masks, labels, predicted)
+            if progress is not None:
+                progress(len(chunk))
+        return self._summary(tallies, len(samples), clean, time.perf_counter() - began)
+
+    def _heatmaps(self, method: str, photos: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        explainer = self.explainers[method]
+        return explainer.run(explainer.to_tensor(photos), np.asarray(targets))[HEATMAP_OUTPUT][:, 0]
+
+    def _method_batch(self, method: str, tally: _Tally, chunk: Sequence[Sample], photos: np.ndarray,
+                      masks: list, labels: list[set[int]], predicted: np.ndarray) -> None:
+        began = time.perf_counter()
+        target = np.array([s.label for s in chunk])
+        maps = {"predicted": self._heatmaps(method, photos, predicted), "target": self._heatmaps(method, photos, target)}
+        tally.seconds += time.perf_counter() - began
+        tally.images += len(chunk)
+        for which, heatmaps in maps.items():
+            for mode in ("negative", "positive"):
+                tally.perturbation[mode, which] += metrics.perturbation_hits(
+                    photos, heatmaps, labels, self.classify, highest_first=mode == "positive").sum(1)
+        second = []  # samples with two class-coded objects: explain the other one too
+        for n, (sample, mask) in enumerate(zip(chunk, masks)):
+            if mask is None:
+                continue
+            objects = object_masks(mask, sample)
+            truth = objects.get(sample.label) if isinstance(objects, dict) else objects
+            if truth is not None and truth.any():
+                correct, total, ap = metrics.segmentation(maps["target"][n], truth)
+                tally.correct_pixels += correct
+                tally.pixels += total
+                tally.precisions.append(ap)
+            if isinstance(objects, dict):
+                present = [k for k in sorted(sample.labels, key=lambda k: (k != sample.label, k)) if objects[k].any()]
+                if len(present) >= 2:
+                    second.append((n, present[0], present[1]))
+        if second:
+            began = time.perf_counter()
+            index = [n for n, _, _ in second]
+            other_maps = self._heatmaps(method, photos[index], np.array([b for _, _, b in second]))
+            tally.seconds += time.perf_counter() - began
+            for (n, a, b), other_map in zip(second, other_maps):
+                objects = object_masks(masks[n], chunk[n])
+                for heatmap, own, other in ((maps["target"][n], a, b), (other_map, b, a)):
+                    shares = metrics.mass_shares(heatmap, [objects[own], objects[other]])
+                    tally.own.append(shares[0])
+                    tally.other.append(shares[1])
+
+    def _summary(self, tallies: dict[str, _Tally], count: int, clean: int, seconds: float) -> dict:
+        results = {}
+        for method, tally in tallies.items():
+            entry = {"images": tally.images, "explain_seconds": round(tally.seconds, 2), "perturbation": {}}
+            for (mode, which), hits in tally.perturbation.items():
+                curve = [round(100.0 * h / max(tally.images, 1), 2) for h in hits]
+                entry["perturbation"].setdefault(mode, {})[which] = {"accuracy": curve,
+                                                                     "auc": round(metrics.area_under_curve(curve), 2)}
+            if tally.pixels:
+                entry["segmentation"] = {"images": len(tally.precisions),
+                                         "pixel_accuracy": round(100.0 * tally.correct_pixels / tally.pixels, 2),
+                                         "mAP": round(100.0 * float(np.mean(tally.precisions)), 2)}
+            if tally.own:
+                entry["sensitivity"] = {"maps": len(tally.own), "own": round(100.0 * float(np.mean(tally.own)), 2),
+                                        "other": round(100.0 * float(np.mean(tally.other)), 2)}
+            results[method] = entry
+        return {"images": count, "clean_accuracy": round(100.0 * clean / max(count, 1), 2),
+                "fractions": list(metrics.FRACTIONS), "seconds": round(seconds, 1), "methods": results}
+
+
+def _read_mask(path: pathlib.Path) -> np.ndarray:
+    """A mask's values ``[H, W]`` uint8: palette indices for a palette PNG (PASCAL VOC), grey levels otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return np.asarray(opened if opened.mode in ("L", "P") else opened.convert("L"), dtype=np.uint8)
+    except FileNotFoundError as error:
+        raise EvaluateError(f"{path}: no such mask file") from error
+    except (UnidentifiedImageError, OSError) as error:
+        raise EvaluateError(f"{path}: not a readable mask ({error})") from error
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+_COLUMNS = [("negative AUC, predicted ↑", ("perturbation", "negative", "predicted", "auc")),
+            ("negative AUC, target ↑", ("perturbation", "negative", "target", "auc")),
+            ("positive AUC, predicted ↓", ("perturbation", "positive", "predicted", "auc")),
+            ("positive AUC, target ↓", ("perturbation", "positive", "target", "auc")),
+            ("pixel accuracy ↑", ("segmentation", "pixel_accuracy")),
+            ("mAP ↑", ("segmentation", "mAP")),
+            ("own-object mass ↑", ("sensitivity", "own")),
+            ("other-object mass ↓", ("sensitivity", "other"))]
+
+
+def markdown_table(results: dict) -> str:
+    """One row per method: the perturbation AUCs (paper, Table 2), segmentation (Table 3) and class
+    sensitivity, all in percent; the best value of each column in bold."""
+    methods = results["methods"]
+    columns = [(title, keys) for title, keys in _COLUMNS if any(_dig(m, keys) is not None for m in methods.values())]
+    best = {}
+    for title, keys in columns:
+        values = [v for v in (_dig(m, keys) for m in methods.values()) if v is not None]
+        best[title] = (min if "↓" in title else max)(values) if values else None
+    lines = ["| method | " + " | ".join(t for t, _ in columns) + " | explain s |",
+             "|---|" + "---:|" * (len(columns) + 1)]
+    for name, entry in methods.items():
+        cells = []
+        for title, keys in columns:
+            value = _dig(entry, keys)
+            text = "–" if value is None else f"{value:.1f}"
+            cells.append(f"**{text}**" if value is not None and value == best[title] and len(methods) > 1 else text)
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {entry['explain_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _dig(entry: dict, keys: Sequence[str]):
+    for key in keys:
+        if not isinstance(entry, dict) or key not in entry:
+            return None
+        entry = entry[key]
+    return entry
+
+
+def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[pathlib.Path]:
+    """``results.json``, ``results.md`` and ``perturbation.png`` in ``out``."""
+    from .plots import perturbation_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md", out / "perturbation.png"]
+    written[0].write_text(json.dumps({"settings": settings, **results}, indent=2, ensure_ascii=False))
+    title = (f"{os.path.basename(settings['model'])}: {results['images']} images, top-1 accuracy "
+             f"{results['clean_accuracy']:.1f} % before perturbation")
+    written[1].write_text(f"# {title}\n\n{markdown_table(results)}\n\n"
+                          "Perturbation AUC: area under top-1 accuracy (%) against the share of pixels removed "
+                          "(10 %…90 %); negative removes the least relevant pixels first, positive the most "
+                          "relevant. Segmentation and class sensitivity (share of positive map mass inside the "
+                          "explained object vs. the other labelled object) in %.\n")
+    perturbation_plot(results, title).save(written[2])
+    return written
+
+
+def progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="image", file=sys.stderr)
