@@ -106,14 +106,14 @@ def _is_score_shape(shape: tuple) -> bool:
     return len(shape) >= 2 and all(d == 1 for d in shape[2:])
 
 
-def _top_linear_input(graph: GraphView, logits: str, data: set[str]) -> str:
-    """The data input X of the last linear op before the logits."""
+def _top_linear(graph: GraphView, logits: str, data: set[str]) -> onnx.NodeProto:
+    """The last linear op before the logits (its data input X is where AGF's relevance starts)."""
     tensor = logits
     while tensor in graph.producer:
         node = graph.producer[tensor]
         inputs = [i for i in node.input if i in data]
         if node.op_type in LINEAR_OPS and inputs and node.input[0] in data:
-            return node.input[0]
+            return node
         if not inputs:
             break
         tensor = inputs[0]
@@ -171,7 +171,8 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     path, data = _path(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    start = logits if method.logit_relevance is not None else _top_linear_input(graph, logits, data)
+    top = _top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
+    start = logits if method.logit_relevance is not None else top.input[0]
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
     flats = flat_convs(graph, [n for n in path if n.op_type == "Conv" and n.name in relevant], data,
@@ -183,7 +184,10 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
         kind = None
         if entry is not None and node.name in relevant:
             kind = method.kind_for(node.op_type, entry.relevance, first_layer=node.name in first_layers,
-                                   flat=node.name in flats)
+                                   flat=node.name in flats, top_layer=top is not None and node.name == top.name)
+            if method.top_layer and top is not None and node.name == top.name and kind != method.top_layer:
+                raise CompileError(f"--method {method.name} starts at a Gemm or MatMul that computes the logits; "
+                                   f"the last linear layer here is {node.op_type} '{node.name}'")
         if entry is None or entry.gradient is None or (node.name in relevant and kind is None):
             unsupported[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
         elif kind is not None:

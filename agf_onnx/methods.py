@@ -78,6 +78,7 @@ class Method:
     start: Start
     relevance: Mapping[str, str] = field(default_factory=dict)
     first_layer: str | None = None
+    top_layer: str | None = None  # the kind of the linear layer that computes the logits (RAP's first step)
     flat: str | None = None
     image_map: Callable[[GraphBuilder, str, str], str] | None = None
     layer_map: Callable[[GraphBuilder, str, str], str] | None = None  # (b, activation, ∇activation) → [N,1,h,w]
@@ -100,11 +101,12 @@ class Method:
     def relevance_stream(self) -> bool:
         return self.image_map is None and self.layer_map is None and self.expand is None and self.path_map is None
 
-    def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool) -> str | None:
+    def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool,
+                 top_layer: bool = False) -> str | None:
         """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
         kinds = list(kinds)
-        for wanted in ([self.first_layer] if first_layer else []) + ([self.flat] if flat else []) + \
-                [self.relevance.get(op_type)]:
+        for wanted in ([self.first_layer] if first_layer else []) + ([self.top_layer] if top_layer else []) + \
+                ([self.flat] if flat else []) + [self.relevance.get(op_type)]:
             if wanted in kinds:
                 return wanted
         return kinds[0] if len(kinds) == 1 else None
@@ -290,6 +292,21 @@ SGLRP = Method(
 )
 
 
+RAP = Method(
+    name="rap",
+    summary="Relative Attributing Propagation (Nam et al. 2019): positive and negative relevance "
+            "propagated separately from the target's one-hot",
+    start=target_score_start,
+    relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap"},
+    first_layer="zB",
+    top_layer="rap_first",
+    logit_relevance=lambda b, scores, one_hot: one_hot,
+    formula="the authors' RAP_relprop: first_prop + redistribute at the logits layer (needs a Gemm/MatMul "
+            "there), the sign-split proportional rule with shift_rel on hidden Conv/Gemm/MatMul, z^B at the input, "
+            "z-rule on pools (and on ReLU: their pass-through up to the 1e-9 stabiliser); Σ_c R / max R",
+)
+
+
 def _normalised_abs(b: GraphBuilder, x: str, rank: int) -> str:
     """FullGrad's post-processing: |x| shifted to a minimum of 0 and divided by (max + 1e-6), per sample."""
     magnitude = b.Abs(x)
@@ -336,7 +353,7 @@ FULLGRAD = Method(
 
 METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
                                                                  INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB,
-                                                                 CLRP, SGLRP, FULLGRAD)}
+                                                                 CLRP, SGLRP, RAP, FULLGRAD)}
 
 
 def get_method(name: str) -> Method:

@@ -3,7 +3,7 @@
 - ``proportional``: the z-rule ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``.
 - ``pass_through``: ``ΦX = Φ`` for the data input.
 - ``Bilinear``: ops linear in a data input ``X`` and a weight ``W`` (Conv, Gemm, MatMul), with
-  the absolute-influence rule (eq. 9) and the z^B input-layer rule built on them.
+  the absolute-influence rule (eq. 9), the z^B input-layer rule, LRP-αβ and RAP built on them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import numpy_helper
 
-from agf_onnx.maths import nonzero, safe_divide
+from agf_onnx.maths import nonzero, safe_divide, sum_per_sample
 
 if TYPE_CHECKING:
     from agf_onnx.builder import GraphBuilder
@@ -103,6 +103,86 @@ class Bilinear:
         if beta:
             result = b.Sub(result, b.Mul(share(w_neg, w_pos), b.const(beta)))
         return data_only(node, {0: result})
+
+    def _signed_parts(self, b: GraphBuilder, node: NodeView) -> tuple[str, str, str, str]:
+        """``x⁺, x⁻, W⁺, W⁻``."""
+        x, w, zero = node.inputs[0], self.weight(b, node), b.const(0.0)
+        return b.Max(x, zero), b.Min(x, zero), b.Max(w, zero), b.Min(w, zero)
+
+    def relative(self, b: GraphBuilder, node: NodeView, negative_on_second: bool) -> list[str | None]:
+        """RAP's rule for a hidden layer (Nam et al. 2019, their ``RAP_relprop``): for each sign of the
+        input, split the positive and the negative relevance over the two (made non-negative)
+        contributions ``z₁ = op(x±, W±)``, ``z₂ = −op(x±, W∓)`` in proportion, then shift the result
+        so that it sums to ``ΣR`` (``shift_rel``). ``negative_on_second``: the negative relevance
+        goes through ``z₂`` alone (their conv layers) rather than through ``z₁`` (their linear ones)."""
+        relevance = node.relevance[0]
+        x_pos, x_neg, w_pos, w_neg = self._signed_parts(b, node)
+        zero, mask = b.const(0.0), nonzero(b, relevance)
+        relevance_pos, relevance_neg = b.Max(relevance, zero), b.Min(relevance, zero)
+        rank_in = len(node.shape(0))
+        total_relevance = sum_per_sample(b, relevance, len(node.graph.shape(node.outputs[0])))
+
+        def signed(x: str, w: str, sign: float) -> tuple[str, Callable[[str], str]]:
+            """``z = sign·op(x, w)·1[R≠0]`` and the VJP of ``⟨z, S⟩`` in ``x``."""
+            z = b.Mul(self.forward(b, node, x, w), mask)
+
+            def vjp(ratio: str) -> str:
+                back = self.vjp(b, node, ratio, w)
+                return back if sign > 0 else b.Neg(back)
+
+            return (z if sign > 0 else b.Neg(z)), vjp
+
+        def proportional_split(x: str, first: tuple, second: tuple) -> str:
+            (z1, vjp1), (z2, vjp2) = first, second
+            total = b.Add(z1, z2)
+            active, second_share = safe_divide(b, total, total), safe_divide(b, z2, total)
+            ratio1 = safe_divide(b, b.Mul(relevance_pos, active), z1)
+            ratio2 = b.Add(safe_divide(b, b.Mul(relevance_pos, second_share), z2),
+                           safe_divide(b, b.Mul(relevance_neg, second_share), z2))
+            if negative_on_second:
+                ratio2 = b.Add(ratio2, safe_divide(b, b.Mul(relevance_neg, active), z2))
+            else:
+                ratio1 = b.Add(ratio1, safe_divide(b, b.Mul(relevance_neg, active), z1))
+            result = b.Mul(x, b.Add(vjp1(ratio1), vjp2(ratio2)))
+            excess = b.Sub(sum_per_sample(b, result, rank_in), total_relevance)  # shift_rel: Σ result = ΣR
+            support = nonzero(b, result)
+            return b.Sub(result, b.Mul(safe_divide(b, excess, sum_per_sample(b, support, rank_in)), support))
+
+        positive = proportional_split(x_pos, signed(x_pos, w_pos, 1.0), signed(x_pos, w_neg, -1.0))
+        negative = proportional_split(x_neg, signed(x_neg, w_pos, -1.0), signed(x_neg, w_neg, 1.0))
+        return data_only(node, {0: b.Add(positive, negative)})
+
+    def relative_start(self, b: GraphBuilder, node: NodeView, bias: str | None) -> list[str | None]:
+        """RAP's first step at the layer that computes the logits (their ``first_prop`` and
+        ``redistribute``), from the target's one-hot ``d`` as relevance: the four sign combinations
+        ``op(x±, W±) ⊙ d`` and the bias, split between the positive (``++``, ``−−``) and negative
+        (``+−``, ``−+``) totals, propagated proportionally; then positive and negative parts are
+        rescaled so that their absolute sum stays and their signed sum becomes ``Σ`` of the result."""
+        one_hot = node.relevance[0]
+        x_pos, x_neg, w_pos, w_neg = self._signed_parts(b, node)
+        z_pp, z_pn = self.forward(b, node, x_pos, w_pos), self.forward(b, node, x_pos, w_neg)
+        z_np, z_nn = self.forward(b, node, x_neg, w_pos), self.forward(b, node, x_neg, w_neg)
+        rank_out, rank_in = len(node.graph.shape(node.outputs[0])), len(node.shape(0))
+        positive_total = sum_per_sample(b, b.Mul(b.Add(z_pp, z_nn), one_hot), rank_out)
+        negative_total = sum_per_sample(b, b.Mul(b.Add(z_pn, z_np), one_hot), rank_out)
+        everything = b.Add(positive_total, negative_total)
+
+        def share(z: str, seed: str, x: str, w: str) -> str:
+            return b.Mul(x, self.vjp(b, node, safe_divide(b, seed, z), w))
+
+        result = b.Sum(share(z_pp, b.Mul(z_pp, one_hot), x_pos, w_pos), share(z_nn, b.Mul(z_nn, one_hot), x_neg, w_neg),
+                       share(z_pn, b.Mul(z_pn, one_hot), x_pos, w_neg), share(z_np, b.Mul(z_np, one_hot), x_neg, w_pos))
+        if bias is not None:
+            bias_seed = b.Mul(bias, one_hot)
+            result = b.Sum(result, share(z_pp, b.Mul(bias_seed, safe_divide(b, positive_total, everything)), x_pos, w_pos),
+                           share(z_pn, b.Mul(bias_seed, safe_divide(b, negative_total, everything)), x_pos, w_neg))
+        zero = b.const(0.0)
+        pos, neg = b.Max(result, zero), b.Min(result, zero)
+        magnitude = sum_per_sample(b, b.Sub(pos, neg), rank_in)
+        signed_total = sum_per_sample(b, result, rank_in)
+        redistributed = b.Sub(b.Mul(safe_divide(b, pos, magnitude), signed_total),
+                              b.Mul(safe_divide(b, neg, magnitude), signed_total))
+        return data_only(node, {0: redistributed})
 
     def input_layer(self, b: GraphBuilder, node: NodeView) -> list[str | None]:
         """z^B rule with the per-sample image minimum ``l`` and maximum ``h`` as bounds."""

@@ -121,3 +121,9 @@ def conv_alpha1beta0(b, node: NodeView) -> list[str | None]:
 def conv_alpha2beta1(b, node: NodeView) -> list[str | None]:
     """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
     return CONV.alpha_beta(b, node, 2.0, 1.0)
+
+
+@relevance("Conv", kind="rap")
+def conv_rap(b, node: NodeView) -> list[str | None]:
+    """RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR."""
+    return CONV.relative(b, node, negative_on_second=True)

@@ -10,6 +10,8 @@ Relevance (spec "Linear layers"):
   ``ΦX = Δshift(C, nmax(relu(expand_c(mean_c(x4 ⊙ g4))) ⊙ 1[C≠0]))``.
 - ``zB``: the z^B rule when the layer reads the image directly.
 - ``alpha1beta0``, ``alpha2beta1``: LRP-αβ for the LRP baselines.
+- ``rap``, ``rap_first``: Relative Attributing Propagation (Nam et al. 2019) for hidden layers and
+  for the layer that computes the logits, as in the authors' ``RAP_relprop``.
 """
 
 from __future__ import annotations
@@ -112,3 +114,30 @@ def linear_alpha1beta0(b, node: NodeView) -> list[str | None]:
 def linear_alpha2beta1(b, node: NodeView) -> list[str | None]:
     """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
     return LINEAR[node.op_type].alpha_beta(b, node, 2.0, 1.0)
+
+
+@relevance("Gemm", "MatMul", kind="rap")
+def linear_rap(b, node: NodeView) -> list[str | None]:
+    """RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR."""
+    return LINEAR[node.op_type].relative(b, node, negative_on_second=False)
+
+
+@relevance("Gemm", "MatMul", kind="rap_first")
+def linear_rap_first(b, node: NodeView) -> list[str | None]:
+    """RAP's first step at the logits layer (first_prop + redistribute), from the target's one-hot."""
+    return LINEAR[node.op_type].relative_start(b, node, _bias(b, node))
+
+
+def _bias(b, node: NodeView) -> str | None:
+    """The bias the layer adds: Gemm's ``C`` times ``beta``, or a constant ``Add`` right after a MatMul."""
+    if node.op_type == "Gemm":
+        if len(node.inputs) < 3 or not node.inputs[2]:
+            return None
+        beta = node.attr("beta", 1.0)
+        return b.Mul(node.inputs[2], b.const(beta)) if beta != 1.0 else node.inputs[2]
+    readers = node.graph.consumers.get(node.outputs[0], [])
+    if len(readers) == 1 and readers[0].op_type == "Add":
+        others = [i for i in readers[0].input if i != node.outputs[0]]
+        if len(others) == 1 and node.graph.is_constant(others[0]):
+            return others[0]
+    return None

@@ -16,7 +16,7 @@ import agf_onnx
 from agf_onnx.cli import main
 from agf_onnx.methods import METHODS
 
-from . import models, oracle
+from . import models, oracle, zoo
 from .runtime import run
 
 NETS = {"vgg": models.seeded(models.VGGish(), seed=41),
@@ -245,7 +245,7 @@ def test_fullgrad_matches_its_definition(net):
     np.testing.assert_allclose(heatmaps, fullgrad_oracle(NETS[net], images, targets), atol=2e-5)
 
 
-@pytest.mark.parametrize("method", ["agf", "gradcam", "clrp", "fullgrad"])
+@pytest.mark.parametrize("method", ["agf", "gradcam", "clrp", "rap", "fullgrad"])
 def test_top_k_gives_every_class_map_in_one_run(method):
     proto = models.export(NETS["resnet"], fold=False, softmax=True)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(12)).numpy()
@@ -266,3 +266,20 @@ def test_top_k_bad_values_and_replicated_methods_are_refused():
         agf_onnx.compile(proto, top_k=11)
     with pytest.raises(agf_onnx.CompileError, match="--top-k is not available with --method smoothgrad"):
         agf_onnx.compile(proto, method="smoothgrad", top_k=2)
+
+
+def test_rap_matches_its_definition():
+    from .rap_oracle import rap
+
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    targets = np.array([1, 4, 7])
+    compiled = agf_onnx.compile(models.export(NETS["vgg"]), method="rap")
+    assert not [n for n in compiled.graph.node if "/vjp/" in n.name], "RAP needs no gradient stream"
+    heatmaps = run(compiled, {"x": images.numpy(), "target": targets})["heatmap"]
+    expected = rap(copy.deepcopy(NETS["vgg"]).double(), images.double(), targets)
+    np.testing.assert_allclose(heatmaps, oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_rap_needs_a_dense_layer_at_the_logits():
+    with pytest.raises(agf_onnx.CompileError, match="rap starts at a Gemm or MatMul .* Conv"):
+        agf_onnx.compile(zoo.zoo_model("squeezenet"), method="rap")

@@ -4,7 +4,8 @@
     python tools/train_benchmark.py bench --arch vgg     # → bench/vgg.onnx
     python tools/train_benchmark.py bench --arch resnet  # → bench/resnet.onnx
 
-A small VGG-style network (six 3×3 conv/ReLU layers, three max pools, a three-layer classifier)
+A small VGG-style network (seven 3×3 conv/ReLU layers, four max pools, a three-layer classifier
+on the flattened 4×4 map)
 and a small ResNet-style one (stem, three BasicBlock stages with BatchNorm, global average pool),
 both from ``tests/models.py``, trained multi-label (a sigmoid per class, binary cross-entropy) with
 Adam on ``bench/train``. Inputs are the canvases scaled to [-1, 1] (``--preset symmetric`` for
@@ -31,11 +32,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.models import BasicBlock, ResNetish, VGGish, export  # noqa: E402
 
 ARCHITECTURES = {
-    "vgg": lambda size, classes: VGGish(widths=(16, 16, "M", 32, 32, "M", 64, 64, "M"), image=size, classes=classes,
-                                        hidden=128),
+    "vgg": lambda size, classes: torchvision_init(VGGish(widths=(16, 16, "M", 32, 32, "M", 64, 64, "M", 128, "M"),
+                                                         image=size, classes=classes, hidden=256)),
     "resnet": lambda size, classes: ResNetish(BasicBlock, layers=(1, 1, 1), planes=(16, 32, 64), stem=16,
                                               classes=classes),
 }
+
+
+def torchvision_init(model: nn.Module) -> nn.Module:
+    """torchvision's VGG initialisation (He normal, fan-out, for convs; N(0, 0.01) for linear layers; zero
+    biases): without BatchNorm, PyTorch's default initialisation leaves a plain VGG slow to start."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+    return model
 
 
 def load_split(folder: pathlib.Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=pathlib.Path, help="the folder make_benchmark.py wrote (with train/ and test/)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), required=True)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", type=pathlib.Path, help="default: DATA/ARCH.onnx")
     args = parser.parse_args(argv)
