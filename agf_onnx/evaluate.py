@@ -226,13 +226,23 @@ class Evaluation:
                       masks: list, labels: list[set[int]], predicted: np.ndarray) -> None:
         began = time.perf_counter()
         target = np.array([s.label for s in chunk])
-        maps = {"predicted": self._heatmaps(method, photos, predicted), "target": self._heatmaps(method, photos, target)}
+        # where the label is the predicted class the two maps, and so their curves, are the same
+        differs = np.flatnonzero(target != predicted)
+        maps = {"predicted": self._heatmaps(method, photos, predicted)}
+        maps["target"] = maps["predicted"].copy()
+        if len(differs):
+            maps["target"][differs] = self._heatmaps(method, photos[differs], target[differs])
         tally.seconds += time.perf_counter() - began
         tally.images += len(chunk)
-        for which, heatmaps in maps.items():
-            for mode in ("negative", "positive"):
-                tally.perturbation[mode, which] += metrics.perturbation_hits(
-                    photos, heatmaps, labels, self.classify, highest_first=mode == "positive").sum(1)
+        for mode in ("negative", "positive"):
+            hits = metrics.perturbation_hits(photos, maps["predicted"], labels, self.classify,
+                                             highest_first=mode == "positive")
+            tally.perturbation[mode, "predicted"] += hits.sum(1)
+            if len(differs):
+                hits[:, differs] = metrics.perturbation_hits(photos[differs], maps["target"][differs],
+                                                             [labels[n] for n in differs], self.classify,
+                                                             highest_first=mode == "positive")
+            tally.perturbation[mode, "target"] += hits.sum(1)
         second = []  # samples with two class-coded objects: explain the other one too
         for n, (sample, mask) in enumerate(zip(chunk, masks)):
             if mask is None:

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import agf_onnx
 from agf_onnx import cli, metrics
 from agf_onnx.evaluate import EvaluateError, Evaluation, Sample, load_dataset, object_masks
 from tools import make_benchmark
 
 from . import models
+from .runtime import run
 
 # -- metrics on hand-computed cases -------------------------------------------------------------
 
@@ -210,6 +212,17 @@ def test_evaluate_runs_end_to_end_on_a_tiny_generated_set(tmp_path, capsys):
         assert 0 <= entry["segmentation"]["pixel_accuracy"] <= 100 and entry["segmentation"]["images"] == 8
         shares = entry["sensitivity"]
         assert shares["maps"] % 2 == 0 and shares["maps"] > 0 and 0 <= shares["own"] + shares["other"] <= 100.01
+    # the labelled class's curve, recomputed: the compiled model's map for the label, the pixels
+    # removed by rank, the perturbed images classified by the PyTorch model
+    compiled = agf_onnx.compile(tmp_path / "vgg.onnx", method="gradcam")
+    heatmaps = run(compiled, {"x": (photos.float() / 127.5 - 1).numpy(),
+                              "target": np.array([s.label for s in samples])})["heatmap"][:, 0]
+    perturbed = metrics.perturb(photos.permute(0, 2, 3, 1).numpy(), heatmaps)
+    with torch.no_grad():
+        top = net(torch.from_numpy(perturbed).permute(0, 3, 1, 2).float() / 127.5 - 1).argmax(1).numpy()
+    curve = 100 * metrics.hits(top, [set(s.labels) for s in samples]).mean(1)
+    np.testing.assert_allclose(results["methods"]["gradcam"]["perturbation"]["negative"]["target"]["accuracy"],
+                               curve, atol=0.01)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| `agf` |" in table and "negative AUC, predicted" in table
     assert Image.open(tmp_path / "out" / "perturbation.png").size[0] > 800
