@@ -254,17 +254,17 @@ def _others(b: GraphBuilder, scores: str, one_hot: str) -> str:
     return b.Mul(b.Sub(b.const(1.0), one_hot), b.Div(target_score, b.Sub(classes, b.const(1.0))))
 
 
-CLRP = Method(
-    name="clrp",
-    summary="Contrastive LRP (Gu et al. 2018): LRP-α1β0 of the target minus that of the other classes",
-    start=target_score_start,
-    relevance=LRP.relevance,
-    first_layer="zB",
-    logit_relevance=LRP.logit_relevance,
-    contrast=_others,
-    formula="R = R_t − R_o · ΣR_t / ΣR_o, R_t from y ⊙ onehot(t), R_o from y_t/(K−1) on the other classes, "
-            "both LRP-α1β0; Σ_c R / max R",
-)
+def _contrastive_lrp(name: str, summary: str, target_seed, others_seed, seeds: str) -> Method:
+    """LRP-α1β0 of the target minus that of the other classes: ``R_t − R_o · ΣR_t / ΣR_o``."""
+    return Method(name=name, summary=summary, start=target_score_start, relevance=LRP.relevance, first_layer="zB",
+                  logit_relevance=target_seed, contrast=others_seed,
+                  formula=f"R = R_t − R_o · ΣR_t / ΣR_o, {seeds}, both LRP-α1β0; Σ_c R / max R")
+
+
+CLRP = _contrastive_lrp(
+    "clrp", "Contrastive LRP (Gu et al. 2018): LRP-α1β0 of the target minus that of the other classes",
+    LRP.logit_relevance, _others, "R_t from y ⊙ onehot(t), R_o from y_t/(K−1) on the other classes")
+
 
 def _softmax_gradient_target(b: GraphBuilder, scores: str, one_hot: str) -> str:
     """``p_t(1 − p_t) + 1e-8`` on the target class, ``p = softmax(y)`` (SGLRP, the authors' ``sglrp_target``)."""
@@ -279,17 +279,11 @@ def _softmax_gradient_others(b: GraphBuilder, scores: str, one_hot: str) -> str:
     return b.Mul(b.Sub(b.const(1.0), one_hot), b.Mul(target_probability, p))
 
 
-SGLRP = Method(
-    name="sglrp",
-    summary="Softmax-Gradient LRP (Iwana et al. 2019): CLRP started from the softmax's gradient",
-    start=target_score_start,
-    relevance=LRP.relevance,
-    first_layer="zB",
-    logit_relevance=_softmax_gradient_target,
-    contrast=_softmax_gradient_others,
-    formula="R = R_t − R_o · ΣR_t / ΣR_o, R_t from p_t(1−p_t)+1e-8 on t, R_o from p_t·p_j on every j ≠ t "
-            "(p = softmax(y); the authors' sglrp_target/sglrp_others), both LRP-α1β0; Σ_c R / max R",
-)
+SGLRP = _contrastive_lrp(
+    "sglrp", "Softmax-Gradient LRP (Iwana et al. 2019): CLRP started from the softmax's gradient",
+    _softmax_gradient_target, _softmax_gradient_others,
+    "R_t from p_t(1−p_t)+1e-8 on t, R_o from p_t·p_j on every j ≠ t (p = softmax(y); the authors' "
+    "sglrp_target/sglrp_others)")
 
 
 RAP = Method(
