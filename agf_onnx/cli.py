@@ -279,10 +279,11 @@ def _explain(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import pathlib
 
-    from .evaluate import EvaluateError, Evaluation, load_dataset, progress_bar, write_outputs
+    from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, progress_bar, write_outputs
     from .explain import read_labels
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    check_methods(methods)
     if args.limit is not None and args.limit < 1:
         raise EvaluateError(f"--limit {args.limit}: must be at least 1")
     if args.batch_size < 1:

@@ -52,12 +52,19 @@ def load_dataset(path: str | os.PathLike, class_names: Sequence[str] | None = No
     """The samples of a CSV file or a folder (``labels.csv`` inside, or one subfolder per class)."""
     path = pathlib.Path(path)
     if path.is_file():
-        return _read_csv(path, class_names)
-    if not path.is_dir():
+        samples = _read_csv(path, class_names)
+    elif not path.is_dir():
         raise EvaluateError(f"{path}: no such file or folder")
-    if (path / "labels.csv").is_file():
-        return _read_csv(path / "labels.csv", class_names)
-    return _read_class_folders(path, class_names)
+    elif (path / "labels.csv").is_file():
+        samples = _read_csv(path / "labels.csv", class_names)
+    else:
+        samples = _read_class_folders(path, class_names)
+    # fail before a long run, not in the middle of it
+    missing = [str(f) for s in samples for f in (s.image, s.mask) if f is not None and not f.is_file()]
+    if missing:
+        raise EvaluateError(f"{len(missing)} file(s) of the data set are missing: {', '.join(missing[:5])}"
+                            + (", …" if len(missing) > 5 else ""))
+    return samples
 
 
 def _class_index(text: str, class_names: Sequence[str] | None, where: str) -> int:
@@ -125,6 +132,13 @@ def object_masks(mask: np.ndarray, sample: Sample) -> dict[int, np.ndarray] | np
 
 # -- the run ----------------------------------------------------------------------------------
 
+def check_methods(methods: Sequence[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise EvaluateError(f"--methods: unknown method {', '.join(unknown) or '(none given)'} "
+                            f"(available: {', '.join(METHODS)})")
+
+
 @dataclass
 class _Tally:
     """Running sums for one method."""
@@ -155,10 +169,7 @@ class Evaluation:
                  provider: str = "auto", batch_size: int = 16, **explainer_options) -> None:
         import onnxruntime as ort
 
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise EvaluateError(f"--methods: unknown method {', '.join(unknown) or '(none given)'} "
-                                f"(available: {', '.join(METHODS)})")
+        check_methods(methods)
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
         self.explainers = {}
         for method in methods:

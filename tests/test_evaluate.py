@@ -165,6 +165,8 @@ def test_the_generator_is_deterministic_and_writes_a_readable_data_set(tmp_path)
 # -- data-set readers -----------------------------------------------------------------------------
 
 def test_csv_rows_take_class_names_and_name_the_bad_line(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
     (tmp_path / "names.csv").write_text("file,label,labels\na.png,cat,cat dog\nb.png,1,\n")
     samples = load_dataset(tmp_path / "names.csv", ["cat", "dog"])
     assert [(s.label, sorted(s.labels)) for s in samples] == [(0, [0, 1]), (1, [1])]
@@ -233,7 +235,7 @@ def test_evaluate_refuses_bad_input_with_exit_1_and_no_output(tmp_path, capsys):
     (tmp_path / "data.csv").write_text("file,label\nmissing.png,0\n")
     code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
                      "--methods", "gradient", "-q"])
-    assert code == 1 and "missing.png: no such file" in capsys.readouterr().err
+    assert code == 1 and "1 file(s) of the data set are missing:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
                      "--methods", "agf,magic"])
