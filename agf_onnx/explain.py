@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from . import passes
-from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
+from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError
 
 #: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
@@ -164,6 +164,10 @@ class Explainer:
         scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
         self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
             isinstance(d, int) for d in scores_info.shape[1:]) else None
+        # a model compiled with --top-k K already returns the K best classes' maps in its one run
+        maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
+        self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
+            isinstance(maps_info.shape[1], int) else 0
         self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
         if (mean is None) != (std is None):
             raise ExplainError("--mean and --std go together")
@@ -246,6 +250,9 @@ class Explainer:
             else:
                 chosen = np.full((len(batch), 1), self.class_index(target))
             heatmaps = first[HEATMAP_OUTPUT]
+        elif top_k <= self.compiled_top_k:
+            chosen = first[CLASSES_OUTPUT][:, :top_k].astype(np.int64)
+            heatmaps = first[HEATMAPS_OUTPUT][:, :top_k]
         else:
             if scores is None:
                 raise ExplainError("top-k needs the model's class scores, which this model does not output")

@@ -69,6 +69,21 @@ def test_explainer_matches_a_direct_run(compiled_path, photos):
     np.testing.assert_array_equal(np.asarray(picture)[:, 36:68], blend(explanation.photos[1], explanation.heatmaps[1, 0]))
 
 
+def test_a_model_compiled_with_top_k_gives_the_maps_in_one_run(compiled_path, photos, tmp_path):
+    onnx.save(agf_onnx.compile(models.export(NET, 32, softmax=True), top_k=3), tmp_path / "top3.onnx")
+    paths = sorted(photos.iterdir())
+    single_class = Explainer(compiled_path, provider="cpu").explain(paths, top_k=2)
+    explainer = Explainer(tmp_path / "top3.onnx", provider="cpu")
+    assert explainer.compiled_top_k == 3
+    calls = []
+    session_run = explainer.session.run
+    explainer.session.run = lambda *args, **kwargs: calls.append(1) or session_run(*args, **kwargs)
+    explanation = explainer.explain(paths, top_k=2)
+    assert len(calls) == 1, "one session run for all classes"
+    np.testing.assert_array_equal(explanation.targets, single_class.targets)
+    np.testing.assert_allclose(explanation.heatmaps, single_class.heatmaps, atol=1e-5)
+
+
 def test_explainer_takes_arrays_pil_images_and_labels(compiled_path):
     gray = (zoo.photo("camera", (32, 32))[..., 0] * 255).astype(np.uint8)
     rgba = Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 128)]), "RGBA")
