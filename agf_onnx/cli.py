@@ -291,23 +291,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels) if args.labels else None
     samples = load_dataset(args.data, labels)[:args.limit]
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
-    began = time.perf_counter()
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
                                                                   "image": args.image},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
                             crop=args.crop, bgr=args.bgr)
-    compiled = time.perf_counter() - began
-    print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}, "
-          f"compiled in {compiled:.1f} s")
-    bar = None if args.quiet else progress_bar(len(samples))
-    results = evaluation.run(samples, None if bar is None else bar.update)
+    print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}")
+    bar = None if args.quiet else progress_bar(len(samples) * len(methods))
+    results = evaluation.run(samples, None if bar is None else lambda n, method: (bar.set_description(method),
+                                                                                    bar.update(n)))
     if bar is not None:
         bar.close()
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
                 "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
-                "bgr": args.bgr, "batch_size": args.batch_size, "compile_seconds": round(compiled, 1)}
+                "bgr": args.bgr, "batch_size": args.batch_size}
     out = pathlib.Path(args.output)
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])

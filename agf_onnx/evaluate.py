@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import metrics
+from . import metrics, passes
 from .compiler import HEATMAP_OUTPUT, compile
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, load_image
@@ -171,24 +171,22 @@ class Evaluation:
 
         check_methods(methods)
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
-        self.explainers = {}
-        for method in methods:
-            compiled = compile(model, method=method, **(compile_options or {}))
-            self.explainers[method] = Explainer(compiled, provider, batch_size=batch_size, **explainer_options)
-        first = self.explainers[methods[0]]
-        if first.scores_output is None:
+        self.compile_options, self.explainer_options = dict(compile_options or {}), dict(explainer_options)
+        self.provider_choice = provider
+        #: the first method's explainer: the preprocessing, the layout and the scores' name for all
+        self.reference = self.explainer(methods[0])
+        if self.reference.scores_output is None:
             raise EvaluateError(f"{model}: the class scores are not a graph output, so perturbed images cannot be "
                                 "classified")
-        self.provider = first.provider
+        self.provider = self.reference.provider
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" else \
             ["CPUExecutionProvider"]
-        from . import passes
-
         self.classifier = ort.InferenceSession(passes.load(model).SerializeToString(), providers=providers)
 
-    @property
-    def reference(self) -> Explainer:
-        return self.explainers[self.methods[0]]
+    def explainer(self, method: str) -> Explainer:
+        """A session of the model compiled with ``method``."""
+        compiled = compile(self.model, method=method, **self.compile_options)
+        return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, **self.explainer_options)
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
         """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""
@@ -213,36 +211,41 @@ class Evaluation:
             masks.append(explainer.fit(_read_mask(sample.mask), nearest=True))
         return np.stack(photos), masks
 
-    def run(self, samples: Sequence[Sample], progress: Callable[[int], None] | None = None) -> dict:
-        """The metrics per method over ``samples`` (a dict ready for ``results.json``)."""
+    def run(self, samples: Sequence[Sample], progress: Callable[[int, str], None] | None = None) -> dict:
+        """The metrics per method over ``samples`` (a dict ready for ``results.json``). One method at a
+        time, so that only one compiled model is in memory; ``progress(images, method)`` after each batch."""
         tallies = {method: _Tally() for method in self.methods}
+        predictions: list[np.ndarray] = []
         clean, began = 0, time.perf_counter()
-        for start in range(0, len(samples), self.batch_size):
-            chunk = samples[start:start + self.batch_size]
-            photos, masks = self._prepare(chunk)
-            labels = [set(sample.labels) for sample in chunk]
-            predicted = self.classify(photos)
-            clean += int(sum(int(c) in labels[n] for n, c in enumerate(predicted)))
-            for method in self.methods:
-                self._method_batch(method, tallies[method], chunk, photos, masks, labels, predicted)
-            if progress is not None:
-                progress(len(chunk))
+        for index, method in enumerate(self.methods):
+            explainer = self.reference if index == 0 else self.explainer(method)
+            for number, start in enumerate(range(0, len(samples), self.batch_size)):
+                chunk = samples[start:start + self.batch_size]
+                photos, masks = self._prepare(chunk)
+                labels = [set(sample.labels) for sample in chunk]
+                if index == 0:
+                    predictions.append(self.classify(photos))
+                    clean += int(sum(int(c) in labels[n] for n, c in enumerate(predictions[-1])))
+                self._method_batch(explainer, tallies[method], chunk, photos, masks, labels, predictions[number])
+                if progress is not None:
+                    progress(len(chunk), method)
+            del explainer
         return self._summary(tallies, len(samples), clean, time.perf_counter() - began)
 
-    def _heatmaps(self, method: str, photos: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        explainer = self.explainers[method]
+    @staticmethod
+    def _heatmaps(explainer: Explainer, photos: np.ndarray, targets: np.ndarray) -> np.ndarray:
         return explainer.run(explainer.to_tensor(photos), np.asarray(targets))[HEATMAP_OUTPUT][:, 0]
 
-    def _method_batch(self, method: str, tally: _Tally, chunk: Sequence[Sample], photos: np.ndarray,
+    def _method_batch(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample], photos: np.ndarray,
                       masks: list, labels: list[set[int]], predicted: np.ndarray) -> None:
         began = time.perf_counter()
         target = np.array([s.label for s in chunk])
         # where the label is the predicted class the two maps, and so their curves, are the same
         differs = np.flatnonzero(target != predicted)
-        maps = {"predicted": self._heatmaps(method, photos, predicted)}
+        maps = {"predicted": self._heatmaps(explainer, photos, predicted)}
         maps["target"] = maps["predicted"].copy()
         if len(differs):
-            maps["target"][differs] = self._heatmaps(method, photos[differs], target[differs])
+            maps["target"][differs] = self._heatmaps(explainer, photos[differs], target[differs])
         tally.seconds += time.perf_counter() - began
         tally.images += len(chunk)
         for mode in ("negative", "positive"):
@@ -272,7 +275,7 @@ class Evaluation:
         if second:
             began = time.perf_counter()
             index = [n for n, _, _ in second]
-            other_maps = self._heatmaps(method, photos[index], np.array([b for _, _, b in second]))
+            other_maps = self._heatmaps(explainer, photos[index], np.array([b for _, _, b in second]))
             tally.seconds += time.perf_counter() - began
             for (n, a, b), other_map in zip(second, other_maps):
                 objects = object_masks(masks[n], chunk[n])
