@@ -336,9 +336,6 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
                 top_k: int) -> tuple[str, str, int]:
     """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run:
     the path is cloned on the image repeated K times, each copy explaining one of the classes."""
-    if method.expand is not None:
-        raise CompileError(f"--top-k is not available with --method {method.name} (it already runs the model "
-                           "on many copies of each image)")
     shape = plan.graph.shape(plan.logits)
     if not 1 <= top_k <= shape[1]:
         raise CompileError(f"--top-k {top_k}: must be between 1 and the number of classes ({shape[1]})")
@@ -361,7 +358,7 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
     return heatmaps, classes, top_k
 
 
-def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping) -> str:
+def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None) -> str:
     """Methods that differentiate the model at several inputs per image (Integrated Gradients,
     SmoothGrad): the path from the image to the logits is cloned and run on a batch of
     ``count·N`` expanded inputs, built in the graph; the gradients are combined per image."""
@@ -372,7 +369,8 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     streams = _Streams(b)
     with b.scope("start"):
-        target = b.Tile(_target(b, _as_scores(b, plan.logits, shape)), b.ints([count, 1]))
+        target = _target(b, _as_scores(b, plan.logits, shape)) if target is None else target
+        target = b.Tile(target, b.ints([count, 1]))
         seed = method.start(b, _as_scores(b, logits, shape), target, shape[1])
         streams.gradients[logits].append(_as_logits(b, seed, shape))
     _walk(b, view, clones, set(renamed.values()), streams, {})
@@ -386,7 +384,7 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
     """Emit both streams and the heatmap; returns the heatmap tensor's name. ``target`` (``[N, 1]``)
     replaces the ``target`` input (top-K)."""
     if method.expand is not None:
-        return _emit_replicated(b, plan, method, options)
+        return _emit_replicated(b, plan, method, options, target)
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):

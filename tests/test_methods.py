@@ -245,7 +245,7 @@ def test_fullgrad_matches_its_definition(net):
     np.testing.assert_allclose(heatmaps, fullgrad_oracle(NETS[net], images, targets), atol=2e-5)
 
 
-@pytest.mark.parametrize("method", ["agf", "gradcam", "clrp", "rap", "fullgrad"])
+@pytest.mark.parametrize("method", ["agf", "gradcam", "integrated-gradients", "clrp", "rap", "fullgrad"])
 def test_top_k_gives_every_class_map_in_one_run(method):
     proto = models.export(NETS["resnet"], fold=False, softmax=True)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(12)).numpy()
@@ -260,12 +260,21 @@ def test_top_k_gives_every_class_map_in_one_run(method):
     np.testing.assert_allclose(outputs["heatmaps"][:, 0], outputs["heatmap"][:, 0], atol=1e-4)
 
 
-def test_top_k_bad_values_and_replicated_methods_are_refused():
+def test_top_k_bad_values_are_refused():
     proto = models.export(NETS["vgg"])
     with pytest.raises(agf_onnx.CompileError, match="--top-k 11: must be between 1 and the number of classes"):
         agf_onnx.compile(proto, top_k=11)
-    with pytest.raises(agf_onnx.CompileError, match="--top-k is not available with --method smoothgrad"):
-        agf_onnx.compile(proto, method="smoothgrad", top_k=2)
+
+
+def test_top_k_of_a_replicated_method_nests_the_copies():
+    proto = models.export(NETS["resnet"], fold=False)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(14)).numpy()
+    # smoothgrad without noise is the saliency map: its K maps must be those of `gradient --top-k`
+    noiseless = run(agf_onnx.compile(proto, method="smoothgrad", top_k=3, options={"noise": 0.0, "samples": 3}),
+                    {"x": images})
+    gradient = run(agf_onnx.compile(proto, method="gradient", top_k=3), {"x": images})
+    np.testing.assert_array_equal(noiseless["classes"], gradient["classes"])
+    np.testing.assert_allclose(noiseless["heatmaps"], gradient["heatmaps"], atol=1e-5)
 
 
 def test_rap_matches_its_definition():
