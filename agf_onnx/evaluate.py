@@ -238,6 +238,7 @@ class Evaluation:
 
     def _method_batch(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample], photos: np.ndarray,
                       masks: list, labels: list[set[int]], predicted: np.ndarray) -> None:
+        """One batch of one method: its maps for the predicted and the labelled class, then every metric."""
         began = time.perf_counter()
         target = np.array([s.label for s in chunk])
         # where the label is the predicted class the two maps, and so their curves, are the same
@@ -248,6 +249,11 @@ class Evaluation:
             maps["target"][differs] = self._heatmaps(explainer, photos[differs], target[differs])
         tally.seconds += time.perf_counter() - began
         tally.images += len(chunk)
+        self._perturbation(tally, photos, maps, labels, differs)
+        self._segmentation_and_sensitivity(explainer, tally, chunk, photos, masks, maps["target"])
+
+    def _perturbation(self, tally: _Tally, photos: np.ndarray, maps: dict, labels: list[set[int]],
+                      differs: np.ndarray) -> None:
         for mode in ("negative", "positive"):
             hits = metrics.perturbation_hits(photos, maps["predicted"], labels, self.classify,
                                              highest_first=mode == "positive")
@@ -257,41 +263,46 @@ class Evaluation:
                                                              [labels[n] for n in differs], self.classify,
                                                              highest_first=mode == "positive")
             tally.perturbation[mode, "target"] += hits.sum(1)
-        second = []  # samples with two class-coded objects: explain the other one too
+
+    def _segmentation_and_sensitivity(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample],
+                                      photos: np.ndarray, masks: list, maps: np.ndarray) -> None:
+        """The labelled class's map against its object; for two class-coded objects, each class's map
+        against both (the second class is explained here)."""
+        pairs = []
         for n, (sample, mask) in enumerate(zip(chunk, masks)):
             if mask is None:
                 continue
             objects = object_masks(mask, sample)
             truth = objects.get(sample.label) if isinstance(objects, dict) else objects
             if truth is not None and truth.any():
-                correct, total, ap = metrics.segmentation(maps["target"][n], truth)
+                correct, total, ap = metrics.segmentation(maps[n], truth)
                 tally.correct_pixels += correct
                 tally.pixels += total
                 tally.precisions.append(ap)
             if isinstance(objects, dict):
                 present = [k for k in sorted(sample.labels, key=lambda k: (k != sample.label, k)) if objects[k].any()]
                 if len(present) >= 2:
-                    second.append((n, present[0], present[1]))
-        if second:
-            began = time.perf_counter()
-            index = [n for n, _, _ in second]
-            other_maps = self._heatmaps(explainer, photos[index], np.array([b for _, _, b in second]))
-            tally.seconds += time.perf_counter() - began
-            for (n, a, b), other_map in zip(second, other_maps):
-                objects = object_masks(masks[n], chunk[n])
-                for heatmap, own, other in ((maps["target"][n], a, b), (other_map, b, a)):
-                    shares = metrics.mass_shares(heatmap, [objects[own], objects[other]])
-                    tally.own.append(shares[0])
-                    tally.other.append(shares[1])
+                    pairs.append((n, present[0], present[1]))
+        if not pairs:
+            return
+        began = time.perf_counter()
+        others = self._heatmaps(explainer, photos[[n for n, _, _ in pairs]], np.array([b for _, _, b in pairs]))
+        tally.seconds += time.perf_counter() - began
+        for (n, first, second), other_map in zip(pairs, others):
+            objects = object_masks(masks[n], chunk[n])
+            for heatmap, own, other in ((maps[n], first, second), (other_map, second, first)):
+                shares = metrics.mass_shares(heatmap, [objects[own], objects[other]])
+                tally.own.append(shares[0])
+                tally.other.append(shares[1])
 
     def _summary(self, tallies: dict[str, _Tally], count: int, clean: int, seconds: float) -> dict:
         results = {}
         for method, tally in tallies.items():
             entry = {"images": tally.images, "explain_seconds": round(tally.seconds, 2), "perturbation": {}}
             for (mode, which), hits in tally.perturbation.items():
-                curve = [round(100.0 * h / max(tally.images, 1), 2) for h in hits]
-                entry["perturbation"].setdefault(mode, {})[which] = {"accuracy": curve,
-                                                                     "auc": round(metrics.area_under_curve(curve), 2)}
+                curve = 100.0 * hits / max(tally.images, 1)
+                entry["perturbation"].setdefault(mode, {})[which] = {
+                    "accuracy": [round(float(a), 2) for a in curve], "auc": round(metrics.area_under_curve(curve), 2)}
             if tally.pixels:
                 entry["segmentation"] = {"images": len(tally.precisions),
                                          "pixel_accuracy": round(100.0 * tally.correct_pixels / tally.pixels, 2),
