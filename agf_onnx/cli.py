@@ -298,8 +298,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                             crop=args.crop, bgr=args.bgr)
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}")
     bar = None if args.quiet else progress_bar(len(samples) * len(methods))
-    results = evaluation.run(samples, None if bar is None else lambda n, method: (bar.set_description(method),
-                                                                                    bar.update(n)))
+    def advance(count: int, method: str) -> None:
+        bar.set_description(f"{method} ({methods.index(method) + 1}/{len(methods)})")
+        bar.update(count)
+
+    results = evaluation.run(samples, None if bar is None else advance)
     if bar is not None:
         bar.close()
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
