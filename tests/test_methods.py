@@ -164,6 +164,31 @@ def test_lrp_matches_zennit(method, alpha, beta):
     np.testing.assert_allclose(heatmaps, oracle.heatmap(expected).numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_lrp_matches_captum_where_its_rules_coincide():
+    """Captum's LRP has no z^B rule; with non-negative images (minimum 0) and a non-negative first
+    layer, z^B is the α1β0 rule, which Captum then applies to every layer."""
+    from captum.attr import LRP
+    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule
+
+    model = copy.deepcopy(NETS["vgg"])
+    for module in model.modules():
+        if getattr(module, "bias", None) is not None:  # the authors' rule ignores biases; Captum's counts them
+            module.bias.data.zero_()
+    model.features[0].weight.data = model.features[0].weight.data.abs()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(15))
+    images[:, :, 0, 0] = 0
+    targets = np.array([2, 6])
+    heatmaps = run(agf_onnx.compile(models.export(model), method="lrp"), {"x": images.numpy(), "target": targets})
+    reference = copy.deepcopy(model).double()
+    for module in reference.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.rule = Alpha1_Beta0_Rule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        relevance = LRP(reference).attribute(images.double(), target=torch.as_tensor(targets)).detach()
+    np.testing.assert_allclose(heatmaps["heatmap"], oracle.heatmap(relevance).numpy(), atol=1e-5)
+
+
 def _softmax_target(y, hot):
     p = torch.softmax(y, 1)
     return hot * (p * (1 - p) + 1e-8)
