@@ -92,13 +92,20 @@ def _find_logits(graph: GraphView, logits: str | None) -> str:
         logits = candidates[0]
     # spec: the logits precede a trailing Softmax, also one wrapped in reshapes (opset conversion
     # writes an opset-9 Softmax over [N, K, 1, 1] as Reshape → Softmax → Reshape)
-    tensor, producer = logits, graph.producer.get(logits)
-    while producer is not None and producer.op_type in (*HEAD_OPS, *_RESHAPES):
-        tensor = producer.input[0]
-        if producer.op_type in HEAD_OPS:
+    for tensor, reader in _head_chain(graph, logits):
+        if reader in HEAD_OPS:
             logits = tensor
-        producer = graph.producer.get(tensor)
     return logits
+
+
+def _head_chain(graph: GraphView, tensor: str) -> list[tuple[str, str | None]]:
+    """``tensor`` and the tensors below it through Softmax/LogSoftmax and reshapes, each with the op
+    type that reads it on the way up (``None`` for ``tensor`` itself)."""
+    chain, reader = [(tensor, None)], graph.producer.get(tensor)
+    while reader is not None and reader.op_type in (*HEAD_OPS, *_RESHAPES):
+        chain.append((reader.input[0], reader.op_type))
+        reader = graph.producer.get(reader.input[0])
+    return chain
 
 
 def _is_score_shape(shape: tuple) -> bool:
@@ -515,14 +522,8 @@ def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
 
 def _scores_output(plan: Plan) -> str:
     """The graph output that carries the class scores: the logits, or a Softmax of them."""
-    for output in plan.graph.outputs:
-        tensor = output
-        while tensor != plan.logits and tensor in plan.graph.producer and \
-                plan.graph.producer[tensor].op_type in (*HEAD_OPS, *_RESHAPES):
-            tensor = plan.graph.producer[tensor].input[0]
-        if tensor == plan.logits:
-            return output
-    return ""
+    return next((output for output in plan.graph.outputs
+                 if any(tensor == plan.logits for tensor, _ in _head_chain(plan.graph, output))), "")
 
 
 def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str,
