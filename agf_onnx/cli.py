@@ -35,6 +35,19 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", metavar="NAME", help="the image input (default: the only 4-D input)")
 
 
+def _method_options(parser: argparse.ArgumentParser) -> None:
+    """The replicated methods' settings (compile, evaluate)."""
+    parser.add_argument("--steps", type=int, metavar="S", help="integrated-gradients: quadrature steps (50)")
+    parser.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
+    parser.add_argument("--noise", type=float, metavar="F",
+                        help="smoothgrad: noise std as a share of the image's value range (0.15)")
+    parser.add_argument("--seed", type=int, metavar="N", help="smoothgrad: seed of the in-graph noise (0)")
+
+
+def _given_method_options(args: argparse.Namespace) -> dict:
+    return {k: v for k in ("steps", "samples", "noise", "seed") if (v := getattr(args, k)) is not None}
+
+
 def _image_options(parser: argparse.ArgumentParser) -> None:
     """How image files become the model's input, and where it runs (explain, evaluate)."""
     parser.add_argument("--preset", choices=["imagenet", "symmetric", "unit", "none"], default="imagenet",
@@ -84,11 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--top-k", type=int, metavar="K",
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
-    compile_.add_argument("--steps", type=int, metavar="S", help="integrated-gradients: quadrature steps (50)")
-    compile_.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
-    compile_.add_argument("--noise", type=float, metavar="F",
-                          help="smoothgrad: noise std as a share of the image's value range (0.15)")
-    compile_.add_argument("--seed", type=int, metavar="N", help="smoothgrad: seed of the in-graph noise (0)")
+    _method_options(compile_)
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
                                "MODEL has external data)")
@@ -143,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16, metavar="B")
+    _method_options(evaluate)
     _model_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -182,8 +192,7 @@ def _compile(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                     flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                    options={k: v for k in ("steps", "samples", "noise", "seed")
-                             if (v := getattr(args, k)) is not None}, top_k=args.top_k, check=not args.no_check)
+                    options=_given_method_options(args), top_k=args.top_k, check=not args.no_check)
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
         before, after = os.path.getsize(args.model), os.path.getsize(args.output)
@@ -292,7 +301,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = load_dataset(args.data, labels)[:args.limit]
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
-                                                                  "image": args.image},
+                                                                  "image": args.image,
+                                                                  "options": _given_method_options(args)},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
                             crop=args.crop, bgr=args.bgr)
@@ -308,7 +318,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
                 "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
-                "bgr": args.bgr, "batch_size": args.batch_size}
+                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args)}
     out = pathlib.Path(args.output)
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])

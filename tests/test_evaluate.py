@@ -240,3 +240,16 @@ def test_evaluate_refuses_bad_input_with_exit_1_and_no_output(tmp_path, capsys):
     code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
                      "--methods", "agf,magic"])
     assert code == 1 and "unknown method magic" in capsys.readouterr().err
+
+
+def test_evaluate_passes_the_method_options_on(tmp_path):
+    make_benchmark.generate(tmp_path / "data", 4, seed=2, size=32, source="digits")
+    onnx.save(models.export(models.seeded(models.VGGish(), image=32), 32), tmp_path / "vgg.onnx")
+    assert cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data"), "-o", str(tmp_path / "out"),
+                     "--methods", "smoothgrad,gradient", "--samples", "2", "--noise", "0", "--preset", "symmetric",
+                     "-q"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["method_options"] == {"samples": 2, "noise": 0.0}
+    smooth, plain = results["methods"]["smoothgrad"], results["methods"]["gradient"]
+    assert smooth["perturbation"] == plain["perturbation"], "noiseless SmoothGrad is the saliency map"
+    assert smooth["segmentation"] == plain["segmentation"]
