@@ -214,6 +214,11 @@ class Evaluation:
     def run(self, samples: Sequence[Sample], progress: Callable[[int, str], None] | None = None) -> dict:
         """The metrics per method over ``samples`` (a dict ready for ``results.json``). One method at a
         time, so that only one compiled model is in memory; ``progress(images, method)`` after each batch."""
+        classes = self.reference.classes
+        bad = next((s for s in samples if classes is not None and max(s.labels) >= classes), None)
+        if bad is not None:
+            raise EvaluateError(f"{bad.image}: class {max(bad.labels)} is out of range: the model has {classes} "
+                                f"classes (0–{classes - 1})")
         tallies = {method: _Tally() for method in self.methods}
         predictions: list[np.ndarray] = []
         clean, began = 0, time.perf_counter()

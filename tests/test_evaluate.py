@@ -240,6 +240,12 @@ def test_evaluate_refuses_bad_input_with_exit_1_and_no_output(tmp_path, capsys):
     code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
                      "--methods", "agf,magic"])
     assert code == 1 and "unknown method magic" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "seen.png")
+    (tmp_path / "data.csv").write_text("file,label\nseen.png,12\n")
+    code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
+                     "--methods", "gradient", "-q"])
+    assert code == 1 and "seen.png: class 12 is out of range: the model has 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_passes_the_method_options_on(tmp_path):
