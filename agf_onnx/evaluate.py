@@ -2,7 +2,8 @@
 for several explanation methods on one classifier and a labelled image set, all in ONNX Runtime.
 
 A data set is a CSV file (``file,label`` and optionally ``labels``, ``mask``; paths relative to
-the CSV) or a folder holding ``labels.csv`` or one subfolder per class. Masks are PNG files:
+the CSV) or a folder holding ``labels.csv`` or one subfolder per class; without a ``mask`` column,
+``<image stem>.mask.png`` beside an image is its mask. Masks are PNG files:
 binary (non-zero = the object), or class-coded (``k + 1`` marks class ``k``'s pixels, 255 is
 ignored, PASCAL VOC style) when every non-zero value other than 255 is a labelled class plus one.
 
@@ -92,8 +93,9 @@ def _read_csv(path: pathlib.Path, class_names: Sequence[str] | None) -> list[Sam
             where = f"{path}, line {line}"
             label = _class_index(row["label"] or "", class_names, where)
             labels = {label} | {_class_index(t, class_names, where) for t in (row.get("labels") or "").split()}
-            mask = path.parent / row["mask"] if row.get("mask") else None
-            samples.append(Sample(path.parent / row["file"], label, frozenset(labels), mask))
+            image = path.parent / row["file"]
+            mask = path.parent / row["mask"] if row.get("mask") else _mask_beside(image)
+            samples.append(Sample(image, label, frozenset(labels), mask))
     if not samples:
         raise EvaluateError(f"{path}: no rows")
     return samples
@@ -115,11 +117,15 @@ def _read_class_folders(path: pathlib.Path, class_names: Sequence[str] | None) -
         for image in sorted(folder.rglob("*")):
             if image.suffix.lower() not in IMAGE_SUFFIXES or image.name.endswith(MASK_SUFFIX):
                 continue
-            mask = image.with_name(image.stem + MASK_SUFFIX)
-            samples.append(Sample(image, index, frozenset({index}), mask if mask.exists() else None))
+            samples.append(Sample(image, index, frozenset({index}), _mask_beside(image)))
     if not samples:
         raise EvaluateError(f"{path}: no images in its class subfolders")
     return samples
+
+
+def _mask_beside(image: pathlib.Path) -> pathlib.Path | None:
+    mask = image.with_name(image.stem + MASK_SUFFIX)
+    return mask if mask.is_file() else None
 
 
 def object_masks(mask: np.ndarray, sample: Sample) -> dict[int, np.ndarray] | np.ndarray:

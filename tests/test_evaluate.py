@@ -168,8 +168,10 @@ def test_csv_rows_take_class_names_and_name_the_bad_line(tmp_path):
     for name in ("a.png", "b.png"):
         Image.new("RGB", (4, 4)).save(tmp_path / name)
     (tmp_path / "names.csv").write_text("file,label,labels\na.png,cat,cat dog\nb.png,1,\n")
+    Image.new("L", (4, 4)).save(tmp_path / "b.mask.png")
     samples = load_dataset(tmp_path / "names.csv", ["cat", "dog"])
     assert [(s.label, sorted(s.labels)) for s in samples] == [(0, [0, 1]), (1, [1])]
+    assert [s.mask for s in samples] == [None, tmp_path / "b.mask.png"], "a mask beside its image is found"
     (tmp_path / "bad.csv").write_text("file,label\na.png,0\nb.png,zebra\n")
     with pytest.raises(EvaluateError, match=r"bad.csv, line 3: 'zebra' is neither a class index"):
         load_dataset(tmp_path / "bad.csv", ["cat", "dog"])
