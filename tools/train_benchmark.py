@@ -10,7 +10,8 @@ and a small ResNet-style one (stem, three BasicBlock stages with BatchNorm, glob
 both from ``tests/models.py``, trained multi-label (a sigmoid per class, binary cross-entropy) with
 Adam on ``bench/train``. Inputs are the canvases scaled to [-1, 1] (``--preset symmetric`` for
 ``agf-onnx``); outputs are the ten class logits. Prints the test split's top-1 accuracy (the top
-class is one of the items present). Same arguments and torch version, same weights.
+class is one of the items present). Same arguments, torch version and CPU thread count, same
+weights (the order of float sums depends on the threads).
 """
 
 from __future__ import annotations
