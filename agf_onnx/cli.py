@@ -308,6 +308,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                             crop=args.crop, bgr=args.bgr)
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}")
     bar = None if args.quiet else progress_bar(len(samples) * len(methods))
+
     def advance(count: int, method: str) -> None:
         bar.set_description(f"{method} ({methods.index(method) + 1}/{len(methods)})")
         bar.update(count)

@@ -293,14 +293,13 @@ class Evaluation:
             if isinstance(objects, dict):
                 present = [k for k in sorted(sample.labels, key=lambda k: (k != sample.label, k)) if objects[k].any()]
                 if len(present) >= 2:
-                    pairs.append((n, present[0], present[1]))
+                    pairs.append((n, objects, present[0], present[1]))
         if not pairs:
             return
         began = time.perf_counter()
-        others = self._heatmaps(explainer, photos[[n for n, _, _ in pairs]], np.array([b for _, _, b in pairs]))
+        others = self._heatmaps(explainer, photos[[pair[0] for pair in pairs]], np.array([pair[3] for pair in pairs]))
         tally.seconds += time.perf_counter() - began
-        for (n, first, second), other_map in zip(pairs, others):
-            objects = object_masks(masks[n], chunk[n])
+        for (n, objects, first, second), other_map in zip(pairs, others):
             for heatmap, own, other in ((maps[n], first, second), (other_map, second, first)):
                 shares = metrics.mass_shares(heatmap, [objects[own], objects[other]])
                 tally.own.append(shares[0])

@@ -85,12 +85,16 @@ class Bilinear:
         activation = b.Mul(self.forward(b, node, abs_x, abs_w), nonzero(b, relevance))
         return b.Mul(abs_x, self.vjp(b, node, safe_divide(b, relevance, activation), abs_w))
 
+    def _signed_parts(self, b: GraphBuilder, node: NodeView) -> tuple[str, str, str, str]:
+        """``x⁺, x⁻, W⁺, W⁻``."""
+        x, w, zero = node.inputs[0], self.weight(b, node), b.const(0.0)
+        return b.Max(x, zero), b.Min(x, zero), b.Max(w, zero), b.Min(w, zero)
+
     def alpha_beta(self, b: GraphBuilder, node: NodeView, alpha: float, beta: float) -> list[str | None]:
         """LRP-αβ: ``α·(x⁺ ⊙ VJP_{W⁺}(S⁺) + x⁻ ⊙ VJP_{W⁻}(S⁺)) − β·(x⁺ ⊙ VJP_{W⁻}(S⁻) + x⁻ ⊙ VJP_{W⁺}(S⁻))``
         with ``S± = sdiv(R, z±)``, ``z⁺ = op(x⁺, W⁺) + op(x⁻, W⁻)``, ``z⁻`` the opposite; no bias."""
-        x, w, relevance = node.inputs[0], self.weight(b, node), node.relevance[0]
-        zero = b.const(0.0)
-        x_pos, x_neg, w_pos, w_neg = b.Max(x, zero), b.Min(x, zero), b.Max(w, zero), b.Min(w, zero)
+        relevance = node.relevance[0]
+        x_pos, x_neg, w_pos, w_neg = self._signed_parts(b, node)
 
         def share(for_pos: str, for_neg: str) -> str:
             z = b.Add(self.forward(b, node, x_pos, for_pos), self.forward(b, node, x_neg, for_neg))
@@ -103,11 +107,6 @@ class Bilinear:
         if beta:
             result = b.Sub(result, b.Mul(share(w_neg, w_pos), b.const(beta)))
         return data_only(node, {0: result})
-
-    def _signed_parts(self, b: GraphBuilder, node: NodeView) -> tuple[str, str, str, str]:
-        """``x⁺, x⁻, W⁺, W⁻``."""
-        x, w, zero = node.inputs[0], self.weight(b, node), b.const(0.0)
-        return b.Max(x, zero), b.Min(x, zero), b.Max(w, zero), b.Min(w, zero)
 
     def relative(self, b: GraphBuilder, node: NodeView, negative_on_second: bool) -> list[str | None]:
         """RAP's rule for a hidden layer (Nam et al. 2019, their ``RAP_relprop``): for each sign of the
