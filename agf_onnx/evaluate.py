@@ -152,7 +152,6 @@ class _Tally:
     perturbation: dict = field(default_factory=lambda: {(mode, which): np.zeros(len(metrics.FRACTIONS))
                                                         for mode in ("negative", "positive")
                                                         for which in ("predicted", "target")})
-    images: int = 0
     correct_pixels: int = 0
     pixels: int = 0
     precisions: list = field(default_factory=list)
@@ -207,10 +206,7 @@ class Evaluation:
         explainer = self.reference
         photos, masks = [], []
         for sample in samples:
-            try:
-                photos.append(explainer.fit(load_image(sample.image, [])))
-            except CompileError as error:
-                raise EvaluateError(str(error)) from error
+            photos.append(explainer.fit(load_image(sample.image, [])))  # an unreadable image: ExplainError
             if sample.mask is None:
                 masks.append(None)
                 continue
@@ -259,7 +255,6 @@ class Evaluation:
         if len(differs):
             maps["target"][differs] = self._heatmaps(explainer, photos[differs], target[differs])
         tally.seconds += time.perf_counter() - began
-        tally.images += len(chunk)
         self._perturbation(tally, photos, maps, labels, differs)
         self._segmentation_and_sensitivity(explainer, tally, chunk, photos, masks, maps["target"])
 
@@ -308,9 +303,9 @@ class Evaluation:
     def _summary(self, tallies: dict[str, _Tally], count: int, clean: int, seconds: float) -> dict:
         results = {}
         for method, tally in tallies.items():
-            entry = {"images": tally.images, "explain_seconds": round(tally.seconds, 2), "perturbation": {}}
+            entry = {"images": count, "explain_seconds": round(tally.seconds, 2), "perturbation": {}}
             for (mode, which), hits in tally.perturbation.items():
-                curve = 100.0 * hits / max(tally.images, 1)
+                curve = 100.0 * hits / max(count, 1)
                 entry["perturbation"].setdefault(mode, {})[which] = {
                     "accuracy": [round(float(a), 2) for a in curve], "auc": round(metrics.area_under_curve(curve), 2)}
             if tally.pixels:

@@ -83,7 +83,7 @@ def test_mass_shares_count_the_positive_part_only():
     heatmap = np.array([[2.0, -5.0], [1.0, 1.0]])
     own, other = np.array([[True, True], [False, False]]), np.array([[False, False], [True, False]])
     assert metrics.mass_shares(heatmap, [own, other]) == [0.5, 0.25]
-    assert metrics.mass_shares(-heatmap * 0, [own]) == [0.0]
+    assert metrics.mass_shares(np.zeros_like(heatmap), [own]) == [0.0]
 
 
 def test_masks_are_read_class_coded_or_binary():
@@ -247,6 +247,11 @@ def test_evaluate_refuses_bad_input_with_exit_1_and_no_output(tmp_path, capsys):
     code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
                      "--methods", "gradient", "-q"])
     assert code == 1 and "seen.png: class 12 is out of range: the model has 10 classes" in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data.csv").write_text("file,label\nseen.png,1\nbroken.png,2\n")
+    code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
+                     "--methods", "gradient", "-q"])
+    assert code == 1 and "broken.png: not a readable image" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
