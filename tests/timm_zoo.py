@@ -1,0 +1,214 @@
+"""timm 1.0 architectures with seeded random weights, exported with ``torch.onnx`` at opset 17.
+
+timm imports torchvision at load time, and torchvision does not import beside the CPU torch used
+here (the wheels on the index are CUDA builds). timm needs only a handful of names from it to build
+and export models: :func:`stand_in_torchvision` installs an import-only module tree in
+``sys.modules`` (placeholder classes for everything but ``FrozenBatchNorm2d``, which is real).
+
+Each model is built at a small input size where its architecture allows (``img_size``), in eval
+mode, and exported once per process into a cache folder (``AGF_TIMM_CACHE`` if set, else a
+temporary folder): exporting a model costs seconds to tens of seconds on two cores."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import types
+import warnings
+
+import onnx
+import torch
+
+
+class _FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision's ``FrozenBatchNorm2d``: BatchNorm with fixed statistics and affine parameters."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), value))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm checkpoints carry it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class _InterpolationMode(enum.Enum):
+    """torchvision's ``InterpolationMode`` (timm's transforms map its members to PIL names)."""
+
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+class _StandInModule(types.ModuleType):
+    """A module whose every missing public attribute is a placeholder class: importing a name works,
+    using it (a transform, a dataset) is never needed to build or export a model."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        placeholder = type(name, (), {"__module__": self.__name__})
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+_SUBMODULES = ("ops", "ops.misc", "transforms", "transforms.functional", "transforms.v2", "datasets", "models",
+               "models.resnet", "models.feature_extraction", "utils", "io")
+
+
+def stand_in_torchvision() -> None:
+    """Install (or complete) the import-only torchvision tree. Another stand-in may already be in
+    ``sys.modules`` (Zennit's oracle installs a smaller one): its modules are kept and extended."""
+    real = sys.modules.get("torchvision")
+    if real is not None and getattr(real, "__file__", None):
+        return  # a working torchvision
+    names = ["torchvision"] + [f"torchvision.{s}" for s in _SUBMODULES]
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = _StandInModule(name)
+        elif not isinstance(sys.modules[name], _StandInModule):
+            sys.modules[name].__class__ = _StandInModule  # a plain stand-in module: give it placeholders
+    for name in names[1:]:
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, sys.modules[name])
+    sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = _FrozenBatchNorm2d
+    sys.modules["torchvision.transforms.functional"].InterpolationMode = _InterpolationMode
+    sys.modules["torchvision.transforms"].InterpolationMode = _InterpolationMode
+    sys.modules["torchvision"].__version__ = "0.0+stand-in"
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A timm model as the tests build it: ``image`` is the square input side, ``kwargs`` go to
+    ``timm.create_model`` (``img_size`` and friends), ``tokens_change`` says whether the token set
+    changes between blocks (window attention, token pooling): Chefer's rollout is refused there."""
+
+    name: str
+    image: int
+    kwargs: tuple = ()
+    tokens_change: bool = False
+    token_model: bool = False  # has attention (Softmax over tokens): chefer applies
+
+
+SPECS = {s.name: s for s in (
+    Spec("convnext_atto", 64),
+    Spec("vit_tiny_patch16_224", 64, (("img_size", 64),), token_model=True),
+    Spec("deit_tiny_patch16_224", 64, (("img_size", 64),), token_model=True),
+    Spec("swin_tiny_patch4_window7_224", 64, (("img_size", 64), ("window_size", 4)), tokens_change=True,
+         token_model=True),
+    Spec("mixer_s16_224", 64, (("img_size", 64),)),
+    Spec("poolformer_s12", 64),
+    Spec("mobilevit_xxs", 64, tokens_change=True, token_model=True),
+    Spec("levit_128s", 64, (("img_size", 64),), tokens_change=True, token_model=True),
+    Spec("efficientformer_l1", 224, tokens_change=True, token_model=True),
+    Spec("resnetv2_50x1_bit", 64),
+    Spec("nf_resnet26", 64),
+)}
+
+DYNAMO = ("convnext_atto", "vit_tiny_patch16_224", "resnetv2_50x1_bit")
+"""The families also exported with ``dynamo=True`` (the issue asks for ConvNeXt, ViT and one more)."""
+
+TINY_VIT = Spec("vit_tiny_patch16_224", 32, (("img_size", 32), ("patch_size", 8), ("depth", 2), ("num_classes", 10)),
+                token_model=True)
+"""The CI representative: a two-block ViT-Tiny on 32×32 images (16 patch tokens and a class token)."""
+
+_cache: pathlib.Path | None = None
+EXPORT_SECONDS: dict[str, float] = {}
+"""Seconds spent exporting each model in this process (cached files do not count)."""
+
+
+def cache_dir() -> pathlib.Path:
+    global _cache
+    if _cache is None:
+        _cache = pathlib.Path(os.environ.get("AGF_TIMM_CACHE") or tempfile.mkdtemp(prefix="agf-timm-"))
+        _cache.mkdir(parents=True, exist_ok=True)
+    return _cache
+
+
+def build(spec: Spec, seed: int = 0) -> torch.nn.Module:
+    """The timm model with seeded random weights, in eval mode."""
+    stand_in_torchvision()
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(spec.name, pretrained=False, **dict(spec.kwargs)).eval()
+    _calibrate_head(model, spec.image)
+    return model
+
+
+@torch.no_grad()
+def _calibrate_head(model: torch.nn.Module, image: int) -> None:
+    """Scale the classifier so the logits spread with a standard deviation of about 3: several timm
+    heads start at zero (ViT, Mixer: ``head`` zero-initialised), which would make every class score
+    and every explanation zero."""
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Sequential):
+        head = [m for m in head if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    if not isinstance(head, (torch.nn.Linear, torch.nn.Conv2d)):  # LeViT: BatchNorm + Linear (+ distillation)
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                 and m.out_features == model.num_classes]
+    else:
+        heads = [head]
+    if hasattr(model, "head_dist") and isinstance(getattr(model.head_dist, "linear", model.head_dist),
+                                                  torch.nn.Linear):
+        heads.append(getattr(model.head_dist, "linear", model.head_dist))
+    generator = torch.Generator().manual_seed(1)
+    for layer in heads:
+        if not layer.weight.abs().sum():
+            layer.weight.normal_(0, 0.02, generator=generator)
+    logits = model(torch.randn(2, 3, image, image, generator=generator))
+    scale = 3.0 / max(float(logits.std()), 1e-6)
+    for layer in heads:
+        layer.weight.mul_(scale)
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
+
+
+def export(spec: Spec, dynamo: bool = False) -> onnx.ModelProto:
+    """The model exported at opset 17 with a dynamic batch (input ``x``), from the cache if there."""
+    key = hashlib.sha1(repr(spec.kwargs).encode()).hexdigest()[:8]  # str hashes change per process
+    path = cache_dir() / f"{spec.name}-{spec.image}-{key}-{'dynamo' if dynamo else 'ts'}.onnx"
+    if not path.exists():
+        model = build(spec)
+        example = torch.randn(2, 3, spec.image, spec.image)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                # the exporter looks for torchvision's ops to register and logs the stand-in's failure
+                logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.CRITICAL)
+                program = torch.onnx.export(model, (example,), dynamo=True, input_names=["x"], opset_version=17,
+                                            dynamic_shapes={"x": {0: torch.export.Dim("N")}}, verbose=False,
+                                            optimize=True)
+                proto = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+                                  dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
+                proto = onnx.load_from_string(buffer.getvalue())
+        EXPORT_SECONDS[path.stem] = time.perf_counter() - start
+        partial = path.with_suffix(".partial")
+        onnx.save(proto, partial)
+        partial.replace(path)  # never a half-written file in the cache
+    return onnx.load(path)
