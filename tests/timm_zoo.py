@@ -133,6 +133,11 @@ TINY_VIT = Spec("vit_tiny_patch16_224", 32, (("img_size", 32), ("patch_size", 8)
                 token_model=True)
 """The CI representative: a two-block ViT-Tiny on 32×32 images (16 patch tokens and a class token)."""
 
+TINY_SWIN = Spec("swin_tiny_patch4_window7_224", 32, (("img_size", 32), ("window_size", 4), ("embed_dim", 24),
+                                                   ("depths", (1, 1)), ("num_heads", (1, 2)), ("num_classes", 10)),
+                 tokens_change=True, token_model=True)
+"""A two-stage Swin on 32×32 images (8×8 then 4×4 tokens, 4×4 windows): Chefer's refusal in CI."""
+
 _cache: pathlib.Path | None = None
 EXPORT_SECONDS: dict[str, float] = {}
 """Seconds spent exporting each model in this process (cached files do not count)."""
@@ -187,6 +192,11 @@ def _calibrate_head(model: torch.nn.Module, image: int) -> None:
 
 def export(spec: Spec, dynamo: bool = False) -> onnx.ModelProto:
     """The model exported at opset 17 with a dynamic batch (input ``x``), from the cache if there."""
+    return onnx.load(export_path(spec, dynamo))
+
+
+def export_path(spec: Spec, dynamo: bool = False) -> str:
+    """The cached ``.onnx`` file of :func:`export`, written on first use."""
     key = hashlib.sha1(repr(spec.kwargs).encode()).hexdigest()[:8]  # str hashes change per process
     path = cache_dir() / f"{spec.name}-{spec.image}-{key}-{'dynamo' if dynamo else 'ts'}.onnx"
     if not path.exists():
@@ -211,4 +221,4 @@ def export(spec: Spec, dynamo: bool = False) -> onnx.ModelProto:
         partial = path.with_suffix(".partial")
         onnx.save(proto, partial)
         partial.replace(path)  # never a half-written file in the cache
-    return onnx.load(path)
+    return str(path)
