@@ -53,7 +53,7 @@ def unbroadcast(b: GraphBuilder, gradient: str, output_shape: tuple, input_shape
     if axes:
         gradient = b.ReduceSum(gradient, b.ints(axes), keepdims=1)
     if len(input_shape) != rank:
-        gradient = b.Reshape(gradient, b.ints([0 if d is None else d for d in input_shape]))
+        gradient = b.Reshape(gradient, b.ints([-1 if d is None else d for d in input_shape]))
     return gradient
 
 

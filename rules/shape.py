@@ -27,7 +27,7 @@ def _reshape_back(b, node: NodeView, values: list) -> list[str | None]:
     in_shape, out_shape = _static(node, node.inputs[0]), node.shape(node.outputs[0])
     if in_shape[0] is None and out_shape and out_shape[0] is not None:
         raise node.refuse(f"reshapes the batch axis away ({in_shape} → {list(out_shape)})")
-    return data_only(node, {0: b.Reshape(values[0], b.ints([0 if d is None else d for d in in_shape]))})
+    return data_only(node, {0: b.Reshape(values[0], b.ints([-1 if d is None else d for d in in_shape]))})
 
 
 def _transpose_back(b, node: NodeView, values: list) -> list[str | None]:
