@@ -12,15 +12,22 @@ Relevance (spec "Linear layers"):
 - ``alpha1beta0``, ``alpha2beta1``: LRP-αβ for the LRP baselines.
 - ``rap``, ``rap_first``: Relative Attributing Propagation (Nam et al. 2019) for hidden layers and
   for the layer that computes the logits, as in the authors' ``RAP_relprop``.
+
+A MatMul whose second operand depends on the input too (attention's ``Q Kᵀ`` and ``A V``, batched
+and broadcast) is a product of two data tensors: its gradient and, whatever the kind, its
+relevance are the rules of ``product.py`` (all to the values of an attention product, else ½/½).
 """
 
 from __future__ import annotations
+
+import functools
 
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max
 
 from ._helpers import Bilinear, data_only
-from ._registry import gradient, relevance
+from ._registry import Rule, gradient, relevance
+from .product import matmul_product_gradient, matmul_product_relevance
 
 #: Ops that only move data; the flattened-map test looks through them.
 _TRANSPARENT = {"Identity", "Dropout"}
@@ -65,14 +72,32 @@ def _check(node: NodeView) -> None:
         raise node.refuse(f"the weight must be 2-D, it has shape {list(node.shape(1))}")
 
 
+def is_product(node: NodeView) -> bool:
+    """A MatMul whose right operand depends on the input, or whose left one does not."""
+    return node.op_type == "MatMul" and (node.is_data(1) or not node.is_data(0))
+
+
+def _or_product(rule: Rule) -> Rule:
+    """``rule`` for a linear layer with a constant weight, the product rule for two data operands."""
+
+    @functools.wraps(rule)
+    def either(b, node: NodeView) -> list[str | None]:
+        return matmul_product_relevance(b, node) if is_product(node) else rule(b, node)
+
+    return either
+
+
 @gradient("Gemm", "MatMul")
 def linear_gradient(b, node: NodeView) -> list[str | None]:
-    """G · W'ᵀ."""
+    """G · W'ᵀ; for a MatMul of two data tensors G·Bᵀ and Aᵀ·G (batched, un-broadcast)."""
+    if is_product(node):
+        return matmul_product_gradient(b, node)
     _check(node)
     return LINEAR[node.op_type].gradient(b, node)
 
 
 @relevance("Gemm", "MatMul", kind="zB")
+@_or_product
 def linear_input_layer(b, node: NodeView) -> list[str | None]:
     """z^B rule bounded by the image's per-sample minimum and maximum."""
     return LINEAR[node.op_type].input_layer(b, node)
@@ -90,6 +115,7 @@ def flattened_map(node: NodeView) -> str | None:
 
 
 @relevance("Gemm", "MatMul", kind="agf")
+@_or_product
 def linear_agf(b, node: NodeView) -> list[str | None]:
     """Absolute influence C; Δshift(C, nmax(gradient–input map)) after a flattened 4-D map."""
     influence = LINEAR[node.op_type].absolute_influence(b, node)
@@ -105,24 +131,28 @@ def linear_agf(b, node: NodeView) -> list[str | None]:
 
 
 @relevance("Gemm", "MatMul", kind="alpha1beta0")
+@_or_product
 def linear_alpha1beta0(b, node: NodeView) -> list[str | None]:
     """LRP-α1β0: positive contributions only, no bias."""
     return LINEAR[node.op_type].alpha_beta(b, node, 1.0, 0.0)
 
 
 @relevance("Gemm", "MatMul", kind="alpha2beta1")
+@_or_product
 def linear_alpha2beta1(b, node: NodeView) -> list[str | None]:
     """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
     return LINEAR[node.op_type].alpha_beta(b, node, 2.0, 1.0)
 
 
 @relevance("Gemm", "MatMul", kind="rap")
+@_or_product
 def linear_rap(b, node: NodeView) -> list[str | None]:
     """RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR."""
     return LINEAR[node.op_type].relative(b, node, negative_on_second=False)
 
 
 @relevance("Gemm", "MatMul", kind="rap_first")
+@_or_product
 def linear_rap_first(b, node: NodeView) -> list[str | None]:
     """RAP's first step at the logits layer (first_prop + redistribute), from the target's one-hot."""
     return LINEAR[node.op_type].relative_start(b, node, _bias(b, node))
