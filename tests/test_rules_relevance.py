@@ -329,3 +329,69 @@ def test_attention_block_relevance_with_the_rules_oracle():
     expected = oracle.z_rule(lambda t: torch.from_numpy(attention) @ t, v, torch.from_numpy(relevance).double())
     np.testing.assert_allclose(shares["operand1"], expected.detach().numpy(), rtol=1e-4, atol=1e-5)
     assert set(shares) == {"operand1"}
+
+
+# -- the token form of AGF's linear rule ---------------------------------------------------------------
+
+def _as_conv(weight: np.ndarray) -> torch.nn.Conv2d:
+    """The 1×1 conv that a per-token linear layer ``x @ W`` is."""
+    conv = torch.nn.Conv2d(weight.shape[0], weight.shape[1], 1, bias=False).double()
+    conv.weight.data = torch.from_numpy(weight.T.copy()).double()[:, :, None, None]
+    return conv
+
+
+def _channel_first(t: np.ndarray, samples: int) -> torch.Tensor:
+    """``[N(·P), T…, C]`` → ``[N, C, P·T, 1]``: the sample's tokens as the pixels of a 1×1 conv's map."""
+    t = torch.from_numpy(np.asarray(t, np.float64))
+    return t.reshape(samples, -1, t.shape[-1]).transpose(1, 2)[..., None]
+
+
+def _token_model(shape: tuple, weight: np.ndarray, merged: int = 1) -> onnx.ModelProto:
+    """x → MatMul(x, W), x of ``shape``; with ``merged`` > 1 the batch is first merged with ``merged``
+    groups of tokens, ``[N, P·T, C]`` → ``[N·P, T, C]`` (MobileViT)."""
+    nodes, initializers, tokens = [], [numpy_helper.from_array(weight, "w")], "x"
+    if merged > 1:
+        initializers.append(numpy_helper.from_array(np.array([-1, *shape[1:]], np.int64), "merged_shape"))
+        nodes.append(helper.make_node("Reshape", ["x", "merged_shape"], ["tokens"], name="merge"))
+        tokens = "tokens"
+    nodes.append(helper.make_node("MatMul", [tokens, "w"], ["y"], name="linear"))
+    outer = (None, merged * shape[1], *shape[2:])
+    graph = helper.make_graph(nodes, "token_linear", [_info("x", outer)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"),
+               pytest.param((2, 3, 5), 2, "merged-batch", marks=pytest.mark.skipif(
+                   not hasattr(GraphView, "batch"), reason="needs GraphView.batch (batch merged with tokens)"))]
+
+
+@pytest.mark.parametrize("shape,merged,name", TOKEN_CASES, ids=["tokens", "NHWC", "merged-batch"])
+def test_token_linear_layer_gets_the_full_conv_rule(shape, merged, name):
+    samples = shape[0]
+    weight = RNG.standard_normal((shape[-1], 4)).astype(np.float32)
+    model = _token_model(shape, weight, merged)
+    x = RNG.standard_normal((samples, merged * shape[1], *shape[2:])).astype(np.float32)
+    out_shape = (samples * merged, *shape[1:-1], 4)
+    relevance = RNG.standard_normal(out_shape).astype(np.float32)
+    relevance[..., 1::3, :] = 0.0  # whole tokens without relevance, as after a class-token Gather
+    relevance[..., 0] = 0.0
+    gradient = RNG.standard_normal(out_shape).astype(np.float32)
+    shares, values = relevance_of(model, "linear", "agf", x, relevance, gradient)
+    tokens = values["tokens" if merged > 1 else "x"]
+    expected = oracle.conv_full(_as_conv(weight), _channel_first(tokens, samples), _channel_first(gradient, samples),
+                                _channel_first(relevance, samples))
+    expected = expected[..., 0].transpose(1, 2).reshape(tokens.shape).numpy()
+    got = shares["tokens" if merged > 1 else "x"]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99999
+
+
+def test_token_linear_layer_flat_is_the_absolute_influence():
+    weight = RNG.standard_normal((5, 4)).astype(np.float32)
+    x = RNG.standard_normal((2, 6, 5)).astype(np.float32)
+    relevance = RNG.standard_normal((2, 6, 4)).astype(np.float32)
+    shares, _ = relevance_of(_token_model((2, 6, 5), weight), "linear", "flat", x, relevance)
+    expected = oracle.absolute_influence(lambda t, w: t @ w, torch.from_numpy(x).double(),
+                                         torch.from_numpy(weight).double(), torch.from_numpy(relevance).double())
+    np.testing.assert_allclose(shares["x"], expected.numpy(), rtol=1e-4, atol=1e-5)
