@@ -249,3 +249,82 @@ def test_every_registered_op_has_a_gradient_check():
     checked = {case.op for case in CASES}
     missing = sorted(op for op, entry in REGISTRY.items() if entry.gradient is not None and op not in checked)
     assert not missing, f"registered ops without a gradient check: {missing}"
+
+
+# -- graphs whose batch is not at axis 0 (issue 10: timm's attention, MobileViT's merged batch) ------
+
+def _graph(nodes: list, shape: tuple, constants: dict) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "graph", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape[1:]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _timm_attention():
+    """qkv.reshape(B, T, 3, h, d).permute(2, 0, 3, 1, 4); q, k, v = qkv[0..2]; softmax(q kᵀ) v."""
+    t, h, d = 5, 2, 3
+    nodes = [helper.make_node("Reshape", ["x", "split_heads"], ["qkv"]),
+             helper.make_node("Transpose", ["qkv"], ["moved"], perm=[2, 0, 3, 1, 4]),  # [3, N, h, T, d]
+             *[helper.make_node("Gather", ["moved", f"i{i}"], [name], axis=0) for i, name in enumerate("qkv")],
+             helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),
+             helper.make_node("MatMul", ["attention", "v"], ["heads"]),
+             helper.make_node("Transpose", ["heads"], ["merged"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["merged", "join_heads"], ["y"])]
+    constants = {"split_heads": np.array([-1, t, 3, h, d], np.int64), "join_heads": np.array([-1, t, h * d], np.int64),
+                 **{f"i{i}": np.array(i, np.int64) for i in range(3)}}
+
+    def reference(x):
+        q, k, v = x.reshape(-1, t, 3, h, d).permute(2, 0, 3, 1, 4)
+        return (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2).reshape(-1, t, h * d)
+
+    return _graph(nodes, (2, t, 3 * h * d), constants), (2, t, 3 * h * d), reference
+
+
+def _merged_batch():
+    """[N, P·T, C] → [N·P, T, C] (MobileViT's patches as batch), token softmax and mean, back to [N, P, C]."""
+    p, t, c = 2, 3, 4
+    nodes = [helper.make_node("Reshape", ["x", "merge"], ["patches"]),
+             helper.make_node("Softmax", ["patches"], ["weights"], axis=-1),
+             helper.make_node("Mul", ["weights", "patches"], ["weighted"]),
+             helper.make_node("ReduceMean", ["weighted"], ["pooled"], axes=[1], keepdims=0),  # [N·P, C]
+             helper.make_node("Reshape", ["pooled", "split"], ["y"])]
+    constants = {"merge": np.array([-1, t, c], np.int64), "split": np.array([-1, p, c], np.int64)}
+
+    def reference(x):
+        patches = x.reshape(-1, t, c)
+        return (torch.softmax(patches, -1) * patches).mean(1).reshape(-1, p, c)
+
+    return _graph(nodes, (2, p * t, c), constants), (2, p * t, c), reference
+
+
+def _tokens_first():
+    """[N, T, C] → [T, N, C]; drop the first token and repeat the rest along axis 0; back."""
+    nodes = [helper.make_node("Transpose", ["x"], ["tokens_first"], perm=[1, 0, 2]),
+             helper.make_node("Slice", ["tokens_first", "one", "end", "zero"], ["rest"]),
+             helper.make_node("Concat", ["rest", "rest"], ["twice"], axis=0),
+             helper.make_node("Pad", ["twice", "pads"], ["padded"]),
+             helper.make_node("Transpose", ["padded"], ["y"], perm=[1, 0, 2])]
+    constants = {"one": np.array([1], np.int64), "end": np.array([100], np.int64), "zero": np.array([0], np.int64),
+                 "pads": np.array([1, 0, 0, 0, 0, 2], np.int64)}
+
+    def reference(x):
+        rest = x.transpose(0, 1)[1:]
+        return F.pad(torch.cat([rest, rest], 0), (0, 2, 0, 0, 1, 0)).transpose(0, 1)
+
+    return _graph(nodes, (2, 4, 3), constants), (2, 4, 3), reference
+
+
+@pytest.mark.parametrize("build", [_timm_attention, _merged_batch, _tokens_first],
+                         ids=["timm-attention", "merged-batch", "tokens-first"])
+def test_gradient_where_the_batch_is_not_axis_0(build):
+    model, shape, reference = build()
+    x = RNG.standard_normal(shape).astype(np.float32)
+    x_torch = torch.from_numpy(x).double().requires_grad_(True)
+    y = reference(x_torch)
+    upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
+    (expected,) = torch.autograd.grad(y, x_torch, upstream)
+    got = run(gradient_model(model, output="y", input="x"), {"x": x, "gradient_in": upstream.float().numpy()})
+    np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)
