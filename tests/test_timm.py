@@ -133,7 +133,7 @@ def test_timm_family_compiles_and_explains(name, dynamo, method):
     if method == "gradient":
         expected = saliency_oracle(spec, batch, run(onnx.load(path), {"x": batch})["y" if not dynamo else
                                    onnx.load(path).graph.output[0].name].argmax(1))
-        np.testing.assert_allclose(maps, expected, atol=2e-3)
+        np.testing.assert_allclose(maps, expected, atol=1e-4)  # float32 graph vs float64 autograd
     if method == CHEFER and not spec.name.startswith("efficientformer"):
         logits = run(onnx.load(path), {"x": batch})[onnx.load(path).graph.output[0].name]
         np.testing.assert_allclose(maps, chefer_oracle(spec, batch, logits.argmax(1)), atol=1e-3)

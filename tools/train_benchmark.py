@@ -32,11 +32,112 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.models import BasicBlock, ResNetish, VGGish, export  # noqa: E402
 
+
+class Attention(nn.Module):
+    """timm's ViT attention, written out (no fused kernel): one qkv projection, the heads split with
+    ``reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4)``, softmax(q kᵀ / √d) v, heads merged, projection."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (width // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, width))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)) with a GELU."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width, eps=1e-6), Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """timm's ``VisionTransformer`` at tiny width: patch embedding (a strided conv), class token,
+    learned position embedding, pre-norm blocks, final LayerNorm, the class token's linear head."""
+
+    def __init__(self, image: int, classes: int, patch: int = 8, width: int = 64, depth: int = 4, heads: int = 4,
+                 mlp_ratio: int = 2):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, width) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(width, heads, mlp_ratio) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(width, eps=1e-6), nn.Linear(width, classes)
+        for module in self.modules():  # timm's init: truncated normal linear weights, zero biases
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``[N, C, H, W]`` map (timm's: permute, normalise, permute)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + γ ⊙ Linear(GELU(Linear(LN(dwconv7×7(x))))), the pointwise layers channels-last as in timm."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(width, width, 7, padding=3, groups=width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.gamma = nn.Parameter(torch.full((width,), 1e-6))  # layer scale, as timm starts it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    """timm's ``ConvNeXt`` at tiny width: a 4×4 stride-4 stem with LayerNorm2d, stages of blocks
+    joined by LayerNorm2d + 2×2 stride-2 convs, global average pool, LayerNorm, linear head."""
+
+    def __init__(self, classes: int, widths: tuple = (32, 64, 96), depths: tuple = (2, 2, 2)):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, 4), LayerNorm2d(widths[0], eps=1e-6)]
+        for index, (width, depth) in enumerate(zip(widths, depths)):
+            if index:
+                layers += [LayerNorm2d(widths[index - 1], eps=1e-6), nn.Conv2d(widths[index - 1], width, 2, 2)]
+            layers += [ConvNeXtBlock(width) for _ in range(depth)]
+        self.stages = nn.Sequential(*layers)
+        self.norm, self.head = nn.LayerNorm(widths[-1], eps=1e-6), nn.Linear(widths[-1], classes)
+        for module in self.modules():  # timm's init: truncated normal conv and linear weights, zero biases
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.stages(x).mean((2, 3))))
+
+
 ARCHITECTURES = {
     "vgg": lambda size, classes: torchvision_init(VGGish(widths=(16, 16, "M", 32, 32, "M", 64, 64, "M", 128, "M"),
                                                          image=size, classes=classes, hidden=256)),
     "resnet": lambda size, classes: ResNetish(BasicBlock, layers=(1, 1, 1), planes=(16, 32, 64), stem=16,
                                               classes=classes),
+    "vit": lambda size, classes: TinyViT(size, classes),
+    "convnext": lambda size, classes: TinyConvNeXt(classes),
 }
 
 
@@ -105,9 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), required=True)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads (default: all); on a busy machine one thread is often faster")
     parser.add_argument("-o", "--output", type=pathlib.Path, help="default: DATA/ARCH.onnx")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     began = time.perf_counter()
     model = train(args.data, args.arch, args.epochs, args.seed)
     classes = len((args.data / "train" / "classes.txt").read_text().split("\n")) - 1
