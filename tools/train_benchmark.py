@@ -1,13 +1,19 @@
 """Train the built-in benchmark's classifiers on the CPU, seeded, and export them to ONNX.
 
-    python tools/make_benchmark.py bench                 # the data first
-    python tools/train_benchmark.py bench --arch vgg     # → bench/vgg.onnx
-    python tools/train_benchmark.py bench --arch resnet  # → bench/resnet.onnx
+    python tools/make_benchmark.py bench                   # the data first
+    python tools/train_benchmark.py bench --arch vgg       # → bench/vgg.onnx
+    python tools/train_benchmark.py bench --arch resnet    # → bench/resnet.onnx
+    python tools/train_benchmark.py bench --arch vit --epochs 20 --threads 1
+    python tools/train_benchmark.py bench --arch convnext --threads 1
 
 A small VGG-style network (seven 3×3 conv/ReLU layers, four max pools, a three-layer classifier
 on the flattened 4×4 map)
 and a small ResNet-style one (stem, three BasicBlock stages with BatchNorm, global average pool),
-both from ``tests/models.py``, trained multi-label (a sigmoid per class, binary cross-entropy) with
+both from ``tests/models.py``; a tiny ViT (timm's ``VisionTransformer`` layout: 8×8 patches,
+class token, position embedding, four pre-norm blocks of width 64 with four heads, GELU MLPs)
+and a tiny ConvNeXt (timm's layout: 4×4 stem, three stages of 7×7 depthwise blocks with
+LayerNorm, GELU and layer scale, widths 32/64/96), both written here from ``torch.nn``.
+All are trained multi-label (a sigmoid per class, binary cross-entropy) with
 Adam on ``bench/train``. Inputs are the canvases scaled to [-1, 1] (``--preset symmetric`` for
 ``agf-onnx``); outputs are the ten class logits. Prints the test split's top-1 accuracy (the top
 class is one of the items present). Same arguments, torch version and CPU thread count, same
