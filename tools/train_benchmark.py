@@ -89,7 +89,8 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1) + self.pos_embed
+        # x.shape[0], not len(x): the exporter records len() as a constant, fixing the batch size
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], 1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
