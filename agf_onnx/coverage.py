@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .compiler import HEAD_OPS
 from .methods import METHODS, get_method
+from .planning import HEAD_OPS
 from .rules import REGISTRY
 
 

@@ -239,7 +239,7 @@ def test_gradient_matches_autograd(case: Case):
     upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
     (expected,) = torch.autograd.grad(y, x_torch, upstream)
 
-    model = gradient_model(one_node_model(case), output="y", input="x")
+    model = gradient_model(one_node_model(case), output="y", source="x")
     got = run(model, {"x": x, "gradient_in": upstream.float().numpy()})
     assert got["y"].shape == tuple(y.shape)
     np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)
@@ -325,6 +325,6 @@ def test_gradient_where_the_batch_is_not_axis_0(build):
     y = reference(x_torch)
     upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
     (expected,) = torch.autograd.grad(y, x_torch, upstream)
-    got = run(gradient_model(model, output="y", input="x"), {"x": x, "gradient_in": upstream.float().numpy()})
+    got = run(gradient_model(model, output="y", source="x"), {"x": x, "gradient_in": upstream.float().numpy()})
     np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -313,7 +313,7 @@ def test_ops_that_mix_samples_are_refused_by_name(case, message):
     from agf_onnx.compiler import gradient_model
 
     with pytest.raises(CompileError, match=f"{case.op} node '{case.op}_under_test'.*{message}"):
-        gradient_model(one_node_model(case), output="y", input="x")
+        gradient_model(one_node_model(case), output="y", source="x")
 
 
 # -- attention inside a small model: conservation through the whole block ----------------------------
