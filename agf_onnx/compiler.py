@@ -115,26 +115,48 @@ def _target(b: GraphBuilder, scores: str) -> str:
     return b.Unsqueeze(target, b.ints([1]))
 
 
-def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> tuple[GraphView, list, dict[str, str]]:
+class ClonedPath(NamedTuple):
+    """A copy of the explained path: the graph with it, its nodes, old → new tensor names, and
+    its data tensors (those that depend on the new source)."""
+
+    graph: GraphView
+    nodes: list[onnx.NodeProto]
+    renamed: dict[str, str]
+    data: set[str]
+
+
+def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> ClonedPath:
     """Emit a copy of the path from the image to the logits that reads ``source`` (a batch built
-    from the image) instead of the image; returns a view of the graph with it, the cloned nodes
-    and the renaming of data tensors."""
-    renamed = {tensor: f"{tensor}/{suffix}" for tensor in plan.data}
+    from the image) instead of the image; returns a view of the graph with it, the cloned nodes of
+    the path and the renaming of tensors. The shape computations that read the path's tensors
+    (``Shape → … → Expand`` of a class token to the batch) are cloned with it, so that they see
+    the new batch."""
+    graph = plan.graph
+    above, depends, cloned = graph.ancestors([plan.logits]), {plan.image}, []
+    for node in graph.nodes:  # topological order
+        if node.name in above and any(i in depends for i in node.input):
+            depends.update(o for o in node.output if o)
+            cloned.append(node)
+    renamed = {tensor: f"{tensor}/{suffix}" for tensor in depends}
     renamed[plan.image] = source
-    clones = []
-    for node in plan.path:
+    on_path = {node.name for node in plan.path}
+    clones, path_clones = [], []
+    for node in cloned:
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
         clone.name = f"{node.name}/{suffix}"
         clone.input[:] = [renamed.get(i, i) for i in node.input]
         clone.output[:] = [renamed.get(o, o) for o in node.output]
         clones.append(clone)
+        if node.name in on_path:
+            path_clones.append(clone)
     b.nodes.extend(clones)
     augmented = onnx.ModelProto()
-    augmented.CopyFrom(plan.graph.model)
+    augmented.CopyFrom(graph.model)
     augmented.graph.node.extend(b.nodes)
     augmented.graph.initializer.extend(b.initializers)
-    return GraphView(passes.infer_shapes(augmented)[0]), clones, renamed
+    data = {renamed[tensor] for tensor in plan.data}
+    return ClonedPath(GraphView(passes.infer_shapes(augmented)[0]), path_clones, renamed, data)
 
 
 class TopKMaps(NamedTuple):
@@ -158,10 +180,10 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
         repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
         repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
         targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
-    view, clones, renamed = _clone_path(b, plan, repeated, "topk")
+    view, clones, renamed, data = _clone_path(b, plan, repeated, "topk")
     names = {node.name: clone.name for node, clone in zip(plan.path, clones)}
     cloned = Plan(view, repeated, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
-                  set(renamed.values()), {names[n]: k for n, k in plan.kinds.items()},
+                  data, {names[n]: k for n, k in plan.kinds.items()},
                   {names[n] for n in plan.first_layers}, plan.channels_last, {},
                   renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid)
     heatmap = _emit(b, cloned, method, options, target=targets)
@@ -178,7 +200,7 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
     image = _float_image(b, plan)
     with b.scope("replicas"):
         expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
-    view, clones, renamed = _clone_path(b, plan, expanded, "replica")
+    view, clones, renamed, data = _clone_path(b, plan, expanded, "replica")
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     streams = _Streams(b)
     with b.scope("start"):
@@ -186,7 +208,7 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
         target = b.Tile(target, b.ints([count, 1]))
         seed = method.start(b, _as_scores(b, logits, shape), target, shape[1])
         streams.gradients[logits].append(_as_logits(b, seed, shape))
-    _walk(b, view, clones, set(renamed.values()), streams, {})
+    _walk(b, view, clones, data, streams, {})
     with b.scope("image_map"):
         relevance = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count, options)
     with b.scope("heatmap"):

@@ -16,7 +16,7 @@ from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView
 from .methods import Kind, Method, flat_layers, is_token_linear
 from .rules import REGISTRY
-from .tokens import TokenGrid, patch_grid
+from .tokens import TokenGrid, attention_matrices, patch_grid
 
 #: Ops after the logits that the explanation starts below (spec "Start").
 HEAD_OPS = ("Softmax", "LogSoftmax")
@@ -225,7 +225,8 @@ def _check_static(graph: GraphView, image: str, tensors: Iterable[str]) -> None:
 def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
     """The output of ``layer`` (a node name) and, for a token tensor ``[N, T, C]``, the grid of its
     patch tokens. Default: the last Conv with a spatial output or the last transformer block's
-    output (a residual Add of token tensors whose tokens lie on a grid), whichever comes later."""
+    output (a residual Add of token tensors whose tokens lie on a grid), whichever comes later;
+    with a class token, the last block's input."""
     graph, path = plan.graph, plan.path
     first = [n for n in path if n.name in plan.first_layers]
 
@@ -246,6 +247,14 @@ def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
             raise CompileError("no Conv with a spatial output nor a transformer block's output on the path from the "
                                "image to the logits; pass --layer NODE")
         chosen = candidates[-1]
+        grid = grid_of(chosen) if chosen.op_type != "Conv" else None
+        if grid is not None and grid.prefix:
+            # Only the class token of the last block reaches the logits: its patch tokens carry no
+            # gradient. The last block's input (pytorch-grad-cam's recipe for ViTs) still does.
+            order = {n.name: i for i, n in enumerate(path)}
+            last_attention = max((order[graph.producer[a].name] for a in attention_matrices(graph, path)), default=-1)
+            earlier = [n for n in candidates if order[n.name] < last_attention]
+            chosen = earlier[-1] if earlier else chosen
     else:
         chosen = next((n for n in path if n.name == layer), None)
         if chosen is None or not (len(graph.shape(chosen.output[0])) == 4 or grid_of(chosen) is not None):
