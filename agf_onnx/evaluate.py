@@ -8,10 +8,11 @@ binary (non-zero = the object), or class-coded (``k + 1`` marks class ``k``'s pi
 ignored, PASCAL VOC style) when every non-zero value other than 255 is a labelled class plus one.
 
 Per method, the compiled model explains each image's predicted class and its label ``label``;
-the metrics are those of ``agf_onnx.metrics``. A self-supervised model (``compile_options`` with
-``ssl_bank``, the paper's Algorithm 2) explains its in-graph class ``t`` in place of the predicted
-class; ``results.json`` then reports each image's ``ssl_target`` and ``ssl_neighbour`` per method. Images count as classified correctly when the top
-class is one of their labels.
+the metrics are those of ``agf_onnx.metrics``. Images count as classified correctly when the top
+class is one of their labels. A self-supervised model (``compile_options`` with ``ssl_bank``, the
+paper's Algorithm 2) explains its in-graph class ``t`` in place of the predicted class, and its
+segmentation is scored on that map; ``results.json`` then reports each image's ``ssl_target`` and
+``ssl_neighbour`` per method.
 """
 
 from __future__ import annotations
