@@ -407,3 +407,16 @@ def test_cli_errors_name_the_argument_and_write_nothing(vgg, tmp_path, capsys):
     assert main(["bank", str(model), str(image), "-o", str(tmp_path / "b.npy"), "--features", "nothing"]) == 1
     assert "--features 'nothing': the model has no such tensor" in capsys.readouterr().err
     assert not (tmp_path / "b.npy").exists()
+
+
+def test_explainer_reads_t_and_refuses_top_k_it_cannot_rank(vgg):
+    x = np.random.default_rng(22).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    bank = agf_onnx.bank(vgg, list(x[::-1]), preset="unit")
+    explainer = agf_onnx.Explainer(agf_onnx.compile(vgg, ssl_bank=bank), "cpu", preset="unit")
+    explanation = explainer.explain(list(x))
+    outputs = run(agf_onnx.compile(vgg, ssl_bank=bank), {"x": explainer.to_tensor(x)})
+    np.testing.assert_array_equal(explanation.targets[:, 0], outputs["ssl_target"])
+    np.testing.assert_array_equal(explanation.ssl_neighbours, [2, 1, 0])  # the bank holds them in reverse
+    np.testing.assert_allclose(explanation.heatmaps, outputs["heatmap"], rtol=0, atol=1e-6)
+    with pytest.raises(agf_onnx.CompileError, match="compile it with --top-k 2"):
+        explainer.explain(list(x), top_k=2)
