@@ -3,7 +3,7 @@ seeded on the CPU, to predict the rotation (0°, 90°, 180°, 270°) of the buil
 canvases, without their class labels.
 
     python tools/make_benchmark.py tools/out/rotbench --train 2000 --test 200
-    python tools/train_rotnet.py train tools/out/rotbench            # → rotnet.onnx, bank.npy, rotated/
+    python tools/train_rotnet.py train tools/out/rotbench            # → rotnet.onnx, bank.npy, rotated/ (3 epochs)
     agf-onnx evaluate tools/out/rotbench/rotnet.onnx tools/out/rotbench/rotated --preset symmetric \\
         --ssl-bank tools/out/rotbench/bank.npy --ssl-mode diff --methods agf,gradcam,gradient,lrp -o …
     python tools/train_rotnet.py table EVAL_DIFF EVAL_SUM EVAL_NONE  # the README's Table 4 shape
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     train_ = commands.add_parser("train", help="train, export, write rotated/ and bank.npy")
     train_.add_argument("data", type=pathlib.Path, help="the folder make_benchmark.py wrote (with train/ and test/)")
-    train_.add_argument("--epochs", type=int, default=4)
+    train_.add_argument("--epochs", type=int, default=3)
     train_.add_argument("--train", type=int, help="only the first N training canvases (default: all)")
     train_.add_argument("--bank", type=int, default=500, help="upright training canvases in the bank (500)")
     train_.add_argument("--seed", type=int, default=0)
