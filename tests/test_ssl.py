@@ -220,8 +220,57 @@ def test_top_k_explains_the_k_best_classes_of_v(resnet):
     np.testing.assert_allclose(outputs["heatmap"][:, 0], outputs["heatmaps"][:, 0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+class TinyViT(nn.Module):
+    """One pre-norm attention block over 4×4 patches with a class token: the transformer case."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, stride=8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.1)
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm, self.head, self.heads = nn.LayerNorm(dim), nn.Linear(dim, classes), heads
+
+    def features(self, x):
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x).flatten(2).transpose(1, 2)], 1)
+        tokens = tokens + self.pos
+        n, count, dim = tokens.shape
+        qkv = self.qkv(self.norm1(tokens)).reshape(n, count, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attention = ((q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5).softmax(-1)
+        tokens = tokens + self.proj((attention @ v).transpose(1, 2).reshape(n, count, dim))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.norm(tokens)[:, 0]
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("method", ["agf", "chefer"])
+def test_a_transformer_explains_ssl_target(method):
+    torch.manual_seed(23)
+    net = TinyViT().eval()
+    model = models.export(net)
+    x = images(4, seed=24)
+    with torch.no_grad():
+        features = net.features(torch.from_numpy(x)).numpy()
+        bank = net.features(torch.from_numpy(images(8, seed=25))).numpy()
+    outputs = run(agf_onnx.compile(model, method=method, ssl_bank=bank), {"x": x})
+    nearest = brute_force(features, bank)
+    np.testing.assert_array_equal(outputs["ssl_neighbour"], nearest)
+    with torch.no_grad():
+        v = net.head(torch.from_numpy(features - bank[nearest])).numpy()
+    ok = decided(v)
+    np.testing.assert_array_equal(outputs["ssl_target"][ok], v.argmax(1)[ok])
+    plain = run(agf_onnx.compile(model, method=method), {"x": x, "target": outputs["ssl_target"]})
+    np.testing.assert_allclose(outputs["heatmap"], plain["heatmap"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if m.attention_map is None))
 def test_every_method_explains_ssl_target(vgg, method):
+    """Every CNN method (the transformer one, chefer, in the test above)."""
     x = images(3, seed=16)
     bank = vgg_features(images(10, seed=17), VGG_LAST)
     options = {"steps": 4} if method == "integrated-gradients" else {"samples": 3} if method == "smoothgrad" else {}
