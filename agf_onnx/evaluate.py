@@ -424,7 +424,10 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
                           "Perturbation AUC: area under top-1 accuracy (%) against the share of pixels removed "
                           "(10 %…90 %); negative removes the least relevant pixels first, positive the most "
                           "relevant. Segmentation and class sensitivity (share of positive map mass inside the "
-                          "explained object vs. the other labelled object) in %.\n")
+                          "explained object vs. the other labelled object) in %.\n"
+                          + (f"\nSelf-supervised model (--ssl-mode {settings['ssl_mode']}): 'predicted' is the class t "
+                             "the graph chose from the bank (the paper's Algorithm 2), and segmentation scores t's "
+                             "map.\n" if settings.get("ssl_mode") else ""))
     perturbation_plot(results, title).save(written[2])
     return written
 

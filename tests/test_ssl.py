@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import agf_onnx
-from agf_onnx import CompileError, ssl
+from agf_onnx import CompileError, metrics, ssl
 from agf_onnx.cli import main
 from agf_onnx.methods import METHODS
 
@@ -352,6 +352,14 @@ def test_evaluate_reports_ssl_target(vgg, tmp_path):
         assert entry["mode"] == "diff" and entry["ssl_target"] == outputs["ssl_target"].tolist()
         assert entry["ssl_neighbour"] == [0, 1, 2, 3]
     assert results["settings"]["ssl_mode"] == "diff" and results["settings"]["features"] == VGG_LAST
+    assert "'predicted' is the class t" in (tmp_path / "eval" / "results.md").read_text()
+    # segmentation scores t's map (the explanation Algorithm 2 gives), not the label's
+    scores = [metrics.segmentation(outputs["heatmap"][n, 0], np.asarray(Image.open(folder / f"{n}.mask.png")) > 0)
+              for n in range(4)]
+    segmentation = results["methods"]["agf"]["segmentation"]
+    correct, total = sum(c for c, _, _ in scores), sum(t for _, t, _ in scores)
+    assert segmentation["pixel_accuracy"] == round(100.0 * correct / total, 2)
+    assert segmentation["mAP"] == round(100.0 * float(np.mean([ap for _, _, ap in scores])), 2)
 
 
 # -- refusals -------------------------------------------------------------------------------------
