@@ -99,7 +99,7 @@ def _float_image(b: GraphBuilder, plan: Plan) -> str:
     return plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
 
 
-def _as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
+def as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
     """Logits as ``[N, K]`` (convolutional heads leave ``[N, K, 1, 1]``)."""
     return logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))
 
@@ -168,15 +168,17 @@ class TopKMaps(NamedTuple):
 
 
 def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
-                top_k: int) -> TopKMaps:
+                top_k: int, scores: str | None = None) -> TopKMaps:
     """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run:
-    the path is cloned on the image repeated K times, each copy explaining one of the classes."""
+    the path is cloned on the image repeated K times, each copy explaining one of the classes.
+    ``scores`` (``[N, K]``, default: the logits) rank the classes (SSL: v)."""
     shape = plan.graph.shape(plan.logits)
     if not 1 <= top_k <= shape[1]:
         raise CompileError(f"--top-k {top_k}: must be between 1 and the number of classes ({shape[1]})")
     image_shape = plan.graph.shape(plan.image)
     with b.scope("topk"):
-        classes = b.TopK(_as_scores(b, plan.logits, shape), b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K]
+        ranked = as_scores(b, plan.logits, shape) if scores is None else scores
+        classes = b.TopK(ranked, b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K]
         repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
         repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
         targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
@@ -204,9 +206,9 @@ def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappi
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     streams = _Streams(b)
     with b.scope("start"):
-        target = _target(b, _as_scores(b, plan.logits, shape)) if target is None else target
+        target = _target(b, as_scores(b, plan.logits, shape)) if target is None else target
         target = b.Tile(target, b.ints([count, 1]))
-        seed = method.start(b, _as_scores(b, logits, shape), target, shape[1])
+        seed = method.start(b, as_scores(b, logits, shape), target, shape[1])
         streams.gradients[logits].append(_as_logits(b, seed, shape))
     _walk(b, view, clones, data, streams, {})
     with b.scope("image_map"):
@@ -221,7 +223,7 @@ def _gradient_streams(b: GraphBuilder, plan: Plan, method: Method, target: str |
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        scores = _as_scores(b, plan.logits, shape)
+        scores = as_scores(b, plan.logits, shape)
         seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
         streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
     _walk(b, plan.graph, plan.path if path is None else path, plan.data, streams, {})
@@ -268,7 +270,7 @@ def _emit_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        scores = _as_scores(b, plan.logits, shape)
+        scores = as_scores(b, plan.logits, shape)
         seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
         streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
         if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
@@ -448,7 +450,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
             full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
-            top_k: int | None = None, check: bool = True) -> onnx.ModelProto:
+            top_k: int | None = None, check: bool = True, ssl_bank: np.ndarray | str | os.PathLike | None = None,
+            features: str | None = None, ssl_mode: str | None = None) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
@@ -468,6 +471,11 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         options: method options, e.g. ``{"steps": 50}`` (integrated-gradients), ``{"samples": 25,
             "noise": 0.15, "seed": 0}`` (smoothgrad); see ``methods.py``.
         check: run ``onnx.checker.check_model(full_check=True)`` on the result.
+        ssl_bank: a self-supervised model's bank ``[B, D]`` (array or ``.npy`` path, ``agf_onnx.bank``):
+            the graph explains ``t = argmax head(L_I − L_N)`` (the paper's Algorithm 2, ``ssl.py``) and
+            also outputs ``ssl_target`` and ``ssl_neighbour`` (int64 ``[N]``); ``target`` still overrides t.
+        features: the tensor that feeds the head (default: the data input of the op that makes the logits).
+        ssl_mode: ``"diff"`` (default, Algorithm 2), ``"sum"`` (``head(L_I + L_N)``) or ``"none"`` (``head(L_I)``).
 
     Raises:
         UnsupportedOpsError: ops without a rule on the path from the image to the logits.
@@ -478,9 +486,17 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
-    heatmap = _emit(b, found, chosen, dict(options or {}))
-    extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k)) if top_k else None
+    if ssl_bank is None and (features is not None or ssl_mode is not None):
+        raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")
+    from . import ssl  # imports this module
+    self_supervised = ssl.emit(b, found, ssl_bank, features, ssl_mode or "diff") if ssl_bank is not None else None
+    explained = self_supervised.explained if self_supervised else None
+    heatmap = _emit(b, found, chosen, dict(options or {}), target=explained)
+    extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k),
+                        self_supervised.scores if self_supervised else None) if top_k else None
     compiled = _assemble(canonical, b, found, heatmap, method, extra)
+    if self_supervised is not None:
+        compiled = ssl.attach(compiled, self_supervised)
     if check:
         try:
             onnx.checker.check_model(passes.weightless(compiled), full_check=True)

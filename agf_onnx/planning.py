@@ -55,7 +55,7 @@ class Plan:
         return (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
 
 
-def _find_image(graph: GraphView, image: str | None) -> str:
+def find_image(graph: GraphView, image: str | None) -> str:
     candidates = [name for name in graph.inputs if len(graph.shapes.get(name, ())) == 4]
     if image is not None:
         if image not in graph.inputs:
@@ -68,7 +68,7 @@ def _find_image(graph: GraphView, image: str | None) -> str:
     return candidates[0]
 
 
-def _find_logits(graph: GraphView, logits: str | None) -> str:
+def find_logits(graph: GraphView, logits: str | None) -> str:
     if logits is not None:
         if logits not in graph.producer and logits not in graph.inputs:
             raise CompileError(f"--logits: the model has no tensor '{logits}'")
@@ -104,7 +104,7 @@ def _is_score_shape(shape: tuple) -> bool:
     return len(shape) >= 2 and all(d == 1 for d in shape[2:])
 
 
-def _top_linear(graph: GraphView, logits: str, data: set[str]) -> onnx.NodeProto:
+def top_linear(graph: GraphView, logits: str, data: set[str]) -> onnx.NodeProto:
     """The last linear op before the logits (its data input X is where AGF's relevance starts)."""
     tensor = logits
     while tensor in graph.producer:
@@ -164,12 +164,12 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
 
     ``strict=False`` records unsupported ops in the plan instead of raising (``inspect``)."""
     graph = GraphView(model)
-    image = _find_image(graph, image)
-    logits = _find_logits(graph, logits)
+    image = find_image(graph, image)
+    logits = find_logits(graph, logits)
     path, data = path_between(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    top = _top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
+    top = top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
     start = logits if method.logit_relevance is not None else top.input[0]
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
