@@ -21,6 +21,7 @@ Relevance:
 
 from __future__ import annotations
 
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import nonzero, safe_divide
 
@@ -33,27 +34,26 @@ def _data_inputs(node: NodeView) -> list[int]:
     return [i for i in range(len(node.inputs)) if node.is_data(i)]
 
 
-def _to_input(b, node: NodeView, index: int, value: str) -> str:
+def _to_input(b: GraphBuilder, node: NodeView, index: int, value: str) -> str:
     return unbroadcast(b, value, node.shape(node.outputs[0]), node.shape(index))
 
 
 @gradient("Add", "Sum")
-def sum_gradient(b, node: NodeView) -> list[str | None]:
+def sum_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G to every data input, un-broadcast."""
     return data_only(node, {i: _to_input(b, node, i, node.gradient[0]) for i in _data_inputs(node)})
 
 
 @gradient("Sub")
-def sub_gradient(b, node: NodeView) -> list[str | None]:
+def sub_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G to the minuend, −G to the subtrahend, un-broadcast."""
     gradient_out = node.gradient[0]
     return data_only(node, {i: _to_input(b, node, i, gradient_out if i == 0 else b.Neg(gradient_out))
                             for i in _data_inputs(node)})
 
 
-@relevance("Add", "Sum", "Sub", kind="merge")
-def sum_relevance(b, node: NodeView) -> list[str | None]:
-    """z-rule across data inputs (residual merge); Φ passes through a constant bias."""
+def _merge(b: GraphBuilder, node: NodeView, negated: int | None) -> list[str | None]:
+    """z-rule over the data inputs, input ``negated`` entering with a minus sign; Φ through a lone one."""
     data, relevance_out = _data_inputs(node), node.relevance[0]
     if len(data) == 1:
         return data_only(node, {data[0]: _to_input(b, node, data[0], relevance_out)})
@@ -61,12 +61,24 @@ def sum_relevance(b, node: NodeView) -> list[str | None]:
     shares = {}
     for i in data:
         share = b.Mul(node.inputs[i], ratio)
-        shares[i] = _to_input(b, node, i, b.Neg(share) if node.op_type == "Sub" and i == 1 else share)
+        shares[i] = _to_input(b, node, i, b.Neg(share) if i == negated else share)
     return data_only(node, shares)
 
 
+@relevance("Add", "Sum", kind="merge")
+def sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """z-rule across data inputs (residual merge); Φ passes through a constant bias."""
+    return _merge(b, node, negated=None)
+
+
+@relevance("Sub", kind="merge")
+def sub_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """z-rule across data inputs, the subtrahend's share −X₂ ⊙ S; Φ passes through a constant subtracted."""
+    return _merge(b, node, negated=1)
+
+
 @gradient("Mul")
-def mul_gradient(b, node: NodeView) -> list[str | None]:
+def mul_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G times the other factor, un-broadcast."""
     a, c = node.inputs
     return data_only(node, {i: _to_input(b, node, i, b.Mul(node.gradient[0], c if i == 0 else a))
@@ -85,7 +97,7 @@ def signal_input(node: NodeView) -> int | None:
 
 
 @relevance("Mul", kind="gate")
-def mul_relevance(b, node: NodeView) -> list[str | None]:
+def mul_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """A gate x·s(x) gives all relevance to x; a constant scale passes it; two independent data tensors: ½/½."""
     data = _data_inputs(node)
     keep = data[0] if len(data) == 1 else signal_input(node)
@@ -95,7 +107,7 @@ def mul_relevance(b, node: NodeView) -> list[str | None]:
 
 
 @gradient("Div")
-def div_gradient(b, node: NodeView) -> list[str | None]:
+def div_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G / c to the numerator, −G ⊙ Y / c to a data divisor, un-broadcast."""
     quotient, divisor = node.outputs[0], node.inputs[1]
     values = {0: b.Div(node.gradient[0], divisor),
@@ -104,7 +116,7 @@ def div_gradient(b, node: NodeView) -> list[str | None]:
 
 
 @relevance("Div", kind="pass")
-def div_relevance(b, node: NodeView) -> list[str | None]:
+def div_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Φ to the numerator when the divisor is a constant or computed from it (a normaliser); else ½/½."""
     if node.is_data(1) and not (node.is_data(0) and node.graph.depends_on(node.inputs[1], node.inputs[0])):
         return elementwise_product_relevance(b, node)
@@ -112,7 +124,7 @@ def div_relevance(b, node: NodeView) -> list[str | None]:
 
 
 @gradient("Neg")
-def neg_gradient(b, node: NodeView) -> list[str | None]:
+def neg_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """−G."""
     return data_only(node, {0: b.Neg(node.gradient[0])})
 

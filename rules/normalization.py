@@ -23,7 +23,7 @@ from ._registry import gradient, relevance
 
 
 @gradient("BatchNormalization")
-def batchnorm_gradient(b, node: NodeView) -> list[str | None]:
+def batchnorm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G ⊙ γ/√(σ² + ε), per channel."""
     if node.attr("training_mode", 0):
         raise node.refuse("training_mode=1; export the model in eval mode")
@@ -39,7 +39,7 @@ def batchnorm_gradient(b, node: NodeView) -> list[str | None]:
 relevance("BatchNormalization", kind="pass")(pass_through)
 
 
-def _channel_window_sum(b, x: str, shape: list, before: int, after: int) -> str:
+def _channel_window_sum(b: GraphBuilder, x: str, shape: list, before: int, after: int) -> str:
     """``Σ_{j=c-before}^{c+after} x_j`` over channels: a ones-kernel conv along the channel axis."""
     channels, *spatial = shape[1:]
     columns = b.Reshape(x, b.ints([0, 1, channels, -1]))
@@ -49,7 +49,7 @@ def _channel_window_sum(b, x: str, shape: list, before: int, after: int) -> str:
 
 
 @gradient("LRN")
-def lrn_gradient(b, node: NodeView) -> list[str | None]:
+def lrn_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G·d^-β − (2αβ/n)·X·W*(G·X·d^(-β-1)), d = bias + (α/n)·W(X²), W the channel window."""
     size, alpha = node.attr("size"), node.attr("alpha", 1e-4)
     beta, bias = node.attr("beta", 0.75), node.attr("bias", 1.0)
