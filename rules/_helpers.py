@@ -89,11 +89,7 @@ def pass_through(b: GraphBuilder, node: NodeView) -> list[str | None]:
 def batch(node: NodeView, name: str) -> tuple[int, int] | None:
     """``(axis, factor)`` of the batch in tensor ``name``: the axis that carries it and how many
     other elements are merged into it batch-major (1: a plain batch); ``None`` without a batch."""
-    graph = node.graph
-    if hasattr(graph, "batch"):
-        return graph.batch(name)
-    shape = graph.shape(name)  # before the graph knew batch axes: the batch is a dynamic axis 0
-    return (0, 1) if shape and shape[0] is None else None
+    return node.graph.batch(name)
 
 
 def batch_axis(node: NodeView, name: str) -> int | None:

@@ -361,9 +361,7 @@ def _token_model(shape: tuple, weight: np.ndarray, merged: int = 1) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"),
-               pytest.param((2, 3, 5), 2, "merged-batch", marks=pytest.mark.skipif(
-                   not hasattr(GraphView, "batch"), reason="needs GraphView.batch (batch merged with tokens)"))]
+TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"), ((2, 3, 5), 2, "merged-batch")]
 
 
 @pytest.mark.parametrize("shape,merged,name", TOKEN_CASES, ids=["tokens", "NHWC", "merged-batch"])
@@ -395,3 +393,55 @@ def test_token_linear_layer_flat_is_the_absolute_influence():
     expected = oracle.absolute_influence(lambda t, w: t @ w, torch.from_numpy(x).double(),
                                          torch.from_numpy(weight).double(), torch.from_numpy(relevance).double())
     np.testing.assert_allclose(shares["x"], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _moved_batch_model(node: onnx.NodeProto, constants: dict | None = None) -> onnx.ModelProto:
+    """x [N, 4, 3] → Transpose → [4, N, 3] → ``node`` (reads 'moved', writes 'y')."""
+    nodes = [helper.make_node("Transpose", ["x"], ["moved"], perm=[1, 0, 2]), node]
+    graph = helper.make_graph(nodes, "moved", [_info("x", (None, 4, 3))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in (constants or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MOVED_REFUSED = [
+    (helper.make_node("Softmax", ["moved"], ["y"], name="mix", axis=1), {}, "normalises along axis 1"),
+    (helper.make_node("ReduceSum", ["moved", "axes"], ["y"], name="mix"), {"axes": np.array([1], np.int64)},
+     "reduces along axis 1"),
+    (helper.make_node("Gather", ["moved", "index"], ["y"], name="mix", axis=1), {"index": np.array(0, np.int64)},
+     "gathers along axis 1"),
+    (helper.make_node("Concat", ["moved", "moved"], ["y"], name="mix", axis=1), {}, "concatenates along axis 1"),
+    (helper.make_node("MatMul", ["moved", "weight"], ["y"], name="mix"), {"weight": np.ones((3, 2), np.float32)},
+     None),
+]
+
+
+@pytest.mark.parametrize("node,constants,message", MOVED_REFUSED, ids=["Softmax", "ReduceSum", "Gather", "Concat",
+                                                                         "MatMul-token-form"])
+def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constants, message):
+    from agf_onnx.compiler import gradient_model
+
+    model = _moved_batch_model(node, constants)
+    if message is not None:
+        with pytest.raises(CompileError, match=f"{node.op_type} node 'mix'.*{message}.*carries the batch"):
+            gradient_model(model, output="y", input="x")
+        return
+    # a linear layer on [T, N, C]: its gradient is fine, the token form of AGF needs the batch first
+    x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+    relevance = RNG.standard_normal((4, 2, 2)).astype(np.float32)
+    with pytest.raises(CompileError, match="MatMul node 'mix'.*carries the batch at axis 1"):
+        relevance_of(model, "mix", "agf", x, relevance)
+    shares, _ = relevance_of(model, "mix", "flat", x, relevance)
+    assert shares["moved"].shape == (4, 2, 3)
+
+
+def test_ops_along_other_axes_work_where_the_batch_is_moved():
+    """Gather on axis 0 of [4, N, 3] (the token axis, as timm's qkv[0]) is fine."""
+    model = _moved_batch_model(helper.make_node("Gather", ["moved", "index"], ["y"], name="pick", axis=0),
+                               {"index": np.array(2, np.int64)})
+    x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+    relevance = RNG.standard_normal((2, 3)).astype(np.float32)
+    shares, _ = relevance_of(model, "pick", "adjoint", x, relevance)
+    expected = np.zeros((4, 2, 3), np.float32)
+    expected[2] = relevance
+    np.testing.assert_array_equal(shares["moved"], expected)
