@@ -22,6 +22,16 @@ from ._helpers import data_only, pass_through, refuse_batch_axes
 from ._registry import gradient, relevance
 
 
+def batchnorm_scale(b: GraphBuilder, node: NodeView) -> str:
+    """``γ/√(σ² + ε)`` per channel, ``[C]``: BatchNormalization at inference is ``X·scale + shift``."""
+    return b.Div(node.inputs[1], b.Sqrt(b.Add(node.inputs[4], b.const(node.attr("epsilon", 1e-5)))))
+
+
+def batchnorm_shift(b: GraphBuilder, node: NodeView) -> str:
+    """``β − μ·γ/√(σ² + ε)`` per channel, ``[C]``: the bias BatchNormalization adds (FullGrad's bias term)."""
+    return b.Sub(node.inputs[2], b.Mul(node.inputs[3], batchnorm_scale(b, node)))
+
+
 @gradient("BatchNormalization")
 def batchnorm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G ⊙ γ/√(σ² + ε), per channel."""
@@ -29,10 +39,8 @@ def batchnorm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
         raise node.refuse("training_mode=1; export the model in eval mode")
     if any(node.is_data(i) for i in range(1, 5)):
         raise node.refuse("scale, bias, mean and variance must be constants")
-    scale, variance = node.inputs[1], node.inputs[4]
-    factor = b.Div(scale, b.Sqrt(b.Add(variance, b.const(node.attr("epsilon", 1e-5)))))
     rank = len(node.shape(0))
-    factor = b.Reshape(factor, b.ints([1, -1] + [1] * (rank - 2)))
+    factor = b.Reshape(batchnorm_scale(b, node), b.ints([1, -1] + [1] * (rank - 2)))
     return data_only(node, {0: b.Mul(node.gradient[0], factor)})
 
 
