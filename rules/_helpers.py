@@ -117,6 +117,16 @@ def static_shape(node: NodeView, name: str) -> list[int]:
     return [-1 if d is None else int(d) for d in shape]
 
 
+def static_sizes(node: NodeView, name: str, axes) -> list[int]:
+    """The sizes of ``axes`` of tensor ``name``, refused by name where one is unknown."""
+    shape = node.graph.shape(name)
+    sizes = [shape[a] for a in axes]
+    if any(d is None for d in sizes):
+        raise node.refuse(f"tensor '{name}' has shape {list(shape)}; the size of axis "
+                          f"{[a for a, d in zip(axes, sizes) if d is None][0]} must be known here")
+    return [int(d) for d in sizes]
+
+
 def broadcast_shape(shape) -> list[int]:
     """An ``Expand`` target for ``shape``: 1 at the dynamic axis, which the expanded tensor has already."""
     return [1 if d is None else int(d) for d in shape]

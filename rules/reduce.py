@@ -13,7 +13,7 @@ import math
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import broadcast_shape, refuse_batch_axes, z_rule_op
+from ._helpers import broadcast_shape, refuse_batch_axes, static_sizes, z_rule_op
 
 
 def reduced_axes(node: NodeView) -> list[int]:
@@ -40,7 +40,7 @@ def _spread(b: GraphBuilder, node: NodeView, g: str, mean: bool) -> str:
     if not node.attr("keepdims", 1):
         g = b.Unsqueeze(g, b.ints(axes))
     if mean:
-        g = b.Div(g, b.const(float(math.prod(in_shape[a] for a in axes))))
+        g = b.Div(g, b.const(float(math.prod(static_sizes(node, node.inputs[0], axes)))))
     return b.Expand(g, b.ints(broadcast_shape(in_shape)))
 
 

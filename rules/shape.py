@@ -23,7 +23,7 @@ import numpy as np
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import batch, data_only, named, pass_through, refuse_batch_axes, static_shape, unbroadcast
+from ._helpers import batch, data_only, named, pass_through, refuse_batch_axes, static_shape, static_sizes, unbroadcast
 from ._registry import gradient, relevance
 
 #: ``(b, node, one value per output)`` → one value per input: the adjoint of the op's move.
@@ -80,7 +80,7 @@ def _axis(node: NodeView, doing: str, default: int = 0) -> int:
 @moves("Concat", "G split back into the concatenated parts.")
 def _concat_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
     axis = _axis(node, "concatenates")
-    sizes = [node.shape(i)[axis] for i in range(len(node.inputs))]
+    sizes = [static_sizes(node, name, [axis])[0] for name in node.inputs]
     parts = b.Split(values[0], b.ints(sizes), axis=axis, outputs=len(sizes)) if len(sizes) > 1 else (values[0],)
     return data_only(node, dict(enumerate(parts)))
 
@@ -179,7 +179,7 @@ def _gather_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | No
     rank = len(shape)
     axis = _axis(node, "gathers")
     indices = _constant_indices(node)
-    size = shape[axis]
+    size = static_sizes(node, node.inputs[0], [axis])[0]
     flat = indices.reshape(-1) % size
     one_hot = np.zeros((flat.size, size), np.float32)
     np.add.at(one_hot, (np.arange(flat.size), flat), 1.0)
