@@ -361,10 +361,11 @@ def _token_model(shape: tuple, weight: np.ndarray, merged: int = 1) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"), ((2, 3, 5), 2, "merged-batch")]
+TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"), ((2, 3, 5), 2, "merged-batch"),
+               ((2, 5), 3, "merged-2d")]
 
 
-@pytest.mark.parametrize("shape,merged,name", TOKEN_CASES, ids=["tokens", "NHWC", "merged-batch"])
+@pytest.mark.parametrize("shape,merged,name", TOKEN_CASES, ids=[name for *_, name in TOKEN_CASES])
 def test_token_linear_layer_gets_the_full_conv_rule(shape, merged, name):
     samples = shape[0]
     weight = RNG.standard_normal((shape[-1], 4)).astype(np.float32)
