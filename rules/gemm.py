@@ -33,7 +33,7 @@ from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max, safe_divide
 
-from ._helpers import Bilinear, batch, data_only, named, static_shape
+from ._helpers import Bilinear, batch, data_only, named, refuse_batch_axes, static_shape
 from ._registry import gradient, relevance
 from .conv import full_rule
 from .product import matmul_product_gradient, matmul_product_relevance
@@ -74,6 +74,8 @@ def _constant_weight(node: NodeView) -> None:
     if node.is_data(1) or (len(node.inputs) > 2 and node.is_data(2)):
         raise node.refuse("only a data input A times a constant weight B is supported "
                           "(both operands depend on the input)")
+    rank = len(node.shape(0))
+    refuse_batch_axes(node, node.inputs[0], [rank - 1], "contracts with the weight")
 
 
 def _gemm_check(node: NodeView) -> None:
@@ -187,6 +189,17 @@ def _matmul_bias(b: GraphBuilder, node: NodeView) -> str | None:
     return None
 
 
+def _batch_first(node: NodeView) -> NodeView:
+    """``node``, refused where its input's batch is not axis 0: RAP's shift conserves ``ΣR`` over
+    all axes but the first, which would mix samples. (A batch merged with tokens at axis 0 is
+    shifted per group of tokens, each within one sample.)"""
+    for name in (node.inputs[0], node.outputs[0]):
+        axis = batch(node, name)
+        if axis is not None and axis[0] != 0:
+            raise node.refuse(f"RAP's per-sample shift needs the batch at axis 0; '{name}' carries it at axis {axis[0]}")
+    return node
+
+
 LayerRule = Callable[[Bilinear, GraphBuilder, NodeView], list]
 
 #: The relevance kinds of a linear layer: the rule (given the op's ``Bilinear``) and its description.
@@ -200,7 +213,7 @@ _KINDS: dict[str, tuple[LayerRule, str]] = {
                     "LRP-α1β0: positive contributions only, no bias"),
     "alpha2beta1": (lambda layer, b, node: layer.alpha_beta(b, node, 2.0, 1.0),
                     "LRP-α2β1: twice the positive contributions minus the negative ones, no bias"),
-    "rap": (lambda layer, b, node: layer.relative(b, node, negative_on_second=False),
+    "rap": (lambda layer, b, node: layer.relative(b, _batch_first(node), negative_on_second=False),
             "RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR"),
 }
 _RAP_FIRST = "RAP's first step at the logits layer (first_prop + redistribute), from the target's one-hot"
@@ -209,7 +222,8 @@ _RAP_FIRST = "RAP's first step at the logits layer (first_prop + redistribute), 
 def _register(op_type: str, layer: Bilinear, bias: Callable[[GraphBuilder, NodeView], str | None],
               tokens: str, products: bool) -> None:
     """Register the relevance kinds of one linear op; ``tokens``/``products`` complete the descriptions."""
-    kinds = {**_KINDS, "rap_first": (lambda layer, b, node: layer.relative_start(b, node, bias(b, node)), _RAP_FIRST)}
+    kinds = {**_KINDS, "rap_first": (lambda layer, b, node: layer.relative_start(b, _batch_first(node), bias(b, node)),
+                                      _RAP_FIRST)}
     for kind, (rule, description) in kinds.items():
         def bound(b: GraphBuilder, node: NodeView, rule: LayerRule = rule) -> list[str | None]:
             if products and is_product(node):

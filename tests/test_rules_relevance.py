@@ -446,3 +446,12 @@ def test_ops_along_other_axes_work_where_the_batch_is_moved():
     expected = np.zeros((4, 2, 3), np.float32)
     expected[2] = relevance
     np.testing.assert_array_equal(shares["moved"], expected)
+
+
+def test_rap_refuses_a_moved_batch():
+    """RAP's shift conserves ΣR over every axis but the first: with the batch at axis 1 that would mix samples."""
+    moved = _moved_batch_model(helper.make_node("MatMul", ["moved", "weight"], ["y"], name="mix"),
+                               {"weight": np.ones((3, 2), np.float32)})
+    x, relevance = RNG.standard_normal((2, 4, 3)).astype(np.float32), RNG.standard_normal((4, 2, 2)).astype(np.float32)
+    with pytest.raises(CompileError, match="MatMul node 'mix'.*RAP's per-sample shift needs the batch at axis 0"):
+        relevance_of(moved, "mix", "rap", x, relevance)
