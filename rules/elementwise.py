@@ -13,16 +13,18 @@ Relevance:
   computed from; a constant scale passes relevance through; a product of two independent data
   tensors splits it half and half (spec "Attention", ``product.py``).
 - ``pass`` (Div): division by a constant passes relevance through; so does division by a
-  normaliser computed from the numerator (LayerNorm/RMSNorm written out: the normaliser is a
-  constant of the forward pass); by an independent data tensor ``a / c = a · (1/c)``, half and
-  half as a product.
+  normaliser computed from the numerator, or from the ``x`` a numerator ``x − mean(x)`` centres
+  (LayerNorm/RMSNorm written out: the normaliser is a constant of the forward pass); by an
+  independent data tensor ``a / c = a · (1/c)``, half and half as a product.
+- ``merge`` (Sub) of a centring ``x − ReduceMean(x)`` gives ``Φ`` to ``x``: the mean, like the
+  normaliser, is a statistic of the forward pass (spec "Normalisations").
 - ``pass`` (Neg): ``ΦX = Φ``.
 """
 
 from __future__ import annotations
 
 from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
+from agf_onnx.graph import GraphView, NodeView
 from agf_onnx.maths import nonzero, safe_divide
 
 from ._helpers import data_only, pass_through, unbroadcast
@@ -71,9 +73,21 @@ def sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     return _merge(b, node, negated=None)
 
 
+def centred(graph: GraphView, tensor: str) -> str | None:
+    """``x`` where ``tensor = x − ReduceMean(x)`` (a normalisation written out centres its input), else None."""
+    producer = graph.producer.get(tensor)
+    if producer is None or producer.op_type != "Sub":
+        return None
+    mean = graph.producer.get(producer.input[1])
+    return producer.input[0] if mean is not None and mean.op_type == "ReduceMean" and \
+        mean.input[0] == producer.input[0] else None
+
+
 @relevance("Sub", kind="merge")
 def sub_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """z-rule across data inputs, the subtrahend's share −X₂ ⊙ S; Φ passes through a constant subtracted."""
+    """z-rule across data inputs (subtrahend's share −X₂ ⊙ S); Φ to x in a centring x − mean(x), and past a constant."""
+    if centred(node.graph, node.outputs[0]) is not None:  # the mean is a statistic of the forward pass
+        return data_only(node, {0: node.relevance[0]})
     return _merge(b, node, negated=1)
 
 
@@ -118,7 +132,10 @@ def div_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
 @relevance("Div", kind="pass")
 def div_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Φ to the numerator when the divisor is a constant or computed from it (a normaliser); else ½/½."""
-    if node.is_data(1) and not (node.is_data(0) and node.graph.depends_on(node.inputs[1], node.inputs[0])):
+    numerator, divisor = node.inputs[0], node.inputs[1]
+    normalised = [numerator, centred(node.graph, numerator)]  # x − mean(x) over a divisor computed from x
+    if node.is_data(1) and not (node.is_data(0) and any(tensor is not None and node.graph.depends_on(divisor, tensor)
+                                                        for tensor in normalised)):
         return elementwise_product_relevance(b, node)
     return data_only(node, {0: _to_input(b, node, 0, node.relevance[0])})
 

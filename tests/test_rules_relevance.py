@@ -455,3 +455,37 @@ def test_rap_refuses_a_moved_batch():
     x, relevance = RNG.standard_normal((2, 4, 3)).astype(np.float32), RNG.standard_normal((4, 2, 2)).astype(np.float32)
     with pytest.raises(CompileError, match="MatMul node 'mix'.*RAP's per-sample shift needs the batch at axis 0"):
         relevance_of(moved, "mix", "rap", x, relevance)
+
+
+def _layer_norm_written_out(variance_from_input: bool) -> onnx.ModelProto:
+    """(x − mean x) / sqrt(var + ε), var = mean((x − mean x)²) or mean(x²) − (mean x)² (as decompositions write it)."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+             helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre")]
+    if variance_from_input:
+        nodes += [helper.make_node("Mul", ["x", "x"], ["square"]),
+                  helper.make_node("ReduceMean", ["square"], ["mean_square"], axes=[-1]),
+                  helper.make_node("Mul", ["mean", "mean"], ["square_mean"]),
+                  helper.make_node("Sub", ["mean_square", "square_mean"], ["variance"])]
+    else:
+        nodes += [helper.make_node("Mul", ["centred", "centred"], ["square"]),
+                  helper.make_node("ReduceMean", ["square"], ["variance"], axes=[-1])]
+    nodes += [helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+              helper.make_node("Sqrt", ["shifted"], ["deviation"]),
+              helper.make_node("Div", ["centred", "deviation"], ["y"], name="normalise")]
+    graph = helper.make_graph(nodes, "layer_norm", [_info("x", (None, 3, 4))], [_info("y", (None, 3, 4))],
+                              [numpy_helper.from_array(np.float32(1e-5), "eps")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("variance_from_input", [False, True], ids=["centred-variance", "input-variance"])
+def test_layer_norm_written_out_passes_relevance_to_its_input(variance_from_input):
+    """Centring and scaling are statistics of the forward pass (spec "Normalisations"): Φ reaches x whole."""
+    model = _layer_norm_written_out(variance_from_input)
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    relevance = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    shares, _ = relevance_of(model, "normalise", "pass", x, relevance)
+    assert set(shares) == {"centred"}
+    np.testing.assert_array_equal(shares["centred"], relevance)
+    shares, _ = relevance_of(model, "centre", "merge", x, relevance)
+    assert set(shares) == {"x"}
+    np.testing.assert_array_equal(shares["x"], relevance)
