@@ -305,6 +305,10 @@ REFUSED = [
     (Case("Einsum", (), None, operands=[(2, 3), (2, 3)], attrs=dict(equation="bi,bi->i")), "carries the batch"),
     (Case("Slice", (4, 3), None, constants=[np.array([0], np.int64), np.array([2], np.int64),
                                             np.array([0], np.int64)]), "slices along axis 0"),
+    (Case("Tile", (2, 3), None, constants=[np.array([2, 1], np.int64)]), "tiles along axis 0"),
+    (Case("Pad", (2, 3), None, constants=[np.array([1, 0, 0, 0], np.int64)]), "pads along axis 0"),
+    (Case("LayerNormalization", (2, 3), None, constants=[np.ones((2, 3), np.float32)], attrs=dict(axis=0)),
+     "normalises along axis 0"),
 ]
 
 
