@@ -449,16 +449,20 @@ def _dims_at(info: onnx.ValueInfoProto | None, batch: int) -> list[int] | None:
 
 
 class _ShapeValues:
-    """Evaluates tensors computed only from ``Shape`` outputs and constants, at each probe batch."""
+    """Evaluates tensors computed only from ``Shape`` outputs and constants, at each probe batch
+    (also small ones behind ``ConstantOfShape``, which ``fold_constants`` leaves alone for size)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, size: int = _SHAPE_VALUE_SIZE) -> None:
         graph = model.graph
+        self.size = size
         self.model = model
         self.infos = {info.name: info for info in [*graph.input, *graph.value_info]}
         self.initializers = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output if o}
         self.order = {id(n): i for i, n in enumerate(graph.node)}
         self._cache: dict[str, list[np.ndarray] | None] = {}
+        #: tensor → the tensors whose ``Shape`` its value is computed from
+        self.sources: dict[str, list[str]] = {}
 
     def values(self, tensor: str) -> list[np.ndarray] | None:
         """``tensor``'s value at each of ``PROBE_BATCHES``, or None if it is not a shape value."""
@@ -483,8 +487,6 @@ class _ShapeValues:
                 stack.extend(node.input)
             else:
                 return None
-        if not shapes:
-            return None  # constants alone: fold_constants' business
         needed.sort(key=lambda n: self.order[id(n)])
         results = []
         for batch in PROBE_BATCHES:
@@ -504,10 +506,47 @@ class _ShapeValues:
                     value = np.asarray(run.run(None, feeds)[0])
             except Exception:  # not evaluable here: left to shape inference and the runtime
                 return None
-            if value.size > _SHAPE_VALUE_SIZE:
+            if value.size > self.size:
                 return None
             results.append(value)
+        self.sources[tensor] = [node.input[0] for node in shapes]
         return results
+
+    def batch_expression(self, tensor: str, values: list[np.ndarray], prefix: str) -> list[onnx.NodeProto] | None:
+        """Nodes that compute ``tensor``'s value as ``Concat(constants, Shape(source)[axis]·k, constants)``
+        when one entry of it is the batch times ``k`` (the rest constant): a form ONNX's shape
+        inference propagates, unlike ``Where``/``Equal`` chains (timm's ``expand(B, -1, -1)``)."""
+        small, large = values
+        if small.ndim != 1 or small.shape != large.shape or small.dtype != np.int64:
+            return None
+        varying = np.flatnonzero(small != large).tolist()
+        first, second = PROBE_BATCHES
+        if len(varying) != 1 or small[varying[0]] % first or small[varying[0]] // first * second != large[varying[0]]:
+            return None
+        position, factor = varying[0], small[varying[0]] // first
+        for source in self.sources.get(tensor, []):
+            info = self.infos.get(source)
+            dims = info.type.tensor_type.shape.dim if info is not None else []
+            batch = [(axis, batch_factor(d.dim_param)) for axis, d in enumerate(dims) if d.HasField("dim_param")
+                     and batch_factor(d.dim_param) is not None]
+            if len(batch) != 1 or factor % batch[0][1]:
+                continue
+            axis, multiple = batch[0][0], factor // batch[0][1]
+            names = {k: f"{prefix}/{k}" for k in ("shape", "batch", "scaled", "before", "after", "axis", "next",
+                                                     "multiple")}
+            constants = {"before": small[:position], "after": small[position + 1:], "axis": np.array([axis]),
+                         "next": np.array([axis + 1]), "multiple": np.array([multiple])}
+            for key, value in constants.items():
+                self.initializers[names[key]] = numpy_helper.from_array(np.asarray(value, np.int64), names[key])
+            nodes = [helper.make_node("Shape", [source], [names["shape"]], name=names["shape"]),
+                     helper.make_node("Slice", [names["shape"], names["axis"], names["next"]], [names["batch"]],
+                                      name=names["batch"]),
+                     helper.make_node("Mul", [names["batch"], names["multiple"]], [names["scaled"]],
+                                      name=names["scaled"]),
+                     helper.make_node("Concat", [names["before"], names["scaled"], names["after"]], [f"{prefix}/value"],
+                                      name=f"{prefix}/value", axis=0)]
+            return nodes
+        return None
 
 
 def _explicit_target(target: np.ndarray, source: list[int] | None) -> np.ndarray:
@@ -563,6 +602,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
     graph = model.graph
     shape_values = _ShapeValues(model)
     changed = False
+    rewritten: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
     for node in graph.node:
         for index, tensor in enumerate(node.input):
             if not tensor or tensor in shape_values.initializers:
@@ -575,6 +615,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
             else:
                 value = values[0] if np.array_equal(values[0], values[1]) else None
             if value is None:
+                rewritten.extend(_rewrite_batch_expression(shape_values, node, index, values))
                 continue
             name = f"{node.name}/folded_shape" if node.op_type == "Reshape" else f"{tensor}/folded"
             if name not in shape_values.initializers:
@@ -582,6 +623,61 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
                 shape_values.initializers[name] = graph.initializer[-1]
             node.input[index] = name
             changed = True
+    for consumer, nodes in rewritten:  # each before the node it now feeds, keeping the order topological
+        position = list(graph.node).index(consumer)
+        for offset, added in enumerate(nodes):
+            graph.node.insert(position + offset, added)
+        changed = True
+    known = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for name, t in shape_values.initializers.items() if name not in known)
+    return model, changed
+
+
+def _rewrite_batch_expression(shape_values: _ShapeValues, node: onnx.NodeProto, index: int,
+                              values: list[np.ndarray]) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+    """Point input ``index`` of ``node`` at an equivalent ``Shape → Slice → Mul → Concat`` of its
+    batch-dependent value, where it has one (see ``_ShapeValues.batch_expression``)."""
+    if node.op_type not in ("Expand", "Tile", "ConstantOfShape", "Range"):
+        return []
+    nodes = shape_values.batch_expression(node.input[index], values, f"{node.name}/batch_shape_{index}")
+    if nodes is None or node.input[index] == nodes[-1].output[0]:
+        return []
+    node.input[index] = nodes[-1].output[0]
+    return [(node, nodes)]
+
+
+#: Index tensors up to this size (at the larger probe batch) are checked for being the identity.
+_INDEX_SIZE = 1 << 22
+
+
+def strided_gathers_to_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: no ``Gather`` picks every element of a flat tensor in order with indices computed from
+    the batch size (torch's dynamo exporter writes ``as_strided`` of a contiguous tensor that way,
+    ``Range(0, N)`` included); each such gather is the ``Reshape`` it amounts to, with ``-1`` at
+    the batch, which the rules can follow."""
+    graph = model.graph
+    index_values = _ShapeValues(model, _INDEX_SIZE)
+    changed = False
+    for position, node in enumerate(list(graph.node)):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        data = index_values.infos.get(node.input[0])
+        if axis != 0 or data is None or len(data.type.tensor_type.shape.dim) != 1:
+            continue
+        values = index_values.values(node.input[1])
+        if values is None or any(v.ndim < 1 or not np.array_equal(v.reshape(-1), np.arange(v.size)) for v in values):
+            continue
+        small, large = (v.shape for v in values)
+        varying = [i for i, (a, c) in enumerate(zip(small, large)) if a != c]
+        if len(small) != len(large) or len(varying) > 1:
+            continue
+        target = np.array([-1 if i in varying else d for i, d in enumerate(small)], np.int64)
+        name = f"{node.name}/as_reshape"
+        graph.initializer.append(numpy_helper.from_array(target, name))
+        graph.node.remove(node)
+        graph.node.insert(position, helper.make_node("Reshape", [node.input[0], name], list(node.output), name=node.name))
+        changed = True
     return model, changed
 
 
@@ -616,9 +712,10 @@ def canonicalise(model: onnx.ModelProto,
     model, _ = free_batch(model)
     model, _ = set_input_shapes(model, input_shapes or {})
     model, _ = infer_shapes(model)
-    for _ in range(8):  # each fold can make the next reshape's input shape known
+    for _ in range(64):  # each fold can make the next reshape's input shape known (Swin: one stage a round)
         model, folded = fold_shape_arithmetic(model)
-        if not folded:
+        model, reshaped = strided_gathers_to_reshapes(model)
+        if not (folded or reshaped):
             break
         model, _ = prune_dead_nodes(model)
         model, _ = fold_constants(model)
