@@ -145,6 +145,8 @@ CASES = [
     Case("GatherElements", (2, 3, 4), lambda x, i: torch.gather(x, 2, torch.from_numpy(i % 4)),
          constants=[np.array(RNG.integers(-4, 4, (2, 3, 6)), np.int64)], attrs=dict(axis=2)),
     Case("Expand", (2, 1, 4), lambda x, s: x.expand(-1, 3, 4), constants=[np.array([1, 3, 4], np.int64)]),
+    Case("Expand", (2, 3), lambda x, s: x.expand(4, 2, 3), constants=[np.array([4, 1, 3], np.int64)],
+         id="new-leading-axis-moves-the-batch"),
     Case("Tile", (2, 3, 4), lambda x, r: x.repeat(1, 2, 3), constants=[np.array([1, 2, 3], np.int64)]),
     Case("Where", (2, 3, 4), lambda x, c, k: torch.where(torch.from_numpy(c), x, k),
          constants=[RNG.random((3, 4)) > 0.5, weights(1, 4)], order="cxc", id="constant-branch"),
