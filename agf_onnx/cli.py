@@ -229,8 +229,9 @@ def save(model: onnx.ModelProto, path: str, external_data: bool = False) -> None
             onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data_name, size_threshold=1024)
             staged_data = os.path.join(staging, data_name)
-            os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))  # onnx creates it 0600
-            os.replace(staged_data, os.path.join(directory, data_name))
+            if os.path.exists(staged_data):  # not written when every tensor is below the threshold
+                os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))  # onnx creates it 0600
+                os.replace(staged_data, os.path.join(directory, data_name))
         else:
             onnx.save(model, staged)
         os.replace(staged, path)
@@ -252,6 +253,8 @@ def _named(error: CompileError, path: str) -> CompileError:
 
 def _compile(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    if args.top_k is not None and args.top_k < 1:
+        raise CompileError(f"--top-k {args.top_k}: must be at least 1")
     check_model_file(args.model)
     check_writable(args.output)
     began = time.perf_counter()

@@ -76,6 +76,12 @@ class Explanation:
 def label_index(target: int | str, labels: Sequence[str] | None) -> int:
     """The class index ``target`` names: an integer, or a label of ``labels`` (not range-checked)."""
     if isinstance(target, str) and not target.lstrip("-").isdigit():
+        try:
+            float(target)
+        except ValueError:
+            pass
+        else:
+            raise ExplainError(f"class '{target}': a class index is a whole number")
         if not labels or target not in labels:
             close = [label for label in (labels or []) if target.lower() in label.lower()][:5]
             raise ExplainError(f"unknown label '{target}'" + (f" (did you mean: {', '.join(close)})" if close
