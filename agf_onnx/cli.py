@@ -154,7 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B")
+    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B",
+                          help="images per step (default 16); a session run takes fewer where the compiled "
+                               "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
+                               "SmoothGrad's copies included) would pass 2 GiB")
     _method_options(evaluate)
     _model_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

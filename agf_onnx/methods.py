@@ -115,7 +115,7 @@ class Method:
 
 AGF = Method(
     name="agf",
-    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as ../shared/agf-spec.md",
+    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as docs/algorithm.md",
     formula="the spec's relevance stream; Σ_c Φ₀ / max Φ₀",
     start=agf_start,
     relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"},
