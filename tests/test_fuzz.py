@@ -97,6 +97,13 @@ class Spec:
     classes: int
 
 
+def _pads(largest: int):
+    """``(top, left, bottom, right)``, asymmetric where ``top ≠ bottom``, with ``left + right = top + bottom`` so
+    that feature maps stay square (the heights and widths the generator tracks are one number)."""
+    return st.tuples(st.integers(0, largest), st.integers(0, largest), st.booleans()).map(
+        lambda t: (t[0], t[1], t[1], t[0]) if t[2] else (t[0], t[0], t[1], t[1]))
+
+
 def _conv(draw, channels: int) -> Conv:
     kernel = draw(st.sampled_from([1, 2, 3]))
     stride = draw(st.sampled_from([1, 1, 2]))
@@ -107,8 +114,7 @@ def _conv(draw, channels: int) -> Conv:
         out = channels
     elif groups == "two" and channels % 2:
         groups = "one"
-    padding = draw(st.one_of(st.sampled_from(["SAME_UPPER", "SAME_LOWER", "VALID"]),
-                             st.tuples(*[st.integers(0, kernel - 1)] * 4)))
+    padding = draw(st.one_of(st.sampled_from(["SAME_UPPER", "SAME_LOWER", "VALID"]), _pads(kernel - 1)))
     return Conv(out, kernel, stride, dilation, groups, padding, draw(st.booleans()))
 
 
@@ -121,7 +127,7 @@ def _pool(draw) -> Pool:
         pad = draw(st.integers(0, kernel // 2))
         padding = (pad,) * 4
     else:
-        padding = draw(st.tuples(*[st.integers(0, kernel - 1)] * 4))
+        padding = draw(_pads(kernel - 1))
     count_include_pad = draw(st.booleans()) if kind == "average" else False
     if kind == "average" and ceil:
         padding, count_include_pad = (0,) * 4, False  # the overhang's divisor differs between the two
