@@ -42,7 +42,8 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
     parser.add_argument("--noise", type=float, metavar="F",
                         help="smoothgrad: noise std as a share of the image's value range (0.15)")
-    parser.add_argument("--seed", type=int, metavar="N", help="smoothgrad: seed of the in-graph noise (0)")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="smoothgrad: seed of the noise stored in the model (0; below 2**31 - 1)")
 
 
 def _given_method_options(args: argparse.Namespace) -> dict:
