@@ -144,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
                     "masks (pixel accuracy, mAP) and class sensitivity on images with two labelled objects. DATA: "
                     "a CSV (file,label[,labels][,mask]), a folder with labels.csv, or a folder of class "
                     "subfolders (masks as <image>.mask.png beside the images). Writes results.json, results.md "
-                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data or a bad option "
-                    "(the message names the file and line), 2 when MODEL cannot be compiled for a method "
+                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data or a bad "
+                    "option (the message names the file and line), 2 when MODEL cannot be compiled for a method "
                     "(unsupported ops).")
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("data", metavar="DATA")

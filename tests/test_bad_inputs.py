@@ -55,7 +55,8 @@ def small_classifier(opset: int = 17, dtype: int = TensorProto.FLOAT, second_ima
 
 def quantised_classifier() -> onnx.ModelProto:
     """The same classifier as an int8 QLinearConv model (the form ONNX Runtime's quantiser writes)."""
-    scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.uint8), "z")
     weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.uint8), "wq")
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="quantise"),
              helper.make_node("QLinearConv", ["xq", "s", "z", "wq", "s", "z", "s", "z"], ["cq"], name="qconv",
@@ -63,10 +64,32 @@ def quantised_classifier() -> onnx.ModelProto:
              helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["c"], name="dequantise"),
              helper.make_node("GlobalAveragePool", ["c"], ["g"], name="pool"),
              helper.make_node("Flatten", ["g"], ["y"], name="flatten")]
-    graph = helper.make_graph(nodes, "quantised", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    graph = helper.make_graph(nodes, "quantised",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [scale, zero, weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
+    return model
+
+
+def qdq_classifier() -> onnx.ModelProto:
+    """The small classifier in QDQ form (int8 weights behind DequantizeLinear, the image quantised and
+    dequantised), as ONNX Runtime's static quantiser writes it."""
+    model = small_classifier(13)
+    graph = model.graph
+    weight = next(t for t in graph.initializer if t.name == "w")
+    graph.initializer.remove(weight)
+    quantised = np.clip(np.round(numpy_helper.to_array(weight) / 0.02), -127, 127).astype(np.int8)
+    graph.initializer.extend([numpy_helper.from_array(quantised, "w_q"),
+                              numpy_helper.from_array(np.array(0.02, np.float32), "w_scale"),
+                              numpy_helper.from_array(np.array(0, np.int8), "zero"),
+                              numpy_helper.from_array(np.array(0.05, np.float32), "x_scale")])
+    graph.node[0].input[0] = "x_dq"
+    added = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "zero"], ["w"], name="dequantise_w"),
+             helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["x_q"], name="quantise_x"),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "zero"], ["x_dq"], name="dequantise_x")]
+    for node in reversed(added):
+        graph.node.insert(0, node)
     return model
 
 
@@ -76,7 +99,8 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     good = small_classifier()
     paths = {name: root / f"{name}.onnx" for name in
-             ("good", "garbage", "truncated", "empty", "unsupported", "dynamic", "float16", "quantised", "two_images")}
+             ("good", "garbage", "truncated", "empty", "unsupported", "dynamic", "float16", "quantised", "qdq",
+              "two_images")}
     onnx.save(good, paths["good"])
     serialised = good.SerializeToString()
     paths["garbage"].write_bytes(np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes())
@@ -86,6 +110,7 @@ def files(tmp_path_factory):
     onnx.save(dynamic_size_export(), paths["dynamic"])
     onnx.save(small_classifier(dtype=TensorProto.FLOAT16), paths["float16"])
     onnx.save(quantised_classifier(), paths["quantised"])
+    onnx.save(qdq_classifier(), paths["qdq"])
     onnx.save(small_classifier(second_image=True), paths["two_images"])
     paths["folder"] = root / "folder.onnx"
     paths["folder"].mkdir()
@@ -113,6 +138,7 @@ COMPILE_MATRIX = {
     "unsupported": ([], 2, ["unsupported.onnx", "Sin (2)", "Cos (1)"]),
     "dynamic": ([], 1, ["dynamic.onnx", "--input-shape"]),
     "float16": (["--logits", "y"], 1, ["float16.onnx", "'x'", "FLOAT16"]),
+    "qdq": ([], 2, ["qdq.onnx", "QuantizeLinear (1): quantise_x", "DequantizeLinear (1): dequantise_x"]),
     "two_images": ([], 1, ["two_images.onnx", "x, x2", "--image"]),
     "good-bad-shape": (["--input-shape", "x=1,3,8"], 1, ["--input-shape", "x"]),
     "good-bad-image": (["--image", "nope"], 1, ["nope"]),
@@ -190,7 +216,8 @@ def test_output_folder_without_write_permission_is_refused(files, tmp_path, caps
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    monkeypatch.setattr(cli.os, "access",
+                        lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
     image = tmp_path / "in" / "a.png"
     image.parent.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
