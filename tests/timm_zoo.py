@@ -121,7 +121,7 @@ SPECS = {s.name: s for s in (
     Spec("poolformer_s12", 64),
     Spec("mobilevit_xxs", 64, tokens_change=True, token_model=True),
     Spec("levit_128s", 64, (("img_size", 64),), tokens_change=True, token_model=True),
-    Spec("efficientformer_l1", 224, tokens_change=True, token_model=True),
+    Spec("efficientformer_l1", 224, token_model=True),  # attention only in its last block: 49 fixed tokens
     Spec("resnetv2_50x1_bit", 64),
     Spec("nf_resnet26", 64),
 )}
