@@ -175,9 +175,9 @@ def _calibrate_head(model: torch.nn.Module, image: int) -> None:
                  and m.out_features == model.num_classes]
     else:
         heads = [head]
-    if hasattr(model, "head_dist") and isinstance(getattr(model.head_dist, "linear", model.head_dist),
-                                                  torch.nn.Linear):
-        heads.append(getattr(model.head_dist, "linear", model.head_dist))
+    distilled = getattr(getattr(model, "head_dist", None), "linear", getattr(model, "head_dist", None))
+    if isinstance(distilled, torch.nn.Linear) and all(distilled is not h for h in heads):
+        heads.append(distilled)  # DeiT/LeViT distillation heads: averaged with the class head in eval
     generator = torch.Generator().manual_seed(1)
     for layer in heads:
         if not layer.weight.abs().sum():
