@@ -48,7 +48,7 @@ def compile_timed(path: str, label: str, **options) -> onnx.ModelProto:
 
 def check_explains(original: onnx.ModelProto, compiled: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:
     """Original outputs bit-identical (no ORT fusions); finite [N, 1, H, W] maps; each image's top and
-    lowest class give different maps. Returns the top-class maps."""
+    lowest class give different maps. Returns the top-class maps and the top classes."""
     if [o.version for o in original.opset_import if o.domain in ("", "ai.onnx")] != [17]:
         original = passes.canonicalise(passes.load(original))  # dynamo exports may stay at opset 18
     before = run(original, {"x": batch}, optimize=False)
@@ -65,16 +65,27 @@ def check_explains(original: onnx.ModelProto, compiled: onnx.ModelProto, batch: 
         assert maps.shape == (len(batch), 1, *batch.shape[2:]) and np.isfinite(maps).all()
     difference = np.abs(top["heatmap"] - low["heatmap"]).reshape(len(batch), -1).max(1)
     assert (difference > 1e-3).all(), f"top and lowest class give the same map (max difference {difference})"
-    return top["heatmap"]
+    return top["heatmap"], scores.argmax(1)
 
 
-def saliency_oracle(spec: timm_zoo.Spec, batch: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """``Σ_c |∂y_t/∂x| / max |∂y_t/∂x|`` per image, by ``torch.autograd`` through the timm model in float64."""
-    model = timm_zoo.build(spec).double()
-    x = torch.from_numpy(batch).double().requires_grad_()
+def saliency_oracle(spec: timm_zoo.Spec, batch: np.ndarray, targets: np.ndarray,
+                    dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """``Σ_c |∂y_t/∂x| / max |∂y_t/∂x|`` per image, by ``torch.autograd`` through the timm model."""
+    model = timm_zoo.build(spec).to(dtype)
+    x = torch.from_numpy(batch).to(dtype).requires_grad_()
     logits = model(x)
     logits[torch.arange(len(batch)), torch.from_numpy(targets)].sum().backward()
     return oracle.heatmap(x.grad.abs()).numpy()
+
+
+def assert_saliency_matches(spec: timm_zoo.Spec, batch: np.ndarray, targets: np.ndarray, maps: np.ndarray) -> None:
+    """The compiled map is as close to the float64 gradient as PyTorch's own float32 autograd is (twice its
+    error, at least 1e-4): BiT's GroupNorm over 2×2 maps makes float32 gradients differ by a few 1e-2."""
+    exact = saliency_oracle(spec, batch, targets)
+    single = saliency_oracle(spec, batch, targets, torch.float32)
+    tolerance = np.maximum(2 * np.abs(single - exact).reshape(len(batch), -1).max(1), 1e-4)
+    error = np.abs(maps - exact).reshape(len(batch), -1).max(1)
+    assert (error <= tolerance).all(), f"saliency off by {error} (float32 autograd: {tolerance / 2})"
 
 
 def chefer_oracle(spec: timm_zoo.Spec, batch: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -130,14 +141,11 @@ def test_timm_family_compiles_and_explains(name, dynamo, method):
         return
     compiled = compile_timed(path, label, **options)
     batch = images(spec)
-    maps = check_explains(onnx.load(path), compiled, batch)
+    maps, targets = check_explains(onnx.load(path), compiled, batch)  # targets from the same run: near ties
     if method == "gradient":
-        expected = saliency_oracle(spec, batch, run(onnx.load(path), {"x": batch})["y" if not dynamo else
-                                   onnx.load(path).graph.output[0].name].argmax(1))
-        np.testing.assert_allclose(maps, expected, atol=1e-4)  # float32 graph vs float64 autograd
+        assert_saliency_matches(spec, batch, targets, maps)
     if method == CHEFER and not spec.name.startswith("efficientformer"):
-        logits = run(onnx.load(path), {"x": batch})[onnx.load(path).graph.output[0].name]
-        np.testing.assert_allclose(maps, chefer_oracle(spec, batch, logits.argmax(1)), atol=1e-3)
+        np.testing.assert_allclose(maps, chefer_oracle(spec, batch, targets), atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["agf", "gradient", CHEFER])
@@ -147,8 +155,7 @@ def test_tiny_timm_vit(method):
     path = timm_zoo.export_path(spec)
     compiled = compile_timed(path, f"tiny ViT --method {method}", method=method)
     batch = images(spec)
-    maps = check_explains(onnx.load(path), compiled, batch)
-    targets = run(onnx.load(path), {"x": batch})["y"].argmax(1)
+    maps, targets = check_explains(onnx.load(path), compiled, batch)
     if method == "gradient":
         np.testing.assert_allclose(maps, saliency_oracle(spec, batch, targets), atol=2e-4)
     if method == CHEFER:

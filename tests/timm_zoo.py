@@ -158,6 +158,14 @@ def build(spec: Spec, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     model = timm.create_model(spec.name, pretrained=False, **dict(spec.kwargs)).eval()
+    with torch.no_grad():  # zero_init_last (BiT; NF-ResNet's gains) zeroes each block's last conv: every residual
+        for module in model.modules():  # branch would be dead, and Grad-CAM at the last conv exactly zero
+            if isinstance(module, torch.nn.Conv2d) and not module.weight.abs().sum():
+                torch.nn.init.kaiming_normal_(module.weight)
+                module.weight.mul_(0.1)  # a trained network's late branches are small, not zero
+            gain = getattr(module, "gain", None)  # NF-ResNet's ScaledStdConv2d: gain_init 0 on each last conv
+            if isinstance(gain, torch.nn.Parameter) and not gain.abs().sum():
+                gain.fill_(1.0)
     _calibrate_head(model, spec.image)
     return model
 
