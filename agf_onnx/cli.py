@@ -204,6 +204,8 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
     path = os.path.abspath(path)
     if folder and os.path.isdir(path):
         existing = path
+    elif folder and os.path.lexists(path):
+        raise CompileError(f"-o {path}: is a file; give the folder to write into")
     else:
         if os.path.isdir(path):
             raise CompileError(f"-o {path}: is a folder; give the file to write")

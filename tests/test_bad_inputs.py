@@ -211,6 +211,15 @@ def test_output_that_is_a_folder_is_refused(files, tmp_path, capsys):
     assert code == 1 and "is a folder" in capsys.readouterr().err
 
 
+def test_explain_output_that_is_a_file_is_refused(files, images, tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("mine")
+    code = main(["explain", str(files["good"]), str(images / "0.png"), "-o", str(taken)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("agf-onnx: error:") and "results: is a file" in err
+    assert taken.read_text() == "mine"
+
+
 def test_output_folder_without_write_permission_is_refused(files, tmp_path, capsys, monkeypatch):
     """Root ignores permission bits, so the permission check is what is stubbed here."""
     locked = tmp_path / "locked"
