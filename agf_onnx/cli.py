@@ -50,6 +50,12 @@ def _given_method_options(args: argparse.Namespace) -> dict:
     return {k: v for k in ("steps", "samples", "noise", "seed") if (v := getattr(args, k)) is not None}
 
 
+def _flat_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--flat-policy", choices=sorted(FLAT_POLICIES), default="authors",
+                        help="which convs and token-wise linear layers get AGF's flat rule ΦX = C instead of the full "
+                             "rule (default: authors): " + "; ".join(f"{k}: {v}" for k, v in FLAT_POLICIES.items()))
+
+
 def _image_options(parser: argparse.ArgumentParser) -> None:
     """How image files become the model's input, and where it runs (explain, evaluate)."""
     parser.add_argument("--preset", choices=["imagenet", "symmetric", "unit", "none"], default="imagenet",
@@ -66,6 +72,26 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+
+
+def _ssl_options(parser: argparse.ArgumentParser) -> None:
+    """A self-supervised model's bank (the paper's Algorithm 2; compile, evaluate)."""
+    parser.add_argument("--ssl-bank", metavar="BANK.npy",
+                        help="self-supervised model: explain t = argmax head(L_I − L_N), L_N the nearest row of this "
+                             "bank (`agf-onnx bank`) to the image's features L_I; adds the outputs 'ssl_target' and "
+                             "'ssl_neighbour' (int64 [N]); a non-negative 'target' still overrides t")
+    parser.add_argument("--features", metavar="TENSOR",
+                        help="with --ssl-bank: the tensor that feeds the head (default: the data input of the op "
+                             "that makes the logits)")
+    parser.add_argument("--ssl-mode", choices=["diff", "sum", "none"],
+                        help="with --ssl-bank: diff (default) head(L_I − L_N), sum head(L_I + L_N), none head(L_I)")
+
+
+def _given_ssl_options(args: argparse.Namespace) -> dict:
+    if args.ssl_bank is None and (args.features is not None or args.ssl_mode is not None):
+        raise CompileError("--features and --ssl-mode need --ssl-bank")
+    return {"ssl_bank": args.ssl_bank, "features": args.features, "ssl_mode": args.ssl_mode} \
+        if args.ssl_bank is not None else {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,20 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the compiled model")
     compile_.add_argument("--method", choices=sorted(METHODS), default="agf", help="explanation method (default: agf)")
     _model_options(compile_)
-    compile_.add_argument("--flat-policy", choices=sorted(FLAT_POLICIES), default="authors",
-                          help="which convs get the flat rule ΦX = C instead of the full AGF rule (default: authors): " +
-                               "; ".join(f"{k}: {v}" for k, v in FLAT_POLICIES.items()))
+    _flat_options(compile_)
     compile_.add_argument("--flat", metavar="NODE", action="append", default=[],
-                          help="force this Conv node to the flat rule (repeatable)")
+                          help="force this Conv or token-wise MatMul node to the flat rule (repeatable)")
     compile_.add_argument("--full", metavar="NODE", action="append", default=[],
-                          help="force this Conv node to the full AGF rule (repeatable)")
+                          help="force this Conv or token-wise MatMul node to the full AGF rule (repeatable)")
     compile_.add_argument("--layer", metavar="NODE",
                           help="the node whose output a layer method (gradcam) explains (default: the last Conv "
-                               "with a spatial output)")
+                               "with a spatial output or the last transformer block's output, whichever is later)")
     compile_.add_argument("--top-k", type=int, metavar="K",
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
     _method_options(compile_)
+    _ssl_options(compile_)
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
                                "MODEL has external data)")
@@ -161,7 +186,25 @@ def _parser() -> argparse.ArgumentParser:
                                "SmoothGrad's copies included) would pass 2 GiB")
     _method_options(evaluate)
     _model_options(evaluate)
+    _flat_options(evaluate)
+    _ssl_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    bank = commands.add_parser(
+        "bank", help="the feature vectors of reference images, for a self-supervised model (--ssl-bank)",
+        description="Run MODEL (the original network) on reference images and write the features tensor of each, "
+                    "flattened, to BANK.npy (float32 [images, features]): the bank `agf-onnx compile --ssl-bank` "
+                    "searches for the nearest neighbour of an image's features (the paper's Algorithm 2).")
+    bank.add_argument("model", metavar="MODEL")
+    bank.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+")
+    bank.add_argument("-o", "--output", metavar="BANK.npy", required=True)
+    bank.add_argument("--features", metavar="TENSOR",
+                      help="the tensor that feeds the head (default: the data input of the op that makes the logits)")
+    _image_options(bank)
+    bank.add_argument("--batch-size", type=int, default=16, metavar="B")
+    bank.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
+                      help="fix the shape of an input with dynamic height/width")
+    bank.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
@@ -267,7 +310,8 @@ def _compile(args: argparse.Namespace) -> int:
     try:
         model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                         flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                        options=_given_method_options(args), top_k=args.top_k, check=not args.no_check)
+                        options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
+                        **_given_ssl_options(args))
     except CompileError as error:
         _named(error, args.model)
         raise
@@ -355,13 +399,17 @@ def _explain(args: argparse.Namespace) -> int:
             explanation = explainer.explain_photos(np.stack(photos), target, args.top_k)
             for i, result in enumerate(good):
                 write_image_outputs(explanation, i, out, unique_stem(pathlib.Path(result.image), stems), result)
+                if explanation.ssl_targets is not None:  # a self-supervised model (--ssl-bank): its t and L_N
+                    result.ssl_target = int(explanation.ssl_targets[i])
+                    result.ssl_neighbour = int(explanation.ssl_neighbours[i])
         if progress is not None:
             progress.update(len(batch))
     if progress is not None:
         progress.close()
     settings = {"model": str(args.model), "provider": explainer.provider, "target": args.target,
                 "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean, "std": explainer.std,
-                "size": args.size, "crop": explainer.crop, "bgr": args.bgr}
+                "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
+                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {})}
     write_results(out, results, settings)
     failed = sum(1 for r in results if r.error)
     if folder or len(images) > 1:
@@ -388,9 +436,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_writable(args.output, folder=True)
     check_model_file(args.model)
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    ssl_options = _given_ssl_options(args)
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
-                                                                  "image": args.image,
-                                                                  "options": _given_method_options(args)},
+                                                                  "image": args.image, "flat_policy": args.flat_policy,
+                                                                  "options": _given_method_options(args),
+                                                                  **ssl_options},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
                             crop=args.crop, bgr=args.bgr)
@@ -407,11 +457,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
                 "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
-                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args)}
+                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
+                **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
+                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {})}
     out = pathlib.Path(args.output)
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])
     print(f"{len(samples)} images in {results['seconds']:.0f} s → {out}/results.json, results.md, perturbation.png")
+    return 0
+
+
+def _bank(args: argparse.Namespace) -> int:
+    from .explain import ExplainError, collect_images
+    from .ssl import bank
+
+    images, _ = collect_images(args.images)
+    if not images:
+        raise ExplainError(f"no images found in {', '.join(args.images)}")
+    began = time.perf_counter()
+    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    rows = bank(args.model, images, features=args.features, output=args.output, batch_size=args.batch_size,
+                provider=args.provider, input_shapes=shapes, progress=not args.quiet, preset=args.preset,
+                mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size, crop=args.crop,
+                bgr=args.bgr)
+    print(f"{len(rows)} images → {args.output}: float32 {list(rows.shape)}, {time.perf_counter() - began:.1f} s")
     return 0
 
 
@@ -456,6 +525,8 @@ def _run(args: argparse.Namespace) -> int:
         return _explain(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "bank":
+        return _bank(args)
     print(coverage_table(args.method))
     return 0
 

@@ -14,10 +14,11 @@ Relevance (spec "Linear layers"):
 
 from __future__ import annotations
 
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide
 
-from ._helpers import _ONE, Bilinear, data_only
+from ._helpers import _ONE, Bilinear, data_only, explicit_pads
 from ._registry import gradient, relevance
 
 
@@ -28,26 +29,17 @@ def geometry(node: NodeView) -> dict:
     kernel = list(node.attr("kernel_shape", w_shape[2:]))
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
-    pads = list(node.attr("pads", [0] * 2 * spatial))
-    auto_pad = node.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        for i in range(spatial):
-            size = in_shape[2 + i]
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
-            small, large = total // 2, total - total // 2
-            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    elif auto_pad == "VALID":
-        pads = [0] * 2 * spatial
+    out = [-(-size // stride) for size, stride in zip(in_shape[2:], strides)]  # what SAME padding makes
+    pads = explicit_pads(node, in_shape[2:], out, kernel, strides, dilations)
     return {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "pads": pads,
             "group": node.attr("group", 1)}
 
 
-def _forward(b, node: NodeView, x: str, w: str) -> str:
+def _forward(b: GraphBuilder, node: NodeView, x: str, w: str) -> str:
     return b.Conv(x, w, **geometry(node))
 
 
-def _vjp(b, node: NodeView, g: str, w: str) -> str:
+def _vjp(b: GraphBuilder, node: NodeView, g: str, w: str) -> str:
     shape = geometry(node)
     in_size, out_size = node.shape(0)[2:], node.shape(node.outputs[0])[2:]
     spatial = len(in_size)
@@ -68,62 +60,71 @@ def _check(node: NodeView) -> None:
 
 
 @gradient("Conv")
-def conv_gradient(b, node: NodeView) -> list[str | None]:
+def conv_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """conv_transpose(G, W)."""
     _check(node)
     return CONV.gradient(b, node)
 
 
 @relevance("Conv", kind="flat")
-def conv_flat(b, node: NodeView) -> list[str | None]:
+def conv_flat(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Absolute influence only: ΦX = C (authors' rule for 1×1 and residual-branch convs)."""
     return data_only(node, {0: CONV.absolute_influence(b, node)})
 
 
 @relevance("Conv", kind="zB")
-def conv_input_layer(b, node: NodeView) -> list[str | None]:
+def conv_input_layer(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """z^B rule bounded by the image's per-sample minimum and maximum."""
     return CONV.input_layer(b, node)
 
 
+def full_rule(b: GraphBuilder, x: str, gradient_in: str, masked_gradient: str, influence: str, agnostic: str,
+              shape: tuple) -> str:
+    """Eq. 10–14 on channel-first tensors ``[N, C, *spatial]`` (``shape = (C, *spatial)``):
+    ``Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0])`` from ``X``, ``g = VJP(G)``,
+    ``gm = VJP(G ⊙ m)``, the absolute influence ``C`` and the input-agnostic ``A``. Shared by the
+    conv and the token form of a linear layer (``gemm.py``)."""
+    rank = len(shape) + 1
+    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank)
+    partition = channel_mean(b, influence)
+    input_factor = b.Relu(factorise(b, x, partition, shape))
+    gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
+    sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
+    residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
+    return delta_shift(b, influence, residual, rank)
+
+
 @relevance("Conv", kind="agf")
-def conv_agf(b, node: NodeView) -> list[str | None]:
+def conv_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Full AGF rule: Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0]) (eq. 10–14)."""
     x, weight = node.inputs[0], node.inputs[1]
     relevance_out, gradient_out = node.relevance[0], node.gradient[0]
     shape = tuple(node.shape(0)[1:])
     mask = nonzero(b, relevance_out)
-    influence = CONV.absolute_influence(b, node)
-    gradient_in = node.input_gradients[0]
-    rank = len(shape) + 1
-    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank)
     masked_gradient = CONV.vjp(b, node, b.Mul(gradient_out, mask), weight)
-    partition = channel_mean(b, influence)
-    input_factor = b.Relu(factorise(b, x, partition, shape))
-    gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
     abs_weight = CONV.absolute_weight(b, node)
     # conv(1, |W|) is data-free: ONNX Runtime folds it once when it loads the model
     ones = b.ConstantOfShape(b.ints([1, *shape]), value=_ONE)
     agnostic = CONV.vjp(b, node, safe_divide(b, relevance_out, b.Mul(_forward(b, node, ones, abs_weight), mask)),
                         abs_weight)
-    sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
-    residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
-    return data_only(node, {0: delta_shift(b, influence, residual, rank)})
+    relevance_in = full_rule(b, x, node.input_gradients[0], masked_gradient, CONV.absolute_influence(b, node),
+                             agnostic, shape)
+    return data_only(node, {0: relevance_in})
 
 
 @relevance("Conv", kind="alpha1beta0")
-def conv_alpha1beta0(b, node: NodeView) -> list[str | None]:
+def conv_alpha1beta0(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """LRP-α1β0 (z⁺ on positive inputs): positive contributions only, no bias."""
     return CONV.alpha_beta(b, node, 1.0, 0.0)
 
 
 @relevance("Conv", kind="alpha2beta1")
-def conv_alpha2beta1(b, node: NodeView) -> list[str | None]:
+def conv_alpha2beta1(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
     return CONV.alpha_beta(b, node, 2.0, 1.0)
 
 
 @relevance("Conv", kind="rap")
-def conv_rap(b, node: NodeView) -> list[str | None]:
+def conv_rap(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR."""
     return CONV.relative(b, node, negative_on_second=True)
