@@ -333,6 +333,17 @@ def test_non_finite_pixels_are_a_per_image_error(files):
     assert np.isfinite(explainer.explain(good).heatmaps).all()
 
 
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_a_non_finite_pixel_leaves_every_map_finite_and_the_other_samples_alone(bad_value):
+    compiled = agf_onnx.compile(small_classifier())
+    images = np.random.default_rng(5).random((2, 3, 8, 8)).astype(np.float32)
+    clean = run(compiled, {"x": images[1:]})["heatmap"][0]
+    images[0, 1, 2, 3] = bad_value
+    heatmaps = run(compiled, {"x": images})["heatmap"]
+    assert np.isfinite(heatmaps).all()
+    np.testing.assert_allclose(heatmaps[1], clean, rtol=1e-6, atol=1e-7)
+
+
 def test_compiled_model_target_out_of_range_or_of_the_wrong_type_is_refused_by_onnx_runtime(files):
     """The compiled graph cannot raise its own errors; ONNX Runtime refuses both (README, "The compiled model")."""
     compiled = agf_onnx.compile(str(files["good"]))
