@@ -1,6 +1,6 @@
 """A fuzzer for the compiler: random small CNN graphs built from the supported ops and attributes
 (strides, asymmetric and SAME pads, dilations, groups and depthwise convs, ceil-mode pools, residual
-Adds, channel Concats, flatten/reshape heads, in-graph preprocessing, NCHW and NHWC inputs).
+Adds, channel Concats, flatten/reshape heads, in-graph preprocessing, float and uint8 images, NCHW and NHWC inputs).
 
 Each graph is written twice from one random specification: as ONNX nodes (``onnx.helper``, so every
 attribute can be set) and as a float64 PyTorch function. For every graph: ONNX Runtime's forward pass
@@ -92,7 +92,8 @@ class Branches:            # concat(conv1×1(x), conv3×3(x)) on channels
 class Spec:
     size: int
     layout: str            # "NCHW" or "NHWC"
-    preprocessing: bool    # (x − mean) / std written into the graph
+    preprocessing: str     # "none"; "normalise": (x − mean) / std in the graph; "uint8": a uint8 image cast,
+                           # scaled by 1/255 and normalised in the graph
     layers: tuple
     head: str              # "gap-gemm", "flatten-gemm", "reshape-matmul"
     classes: int
@@ -177,8 +178,8 @@ def specs(draw) -> Spec:
     if not any(isinstance(layer, (Conv, Residual, Branches)) for layer in layers):
         layers.insert(0, Conv(4, 3, 1, 1, "one", (1, 1, 1, 1), True))  # every method needs a Conv
     head = draw(st.sampled_from(["gap-gemm", "flatten-gemm", "reshape-matmul"]))
-    return Spec(size, draw(st.sampled_from(["NCHW", "NHWC"])), draw(st.booleans()), tuple(layers), head,
-                draw(st.integers(2, 6)))
+    return Spec(size, draw(st.sampled_from(["NCHW", "NHWC"])), draw(st.sampled_from(["none", "normalise", "uint8"])),
+                tuple(layers), head, draw(st.integers(2, 6)))
 
 
 # -- one specification, two programs --------------------------------------------------------------
@@ -293,10 +294,14 @@ def build(spec: Spec) -> tuple[onnx.ModelProto, callable]:
     d = Dual(np.random.default_rng(hash(spec) % 2**32))
     size, channels = spec.size, 3
     x, fx = "image", (lambda t: t)
+    if spec.preprocessing == "uint8":  # the Cast carries the gradient as float (the integers' own values)
+        scale_name, scale = d.weight(np.array(1 / 255))
+        x = d.node("Mul", [d.node("Cast", [x], to=TensorProto.FLOAT), scale_name])
+        fx = (lambda t, f=fx: f(t) * scale)
     if spec.layout == "NHWC":
         x = d.node("Transpose", [x], perm=[0, 3, 1, 2])
         fx = (lambda t, f=fx: f(t).permute(0, 3, 1, 2))
-    if spec.preprocessing:
+    if spec.preprocessing != "none":
         mean_name, mean = d.weight(np.array([0.4, 0.5, 0.6]).reshape(1, 3, 1, 1))
         std_name, std = d.weight(np.array([0.2, 0.25, 0.3]).reshape(1, 3, 1, 1))
         x = d.node("Div", [d.node("Sub", [x, mean_name]), std_name])
@@ -352,7 +357,8 @@ def build(spec: Spec) -> tuple[onnx.ModelProto, callable]:
     d.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
     fx_final = (lambda t, f=fx: f(t) @ w + b)
     shape = ["N", 3, spec.size, spec.size] if spec.layout == "NCHW" else ["N", spec.size, spec.size, 3]
-    graph = helper.make_graph(d.nodes, "fuzz", [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+    image_type = TensorProto.UINT8 if spec.preprocessing == "uint8" else TensorProto.FLOAT
+    graph = helper.make_graph(d.nodes, "fuzz", [helper.make_tensor_value_info("image", image_type, shape)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.classes])],
                               d.weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -365,7 +371,10 @@ def build(spec: Spec) -> tuple[onnx.ModelProto, callable]:
 
 def _images(spec: Spec) -> np.ndarray:
     shape = (2, 3, spec.size, spec.size) if spec.layout == "NCHW" else (2, spec.size, spec.size, 3)
-    return np.random.default_rng(spec.size).random(shape).astype(np.float32)
+    rng = np.random.default_rng(spec.size)
+    if spec.preprocessing == "uint8":
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    return rng.random(shape).astype(np.float32)
 
 
 @seed(FUZZ_SEED)
@@ -384,8 +393,13 @@ def test_random_graphs_compile_keep_their_outputs_and_match_autograd(spec):
     # the gradient stream: ∂⟨logits, g⟩/∂image against torch.autograd in float64
     cotangent = np.random.default_rng(1).standard_normal(original.shape).astype(np.float32)
     (reference,) = torch.autograd.grad(expected, torch_input, torch.from_numpy(cotangent).double())
-    emitted = run(gradient_model(model, output="logits", source="image"),
-                  {"image": images, "gradient_in": cotangent}, optimize=False)["gradient_out"]
+    # gradient_model types its result like its source, a graph input: a uint8 model's gradient is read
+    # on its twin with a float image input (the same graph, the Cast then float → float)
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    twin.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    emitted = run(gradient_model(twin, output="logits", source="image"),
+                  {"image": images.astype(np.float32), "gradient_in": cotangent}, optimize=False)["gradient_out"]
     scale = max(float(reference.abs().max()), 1e-3)
     np.testing.assert_allclose(emitted, reference.numpy(), rtol=1e-3, atol=1e-4 * scale)
 
@@ -404,7 +418,7 @@ def test_random_graphs_compile_keep_their_outputs_and_match_autograd(spec):
 
 
 def _features(spec: Spec) -> set[str]:
-    seen = {spec.layout, spec.head, "preprocessing" if spec.preprocessing else "raw"}
+    seen = {spec.layout, spec.head, spec.preprocessing}
     for layer in spec.layers:
         seen.add(type(layer).__name__)
         if isinstance(layer, Conv):
@@ -428,7 +442,7 @@ def test_the_generator_reaches_every_feature_it_is_for():
         seen.update(_features(spec))
 
     collect()
-    wanted = {"NCHW", "NHWC", "gap-gemm", "flatten-gemm", "reshape-matmul", "preprocessing", "raw", "Conv", "Pool",
+    wanted = {"NCHW", "NHWC", "gap-gemm", "flatten-gemm", "reshape-matmul", "none", "normalise", "uint8", "Conv", "Pool",
               "Activation", "Norm", "Residual", "Branches", "one", "two", "depthwise", "SAME_UPPER", "SAME_LOWER",
               "VALID", "asymmetric", "dilation2", "stride2", "max-ceil1", "max-ceil0", "average-ceil0"}
     assert wanted <= seen, wanted - seen
