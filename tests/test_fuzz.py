@@ -149,6 +149,7 @@ def _spatial(size: int, kernel: int, stride: int, dilation: int, padding, ceil: 
 @st.composite
 def specs(draw) -> Spec:
     size = draw(st.integers(9, 16))
+    preprocessing = draw(st.sampled_from(["none", "normalise", "uint8"]))
     channels, current = 3, size
     layers = []
     for _ in range(draw(st.integers(1, 5))):
@@ -164,6 +165,9 @@ def specs(draw) -> Spec:
             after = _spatial(current, layer.kernel, layer.stride, 1, layer.padding, layer.ceil)
             if after < 2 or max(layer.padding) * 2 > layer.kernel:  # ONNX: pads smaller than half the kernel
                 continue
+            if layer.kind == "max" and preprocessing == "uint8" and not any(
+                    isinstance(earlier, (Conv, Residual, Branches)) for earlier in layers):
+                continue  # integer pixels tie in a window, and float32 and float64 break ties differently
             current = after
         elif choice == "activation":
             layer = Activation(draw(st.sampled_from(["Relu", "LeakyRelu", "Sigmoid", "HardSwish", "Clip"])))
@@ -178,8 +182,8 @@ def specs(draw) -> Spec:
     if not any(isinstance(layer, (Conv, Residual, Branches)) for layer in layers):
         layers.insert(0, Conv(4, 3, 1, 1, "one", (1, 1, 1, 1), True))  # every method needs a Conv
     head = draw(st.sampled_from(["gap-gemm", "flatten-gemm", "reshape-matmul"]))
-    return Spec(size, draw(st.sampled_from(["NCHW", "NHWC"])), draw(st.sampled_from(["none", "normalise", "uint8"])),
-                tuple(layers), head, draw(st.integers(2, 6)))
+    return Spec(size, draw(st.sampled_from(["NCHW", "NHWC"])), preprocessing, tuple(layers), head,
+                draw(st.integers(2, 6)))
 
 
 # -- one specification, two programs --------------------------------------------------------------
