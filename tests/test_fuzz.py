@@ -306,7 +306,9 @@ def build(spec: Spec) -> tuple[onnx.ModelProto, callable]:
         x = d.node("Transpose", [x], perm=[0, 3, 1, 2])
         fx = (lambda t, f=fx: f(t).permute(0, 3, 1, 2))
     if spec.preprocessing != "none":
-        mean_name, mean = d.weight(np.array([0.4, 0.5, 0.6]).reshape(1, 3, 1, 1))
+        # half-way between two 8-bit levels: no uint8 pixel lands on a kink (0) of what follows, where float32
+        # and float64 could pick different sides
+        mean_name, mean = d.weight((np.array([102.5, 127.5, 153.5]) / 255).reshape(1, 3, 1, 1))
         std_name, std = d.weight(np.array([0.2, 0.25, 0.3]).reshape(1, 3, 1, 1))
         x = d.node("Div", [d.node("Sub", [x, mean_name]), std_name])
         fx = (lambda t, f=fx: (f(t) - mean) / std)
