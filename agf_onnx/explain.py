@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], as Paddle classifiers and MTCNN
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # [0, 1]
 }
+#: CUDA runs float32 convs and GEMMs in float32, not TF32 (ONNX Runtime's default): TF32's 10-bit
+#: mantissa changes the heatmaps far beyond round-off.
+CUDA_PROVIDERS = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
@@ -106,74 +109,22 @@ def load_image(source: Any, notes: list[str]) -> np.ndarray:
     return array
 
 
-class Explainer:
-    """Runs a compiled model (or compiles an original one on the fly) on images.
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: fitted to the model's size (``fit``), then channel
+    order, normalisation and layout (``to_tensor``). Plain data, so that it travels to other
+    processes (the Ray engine's preprocessing tasks) without a session."""
 
-    Args:
-        model: path of a compiled model (``agf-onnx compile``) or of an original classifier.
-        provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
-        preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
-        mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
-        size: resize the shorter side to this, then centre-crop to the model's size.
-        crop: keep the aspect ratio: resize to cover the model's size, then centre-crop (implied
-            by ``size``); default: resize straight to the model's size.
-        bgr: feed channels in BGR order.
-        input_shapes: for compiling a model with dynamic height/width on the fly.
-    """
+    height: int
+    width: int
+    size: int | None = None  # resize the shorter side to this, then centre-crop
+    crop: bool = False
+    bgr: bool = False
+    mean: Sequence[float] | None = None  # on pixels scaled to [0, 1]; None: raw 0–255 values
+    std: Sequence[float] | None = None
+    integer_input: bool = False
+    channels_last: bool = False
 
-    def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
-                 preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 size: int | None = None, crop: bool = False, bgr: bool = False,
-                 labels: Sequence[str] | None = None,
-                 input_shapes: dict | None = None, batch_size: int = 8) -> None:
-        import onnxruntime as ort
-
-        if preset not in (*PRESETS, "none"):
-            raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
-        proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
-        self.compiled_on_the_fly = not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
-        if self.compiled_on_the_fly:
-            proto = compile(model, input_shapes=input_shapes)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if provider not in ("auto", "cuda", "cpu"):
-            raise ExplainError(f"unknown provider '{provider}' (auto, cuda, cpu)")
-        serialized = proto.SerializeToString()
-        self.session = None
-        if provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            # the GPU wheel lists CUDA even where its libraries are missing: try it, quietly for auto
-            ort.set_default_logger_severity(4 if provider == "auto" else 3)
-            self.session = ort.InferenceSession(serialized, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-            if "CUDAExecutionProvider" not in self.session.get_providers():
-                self.session = None
-        ort.set_default_logger_severity(3)
-        if self.session is None:
-            if provider == "cuda":
-                raise ExplainError("--provider cuda: ONNX Runtime cannot use CUDA here (no CUDA build or no GPU)")
-            self.session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
-        self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
-        info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
-        self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
-        dims = info.shape[1:3] if self.channels_last else info.shape[2:4]
-        if not all(isinstance(d, int) for d in dims):
-            raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
-        self.height, self.width = dims
-        self.integer_input = info.type != "tensor(float)"
-        self.scores_output = meta.get("agf_onnx.scores") or None
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
-        self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
-            isinstance(d, int) for d in scores_info.shape[1:]) else None
-        # a model compiled with --top-k K already returns the K best classes' maps in its one run
-        maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
-        self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
-            isinstance(maps_info.shape[1], int) else 0
-        self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
-        if (mean is None) != (std is None):
-            raise ExplainError("--mean and --std go together")
-        self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
-
-    # -- preprocessing ------------------------------------------------------------------------
     def fit(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
         """An image (or, ``nearest``, a label mask) resized/cropped to the model's size, as ``--size``/``--crop`` say."""
         from PIL import Image
@@ -201,6 +152,123 @@ class Explainer:
         else:
             batch = ((pixels / 255.0 - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
         return np.ascontiguousarray(batch if self.channels_last else batch.transpose(0, 3, 1, 2))
+
+    def prepare(self, index: int, image: Any) -> PreparedImage:
+        """One image loaded and fitted, or the error that stopped it (never raised: one bad file
+        must not stop a run over many)."""
+        source = str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+        notes: list[str] = []
+        try:
+            return PreparedImage(index, source, self.fit(load_image(image, notes)), notes)
+        except ExplainError as error:
+            return PreparedImage(index, source, None, notes, str(error))
+
+
+@dataclass
+class PreparedImage:
+    """An image fitted to the model (``photo`` ``[H, W, 3]`` uint8), or why it could not be."""
+
+    index: int  # its place among the images of the run
+    source: str
+    photo: np.ndarray | None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class ImageExplanation:
+    """One image's outcome (``Explainer.explain_each``): its explanation (N = 1), or its error."""
+
+    index: int
+    source: str
+    explanation: Explanation | None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class Explainer:
+    """Runs a compiled model (or compiles an original one on the fly) on images.
+
+    Args:
+        model: path of a compiled model (``agf-onnx compile``) or of an original classifier.
+        provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
+        preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
+        mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
+        size: resize the shorter side to this, then centre-crop to the model's size.
+        crop: keep the aspect ratio: resize to cover the model's size, then centre-crop (implied
+            by ``size``); default: resize straight to the model's size.
+        bgr: feed channels in BGR order.
+        input_shapes: for compiling a model with dynamic height/width on the fly.
+        threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
+            engine runs one single-threaded session per CPU it is given.
+    """
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
+                 preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 size: int | None = None, crop: bool = False, bgr: bool = False,
+                 labels: Sequence[str] | None = None,
+                 input_shapes: dict | None = None, batch_size: int = 8, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if preset not in (*PRESETS, "none"):
+            raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
+        proto, self.compiled_on_the_fly = compiled_model(model, input_shapes)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if provider not in ("auto", "cuda", "cpu"):
+            raise ExplainError(f"unknown provider '{provider}' (auto, cuda, cpu)")
+        serialized = proto.SerializeToString()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = None
+        if provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            # the GPU wheel lists CUDA even where its libraries are missing: try it, quietly for auto
+            ort.set_default_logger_severity(4 if provider == "auto" else 3)
+            self.session = ort.InferenceSession(serialized, options, providers=CUDA_PROVIDERS)
+            if "CUDAExecutionProvider" not in self.session.get_providers():
+                self.session = None
+        ort.set_default_logger_severity(3)
+        if self.session is None:
+            if provider == "cuda":
+                raise ExplainError("--provider cuda: ONNX Runtime cannot use CUDA here (no CUDA build or no GPU)")
+            self.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
+        info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
+        self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
+        dims = info.shape[1:3] if self.channels_last else info.shape[2:4]
+        if not all(isinstance(d, int) for d in dims):
+            raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
+        self.height, self.width = dims
+        self.integer_input = info.type != "tensor(float)"
+        self.scores_output = meta.get("agf_onnx.scores") or None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
+        self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
+            isinstance(d, int) for d in scores_info.shape[1:]) else None
+        # a model compiled with --top-k K already returns the K best classes' maps in its one run
+        maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
+        self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
+            isinstance(maps_info.shape[1], int) else 0
+        self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
+        if (mean is None) != (std is None):
+            raise ExplainError("--mean and --std go together")
+        self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
+
+    # -- preprocessing ------------------------------------------------------------------------
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """This explainer's preprocessing as plain data (for other processes)."""
+        return Preprocessing(self.height, self.width, self.size, self.crop, self.bgr, self.mean, self.std,
+                             self.integer_input, self.channels_last)
+
+    def fit(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """An image (or, ``nearest``, a label mask) resized/cropped to the model's size, as ``--size``/``--crop`` say."""
+        return self.preprocessing.fit(image, nearest)
+
+    def to_tensor(self, photos: np.ndarray) -> np.ndarray:
+        """Prepared photos ``[N, H, W, 3]`` uint8 → the model's input (channel order, normalisation, layout)."""
+        return self.preprocessing.to_tensor(photos)
 
     def prepare(self, images: Sequence[Any], notes: list[str] | None = None) -> np.ndarray:
         """Load, convert to RGB and fit images to the model's size → ``[N, H, W, 3]`` uint8."""
@@ -264,22 +332,49 @@ class Explainer:
         probabilities = None if scores is None else _as_probabilities(scores)
         return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels)
 
-    def explain(self, images: Sequence[Any] | Any, target: int | str | None = None,
-                top_k: int | None = None) -> Explanation:
-        """Explain images (paths, PIL images or arrays ``[H, W, 3]``), in batches."""
-        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
-            images = [images]
-        images = list(images)
-        parts = []
+    def explain_prepared(self, prepared: Sequence[PreparedImage], target: int | str | None = None,
+                         top_k: int | None = None) -> list[ImageExplanation]:
+        """Explain one batch of prepared images in one run (or one per class); the images that
+        failed to load keep their error."""
+        good = [item for item in prepared if item.error is None]
+        explanation = self.explain_photos(np.stack([item.photo for item in good]), target, top_k) if good else None
+        outcomes, position = [], 0
+        for item in prepared:
+            if item.error is not None:
+                outcomes.append(ImageExplanation(item.index, item.source, None, item.notes, item.error))
+                continue
+            single = Explanation(*(None if value is None else value[position:position + 1] for value in (
+                explanation.photos, explanation.heatmaps, explanation.targets, explanation.scores,
+                explanation.probabilities)), labels=self.labels, sources=[item.source])
+            outcomes.append(ImageExplanation(item.index, item.source, single, item.notes))
+            position += 1
+        return outcomes
+
+    def explain_each(self, images: Sequence[Any], target: int | str | None = None,
+                     top_k: int | None = None) -> Iterator[ImageExplanation]:
+        """Explain images in batches of ``batch_size``, yielding each image's explanation or error in
+        order: a bad file is reported, not raised. The local and the Ray engine both run this."""
+        preprocessing = self.preprocessing
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            parts.append(self.explain_photos(self.prepare(chunk), target, top_k))
+            prepared = [preprocessing.prepare(start + n, image) for n, image in enumerate(chunk)]
+            yield from self.explain_prepared(prepared, target, top_k)
+
+    def explain(self, images: Sequence[Any] | Any, target: int | str | None = None,
+                top_k: int | None = None) -> Explanation:
+        """Explain images (paths, PIL images or arrays ``[H, W, 3]``), in batches; a bad image raises."""
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
+            images = [images]
+        parts = []
+        for outcome in self.explain_each(list(images), target, top_k):
+            if outcome.error is not None:
+                raise ExplainError(outcome.error)
+            parts.append(outcome.explanation)
         explanation = Explanation(*(np.concatenate([getattr(p, name) for p in parts])
                                     if getattr(parts[0], name) is not None else None
                                     for name in ("photos", "heatmaps", "targets", "scores", "probabilities")),
                                   labels=self.labels)
-        explanation.sources = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {n}"
-                               for n, i in enumerate(images)]
+        explanation.sources = [outcome.sources[0] for outcome in parts]
         return explanation
 
 
@@ -289,6 +384,16 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
         return scores
     shifted = np.exp(scores - scores.max(1, keepdims=True))
     return shifted / shifted.sum(1, keepdims=True)
+
+
+def compiled_model(model: str | os.PathLike | onnx.ModelProto,
+                   input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool]:
+    """The model with its explanation graph: as it is when it has a ``heatmap`` output, else
+    compiled with AGF now; and whether it was compiled here."""
+    proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
+    if any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
+        return proto, False
+    return compile(model, input_shapes=input_shapes), True
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
