@@ -1,0 +1,160 @@
+"""The Ray engine (``--engine ray``) against the local engine, on one local Ray instance with two
+CPUs: ``evaluate`` gives the same ``results.json`` numbers and ``explain`` the same maps, overlays
+and ``results.json``, bit for bit (the engine runs the local engine's batches); a worker that dies
+mid-run loses and repeats no image; the map shards hold what the per-image files hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from agf_onnx import cli
+from agf_onnx.outputs import read_shard
+from tools import make_benchmark
+
+from . import models
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'agf-onnx[ray]')")
+
+from agf_onnx.distributed import CRASH_AFTER, RayEngine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """One local Ray instance (2 CPUs) for the module, started and stopped as the CLI does; the
+    CLI's runs find it running and use it."""
+    with RayEngine(workers=2) as started:
+        assert started.owned and ray.is_initialized()
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:"), "loopback only"
+        assert ray.cluster_resources()["CPU"] == 2
+        yield started
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny generated benchmark (digits on textured canvases, masks) and a seeded VGG-style model;
+    one unreadable file among the images to explain."""
+    folder = tmp_path_factory.mktemp("bench")
+    make_benchmark.generate(folder / "data", 10, seed=1, size=48, source="digits")
+    onnx.save(models.export(models.seeded(models.VGGish(classes=10, image=48), image=48), 48), folder / "vgg.onnx")
+    images = folder / "images"
+    images.mkdir()
+    for path in sorted((folder / "data" / "images").iterdir()):
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "00003b.png").write_text("not an image")
+    return folder
+
+
+def _numbers(path) -> dict:
+    """results.json without the timings and the settings that name the engine."""
+    results = json.loads(path.read_text())
+    results.pop("seconds"), results.pop("settings")
+    for entry in results["methods"].values():
+        entry.pop("explain_seconds")
+    return results
+
+
+def test_evaluate_on_ray_gives_the_local_numbers_even_when_a_worker_dies(engine, bench, tmp_path, monkeypatch):
+    common = ["evaluate", str(bench / "vgg.onnx"), str(bench / "data"), "--methods", "agf,lrp", "--preset",
+              "symmetric", "--batch-size", "3", "-q"]
+    assert cli.main([*common, "-o", str(tmp_path / "local")]) == 0
+    # the first worker to finish its second batch dies; Ray reruns that batch on a fresh worker
+    monkeypatch.setenv(CRASH_AFTER, f"2:{tmp_path / 'crashed'}")
+    assert cli.main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"]) == 0
+    assert (tmp_path / "crashed").exists(), "the fault was injected"
+    local, distributed = _numbers(tmp_path / "local" / "results.json"), _numbers(tmp_path / "ray" / "results.json")
+    # a lost or repeated image would change the sums: the numbers are the local engine's, exactly
+    assert distributed == local
+    assert local["images"] == 10 and local["methods"]["agf"]["segmentation"]["images"] == 10
+    settings = json.loads((tmp_path / "ray" / "results.json").read_text())["settings"]
+    assert settings["engine"] == "ray" and settings["workers"] == 2 and settings["provider"] == "cpu"
+
+
+def _explain(bench, out, *options):
+    return cli.main(["explain", str(bench / "vgg.onnx"), str(bench / "images"), "-o", str(out), "--preset",
+                     "symmetric", "--top-k", "2", "--batch-size", "3", *options])
+
+
+def test_explain_on_ray_writes_the_local_files(engine, bench, tmp_path, capsys):
+    assert _explain(bench, tmp_path / "local") == 1  # one unreadable file
+    assert _explain(bench, tmp_path / "ray", "--engine", "ray") == 1
+    printed = capsys.readouterr()
+    assert "engine: ray (a local Ray instance), 2 worker(s), provider cpu" in printed.out
+    assert printed.err.count("00003b.png: not a readable image") == 2
+    local = json.loads((tmp_path / "local" / "results.json").read_text())["images"]
+    distributed = json.loads((tmp_path / "ray" / "results.json").read_text())["images"]
+    assert distributed == local and len(local) == 11
+    assert [entry["error"] is not None for entry in local] == [n == 4 for n in range(11)]
+    for entry in local[:4] + local[5:]:
+        np.testing.assert_array_equal(np.load(tmp_path / "ray" / entry["heatmap"]),
+                                      np.load(tmp_path / "local" / entry["heatmap"]))
+        assert np.load(tmp_path / "ray" / entry["heatmap"]).shape == (2, 48, 48)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ray" / entry["overlay"])),
+                                      np.asarray(Image.open(tmp_path / "local" / entry["overlay"])))
+    assert (tmp_path / "ray" / "index.html").read_text() == (tmp_path / "local" / "index.html").read_text()
+
+
+def test_a_killed_worker_loses_and_repeats_no_image_in_the_shards(engine, bench, tmp_path, monkeypatch):
+    assert _explain(bench, tmp_path / "files") == 1
+    monkeypatch.setenv(CRASH_AFTER, f"1:{tmp_path / 'crashed'}")
+    assert _explain(bench, tmp_path / "shards", "--engine", "ray", "--output-format", "npz-shards") == 1
+    assert (tmp_path / "crashed").exists(), "the fault was injected"
+    results = json.loads((tmp_path / "shards" / "results.json").read_text())
+    assert results["images"] == 11 and results["explained"] == 10
+    assert [failure["image"].endswith("00003b.png") for failure in results["failed"]] == [True]
+    shards = [read_shard(tmp_path / "shards" / shard["file"]) for shard in results["shards"]]
+    indices = np.concatenate([shard["index"] for shard in shards])
+    assert sorted(indices) == [n for n in range(11) if n != 4], "every image exactly once"
+    _same_as_files(shards, tmp_path / "files")
+
+
+def _same_as_files(shards: list[dict], files) -> None:
+    """Each shard row holds the image's maps, classes and probabilities as the per-image files do."""
+    entries = json.loads((files / "results.json").read_text())["images"]
+    for shard in shards:
+        for n, index in enumerate(shard["index"]):
+            entry = entries[index]
+            assert shard["image"][n] == entry["image"]
+            np.testing.assert_array_equal(shard["heatmaps"][n], np.load(files / entry["heatmap"]))
+            assert list(shard["classes"][n]) == [e["class"] for e in entry["explained"]]
+            np.testing.assert_allclose(shard["probabilities"][n], [e["probability"] for e in entry["explained"]],
+                                       rtol=1e-6)
+
+
+def test_parquet_shards_hold_the_same_maps(bench, tmp_path):
+    assert _explain(bench, tmp_path / "files") == 1
+    assert _explain(bench, tmp_path / "parquet", "--output-format", "parquet") == 1
+    results = json.loads((tmp_path / "parquet" / "results.json").read_text())
+    assert [shard["file"] for shard in results["shards"]] == ["maps-00000.parquet"]
+    shard = read_shard(tmp_path / "parquet" / "maps-00000.parquet")
+    assert list(shard["index"]) == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
+    _same_as_files([shard], tmp_path / "files")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--workers", "2"], "--workers: only with --engine ray"),
+    (["--engine", "ray", "--provider", "cuda"], "--provider cuda with --engine ray"),
+    (["--engine", "ray", "--workers", "0"], "--workers 0: must be at least 1"),
+])
+def test_engine_options_are_checked_before_anything_runs(arguments, message, bench, tmp_path, capsys):
+    assert cli.main(["explain", str(bench / "vgg.onnx"), str(bench / "images"), "-o", str(tmp_path / "o"),
+                     *arguments]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_local_engine_never_imports_ray(bench, tmp_path):
+    script = ("import sys; from agf_onnx import cli; "
+              f"code = cli.main(['explain', {str(bench / 'vgg.onnx')!r}, {str(bench / 'data' / 'images' / '00000.png')!r},"
+              f" '-o', {str(tmp_path / 'o')!r}, '--provider', 'cpu']); "
+              "assert code == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr
