@@ -396,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompileError as error:
         print(f"agf-onnx: error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # the engines have stopped their work on the way out (Ray: shut down)
+        print("agf-onnx: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
