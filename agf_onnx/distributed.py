@@ -126,6 +126,8 @@ class RayEngine:
         if self.workers is None:
             self.workers = max(1, int(resources.get("GPU", 0) // self.gpus_per_worker) if self.gpus_per_worker
                                else int(resources.get("CPU", 1)))
+        if resources.get("CPU", 0) < self.workers:  # each actor takes a CPU: Ray would wait for ever
+            raise ExplainError(f"--workers {self.workers}: the Ray cluster has {resources.get('CPU', 0):g} CPUs")
         if self.gpus_per_worker and resources.get("GPU", 0) < self.workers * self.gpus_per_worker:
             raise ExplainError(f"--workers {self.workers} × --gpus-per-worker {self.gpus_per_worker} needs "
                                f"{self.workers * self.gpus_per_worker:g} GPUs; the cluster has "

@@ -1,14 +1,17 @@
 """The Ray engine (``--engine ray``) against the local engine, on one local Ray instance with two
 CPUs: ``evaluate`` gives the same ``results.json`` numbers and ``explain`` the same maps, overlays
 and ``results.json``, bit for bit (the engine runs the local engine's batches); a worker that dies
-mid-run loses and repeats no image; the map shards hold what the per-image files hold."""
+mid-run loses and repeats no image; the map shards hold what the per-image files hold; Ctrl-C
+stops a run and the Ray instance it started; the local engine never imports Ray."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -22,6 +25,8 @@ from tools import make_benchmark
 from . import models
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'agf-onnx[ray]')")
+# Ray Data's own context warns about its renamed settings when it is copied to the workers
+pytestmark = pytest.mark.filterwarnings(r"ignore:`use_\w+` is deprecated:DeprecationWarning")
 
 from agf_onnx.distributed import CRASH_AFTER, RayEngine  # noqa: E402
 
@@ -158,3 +163,55 @@ def test_the_local_engine_never_imports_ray(bench, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stderr
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:  # gone meanwhile
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_ctrl_c_stops_the_run_and_the_ray_instance_it_started(bench, tmp_path):
+    command = [sys.executable, "-m", "agf_onnx", "explain", str(bench / "vgg.onnx"), str(bench / "images"),
+               "-o", str(tmp_path / "out"), "--engine", "ray", "--workers", "1", "--batch-size", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    ray_processes: set[int] = set()
+    try:
+        for line in process.stdout:
+            if line.startswith("engine: ray"):  # its Ray instance is up
+                break
+        ray_processes = _descendants(process.pid)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 130 and "agf-onnx: interrupted" in err and "Traceback" not in err
+        assert ray_processes, "the run had started a Ray instance"
+        deadline = time.monotonic() + 20
+        while any(map(_running, ray_processes)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in ray_processes if _running(pid)], "Ray's processes outlived the run"
+        assert not (tmp_path / "out" / "results.json").exists()
+    finally:
+        for pid in [process.pid, *ray_processes]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
