@@ -289,11 +289,11 @@ def _explain(args: argparse.Namespace) -> int:
     if not images:
         raise ExplainError(f"no images found in {', '.join(args.images)}")
     out = pathlib.Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format)
     began = time.perf_counter()
-    with engine or contextlib.nullcontext():
+    with engine or contextlib.nullcontext():  # a cluster that cannot run the job fails here, before any output
         print(engine.describe() if engine else f"provider: {explainer.provider}")
+        out.mkdir(parents=True, exist_ok=True)
         if engine is None:
             outcomes = explainer.explain_each(images, target, args.top_k)
         else:

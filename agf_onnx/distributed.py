@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -158,15 +159,14 @@ class RayEngine:
             "provider": self.provider, "target": target, "top_k": top_k, "crash": os.environ.get(CRASH_AFTER)},
             **self._actor_options())
         seen = np.zeros(len(images), bool)
-        for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
-            for blob in batch["outcomes"]:
-                for outcome in pickle.loads(blob):
-                    if seen[outcome.index]:
-                        continue
-                    seen[outcome.index] = True
-                    if outcome.explanation is not None:
-                        outcome.explanation.labels = labels
-                    yield outcome
+        for blob in self._stream(data, "outcomes"):
+            for outcome in pickle.loads(blob):
+                if seen[outcome.index]:
+                    continue
+                seen[outcome.index] = True
+                if outcome.explanation is not None:
+                    outcome.explanation.labels = labels
+                yield outcome
         _check_complete(seen)
 
     # -- evaluate -----------------------------------------------------------------------------
@@ -188,17 +188,16 @@ class RayEngine:
                 "options": evaluation.explainer_options, "provider": self.provider,
                 "batch_size": evaluation.batch_size, "crash": os.environ.get(CRASH_AFTER)}, **self._actor_options())
             seen = np.zeros(len(samples), bool)
-            for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
-                for blob in batch["scores"]:
-                    scores = pickle.loads(blob)
-                    if isinstance(scores, CompileError):  # an unreadable image or mask: as the local engine
-                        raise scores
-                    fresh = [s for s in scores if not seen[s.index]]
-                    for s in fresh:
-                        seen[s.index] = True
-                        tallies[method].add(s)
-                    if progress is not None and fresh:
-                        progress(len(fresh), method)
+            for blob in self._stream(data, "scores"):
+                scores = pickle.loads(blob)
+                if isinstance(scores, CompileError):  # an unreadable image or mask: as the local engine
+                    raise scores
+                fresh = [s for s in scores if not seen[s.index]]
+                for s in fresh:
+                    seen[s.index] = True
+                    tallies[method].add(s)
+                if progress is not None and fresh:
+                    progress(len(fresh), method)
             _check_complete(seen)
         return summary(tallies, len(samples), time.perf_counter() - began)
 
@@ -210,6 +209,21 @@ class RayEngine:
         # enough blocks to keep every worker busy, few enough rows per block that results stream
         blocks = min(len(rows), max(4 * self.workers, -(-len(rows) // _MAX_BATCHES_PER_BLOCK)))
         return self.ray.data.from_items(rows, override_num_blocks=blocks)
+
+    def _stream(self, data, column: str) -> Iterator[bytes]:
+        """The column's values as the workers deliver them; a worker's error (a GPU-less node
+        asked for CUDA, a bug) ends the run with its message, not Ray's traceback."""
+        try:
+            for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+                yield from batch[column]
+        except self.ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, CompileError):
+                raise cause from None
+            raised = re.findall(r"^agf_onnx\.[\w.]+Error: (.+)$", str(error), re.MULTILINE)
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            raise ExplainError(raised[-1] if raised else f"the Ray job failed: {lines[-1] if lines else error!r}") \
+                from None
 
     @staticmethod
     def _task_options() -> dict:

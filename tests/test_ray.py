@@ -148,8 +148,10 @@ def test_parquet_shards_hold_the_same_maps(bench, tmp_path):
     (["--workers", "2"], "--workers: only with --engine ray"),
     (["--engine", "ray", "--provider", "cuda"], "--provider cuda with --engine ray"),
     (["--engine", "ray", "--workers", "0"], "--workers 0: must be at least 1"),
+    (["--engine", "ray", "--workers", "3"], "--workers 3: the Ray cluster has 2 CPUs"),
+    (["--engine", "ray", "--gpus-per-worker", "1"], "needs 1 GPUs; the cluster has 0"),
 ])
-def test_engine_options_are_checked_before_anything_runs(arguments, message, bench, tmp_path, capsys):
+def test_engine_options_are_checked_before_anything_runs(arguments, message, engine, bench, tmp_path, capsys):
     assert cli.main(["explain", str(bench / "vgg.onnx"), str(bench / "images"), "-o", str(tmp_path / "o"),
                      *arguments]) == 1
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
