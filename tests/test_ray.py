@@ -217,3 +217,25 @@ def test_ctrl_c_stops_the_run_and_the_ray_instance_it_started(bench, tmp_path):
         for pid in [process.pid, *ray_processes]:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_outcomes_are_kept_once_per_index_and_a_missing_one_is_refused(tmp_path):
+    """The driver's side of fault tolerance: a rerun batch's repeated outcome is dropped, an
+    image without any outcome fails the run."""
+    from agf_onnx.explain import Explanation, ExplainError, ImageExplanation
+    from agf_onnx.outputs import ExplainOutputs
+
+    def outcome(index: int, value: float) -> ImageExplanation:
+        explanation = Explanation(np.zeros((1, 2, 2, 3), np.uint8), np.full((1, 1, 2, 2), value, np.float32),
+                                  np.array([[index]]), None, None)
+        return ImageExplanation(index, f"{index}.png", explanation)
+
+    outputs = ExplainOutputs(tmp_path, ["0.png", "1.png", "2.png"], "npz-shards")
+    assert outputs.add(outcome(1, 0.5)) and outputs.add(outcome(0, 0.25))
+    assert not outputs.add(outcome(1, 0.75)), "a repeated index is dropped"
+    with pytest.raises(ExplainError, match="1 image\\(s\\) got no result, e.g. index 2"):
+        outputs.close({}, "")
+    assert outputs.add(outcome(2, 1.0))
+    outputs.close({}, "")
+    shard = read_shard(tmp_path / "maps-00000.npz")
+    assert list(shard["index"]) == [0, 1, 2] and list(shard["heatmaps"][:, 0, 0, 0]) == [0.25, 0.5, 1.0]
