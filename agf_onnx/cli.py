@@ -265,6 +265,7 @@ def _explain(args: argparse.Namespace) -> int:
     import contextlib
     import pathlib
 
+    from .evaluate import progress_bar
     from .explain import Explainer, ExplainError, collect_images, compiled_model, read_labels
     from .outputs import ExplainOutputs
 
@@ -299,7 +300,7 @@ def _explain(args: argparse.Namespace) -> int:
         else:
             outcomes = engine.explain(model, explainer.preprocessing, options, images, target, args.top_k,
                                       args.batch_size, labels)
-        progress = _progress(len(images)) if len(images) > args.batch_size else None
+        progress = progress_bar(len(images)) if len(images) > args.batch_size else None
         for outcome in outcomes:
             if outputs.add(outcome) and outcome.error is not None:
                 print(f"agf-onnx: error: {outcome.error}", file=sys.stderr)
@@ -372,12 +373,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text().split("\n\n")[1])
     print(f"{len(samples)} images in {results['seconds']:.0f} s → {out}/results.json, results.md, perturbation.png")
     return 0
-
-
-def _progress(total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="image", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

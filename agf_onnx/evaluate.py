@@ -462,6 +462,7 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
 
 
 def progress_bar(total: int):
+    """A progress bar over images on stderr (explain and evaluate, either engine)."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="image", file=sys.stderr)

@@ -11,8 +11,8 @@ benchmark canvases (scikit-learn's digits), then explains them all with
 - the Ray engine with K workers on a local Ray instance with K CPUs, for each K of ``--workers``.
 
 Each run consumes every image's maps in the driver without writing files (the writing is the
-same for both engines). Every configuration runs on one batch, then on all the images: the first
-is its fixed cost per run (for Ray: the actors' start, each importing ONNX Runtime and loading
+same for both engines). Every configuration runs on one batch per worker, then on all the images:
+the first gives its fixed cost per run (for Ray: the actors' start, each importing ONNX Runtime and loading
 the model), the difference its steady rate. Prints both, the Ray start-up, and the scaling
 model's ``r`` (one single-threaded session's images/s) for planning: a run of N images on K
 workers takes about fixed cost + N / (K × r).
@@ -46,13 +46,13 @@ def _seconds(outcomes) -> float:
     return time.perf_counter() - began
 
 
-def _fit(name: str, run, images: list, batch_size: int) -> float:
-    """Run on one batch, then on all the images: the first is the fixed cost of a run, the
-    difference gives the steady rate; prints both. Returns the steady images/s."""
-    short, full = run(images[:batch_size]), run(images)
-    rate = (len(images) - batch_size) / max(full - short, 1e-9)
+def _fit(name: str, run, images: list, small: int) -> float:
+    """Run on ``small`` images (a batch per worker), then on all: the first is the fixed cost of a
+    run, the difference gives the steady rate; prints both. Returns the steady images/s."""
+    short, full = run(images[:small]), run(images)
+    rate = (len(images) - small) / max(full - short, 1e-9)
     print(f"{name:34s} {len(images) / full:6.1f} images/s overall ({full:5.1f} s), steady {rate:6.1f} images/s, "
-          f"one batch {short:4.1f} s")
+          f"fixed {short - small / rate:4.1f} s per run")
     return rate
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             def run(chosen, engine=engine, preprocessing=explainer.preprocessing):
                 return _seconds(engine.explain(model, preprocessing, options, chosen, batch_size=args.batch_size))
 
-            rates[workers] = _fit(f"ray, {workers} worker(s)", run, images, args.batch_size)
+            rates[workers] = _fit(f"ray, {workers} worker(s)", run, images, args.batch_size * workers)
     single = rates["local, one session, 1 thread"]
     print(f"scaling model: r = {single:.1f} images/s per single-threaded worker; measured K × r: " +
           ", ".join(f"K={k}: {rates[k]:.1f} of {k * single:.1f}" for k in rates if isinstance(k, int)))
