@@ -39,6 +39,7 @@ and a .npy; ``--output-format npz-shards`` or ``parquet`` for millions) keep up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -89,10 +90,6 @@ class RayEngine:
 
     # -- the Ray instance ---------------------------------------------------------------------
     def __enter__(self) -> RayEngine:
-        if self.address is None:
-            # a local instance stays on the loopback interface: Ray otherwise binds to the address
-            # other machines reach this one at (its default, for clusters)
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray
         except ImportError:
@@ -106,14 +103,12 @@ class RayEngine:
                 handler.setLevel(logging.ERROR)
         if not ray.is_initialized():
             if self.address is None:
-                from ray._private import ray_constants
-
-                ray_constants.ENABLE_RAY_CLUSTER = False  # Ray was imported before the variable was set
                 cpus = self.workers or os.cpu_count() or 1
                 if self.gpus_per_worker:  # GPU actors take one CPU each; preprocessing tasks need the rest
                     cpus = max(cpus + 1, os.cpu_count() or 1)
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.ERROR)
+                with _loopback_only():
+                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.ERROR)
             else:
                 try:
                     ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR)
@@ -235,6 +230,25 @@ class RayEngine:
         if self.gpus_per_worker:
             options["num_gpus"] = self.gpus_per_worker
         return options
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray binds a local instance to the address other machines reach this one at (its default, for
+    clusters) unless told that this is no cluster: then to 127.0.0.1."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when the instance starts
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the same, for the processes it starts
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[1]
 
 
 def _check_complete(seen: np.ndarray) -> None:
