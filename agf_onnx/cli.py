@@ -10,7 +10,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import onnx
 
 from . import __version__, passes
@@ -280,7 +279,7 @@ def _explain(args: argparse.Namespace) -> int:
     model, compiled_here = compiled_model(args.model, shapes)
     options = {"preset": args.preset, "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"),
                "size": args.size, "crop": args.crop, "bgr": args.bgr}
-    # with Ray the sessions live in the workers: the driver's only checks options, on the CPU
+    # with Ray the sessions live in the workers: the driver's session only checks options, on the CPU
     explainer = Explainer(model, "cpu" if engine else args.provider, labels=labels, batch_size=args.batch_size,
                           **options)
     if compiled_here:
@@ -343,7 +342,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = load_dataset(args.data, labels)[:args.limit]
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     engine = _ray_engine(args)
-    # with Ray the sessions live in the workers: the driver's only checks the model, on the CPU
+    # with Ray the sessions live in the workers: the driver's session only checks the model, on the CPU
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
                                                                   "image": args.image, "flat_policy": args.flat_policy,
                                                                   "options": _given_method_options(args)},

@@ -29,7 +29,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import onnx  # noqa: E402
 import torch  # noqa: E402
 
 import agf_onnx  # noqa: E402
