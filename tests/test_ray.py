@@ -83,6 +83,16 @@ def test_evaluate_on_ray_gives_the_local_numbers_even_when_a_worker_dies(engine,
     assert settings["engine"] == "ray" and settings["workers"] == 2 and settings["provider"] == "cpu"
 
 
+def test_evaluate_on_ray_refuses_an_unreadable_image_as_the_local_engine(engine, bench, tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data.csv").write_text(f"file,label\n{bench / 'data' / 'images' / '00000.png'},1\nbroken.png,2\n")
+    for engine_options in ([], ["--engine", "ray"]):
+        code = cli.main(["evaluate", str(bench / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
+                         "--methods", "gradient", "--batch-size", "1", "-q", *engine_options])
+        assert code == 1 and "broken.png: not a readable image" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
 def _explain(bench, out, *options):
     return cli.main(["explain", str(bench / "vgg.onnx"), str(bench / "images"), "-o", str(out), "--preset",
                      "symmetric", "--top-k", "2", "--batch-size", "3", *options])
