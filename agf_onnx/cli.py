@@ -100,6 +100,26 @@ def _ray_engine(args: argparse.Namespace):
     return RayEngine(args.ray_address, args.workers, args.gpus_per_worker, args.provider)
 
 
+def _ssl_options(parser: argparse.ArgumentParser) -> None:
+    """A self-supervised model's bank (the paper's Algorithm 2; compile, evaluate)."""
+    parser.add_argument("--ssl-bank", metavar="BANK.npy",
+                        help="self-supervised model: explain t = argmax head(L_I − L_N), L_N the nearest row of this "
+                             "bank (`agf-onnx bank`) to the image's features L_I; adds the outputs 'ssl_target' and "
+                             "'ssl_neighbour' (int64 [N]); a non-negative 'target' still overrides t")
+    parser.add_argument("--features", metavar="TENSOR",
+                        help="with --ssl-bank: the tensor that feeds the head (default: the data input of the op "
+                             "that makes the logits)")
+    parser.add_argument("--ssl-mode", choices=["diff", "sum", "none"],
+                        help="with --ssl-bank: diff (default) head(L_I − L_N), sum head(L_I + L_N), none head(L_I)")
+
+
+def _given_ssl_options(args: argparse.Namespace) -> dict:
+    if args.ssl_bank is None and (args.features is not None or args.ssl_mode is not None):
+        raise CompileError("--features and --ssl-mode need --ssl-bank")
+    return {"ssl_bank": args.ssl_bank, "features": args.features, "ssl_mode": args.ssl_mode} \
+        if args.ssl_bank is not None else {}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agf-onnx",
@@ -130,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
     _method_options(compile_)
+    _ssl_options(compile_)
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
                                "MODEL has external data)")
@@ -192,8 +213,25 @@ def _parser() -> argparse.ArgumentParser:
     _method_options(evaluate)
     _model_options(evaluate)
     _flat_options(evaluate)
+    _ssl_options(evaluate)
     _engine_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    bank = commands.add_parser(
+        "bank", help="the feature vectors of reference images, for a self-supervised model (--ssl-bank)",
+        description="Run MODEL (the original network) on reference images and write the features tensor of each, "
+                    "flattened, to BANK.npy (float32 [images, features]): the bank `agf-onnx compile --ssl-bank` "
+                    "searches for the nearest neighbour of an image's features (the paper's Algorithm 2).")
+    bank.add_argument("model", metavar="MODEL")
+    bank.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+")
+    bank.add_argument("-o", "--output", metavar="BANK.npy", required=True)
+    bank.add_argument("--features", metavar="TENSOR",
+                      help="the tensor that feeds the head (default: the data input of the op that makes the logits)")
+    _image_options(bank)
+    bank.add_argument("--batch-size", type=int, default=16, metavar="B")
+    bank.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
+                      help="fix the shape of an input with dynamic height/width")
+    bank.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
@@ -231,7 +269,8 @@ def _compile(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                     flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                    options=_given_method_options(args), top_k=args.top_k, check=not args.no_check)
+                    options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
+                    **_given_ssl_options(args))
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
         before, after = os.path.getsize(args.model), os.path.getsize(args.output)
@@ -315,6 +354,7 @@ def _explain(args: argparse.Namespace) -> int:
     settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
                 "target": args.target, "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean,
                 "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
+                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
                 "engine": args.engine, "output_format": args.output_format}
     if engine is not None:
         settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
@@ -341,11 +381,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels) if args.labels else None
     samples = load_dataset(args.data, labels)[:args.limit]
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    ssl_options = _given_ssl_options(args)
     engine = _ray_engine(args)
     # with Ray the sessions live in the workers: the driver's session only checks the model, on the CPU
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
                                                                   "image": args.image, "flat_policy": args.flat_policy,
-                                                                  "options": _given_method_options(args)},
+                                                                  "options": _given_method_options(args),
+                                                                  **ssl_options},
                             provider="cpu" if engine else args.provider, batch_size=args.batch_size,
                             preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
                             size=args.size, crop=args.crop, bgr=args.bgr)
@@ -369,6 +411,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "provider": provider, "preset": args.preset, "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
+                **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
+                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {}),
                 "engine": args.engine}
     if engine is not None:
         settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
@@ -376,6 +420,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])
     print(f"{len(samples)} images in {results['seconds']:.0f} s → {out}/results.json, results.md, perturbation.png")
+    return 0
+
+
+def _bank(args: argparse.Namespace) -> int:
+    from .explain import ExplainError, collect_images
+    from .ssl import bank
+
+    images, _ = collect_images(args.images)
+    if not images:
+        raise ExplainError(f"no images found in {', '.join(args.images)}")
+    began = time.perf_counter()
+    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    rows = bank(args.model, images, features=args.features, output=args.output, batch_size=args.batch_size,
+                provider=args.provider, input_shapes=shapes, progress=not args.quiet, preset=args.preset,
+                mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size, crop=args.crop,
+                bgr=args.bgr)
+    print(f"{len(rows)} images → {args.output}: float32 {list(rows.shape)}, {time.perf_counter() - began:.1f} s")
     return 0
 
 
@@ -390,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "bank":
+            return _bank(args)
         print(coverage_table(args.method))
         return 0
     except CompileError as error:

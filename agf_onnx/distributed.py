@@ -196,7 +196,7 @@ class RayEngine:
                 if progress is not None and fresh:
                     progress(len(fresh), method)
             _check_complete(seen)
-        return summary(tallies, len(samples), time.perf_counter() - began)
+        return summary(tallies, len(samples), time.perf_counter() - began, evaluation.reference.ssl_mode)
 
     # -- the pipeline's parts -------------------------------------------------------------------
     def _batches(self, items: list, batch_size: int):

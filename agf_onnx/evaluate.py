@@ -9,7 +9,10 @@ ignored, PASCAL VOC style) when every non-zero value other than 255 is a labelle
 
 Per method, the compiled model explains each image's predicted class and its label ``label``;
 the metrics are those of ``agf_onnx.metrics``. Images count as classified correctly when the top
-class is one of their labels.
+class is one of their labels. A self-supervised model (``compile_options`` with ``ssl_bank``, the
+paper's Algorithm 2) explains its in-graph class ``t`` in place of the predicted class, and its
+segmentation is scored on that map; ``results.json`` then reports each image's ``ssl_target`` and
+``ssl_neighbour`` per method.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .compiler import HEATMAP_OUTPUT, compile
 from .errors import CompileError
 from .explain import CUDA_PROVIDERS, IMAGE_SUFFIXES, Explainer, Preprocessing, load_image
 from .methods import METHODS
+from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
 MASK_SUFFIX = ".mask.png"
@@ -155,6 +159,8 @@ class ImageScores:
     segmentation: tuple[int, int, float] | None  # correct pixels, pixels, average precision
     shares: tuple[float, ...]  # own, other object mass of the label's map, then of the second class's map
     seconds: float  # this image's share of the time spent in the compiled model's runs
+    #: a self-supervised model's class t, its bank neighbour, whether t is a label, whether t is the top class
+    ssl: tuple[int, int, bool, bool] | None = None
 
 
 @dataclass
@@ -171,6 +177,7 @@ class Tally:
     precisions: dict = field(default_factory=dict)
     shares: dict = field(default_factory=dict)
     seconds: float = 0.0
+    ssl: dict = field(default_factory=dict)
 
     def add(self, scores: ImageScores) -> None:
         for key, hits in scores.perturbation.items():
@@ -183,9 +190,11 @@ class Tally:
             self.precisions[scores.index] = precision
         if scores.shares:
             self.shares[scores.index] = scores.shares
+        if scores.ssl is not None:
+            self.ssl[scores.index] = scores.ssl
         self.seconds += scores.seconds
 
-    def summary(self, count: int) -> dict:
+    def summary(self, count: int, ssl_mode: str | None = None) -> dict:
         """The method's entry of ``results.json``; ``count`` images."""
         entry = {"images": count, "explain_seconds": round(self.seconds, 2), "perturbation": {}}
         for (mode, which), hits in self.perturbation.items():
@@ -197,6 +206,8 @@ class Tally:
             entry["segmentation"] = {"images": len(precisions),
                                      "pixel_accuracy": round(100.0 * self.correct_pixels / self.pixels, 2),
                                      "mAP": round(100.0 * float(np.mean(precisions)), 2)}
+        if self.ssl:
+            entry["ssl"] = self._ssl_summary(ssl_mode)
         if self.shares:
             shares = np.array([self.shares[k] for k in sorted(self.shares)])  # [images, 4]
             own, other = shares[:, 0::2].reshape(-1), shares[:, 1::2].reshape(-1)
@@ -204,13 +215,23 @@ class Tally:
                                     "other": round(100.0 * float(np.mean(other)), 2)}
         return entry
 
+    def _ssl_summary(self, mode: str | None) -> dict:
+        """How the self-supervised class t relates to the labels and the top class, and t and L_N per image."""
+        rows = [self.ssl[k] for k in sorted(self.ssl)]
+        targets, neighbours = [row[0] for row in rows], [row[1] for row in rows]
+        return {"mode": mode,
+                "target_is_label": round(100.0 * sum(row[2] for row in rows) / len(rows), 2),
+                "target_is_prediction": round(100.0 * sum(row[3] for row in rows) / len(rows), 2),
+                "neighbours_used": len(set(neighbours) - {-1}),
+                "ssl_target": targets, "ssl_neighbour": neighbours}
 
-def summary(tallies: dict[str, Tally], count: int, seconds: float) -> dict:
+
+def summary(tallies: dict[str, Tally], count: int, seconds: float, ssl_mode: str | None = None) -> dict:
     """``results.json``'s numbers from each method's tally (the first method's counts the clean accuracy)."""
     first = next(iter(tallies.values()))
     return {"images": count, "clean_accuracy": round(100.0 * first.correct / max(count, 1), 2),
             "fractions": list(metrics.FRACTIONS), "seconds": round(seconds, 1),
-            "methods": {method: tally.summary(count) for method, tally in tallies.items()}}
+            "methods": {method: tally.summary(count, ssl_mode) for method, tally in tallies.items()}}
 
 
 def prepare_samples(preprocessing: Preprocessing,
@@ -257,23 +278,34 @@ class MethodScorer:
 
     def score(self, start: int, chunk: Sequence[Sample], photos: np.ndarray, masks: list) -> list[ImageScores]:
         """One batch, images ``start, start + 1, …``: each image's scores."""
-        began = time.perf_counter()
+        explainer, began = self.explainer, time.perf_counter()
         labels = [set(sample.labels) for sample in chunk]
         predicted = self.classify(photos)
         target = np.array([s.label for s in chunk])
-        # where the label is the predicted class the two maps, and so their curves, are the same
-        differs = np.flatnonzero(target != predicted)
-        maps = {"predicted": self._heatmaps(photos, predicted)}
+        ssl: list = [None] * len(chunk)
+        if explainer.ssl_mode is not None:  # Algorithm 2: the graph explains its own t, not the top class
+            outputs = explainer.run(explainer.to_tensor(photos), np.array([-1]))
+            explained = outputs[SSL_TARGET_OUTPUT].astype(np.int64)
+            maps = {"predicted": outputs[HEATMAP_OUTPUT][:, 0]}
+            ssl = [(int(t), int(neighbour), int(t) in labels[n], int(t) == int(predicted[n]))
+                   for n, (t, neighbour) in enumerate(zip(explained, outputs[SSL_NEIGHBOUR_OUTPUT]))]
+        else:
+            explained = predicted
+            maps = {"predicted": self._heatmaps(photos, predicted)}
+        # where the label is the explained class the two maps, and so their curves, are the same
+        differs = np.flatnonzero(target != explained)
         maps["target"] = maps["predicted"].copy()
         if len(differs):
             maps["target"][differs] = self._heatmaps(photos[differs], target[differs])
         seconds = time.perf_counter() - began
         perturbation = self._perturbation(photos, maps, labels, differs)
-        segmentation, shares, extra = self._segmentation_and_sensitivity(chunk, photos, masks, maps["target"])
+        # a self-supervised model's explanation is the map of its own t: that one is segmented
+        segmentation, shares, extra = self._segmentation_and_sensitivity(
+            chunk, photos, masks, maps["predicted" if explainer.ssl_mode is not None else "target"])
         seconds += extra
         return [ImageScores(start + n, int(predicted[n]) in labels[n],
                             {key: hits[:, n] for key, hits in perturbation.items()}, segmentation[n], shares[n],
-                            seconds / len(chunk))
+                            seconds / len(chunk), ssl[n])
                 for n in range(len(chunk))]
 
     def _perturbation(self, photos: np.ndarray, maps: dict, labels: list[set[int]],
@@ -325,7 +357,8 @@ class Evaluation:
     Args:
         model: the original ONNX classifier (each method is compiled from it).
         methods: method names (see ``agf-onnx compile --method``).
-        compile_options: ``input_shapes``, ``logits``, ``image`` as for ``agf_onnx.compile``.
+        compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
+            ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
         explainer_options: preprocessing and provider, as for ``agf_onnx.Explainer``.
     """
 
@@ -334,6 +367,8 @@ class Evaluation:
         check_methods(methods)
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
         self.compile_options, self.explainer_options = dict(compile_options or {}), dict(explainer_options)
+        if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
+            self.compile_options["ssl_bank"] = load_bank(self.compile_options["ssl_bank"])
         self.provider_choice = provider
         #: the first method's explainer: the preprocessing, the layout and the scores' name for all
         self.reference = self.explainer(methods[0])
@@ -386,7 +421,7 @@ class Evaluation:
                 if progress is not None:
                     progress(len(chunk), method)
             del explainer, scorer
-        return summary(tallies, len(samples), time.perf_counter() - began)
+        return summary(tallies, len(samples), time.perf_counter() - began, self.reference.ssl_mode)
 
 
 def _read_mask(path: pathlib.Path) -> np.ndarray:
@@ -456,7 +491,10 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
                           "Perturbation AUC: area under top-1 accuracy (%) against the share of pixels removed "
                           "(10 %…90 %); negative removes the least relevant pixels first, positive the most "
                           "relevant. Segmentation and class sensitivity (share of positive map mass inside the "
-                          "explained object vs. the other labelled object) in %.\n")
+                          "explained object vs. the other labelled object) in %.\n"
+                          + (f"\nSelf-supervised model (--ssl-mode {settings['ssl_mode']}): 'predicted' is the class t "
+                             "the graph chose from the bank (the paper's Algorithm 2), and segmentation scores t's "
+                             "map.\n" if settings.get("ssl_mode") else ""))
     perturbation_plot(results, title).save(written[2])
     return written
 

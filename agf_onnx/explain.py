@@ -16,6 +16,7 @@ import onnx
 from . import passes
 from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError
+from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
 #: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -60,6 +61,9 @@ class Explanation:
     probabilities: np.ndarray | None
     labels: Sequence[str] | None = None
     sources: list[str] = field(default_factory=list)
+    #: a self-supervised model's (``--ssl-bank``) class t per image and its bank neighbour ([N]; −1: none)
+    ssl_targets: np.ndarray | None = None
+    ssl_neighbours: np.ndarray | None = None
 
     def label(self, index: int) -> str:
         return self.labels[index] if self.labels and index < len(self.labels) else str(index)
@@ -74,6 +78,10 @@ class Explanation:
         for rank in ranks:
             columns += [gap, blend(self.photos[i], self.heatmaps[i, rank])]
         return Image.fromarray(np.concatenate(columns, axis=1))
+
+
+#: The fields of an ``Explanation`` with one entry per image (first axis).
+_PER_IMAGE = ("photos", "heatmaps", "targets", "scores", "probabilities", "ssl_targets", "ssl_neighbours")
 
 
 def load_image(source: Any, notes: list[str]) -> np.ndarray:
@@ -199,6 +207,8 @@ class Explainer:
             by ``size``); default: resize straight to the model's size.
         bgr: feed channels in BGR order.
         input_shapes: for compiling a model with dynamic height/width on the fly.
+        compile_original: compile a model without a ``heatmap`` output on the fly (False: run it as
+            it is, for its other outputs, as ``agf_onnx.bank`` does).
         threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
             engine runs one single-threaded session per CPU it is given.
     """
@@ -207,12 +217,13 @@ class Explainer:
                  preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  size: int | None = None, crop: bool = False, bgr: bool = False,
                  labels: Sequence[str] | None = None,
-                 input_shapes: dict | None = None, batch_size: int = 8, threads: int | None = None) -> None:
+                 input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
+                 threads: int | None = None) -> None:
         import onnxruntime as ort
 
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
-        proto, self.compiled_on_the_fly = compiled_model(model, input_shapes)
+        proto, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
         meta = {p.key: p.value for p in proto.metadata_props}
         if provider not in ("auto", "cuda", "cpu"):
             raise ExplainError(f"unknown provider '{provider}' (auto, cuda, cpu)")
@@ -250,6 +261,9 @@ class Explainer:
         maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
         self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
             isinstance(maps_info.shape[1], int) else 0
+        #: a self-supervised model explains t = argmax head(L_I − L_N), not the top class, by default
+        self.ssl_mode = meta.get("agf_onnx.ssl_mode") if SSL_TARGET_OUTPUT in self.outputs else None
+        self.ssl_features = meta.get("agf_onnx.ssl_features") if self.ssl_mode else None
         self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
         if (mean is None) != (std is None):
             raise ExplainError("--mean and --std go together")
@@ -310,8 +324,14 @@ class Explainer:
         scores = first.get(self.scores_output) if self.scores_output else None
         if scores is not None:
             scores = scores.reshape(len(batch), -1)
+        ssl_targets, ssl_neighbours = first.get(SSL_TARGET_OUTPUT), first.get(SSL_NEIGHBOUR_OUTPUT)
+        if self.ssl_mode is not None and top_k and top_k > max(1, self.compiled_top_k):
+            raise ExplainError(f"top-k {top_k}: a self-supervised model ranks the classes of head(L_I − L_N) in its "
+                               f"graph only; compile it with --top-k {top_k}")
         if not top_k or top_k == 1:
-            if scores is None:
+            if ssl_targets is not None and target is None:
+                chosen = ssl_targets.astype(np.int64)[:, None]
+            elif scores is None:
                 chosen = np.full((len(batch), 1), -1 if target is None else self.class_index(target))
             elif target is None:
                 chosen = scores.argmax(1)[:, None]
@@ -330,7 +350,8 @@ class Explainer:
             heatmaps = np.concatenate([first[HEATMAP_OUTPUT]] + [self.run(batch, chosen[:, k])[HEATMAP_OUTPUT]
                                                                  for k in range(1, top_k)], 1)
         probabilities = None if scores is None else _as_probabilities(scores)
-        return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels)
+        return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels, ssl_targets=ssl_targets,
+                           ssl_neighbours=ssl_neighbours)
 
     def explain_prepared(self, prepared: Sequence[PreparedImage], target: int | str | None = None,
                          top_k: int | None = None) -> list[ImageExplanation]:
@@ -343,9 +364,9 @@ class Explainer:
             if item.error is not None:
                 outcomes.append(ImageExplanation(item.index, item.source, None, item.notes, item.error))
                 continue
-            single = Explanation(*(None if value is None else value[position:position + 1] for value in (
-                explanation.photos, explanation.heatmaps, explanation.targets, explanation.scores,
-                explanation.probabilities)), labels=self.labels, sources=[item.source])
+            single = Explanation(**{name: None if getattr(explanation, name) is None else
+                                    getattr(explanation, name)[position:position + 1] for name in _PER_IMAGE},
+                                 labels=self.labels, sources=[item.source])
             outcomes.append(ImageExplanation(item.index, item.source, single, item.notes))
             position += 1
         return outcomes
@@ -370,9 +391,8 @@ class Explainer:
             if outcome.error is not None:
                 raise ExplainError(outcome.error)
             parts.append(outcome.explanation)
-        explanation = Explanation(*(np.concatenate([getattr(p, name) for p in parts])
-                                    if getattr(parts[0], name) is not None else None
-                                    for name in ("photos", "heatmaps", "targets", "scores", "probabilities")),
+        explanation = Explanation(**{name: np.concatenate([getattr(p, name) for p in parts])
+                                     if getattr(parts[0], name) is not None else None for name in _PER_IMAGE},
                                   labels=self.labels)
         explanation.sources = [outcome.sources[0] for outcome in parts]
         return explanation
@@ -386,12 +406,12 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(1, keepdims=True)
 
 
-def compiled_model(model: str | os.PathLike | onnx.ModelProto,
-                   input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool]:
-    """The model with its explanation graph: as it is when it has a ``heatmap`` output, else
-    compiled with AGF now; and whether it was compiled here."""
+def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict | None = None,
+                   compile_original: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """The model with its explanation graph: as it is when it has a ``heatmap`` output (or when
+    not ``compile_original``), else compiled with AGF now; and whether it was compiled here."""
     proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
-    if any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
+    if not compile_original or any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
         return proto, False
     return compile(model, input_shapes=input_shapes), True
 

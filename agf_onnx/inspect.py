@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from . import passes
-from .compiler import compile, plan
+from .compiler import compile
 from .errors import CompileError
 from .methods import get_method
+from .planning import plan
 from .rules import REGISTRY
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +20,12 @@ from .graph import GraphView
 from .maths import resize
 from .tokens import attention_matrices, check_rollout, patch_grid
 
+if TYPE_CHECKING:
+    from .planning import Plan
+
 Start = Callable[[GraphBuilder, str, str, int], str]
+#: The gradient stream at a tensor (``None`` where the explained score does not depend on it).
+GradientAt = Callable[[str], "str | None"]
 
 
 def agf_start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
@@ -67,45 +74,64 @@ def target_score_start(b: GraphBuilder, logits: str, target: str, classes: int) 
     return b.Cast(b.Equal(classes_row, target), to=1)
 
 
+class Kind(str, Enum):
+    """How a method turns the model into a map; the compiler has one emitter per kind."""
+
+    RELEVANCE = "relevance"  # a relevance stream through the registered rules (AGF, the LRP family, RAP)
+    GRADIENT = "gradient"  # map(b, x, ∇x): per channel at the image (Saliency, Gradient × Input)
+    LAYER = "layer"  # map(b, activation, ∇activation) → [N, 1, h, w] at a layer, upsampled (Grad-CAM)
+    REPLICATED = "replicated"  # expand/combine: gradients at several inputs per image (IG, SmoothGrad)
+    PATH = "path"  # map(b, plan, gradient_at, x): the gradient stream read at every layer (FullGrad)
+    ATTENTION = "attention"  # map(b, plan, gradient_at) → ([N, 1, h, w], (h, w)) on the patch grid (Chefer)
+
+
+#: The kinds whose map is one function of the gradient stream (``Method.map``).
+_MAPPED = {Kind.GRADIENT, Kind.LAYER, Kind.PATH, Kind.ATTENTION}
+
+
 @dataclass(frozen=True)
 class Method:
-    """Which relevance rule each op gets under one explanation method.
-
-    A method with an ``image_map`` has no relevance stream: its per-channel map at the image is
-    ``image_map(b, x, ∇x)``, summed over channels and scaled like AGF's (spec "Output").
-    """
+    """One explanation method: its kind, how the gradient at the logits starts, and what its kind
+    needs — the relevance rule kind each op gets (``Kind.RELEVANCE``), the map function
+    (``GRADIENT``, ``LAYER``, ``PATH``, ``ATTENTION``), or the replicated inputs and how their
+    gradients combine (``REPLICATED``). Every map is summed over channels and scaled like AGF's
+    (spec "Output"), or upsampled from its layer and divided by its maximum."""
 
     name: str
     summary: str
+    kind: Kind
     start: Start
+    formula: str = ""
+    #: Kind.RELEVANCE: op type → relevance rule kind; the kinds of the layer that reads the image,
+    #: of the layer that computes the logits (RAP's first step) and of the flat policy's layers
     relevance: Mapping[str, str] = field(default_factory=dict)
     first_layer: str | None = None
-    top_layer: str | None = None  # the kind of the linear layer that computes the logits (RAP's first step)
+    top_layer: str | None = None
     flat: str | None = None
-    image_map: Callable[[GraphBuilder, str, str], str] | None = None
-    layer_map: Callable[[GraphBuilder, str, str], str] | None = None  # (b, activation, ∇activation) → [N,1,h,w]
-    #: (b, x, shape, options) → (inputs [count·N, ...], count): the inputs a replicated method
-    #: differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
-    expand: Callable[..., tuple[str, int]] | None = None
-    combine: Callable[..., str] | None = None
     #: (b, scores [N, K], the start gradient — the target's one-hot for LRP) → relevance at the logits, for methods whose
     #: relevance stream starts there (LRP) instead of at the top linear layer's input (AGF)
     logit_relevance: Callable[[GraphBuilder, str, str], str] | None = None
     #: (b, scores, start gradient) → the seed of a second, contrastive relevance stream (CLRP):
     #: the map is ``R_t − R_o · ΣR_t / ΣR_o``
     contrast: Callable[[GraphBuilder, str, str], str] | None = None
-    #: (b, plan, gradient_at, x) → per-channel map at the image, for methods that read the
-    #: gradient stream at many layers (FullGrad)
-    path_map: Callable[..., str] | None = None
-    #: (b, plan, gradient_at) → (``[N, 1, h, w]`` on the patch grid, (h, w)), upsampled to the image like a
-    #: layer map: for methods that read the attention matrices of a transformer (Chefer et al.)
-    attention_map: Callable[..., str] | None = None
-    formula: str = ""
+    #: the map of the GRADIENT, LAYER, PATH and ATTENTION kinds (signatures in ``Kind``)
+    map: Callable[..., Any] | None = None
+    #: Kind.REPLICATED: (b, x, shape, options) → (inputs [count·N, ...], count), the inputs the
+    #: method differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
+    expand: Callable[..., tuple[str, int]] | None = None
+    combine: Callable[..., str] | None = None
+
+    def __post_init__(self) -> None:
+        relevance_only = (self.relevance, self.first_layer, self.top_layer, self.flat, self.logit_relevance,
+                          self.contrast)
+        if (self.map is not None) != (self.kind in _MAPPED) or \
+                (self.expand is not None or self.combine is not None) != (self.kind is Kind.REPLICATED) or \
+                (self.kind is not Kind.RELEVANCE and any(relevance_only)):
+            raise ValueError(f"method {self.name}: the fields given do not fit its kind {self.kind.value}")
 
     @property
     def relevance_stream(self) -> bool:
-        return (self.image_map is None and self.layer_map is None and self.expand is None and self.path_map is None
-                and self.attention_map is None)
+        return self.kind is Kind.RELEVANCE
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool,
                  top_layer: bool = False) -> str | None:
@@ -122,6 +148,7 @@ AGF = Method(
     name="agf",
     summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as ../shared/agf-spec.md",
     formula="the spec's relevance stream; Σ_c Φ₀ / max Φ₀",
+    kind=Kind.RELEVANCE,
     start=agf_start,
     relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"},
     first_layer="zB",
@@ -131,16 +158,18 @@ AGF = Method(
 GRADIENT = Method(
     name="gradient",
     summary="Saliency (Simonyan et al. 2014): the absolute gradient of the target's logit",
+    kind=Kind.GRADIENT,
     start=target_score_start,
-    image_map=lambda b, x, gradient: b.Abs(gradient),
+    map=lambda b, x, gradient: b.Abs(gradient),
     formula="A = abs(∂y_t/∂x); Σ_c A / max A (Captum's Saliency(abs=True) per channel)",
 )
 
 GRADIENT_X_INPUT = Method(
     name="gradient-x-input",
     summary="Gradient × Input (Shrikumar et al. 2016): the input times the target logit's gradient",
+    kind=Kind.GRADIENT,
     start=target_score_start,
-    image_map=lambda b, x, gradient: b.Mul(x, gradient),
+    map=lambda b, x, gradient: b.Mul(x, gradient),
     formula="A = x ⊙ ∂y_t/∂x; Σ_c A / max A, or / max abs(A) where max A ≤ 0 (Captum's InputXGradient)",
 )
 
@@ -152,8 +181,9 @@ def _gradcam(b: GraphBuilder, activation: str, gradient: str) -> str:
 GRADCAM = Method(
     name="gradcam",
     summary="Grad-CAM (Selvaraju et al. 2017) at the last Conv with a spatial output, or --layer NODE",
+    kind=Kind.LAYER,
     start=target_score_start,
-    layer_map=_gradcam,
+    map=_gradcam,
     formula="relu(Σ_k mean_ij(∂y_t/∂A_k) · A_k), bilinear upsampling to the image, / max (Captum's "
             "LayerGradCam with relu_attributions=True, then LayerAttribution.interpolate)",
 )
@@ -201,6 +231,7 @@ def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
 INTEGRATED_GRADIENTS = Method(
     name="integrated-gradients",
     summary="Integrated Gradients (Sundararajan et al. 2017), zero baseline, --steps (default 50)",
+    kind=Kind.REPLICATED,
     start=target_score_start,
     expand=_ig_expand,
     combine=_ig_combine,
@@ -228,6 +259,7 @@ SMOOTHGRAD = Method(
     name="smoothgrad",
     summary="SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies, --samples (25), --noise "
             "(0.15 of the image's range), --seed (0)",
+    kind=Kind.REPLICATED,
     start=target_score_start,
     expand=_smoothgrad_expand,
     combine=_smoothgrad_combine,
@@ -240,6 +272,7 @@ def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
     return Method(
         name=name,
         summary=f"LRP-α{alpha}β{beta} (Bach et al. 2015) from R = y ⊙ onehot(t), z^B at the input layer",
+        kind=Kind.RELEVANCE,
         start=target_score_start,
         relevance=linear,
         first_layer="zB",
@@ -262,8 +295,8 @@ def _others(b: GraphBuilder, scores: str, one_hot: str) -> str:
 
 def _contrastive_lrp(name: str, summary: str, target_seed, others_seed, seeds: str) -> Method:
     """LRP-α1β0 of the target minus that of the other classes: ``R_t − R_o · ΣR_t / ΣR_o``."""
-    return Method(name=name, summary=summary, start=target_score_start, relevance=LRP.relevance, first_layer="zB",
-                  logit_relevance=target_seed, contrast=others_seed,
+    return Method(name=name, summary=summary, kind=Kind.RELEVANCE, start=target_score_start, relevance=LRP.relevance,
+                  first_layer="zB", logit_relevance=target_seed, contrast=others_seed,
                   formula=f"R = R_t − R_o · ΣR_t / ΣR_o, {seeds}, both LRP-α1β0; Σ_c R / max R")
 
 
@@ -296,6 +329,7 @@ RAP = Method(
     name="rap",
     summary="Relative Attributing Propagation (Nam et al. 2019): positive and negative relevance "
             "propagated separately from the target's one-hot",
+    kind=Kind.RELEVANCE,
     start=target_score_start,
     relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap"},
     first_layer="zB",
@@ -326,9 +360,12 @@ def _bias(b: GraphBuilder, node) -> str | None:
     return None
 
 
-def _fullgrad(b: GraphBuilder, plan, gradient_at, x: str) -> str:
+def _fullgrad(b: GraphBuilder, plan: Plan, gradient_at: GradientAt, x: str) -> str:
     height, width = plan.image_size
-    total = b.ReduceSum(_normalised_abs(b, b.Mul(x, gradient_at(plan.image)), 4), b.ints([1]), keepdims=1)
+    input_term = b.Mul(x, gradient_at(plan.image))
+    if plan.channels_last:
+        input_term = b.Transpose(input_term, perm=[0, 3, 1, 2])
+    total = b.ReduceSum(_normalised_abs(b, input_term, 4), b.ints([1]), keepdims=1)
     for node in plan.path:
         bias = _bias(b, node)
         out_shape = plan.graph.shape(node.output[0])
@@ -344,13 +381,14 @@ def _fullgrad(b: GraphBuilder, plan, gradient_at, x: str) -> str:
 FULLGRAD = Method(
     name="fullgrad",
     summary="FullGrad (Srinivas & Fleuret 2019): input-gradient plus every conv/BatchNorm bias-gradient",
+    kind=Kind.PATH,
     start=target_score_start,
-    path_map=_fullgrad,
+    map=_fullgrad,
     formula="ψ(x ⊙ ∂y_t/∂x) + Σ_layers upsample(ψ(b ⊙ ∂y_t/∂z)), ψ = abs, min-shift, / (max + 1e-6), summed "
             "over channels, bilinear (align_corners) upsampling (the authors' fullgrad.py); / max",
 )
 
-def _chefer(b: GraphBuilder, plan, gradient_at) -> tuple[str, tuple[int, int]]:
+def _chefer(b: GraphBuilder, plan: Plan, gradient_at: GradientAt) -> tuple[str, tuple[int, int]]:
     """Gradient-weighted attention rollout on the patch grid, ``[N, 1, h, w]``, and ``(h, w)``."""
     graph = plan.graph
     attentions = attention_matrices(graph, plan.path)
@@ -378,8 +416,9 @@ CHEFER = Method(
     name="chefer",
     summary="Gradient-weighted attention rollout (Chefer, Gur, Wolf, ICCV 2021, \"Generic Attention-model "
             "Explainability\"), for transformers with one token set",
+    kind=Kind.ATTENTION,
     start=target_score_start,
-    attention_map=_chefer,
+    map=_chefer,
     formula="Ā = mean_heads(relu(∂y_t/∂A ⊙ A)) per attention block, R = I, R = R + Ā·R in forward order; the class "
             "token's row of R over the patch tokens (no class token: the mean of R's rows), on the patch grid, "
             "bilinear upsampling to the image, / max",

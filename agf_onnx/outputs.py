@@ -5,7 +5,8 @@ class) and ``<stem>_heatmap.npy``, then ``results.json`` with one entry per imag
 several images, ``index.html`` (for a folder or several images). For runs too large for a file per image, ``npz-shards`` and
 ``parquet`` write the maps in shards of ``shard_size`` images (``maps-00000.npz`` or
 ``maps-00000.parquet``: the images' run index, path, explained classes and their probabilities,
-the heatmaps ``[n, K, H, W]`` and notes), and ``results.json`` lists the shards and the failed
+the heatmaps ``[n, K, H, W]``, notes, and a self-supervised model's ``ssl_target`` and
+``ssl_neighbour``), and ``results.json`` lists the shards and the failed
 images only, so that memory stays bounded by one shard whatever the number of images.
 
 Outcomes may arrive in any order (the Ray engine streams them as its workers finish): each is
@@ -64,8 +65,12 @@ class ExplainOutputs:
         if self.format == "files":
             result = self.results[outcome.index]
             result.notes, result.error = outcome.notes, outcome.error
-            if outcome.explanation is not None:
-                write_image_outputs(outcome.explanation, 0, self.out, self.stems[outcome.index], result)
+            explanation = outcome.explanation
+            if explanation is not None:
+                write_image_outputs(explanation, 0, self.out, self.stems[outcome.index], result)
+                if explanation.ssl_targets is not None:  # a self-supervised model (--ssl-bank): its t and L_N
+                    result.ssl_target = int(explanation.ssl_targets[0])
+                    result.ssl_neighbour = int(explanation.ssl_neighbours[0])
         elif outcome.error is None:
             self.pending.append(outcome)
             if len(self.pending) >= self.shard_size:
@@ -105,6 +110,9 @@ class ExplainOutputs:
         if explanations[0].probabilities is not None:
             columns["probabilities"] = np.concatenate([np.take_along_axis(e.probabilities, e.targets, 1)
                                                        for e in explanations]).astype(np.float32)
+        if explanations[0].ssl_targets is not None:  # a self-supervised model: its t and bank neighbour
+            columns["ssl_target"] = np.concatenate([e.ssl_targets for e in explanations]).astype(np.int64)
+            columns["ssl_neighbour"] = np.concatenate([e.ssl_neighbours for e in explanations]).astype(np.int64)
         name = f"maps-{len(self.shards):05d}.{'npz' if self.format == 'npz-shards' else 'parquet'}"
         if self.format == "npz-shards":
             np.savez(self.out / name, **columns)
