@@ -83,6 +83,22 @@ def test_evaluate_on_ray_gives_the_local_numbers_even_when_a_worker_dies(engine,
     assert settings["engine"] == "ray" and settings["workers"] == 2 and settings["provider"] == "cpu"
 
 
+def test_a_self_supervised_evaluate_on_ray_gives_the_local_numbers(engine, bench, tmp_path):
+    """Algorithm 2 (--ssl-bank): each image's t and bank neighbour, and the scores of t's map."""
+    import agf_onnx
+
+    agf_onnx.bank(bench / "vgg.onnx", sorted((bench / "data" / "images").glob("*.png"))[:4],
+                  output=tmp_path / "bank.npy", preset="symmetric")
+    common = ["evaluate", str(bench / "vgg.onnx"), str(bench / "data"), "--methods", "agf", "--preset", "symmetric",
+              "--ssl-bank", str(tmp_path / "bank.npy"), "--batch-size", "4", "-q"]
+    assert cli.main([*common, "-o", str(tmp_path / "local")]) == 0
+    assert cli.main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray"]) == 0
+    local = _numbers(tmp_path / "local" / "results.json")
+    assert _numbers(tmp_path / "ray" / "results.json") == local
+    assert len(local["methods"]["agf"]["ssl"]["ssl_target"]) == 10
+    assert local["methods"]["agf"]["ssl"]["ssl_neighbour"][:4] == [0, 1, 2, 3], "the bank's own images"
+
+
 def test_evaluate_on_ray_refuses_an_unreadable_image_as_the_local_engine(engine, bench, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "data.csv").write_text(f"file,label\n{bench / 'data' / 'images' / '00000.png'},1\nbroken.png,2\n")
