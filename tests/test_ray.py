@@ -24,17 +24,19 @@ from tools import make_benchmark
 
 from . import models
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'agf-onnx[ray]')")
+from agf_onnx.distributed import CRASH_AFTER, RayEngine
+from agf_onnx.evaluate import ImageScores, Tally, summary
+
 # Ray Data's own context warns about its renamed settings when it is copied to the workers
 pytestmark = pytest.mark.filterwarnings(r"ignore:`use_\w+` is deprecated:DeprecationWarning")
-
-from agf_onnx.distributed import CRASH_AFTER, RayEngine  # noqa: E402
+NO_RAY = "ray is not installed (pip install 'agf-onnx[ray]')"
 
 
 @pytest.fixture(scope="module")
 def engine():
     """One local Ray instance (2 CPUs) for the module, started and stopped as the CLI does; the
     CLI's runs find it running and use it."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
     with RayEngine(workers=2) as started:
         assert started.owned and ray.is_initialized()
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:"), "loopback only"
@@ -161,6 +163,7 @@ def _same_as_files(shards: list[dict], files) -> None:
 
 
 def test_parquet_shards_hold_the_same_maps(bench, tmp_path):
+    pytest.importorskip("pyarrow", reason=NO_RAY)
     assert _explain(bench, tmp_path / "files") == 1
     assert _explain(bench, tmp_path / "parquet", "--output-format", "parquet") == 1
     results = json.loads((tmp_path / "parquet" / "results.json").read_text())
@@ -220,6 +223,7 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
 def test_ctrl_c_stops_the_run_and_the_ray_instance_it_started(bench, tmp_path):
+    pytest.importorskip("ray", reason=NO_RAY)
     command = [sys.executable, "-m", "agf_onnx", "explain", str(bench / "vgg.onnx"), str(bench / "images"),
                "-o", str(tmp_path / "out"), "--engine", "ray", "--workers", "1", "--batch-size", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -265,3 +269,29 @@ def test_outcomes_are_kept_once_per_index_and_a_missing_one_is_refused(tmp_path)
     outputs.close({}, "")
     shard = read_shard(tmp_path / "maps-00000.npz")
     assert list(shard["index"]) == [0, 1, 2] and list(shard["heatmaps"][:, 0, 0, 0]) == [0.25, 0.5, 1.0]
+
+
+def test_the_summary_does_not_depend_on_the_order_images_arrive_in():
+    """Tally keys each image's scores by its index: shuffled arrival (Ray's workers finish in any
+    order) gives the same bits as input order."""
+    rng = np.random.default_rng(5)
+    fractions = 9
+
+    def scores(index: int) -> ImageScores:
+        perturbation = {(mode, which): rng.random(fractions) < 0.5 for mode in ("negative", "positive")
+                        for which in ("predicted", "target")}
+        segmentation = (int(rng.integers(0, 100)), 100, float(rng.random())) if index % 3 else None
+        shares = tuple(rng.random(4)) if index % 2 else ()
+        return ImageScores(index, bool(index % 4), perturbation, segmentation, shares, 0.0)
+
+    images = [scores(index) for index in range(40)]
+    in_order, shuffled = Tally(), Tally()
+    for image in images:
+        in_order.add(image)
+    for n in rng.permutation(len(images)):
+        shuffled.add(images[n])
+    assert summary({"m": shuffled}, 40, 1.0) == summary({"m": in_order}, 40, 1.0)
+    entry = summary({"m": in_order}, 40, 1.0)["methods"]["m"]
+    ap = [image.segmentation[2] for image in images if image.segmentation is not None]
+    assert entry["segmentation"]["mAP"] == round(100.0 * float(np.mean(ap)), 2)
+    assert entry["sensitivity"]["maps"] == 2 * sum(1 for image in images if image.shares)
