@@ -316,7 +316,8 @@ def test_the_lxt_configuration_conserves_relevance():
     images, targets = tm.images(2, seed=8), np.array([2, 6])
     relevance = lxt_lrp(NETS["vit-mean"], images, targets)
     logits = copy.deepcopy(NETS["vit-mean"]).double()(images.double()).detach()
-    torch.testing.assert_close(relevance.flatten(1).sum(1), logits[torch.arange(2), torch.as_tensor(targets)])
+    torch.testing.assert_close(relevance.flatten(1).sum(1), logits[torch.arange(2), torch.as_tensor(targets)],
+                               rtol=1e-4, atol=0)  # zennit's stabiliser (1e-6) leaks a little
 
 
 @pytest.mark.parametrize("name", ["vit", "vit-mean"])
