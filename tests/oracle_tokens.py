@@ -66,8 +66,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .oracle import (_start, absolute_influence, conv_full, conv_op, fan_out, factorise, heatmap, input_layer,
-                     nmax, sdiv, delta_shift, vjp, z_rule)
+from .oracle import (
+    _start,
+    absolute_influence,
+    conv_full,
+    conv_op,
+    delta_shift,
+    factorise,
+    fan_out,
+    heatmap,
+    input_layer,
+    nmax,
+    sdiv,
+    vjp,
+    z_rule,
+)
 from .token_models import ConvNeXt, GroupNormCNN, TorchAttention, ViT
 
 FLAT_POLICIES = ("authors", "pointwise", "none")
@@ -256,7 +269,7 @@ def _vit_relevance(model: ViT, x, record, full: bool, trace: dict):
 
 
 def _vit_block(record, relevance, full, trace, name):
-    x0, x1, x2 = record["x0"].detach(), record["x1"].detach(), record["x2"].detach()
+    x0, x1 = record["x0"].detach(), record["x1"].detach()
     mlp, attn = record["mlp"], record["attn"]
     skip, branch = residual_add(x1, mlp["f2"].detach(), relevance)
     trace[f"{name}.mlp.fc2.out"] = branch
