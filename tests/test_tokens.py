@@ -234,8 +234,8 @@ def test_chefer_is_refused_without_attention(name):
 # -- Grad-CAM on tokens --------------------------------------------------------------------------
 @pytest.mark.parametrize("name, block, layer", [
     ("vit-mean", -1, None),  # default: the last block's output
-    ("vit-mha", -1, None),
     ("vit", 0, "/blocks/blocks.0/Add_1"),  # the first block's output, by node name
+    ("vit-mha", 0, "/blocks/blocks.0/Add_1"),
 ])
 def test_gradcam_on_the_patch_grid(name, block, layer):
     model = compiled(name, "torchscript", "gradcam", "authors", layer)
@@ -267,7 +267,7 @@ def _lxt_modules():
             importlib.import_module("lxt.efficient.zennit_patches"))
 
 
-def lxt_lrp(net: tm.ViT, images: torch.Tensor, targets) -> torch.Tensor:
+def lxt_lrp(net: tm.ViT, images: torch.Tensor, targets, dtype=torch.float64) -> torch.Tensor:
     """LRP relevance at the image from LXT's Gradient×Input framework with zennit rules, configured
     to the spec's LRP rules: α1β0 without bias (zennit ``AlphaBeta``) on every Linear, z^B with the
     per-sample image bounds (``ZBox``) on the patch embedding, LXT's CP-LRP attention (q and k
@@ -282,7 +282,7 @@ def lxt_lrp(net: tm.ViT, images: torch.Tensor, targets) -> torch.Tensor:
     from zennit.core import BasicHook
     from zennit.rules import AlphaBeta, ZBox
 
-    model = copy.deepcopy(net).double().eval()
+    model = copy.deepcopy(net).to(dtype).eval()
     for module in model.modules():
         if isinstance(module, nn.GELU):
             module.original_forward = module.forward
@@ -300,7 +300,7 @@ def lxt_lrp(net: tm.ViT, images: torch.Tensor, targets) -> torch.Tensor:
         return rules.identity_rule_implicit(lambda t: t + model.pos_embed, h)
 
     model.tokens = tokens_with_pass_through
-    x = images.double().requires_grad_(True)
+    x = images.detach().to(dtype).clone().requires_grad_(True)
     low = x.detach().flatten(1).min(1).values.reshape(-1, 1, 1, 1) * torch.ones_like(x)
     high = x.detach().flatten(1).max(1).values.reshape(-1, 1, 1, 1) * torch.ones_like(x)
     composite = SpecialFirstLayerMapComposite(layer_map=[(nn.Linear, AlphaBeta(1.0, 0.0, zero_params=["bias"]))],
@@ -335,7 +335,11 @@ def test_lrp_matches_lxt(name):
     targets = np.array([2, 6])
     got = heatmaps(compiled(name, "torchscript", "lrp"), images, targets)
     expected = heatmap(lxt_lrp(NETS[name], images, targets)).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # a map scaled by a small positive maximum spans ±10 here: measure LXT's own float32 floor
+    floor = np.abs(heatmap(lxt_lrp(NETS[name], images, targets, torch.float32)).numpy() - expected).max()
+    assert np.abs(got - expected).max() <= max(1e-4, FLOOR_MULTIPLE * floor), \
+        f"max|Δ| {np.abs(got - expected).max():.2e}, LXT float32 vs float64 {floor:.2e}"
+    assert min(pearson(a, b) for a, b in zip(got, expected)) >= 0.99999
 
 
 # -- every method --------------------------------------------------------------------------------
@@ -354,7 +358,7 @@ def test_every_method_gives_class_dependent_maps(name):
         try:
             model = compiled(name, "torchscript", method)
         except agf_onnx.CompileError as error:
-            failures.append(f"{method}: {error}")
+            failures.append(f"{method}: {str(error).splitlines()[0][:300]}")
             continue
         top, low = heatmaps(model, images), heatmaps(model, images, bottom)
         if not np.abs(top - low).max(axis=(1, 2, 3)).min() > 1e-3:
