@@ -19,7 +19,7 @@ ONNX exports have the same shape of graph:
   downsampling skip, global average pool, Linear head.
 
 ``seeded`` draws every parameter from one generator; ``export`` is ``torch.onnx.export`` with a
-dynamic batch (TorchScript at opset 17, or dynamo at its default opset).
+dynamic batch (TorchScript at opset 17, dynamo at a chosen opset or its own default).
 """
 
 from __future__ import annotations
@@ -253,22 +253,23 @@ def images(batch: int, seed: int = 0, size: int = IMAGE) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def export(model: nn.Module, image: int = IMAGE, *, dynamo: bool = False, opset: int = 17) -> onnx.ModelProto:
-    """``torch.onnx.export`` with a dynamic batch, input ``x``: TorchScript at ``opset`` (output ``y``),
-    or dynamo at its default opset, as a user gets it (20 with torch 2.13: GELU is one ``Gelu`` node;
-    asking it for 17 fails in its version converter on ReduceMean's axes input)."""
+def export(model: nn.Module, image: int = IMAGE, *, dynamo: bool = False, opset: int | None = None) -> onnx.ModelProto:
+    """``torch.onnx.export`` with a dynamic batch, input ``x``: TorchScript (output ``y``) at ``opset``
+    (default 17), or dynamo at ``opset`` (default: the exporter's own, as a user gets it: 20 with
+    torch 2.13, where GELU is one ``Gelu`` node; at 18 it is written with Erf; asking for 17 fails in
+    its version converter on ReduceMean's axes input)."""
     model = model.eval()
     example = torch.randn(2, 3, image, image)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
+            options = {} if opset is None else {"opset_version": opset}
             program = torch.onnx.export(model, (example,), dynamo=True, input_names=["x"], optimize=True,
-                                        dynamic_shapes={"x": {0: torch.export.Dim("N")}},
-                                        verbose=False)
+                                        dynamic_shapes={"x": {0: torch.export.Dim("N")}}, verbose=False, **options)
             return program.model_proto
         buffer = io.BytesIO()
         torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=opset)
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=opset or 17)
     return onnx.load_from_string(buffer.getvalue())
 
 
