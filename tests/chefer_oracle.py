@@ -75,10 +75,12 @@ def chefer(model: ViT, images: torch.Tensor, target=None, dtype=torch.float64) -
     return _divide_by_peak(maps, maps.flatten(1).max(1).values).detach()
 
 
-def token_gradcam(model: ViT, images: torch.Tensor, target=None, block: int = -1, dtype=torch.float64) -> torch.Tensor:
-    """Grad-CAM ``[N, 1, H, W]`` at the output of ``model.blocks[block]`` (patch tokens on their grid)."""
+def token_gradcam(model: ViT, images: torch.Tensor, target=None, block: int = -1, dtype=torch.float64,
+                  tensor: str = "x2") -> torch.Tensor:
+    """Grad-CAM ``[N, 1, H, W]`` at the output of ``model.blocks[block]`` (``tensor="x1"``: its attention
+    residual ``x + attn(norm1(x))``), the patch tokens on their grid."""
     model, record = _run(model, images, target, dtype)
-    tokens = record["blocks"][block]["x2"]
+    tokens = record["blocks"][block][tensor]
     activation, gradient = tokens.detach(), tokens.grad
     if model.cls_token is not None:
         activation, gradient = activation[:, 1:], gradient[:, 1:]

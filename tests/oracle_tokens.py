@@ -180,7 +180,7 @@ def vit_forward(model: ViT, x):
     for block in model.blocks:
         record = {"x0": h, "n1": block.norm1(h)}
         record["attn"] = _attention(block.attn, record["n1"])
-        record["x1"] = h + record["attn"]["proj"]
+        record["x1"] = _keep(h + record["attn"]["proj"])
         record["mlp"] = _mlp(block.mlp, block.norm2(record["x1"]))
         h = record["x2"] = _keep(record["x1"] + record["mlp"]["f2"])
         blocks.append(record)

@@ -255,14 +255,16 @@ def test_chefer_is_refused_without_attention(name):
 # -- Grad-CAM on tokens --------------------------------------------------------------------------
 @pytest.mark.parametrize("name, block, layer", [
     ("vit-mean", -1, None),  # default: the last block's output
-    ("vit", 0, "/blocks/blocks.0/Add_1"),  # the first block's output, by node name
-    ("vit-mha", 0, "/blocks/blocks.0/Add_1"),
+    ("vit", -2, None),  # default with a class token: the last block's input (its patch tokens get no gradient)
+    ("vit", 0, "/blocks/blocks.0/Add"),  # by node name: the first block's attention residual ...
+    ("vit-mha", 0, "/blocks/blocks.0/Add_1"),  # ... and its output
 ])
 def test_gradcam_on_the_patch_grid(name, block, layer):
     model = compiled(name, "torchscript", "gradcam", "authors", layer)
     images = tm.images(3, seed=7)
+    tensor = "x1" if layer is not None and layer.endswith("/Add") else "x2"
     for target in (None, EXPLICIT):
-        expected = chefer_oracle.token_gradcam(NETS[name], images, target, block).numpy()
+        expected = chefer_oracle.token_gradcam(NETS[name], images, target, block, tensor=tensor).numpy()
         assert (expected.reshape(3, -1).max(1) > 0).all()
         np.testing.assert_allclose(heatmaps(model, images, target), expected, atol=2e-5)
 
