@@ -155,7 +155,7 @@ def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> Cloned
     augmented.CopyFrom(graph.model)
     augmented.graph.node.extend(b.nodes)
     augmented.graph.initializer.extend(b.initializers)
-    data = {renamed[tensor] for tensor in plan.data}
+    data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
     return ClonedPath(GraphView(passes.infer_shapes(augmented)[0]), path_clones, renamed, data)
 
 
@@ -481,8 +481,21 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         UnsupportedOpsError: ops without a rule on the path from the image to the logits.
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
-    chosen = get_method(method)
     canonical = passes.canonicalise(passes.load(model), input_shapes)
+    return compile_canonical(canonical, method=method, logits=logits, image=image, flat_policy=flat_policy, flat=flat,
+                             full=full, layer=layer, options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
+                             features=features, ssl_mode=ssl_mode)
+
+
+def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits: str | None = None,
+                      image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
+                      full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
+                      top_k: int | None = None, check: bool = True,
+                      ssl_bank: np.ndarray | str | os.PathLike | None = None, features: str | None = None,
+                      ssl_mode: str | None = None) -> onnx.ModelProto:
+    """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
+    place). ``inspect`` plans and compiles the same canonical model."""
+    chosen = get_method(method)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))

@@ -54,8 +54,8 @@ import numpy as np
 import onnx
 
 from .errors import CompileError
-from .evaluate import (Evaluation, MethodScorer, Sample, Tally, classifier_session, prepare_samples,
-                       summary)
+from .evaluate import (Evaluation, MethodScorer, Sample, Tally, classifier_session, images_per_run,
+                       prepare_samples, summary)
 from .explain import ExplainError, Explainer, ImageExplanation, Preprocessing
 
 #: Test hook: ``N:MARKER`` makes the first worker to have run N batches exit abruptly (as a killed
@@ -180,10 +180,12 @@ class RayEngine:
             data = self._batches(list(samples), evaluation.batch_size)
             data = data.map_batches(_prepare_evaluate, fn_kwargs={"preprocessing": preprocessing},
                                     **self._task_options())
+            compiled = evaluation.compiled(method)
             data = data.map_batches(_EvaluateWorker, fn_constructor_kwargs={
-                "model": evaluation.compiled(method).SerializeToString(), "classifier": original,
+                "model": compiled.SerializeToString(), "classifier": original,
                 "options": evaluation.explainer_options, "provider": self.provider,
-                "batch_size": evaluation.batch_size, "crash": os.environ.get(CRASH_AFTER)}, **self._actor_options())
+                "batch_size": evaluation.batch_size, "per_run": images_per_run(compiled, evaluation.batch_size),
+                "crash": os.environ.get(CRASH_AFTER)}, **self._actor_options())
             seen = np.zeros(len(samples), bool)
             for blob in self._stream(data, "scores"):
                 scores = pickle.loads(blob)
@@ -324,9 +326,10 @@ class _EvaluateWorker:
     """Actor: one method's session and the classifier's; ``MethodScorer.score`` per row."""
 
     def __init__(self, model: bytes, classifier: bytes, options: dict, provider: str, batch_size: int,
-                 crash: str | None) -> None:
+                 per_run: int, crash: str | None) -> None:
         explainer = Explainer(onnx.load_from_string(model), provider, threads=1, batch_size=batch_size, **options)
-        self.scorer = MethodScorer(explainer, classifier_session(classifier, provider, threads=1), batch_size)
+        self.scorer = MethodScorer(explainer, classifier_session(classifier, provider, threads=1), batch_size,
+                                   per_run)
         self.crash, self.batches = crash, 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from . import metrics, passes
 from .compiler import HEATMAP_OUTPUT, compile
@@ -37,6 +38,13 @@ from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
 MASK_SUFFIX = ".mask.png"
+
+#: The activation memory one session run of a compiled model is sized to (README, "Evaluate").
+RUN_MEMORY_BUDGET = 2 * 2**30
+#: Peak memory of a run per byte of its forward activations: measured on ResNet-50 at 224² on the
+#: CPU, 2.6 for AGF (its relevance stream holds more than the forward pass) and 0.53 for Integrated
+#: Gradients with 50 steps (ONNX Runtime reuses the replicas' buffers); the larger, rounded up, bounds both.
+PEAK_PER_FORWARD_BYTE = 3.0
 
 
 class EvaluateError(CompileError):
@@ -255,13 +263,25 @@ def classifier_session(model: bytes, provider: str, threads: int | None = None):
                                 providers=CUDA_PROVIDERS if provider == "cuda" else ["CPUExecutionProvider"])
 
 
+def chunked_outputs(explainer: Explainer, photos: np.ndarray, targets: np.ndarray,
+                    per_run: int) -> dict[str, np.ndarray]:
+    """The compiled model's outputs for ``photos`` and ``targets``, ``per_run`` images per session
+    run (memory bound)."""
+    targets = np.broadcast_to(np.asarray(targets), (len(photos),))
+    runs = [explainer.run(explainer.to_tensor(photos[start:start + per_run]), targets[start:start + per_run])
+            for start in range(0, len(photos), per_run)]
+    return {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
+
+
 class MethodScorer:
     """The per-image work of evaluate for one method: its maps for the predicted and the labelled
     class, the perturbed images classified, segmentation and class sensitivity. The local engine
     and each Ray worker run this same code on the same batches."""
 
-    def __init__(self, explainer: Explainer, classifier, batch_size: int) -> None:
+    def __init__(self, explainer: Explainer, classifier, batch_size: int, per_run: int | None = None) -> None:
         self.explainer, self.classifier, self.batch_size = explainer, classifier, batch_size
+        #: images per run of the compiled model (``images_per_run``: its memory bound)
+        self.per_run = per_run or batch_size
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
         """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""
@@ -272,9 +292,11 @@ class MethodScorer:
             tops.append(scores.reshape(len(batch), -1).argmax(1))
         return np.concatenate(tops)
 
+    def _outputs(self, photos: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+        return chunked_outputs(self.explainer, photos, targets, self.per_run)
+
     def _heatmaps(self, photos: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        explainer = self.explainer
-        return explainer.run(explainer.to_tensor(photos), np.asarray(targets))[HEATMAP_OUTPUT][:, 0]
+        return self._outputs(photos, targets)[HEATMAP_OUTPUT][:, 0]
 
     def score(self, start: int, chunk: Sequence[Sample], photos: np.ndarray, masks: list) -> list[ImageScores]:
         """One batch, images ``start, start + 1, …``: each image's scores."""
@@ -284,7 +306,7 @@ class MethodScorer:
         target = np.array([s.label for s in chunk])
         ssl: list = [None] * len(chunk)
         if explainer.ssl_mode is not None:  # Algorithm 2: the graph explains its own t, not the top class
-            outputs = explainer.run(explainer.to_tensor(photos), np.array([-1]))
+            outputs = self._outputs(photos, np.array([-1]))
             explained = outputs[SSL_TARGET_OUTPUT].astype(np.int64)
             maps = {"predicted": outputs[HEATMAP_OUTPUT][:, 0]}
             ssl = [(int(t), int(neighbour), int(t) in labels[n], int(t) == int(predicted[n]))
@@ -351,6 +373,46 @@ class MethodScorer:
         return segmentation, shares, seconds
 
 
+def forward_bytes_per_image(model: onnx.ModelProto) -> int | None:
+    """Bytes of the forward activations one image makes a compiled model compute.
+
+    Every tensor of the original nodes and of their clones (Integrated Gradients' steps,
+    SmoothGrad's samples, top-k copies: ``count`` rows per image), from ONNX shape inference at
+    batch 1; ``None`` when a shape stays unknown.
+    """
+    sized = onnx.ModelProto()
+    sized.CopyFrom(model)
+    sized.graph.ClearField("value_info")
+    for info in sized.graph.input:  # the batch axis (image and target) at 1
+        dims = info.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(sized, data_prop=True)
+    except Exception:  # shape inference refuses some valid graphs: no estimate then
+        return None
+    explanation = {o for n in inferred.graph.node if n.name.startswith("agf/") for o in n.output}
+    total = 0
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if info.name in explanation or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+        if None in dims:
+            return None
+        total += int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).itemsize
+    return total
+
+
+def images_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_MEMORY_BUDGET) -> int:
+    """How many images one run of ``model`` may take: ``batch_size``, fewer where the estimated peak
+    (``PEAK_PER_FORWARD_BYTE`` × the forward activations per image) would pass ``budget``; at least 1."""
+    per_image = forward_bytes_per_image(model)
+    if per_image is None:
+        return batch_size
+    return int(max(1, min(batch_size, budget // max(1, PEAK_PER_FORWARD_BYTE * per_image))))
+
+
 class Evaluation:
     """Runs the benchmarks for ``methods`` on one classifier.
 
@@ -370,6 +432,8 @@ class Evaluation:
         if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
             self.compile_options["ssl_bank"] = load_bank(self.compile_options["ssl_bank"])
         self.provider_choice = provider
+        #: images per session run of each method's compiled model (``images_per_run``)
+        self.run_sizes: dict[str, int] = {}
         #: the first method's explainer: the preprocessing, the layout and the scores' name for all
         self.reference = self.explainer(methods[0])
         if self.reference.scores_output is None:
@@ -388,12 +452,18 @@ class Evaluation:
 
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""
-        return Explainer(self.compiled(method), self.provider_choice, batch_size=self.batch_size,
-                         **self.explainer_options)
+        compiled = self.compiled(method)
+        self.run_sizes[method] = images_per_run(compiled, self.batch_size)
+        return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, **self.explainer_options)
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
         """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""
         return MethodScorer(self.reference, self.classifier, self.batch_size).classify(photos)
+
+    @staticmethod
+    def _heatmaps(explainer: Explainer, photos: np.ndarray, targets: np.ndarray, per_run: int) -> np.ndarray:
+        """The maps of ``photos`` for ``targets``, ``per_run`` images per session run (memory bound)."""
+        return chunked_outputs(explainer, photos, targets, per_run)[HEATMAP_OUTPUT][:, 0]
 
     def check_labels(self, samples: Sequence[Sample]) -> None:
         """Refuse, before a long run, a label the model has no class for."""
@@ -412,7 +482,7 @@ class Evaluation:
         preprocessing = self.reference.preprocessing
         for index, method in enumerate(self.methods):
             explainer = self.reference if index == 0 else self.explainer(method)
-            scorer = MethodScorer(explainer, self.classifier, self.batch_size)
+            scorer = MethodScorer(explainer, self.classifier, self.batch_size, self.run_sizes[method])
             for start in range(0, len(samples), self.batch_size):
                 chunk = samples[start:start + self.batch_size]
                 photos, masks = prepare_samples(preprocessing, chunk)

@@ -73,8 +73,9 @@ def test_evaluate_on_ray_gives_the_local_numbers_even_when_a_worker_dies(engine,
     common = ["evaluate", str(bench / "vgg.onnx"), str(bench / "data"), "--methods", "agf,lrp", "--preset",
               "symmetric", "--batch-size", "3", "-q"]
     assert cli.main([*common, "-o", str(tmp_path / "local")]) == 0
-    # the first worker to finish its second batch dies; Ray reruns that batch on a fresh worker
-    monkeypatch.setenv(CRASH_AFTER, f"2:{tmp_path / 'crashed'}")
+    # the first worker to start its second batch dies (4 batches on 2 workers: one of them has a second);
+    # Ray reruns that batch on a fresh worker
+    monkeypatch.setenv(CRASH_AFTER, f"1:{tmp_path / 'crashed'}")
     assert cli.main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"]) == 0
     assert (tmp_path / "crashed").exists(), "the fault was injected"
     local, distributed = _numbers(tmp_path / "local" / "results.json"), _numbers(tmp_path / "ray" / "results.json")
@@ -137,7 +138,7 @@ def test_explain_on_ray_writes_the_local_files(engine, bench, tmp_path, capsys):
 
 def test_a_killed_worker_loses_and_repeats_no_image_in_the_shards(engine, bench, tmp_path, monkeypatch):
     assert _explain(bench, tmp_path / "files") == 1
-    monkeypatch.setenv(CRASH_AFTER, f"1:{tmp_path / 'crashed'}")
+    monkeypatch.setenv(CRASH_AFTER, f"1:{tmp_path / 'crashed'}")  # 4 batches on 2 workers: one gets a second
     assert _explain(bench, tmp_path / "shards", "--engine", "ray", "--output-format", "npz-shards") == 1
     assert (tmp_path / "crashed").exists(), "the fault was injected"
     results = json.loads((tmp_path / "shards" / "results.json").read_text())
