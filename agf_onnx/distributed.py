@@ -117,10 +117,19 @@ class RayEngine:
                 except (ConnectionError, ValueError, RuntimeError) as error:
                     raise ExplainError(f"--ray-address {self.address}: cannot connect ({error})") from None
             self.owned = True
-        context = ray.data.DataContext.get_current()
+        try:
+            self._configure()
+        except BaseException:  # __exit__ does not run when __enter__ fails: stop what was started here
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _configure(self) -> None:
+        """Ray Data's settings for this driver; the default and the check of ``workers``."""
+        context = self.ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the driver's own bar counts images across the cluster
         context.print_on_execution_start = False
-        resources = ray.cluster_resources()
+        resources = self.ray.cluster_resources()
         if self.workers is None:
             self.workers = max(1, int(resources.get("GPU", 0) // self.gpus_per_worker) if self.gpus_per_worker
                                else int(resources.get("CPU", 1)))
@@ -130,7 +139,6 @@ class RayEngine:
             raise ExplainError(f"--workers {self.workers} × --gpus-per-worker {self.gpus_per_worker} needs "
                                f"{self.workers * self.gpus_per_worker:g} GPUs; the cluster has "
                                f"{resources.get('GPU', 0):g}")
-        return self
 
     def __exit__(self, *exc_info: Any) -> None:
         if self.owned:
