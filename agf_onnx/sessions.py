@@ -52,9 +52,10 @@ def cuda_options(*, allow_tf32: bool = False, cuda_graph: bool = False) -> dict[
     return options
 
 
-def cuda_providers(*, allow_tf32: bool = False, cuda_graph: bool = False) -> list[tuple[str, dict[str, str]] | str]:
+def cuda_providers(*, allow_tf32: bool = False, cuda_graph: bool = False,
+                   cpu_fallback: bool = True) -> list[tuple[str, dict[str, str]] | str]:
     """``providers=`` for a CUDA session: CUDA with :func:`cuda_options`, then the CPU fallback."""
-    return [(CUDA, cuda_options(allow_tf32=allow_tf32, cuda_graph=cuda_graph)), CPU]
+    return [(CUDA, cuda_options(allow_tf32=allow_tf32, cuda_graph=cuda_graph))] + ([CPU] if cpu_fallback else [])
 
 
 def cuda_listed() -> bool:
@@ -70,7 +71,8 @@ def session_provider(session: Any) -> str:
 
 
 def create_session(model: onnx.ModelProto | bytes | str | os.PathLike, provider: str = "auto", *,
-                   allow_tf32: bool = False, cuda_graph: bool = False, options: Any = None) -> Any:
+                   allow_tf32: bool = False, cuda_graph: bool = False, cpu_fallback: bool = True,
+                   options: Any = None) -> Any:
     """An ``onnxruntime.InferenceSession`` on ``provider`` (``auto``, ``cuda`` or ``cpu``).
 
     Args:
@@ -79,6 +81,8 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike, provider:
             a ``ProviderError``; ``"cpu"``: the CPU.
         allow_tf32: let CUDA round conv/GEMM operands to TF32 (faster, inexact maps; see above).
         cuda_graph: capture and replay the run as a CUDA graph (fixed shapes, IO binding; CUDA only).
+        cpu_fallback: ``False``: on CUDA, no CPU provider and ``session.disable_cpu_ep_fallback=1``,
+            so that the session fails to load unless every node runs on CUDA (a placement check).
         options: an ``onnxruntime.SessionOptions``.
 
     Raises:
@@ -96,9 +100,12 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike, provider:
     if provider in ("auto", "cuda") and cuda_listed():
         # the GPU wheel lists CUDA even where its libraries are missing: try it, quietly for auto
         ort.set_default_logger_severity(4 if provider == "auto" else 3)
+        providers = cuda_providers(allow_tf32=allow_tf32, cuda_graph=cuda_graph, cpu_fallback=cpu_fallback)
+        if not cpu_fallback:
+            options = options or ort.SessionOptions()
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
-            session = ort.InferenceSession(source, options,
-                                           providers=cuda_providers(allow_tf32=allow_tf32, cuda_graph=cuda_graph))
+            session = ort.InferenceSession(source, options, providers=providers)
         finally:
             ort.set_default_logger_severity(3)
         if session_provider(session) != "cuda":

@@ -91,6 +91,7 @@ def test_cuda_options_ask_for_fp32_unless_tf32_is_allowed():
     assert sessions.cuda_providers() == FP32
     assert sessions.cuda_providers(allow_tf32=True) == TF32
     assert sessions.cuda_options(cuda_graph=True) == {"use_tf32": "0", "enable_cuda_graph": "1"}
+    assert sessions.cuda_providers(cpu_fallback=False) == FP32[:1]
 
 
 @pytest.mark.parametrize("provider", ["auto", "cuda"])
@@ -98,6 +99,14 @@ def test_create_session_on_cuda_passes_use_tf32_0(recorder, compiled_path, provi
     assert sessions.session_provider(create_session(compiled_path, provider)) == "cuda"
     assert sessions.session_provider(create_session(compiled_path, provider, allow_tf32=True)) == "cuda"
     assert recorder.calls == [FP32, TF32]
+
+
+def test_a_placement_check_offers_cuda_alone_and_forbids_the_cpu_fallback(recorder, compiled_path, monkeypatch):
+    options = []
+    monkeypatch.setattr(ort.SessionOptions, "add_session_config_entry",
+                        lambda self, key, value: options.append((key, value)))
+    create_session(compiled_path, "cuda", cpu_fallback=False)
+    assert recorder.calls == [FP32[:1]] and options == [("session.disable_cpu_ep_fallback", "1")]
 
 
 def test_cpu_is_never_offered_cuda_and_auto_falls_back_when_cuda_does_not_work(recorder, compiled_path):

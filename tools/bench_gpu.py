@@ -164,9 +164,8 @@ class Bench:
 
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
-        if placement:
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        return create_session(model, self.provider, allow_tf32=tf32, cuda_graph=graph, options=options)
+        return create_session(model, self.provider, allow_tf32=tf32, cuda_graph=graph, cpu_fallback=not placement,
+                              options=options)
 
     def cpu_session(self, model: bytes):
         from agf_onnx.sessions import create_session
@@ -222,8 +221,9 @@ class Bench:
         state["float64"] = {
             "gradient": gradient.abs().sum(1, keepdim=True).cpu().numpy(),
             "gradient-x-input": (x * gradient).sum(1, keepdim=True).detach().cpu().numpy(),
-            "agf": oracle.explain(net, x.detach(), None).cpu().numpy(),
         }
+        with torch.device(device):  # the oracle makes some tensors (torch.eye) on the default device
+            state["float64"]["agf"] = oracle.explain(net, x.detach(), None).cpu().numpy()
         self.results["models"][name]["float64_top_class"] = top.cpu().tolist()
         state["net"] = net.to("cpu", torch.float32)
         del net, x, logits, gradient
@@ -285,6 +285,15 @@ class Bench:
         self.timings(model, images, True, batches, entry, "fp32", fp32)
         if tf32 is not None:
             self.timings(model, images, True, batches, entry, "tf32", tf32)
+
+    def placement(self, name: str, state: dict, method: str) -> None:
+        """Only whether the fp32 session loads with no CPU fallback."""
+        entry = self.results["models"][name]["methods"][method]
+        try:
+            self.session(state["compiled"][method], placement=True)
+            entry["placement"] = "all nodes on CUDA (session.disable_cpu_ep_fallback=1 loads)"
+        except Exception as error:  # noqa: BLE001 - the finding itself
+            entry["placement"] = f"FAILED: {str(error)[:300]}"
 
     def graphs(self, name: str, state: dict, method: str | None) -> None:
         """fp32 times with ``enable_cuda_graph=1`` (the original model when ``method`` is None)."""
@@ -357,37 +366,53 @@ class Bench:
                        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                        method_options=METHOD_OPTIONS, samples=self.args.samples, runs=self.args.runs)
         print(json.dumps(machine), flush=True)
-        states = {}
+        graph_methods = methods if self.args.graph_methods == "all" else \
+            [m for m in self.args.graph_methods.split(",") if m]
+        placement_methods = [] if not self.args.placement_methods else \
+            list(METHODS) if self.args.placement_methods == "all" else self.args.placement_methods.split(",")
         for name in self.args.models.split(","):
             state = self.step(f"{name}: build, calibrate, export", lambda: self.prepare(name))
             if state is None:
                 continue
-            states[name] = state
             self.step(f"{name}: float64 references", lambda: self.references(name, state))
             self.step(f"{name}: forward", lambda: self.forward(name, state), reserve=20)
-            for method in methods:
-                if self.step(f"{name}/{method}: compile", lambda: self.compile(name, state, method), reserve=30) \
-                        is None and method not in state["compiled"]:
-                    continue
-                self.step(f"{name}/{method}: placement, heatmaps, times", lambda: self.method(name, state, method),
-                          reserve=20)
-                self.save()
+
+            def compiled(method: str) -> bool:
+                if method not in state["compiled"]:
+                    self.step(f"{name}/{method}: compile", lambda: self.compile(name, state, method), reserve=30)
+                return method in state["compiled"]
+
+            for method in methods:  # the full check (placement, maps, times) first, for these
+                if compiled(method):
+                    self.step(f"{name}/{method}: placement, heatmaps, times", lambda: self.method(name, state, method),
+                              reserve=20)
+                    self.save()
             if self.gpu:
+                for method in [m for m in placement_methods if m not in methods]:
+                    if compiled(method):
+                        self.step(f"{name}/{method}: placement", lambda: self.placement(name, state, method),
+                                  reserve=15)
                 self.step(f"{name}: forward with CUDA graphs", lambda: self.graphs(name, state, None), reserve=20)
-                if "agf" in state["compiled"]:
+                if compiled("agf"):
                     self.step(f"{name}: Explainer(cuda_graph=True)", lambda: self.explainer_graph(name, state),
                               reserve=20)
-                    for batch in (1, 16):
+                    for batch in self.args.profile_batches:
                         self.step(f"{name}: profile agf batch {batch}", lambda: self.profile(name, state, "agf", batch),
                                   reserve=30)
-                for method in [m for m in methods if m in state["compiled"]]:
-                    self.step(f"{name}/{method}: CUDA graphs", lambda: self.graphs(name, state, method), reserve=20)
-                    self.save()
+                for method in graph_methods:
+                    if compiled(method):
+                        self.step(f"{name}/{method}: CUDA graphs", lambda: self.graphs(name, state, method), reserve=20)
+                        self.save()
+                for method in self.args.later_methods.split(",") if self.args.later_methods else []:
+                    if compiled(method):
+                        self.step(f"{name}/{method}: placement, heatmaps, times",
+                                  lambda: self.method(name, state, method), reserve=25)
+                        self.save()
             else:
                 self.results["skipped"].append(f"{name}: CUDA graphs (CPU dry run)")
-                if "agf" in state["compiled"]:
+                if compiled("agf"):
                     self.step(f"{name}: profile agf batch 1", lambda: self.profile(name, state, "agf", 1))
-            del states[name]
+            del state
             gc.collect()
         self.results["seconds"] = round(time.perf_counter() - self.began, 1)
         self.save()
@@ -449,6 +474,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2, help="images whose heatmaps are compared")
     parser.add_argument("--runs", type=int, default=10, help="timed runs at batch 1 (half at batch 16)")
     parser.add_argument("--budget", type=float, default=400, help="seconds; later steps are skipped after it")
+    parser.add_argument("--graph-methods", default="all", help="methods timed with CUDA graphs (comma-separated)")
+    parser.add_argument("--placement-methods", default="", help="methods whose placement alone is checked, or all")
+    parser.add_argument("--later-methods", default="", help="full checks after the CUDA graphs, if time is left")
+    parser.add_argument("--profile-batches", type=lambda t: [int(b) for b in t.split(",") if b], default=[1, 16])
     parser.add_argument("--cpu-only", action="store_true", help="dry run on tiny models with the CPU provider")
     args = parser.parse_args()
     import torch  # first: its CUDA and cuDNN libraries are the ones ONNX Runtime's CUDA provider loads
