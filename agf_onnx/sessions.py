@@ -4,20 +4,20 @@
 unless ``use_tf32=0``: their operands are rounded to a 10-bit mantissa (relative error up to
 2⁻¹¹ ≈ 4.9·10⁻⁴ per operand instead of float32's 2⁻²⁴ ≈ 6·10⁻⁸). A forward pass shrugs that
 off, but gradient-based maps do not: a deep ReLU network's gradient is discontinuous in the
-weights ("shattered"), and on an H100 (ONNX Runtime 1.31.1, seeded ResNet-50, 224²) the AGF
-heatmap under the TF32 default correlated only r = 0.61–0.98 with the float64 reference, the
-plain gradient r ≈ 0.71, against r ≥ 0.99998 with ``use_tf32=0`` (spec "Precision on GPUs";
-``tools/precision.py`` emulates the rounding on a CPU for every method). So every session made
-here passes ``use_tf32=0`` to the CUDA provider; ``allow_tf32=True`` opts in to the faster,
-inexact maps.
+weights ("shattered"). Measured on an H100 (ONNX Runtime 1.31.1, seeded ResNet-50, 224², top
+class, ``tools/bench_gpu.py``), r of the heatmap with the float64 reference: AGF 0.921 under the
+TF32 default against 0.999997 with ``use_tf32=0``; the plain gradient 0.676 against 0.9998;
+gradient × input 0.756 against 0.9999 (README "GPUs"; ``tools/precision.py`` emulates the
+rounding on a CPU for every method). So every session made here passes ``use_tf32=0`` to the
+CUDA provider; ``allow_tf32=True`` opts in to the faster, inexact maps.
 
 **Provider choice.** ``"auto"`` takes CUDA when ONNX Runtime can really use it, else the CPU;
 ``"cuda"`` insists; ``"cpu"`` never tries. The GPU wheel lists the CUDA provider even where its
 libraries or a GPU are missing, and then silently builds a CPU-only session, so the probe is
 the session itself: CUDA counts only if ``get_providers()`` of the session made with it names
 it. The CPU provider stays behind CUDA in the list, as ONNX Runtime's fallback for any node
-the CUDA provider has no kernel for (the compiled graphs need none: every node of all twelve
-methods runs on CUDA with ``session.disable_cpu_ep_fallback=1``).
+the CUDA provider has no kernel for (the compiled graphs need none: on an H100 the compiled
+VGG-19 of every method loads with ``session.disable_cpu_ep_fallback=1``, see ``cpu_fallback``).
 
 **CUDA graphs** (``cuda_graph=True``, ``enable_cuda_graph=1``): ONNX Runtime captures the
 session's kernel launches once and replays them, which removes the per-kernel launch cost that
