@@ -200,3 +200,21 @@ def test_cuda_graph_binds_fixed_buffers_and_pads_the_batch(recorder, buffers_on_
     with pytest.raises(ExplainError, match="a batch of 5 exceeds the graph's fixed batch 4"):
         graphed.explain_photos(np.stack(photos(5)))
     assert graphed.explain(photos(6)).heatmaps.shape == (6, 1, 32, 32)  # explain() batches by batch_size
+
+
+def test_cuda_graph_refuses_shapes_that_vary_beyond_the_batch(buffers_on_the_cpu):
+    from types import SimpleNamespace
+
+    from agf_onnx.explain import _CudaGraphRun
+
+    def tensor(name, shape, kind="tensor(float)"):
+        return SimpleNamespace(name=name, shape=shape, type=kind)
+
+    session = SimpleNamespace(io_binding=lambda: SimpleNamespace(bind_ortvalue_input=lambda *a: None,
+                                                                 bind_ortvalue_output=lambda *a: None),
+                              get_inputs=lambda: [tensor("x", ["N", 3, 32, 32])],
+                              get_overridable_initializers=lambda: [tensor("target", ["T"], "tensor(int64)")],
+                              get_outputs=lambda: [tensor("heatmap", ["N", 1, "H", "W"])])
+    with pytest.raises(ExplainError, match=r"static shapes apart from the batch axis: 'heatmap' is tensor\(float\) "
+                                           r"\['N', 1, 'H', 'W'\]"):
+        _CudaGraphRun(session, 2)

@@ -82,9 +82,11 @@ def emit_rounding(b: GraphBuilder, x: str, bits: int = TF32_MANTISSA_BITS) -> st
     return b.Where(b.Less(magnitude, b.const(np.inf)), rounded, x)  # ±inf and NaN pass through
 
 
-def emulate_tf32(model: onnx.ModelProto, bits: int = TF32_MANTISSA_BITS) -> tuple[onnx.ModelProto, int]:
+def emulate_tf32(model: onnx.ModelProto, bits: int = TF32_MANTISSA_BITS,
+                 part: str = "all") -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` whose conv/GEMM operands are rounded to ``bits`` mantissa bits; the number
-    of tensors rounded (each once, however many ops read it)."""
+    of tensors rounded (each once, however many ops read it). ``part``: ``"all"``, or only the
+    ``"forward"`` (the original model's nodes) or the ``"explanation"`` graph's (named ``agf/…``)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     taken = {name for node in graph.node for name in [*node.input, *node.output, node.name]}
@@ -93,7 +95,9 @@ def emulate_tf32(model: onnx.ModelProto, bits: int = TF32_MANTISSA_BITS) -> tupl
     rounded: dict[str, str] = {}
     nodes = []
     for node in graph.node:
-        for index in ROUNDED_OPS.get(node.op_type, ()):
+        explanation = node.name.startswith("agf/")
+        chosen = part == "all" or (part == "explanation") == explanation
+        for index in ROUNDED_OPS.get(node.op_type, ()) if chosen else ():
             if index < len(node.input) and node.input[index]:
                 name = node.input[index]
                 if name not in rounded:
