@@ -321,7 +321,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
-                "provider": evaluation.provider, "allow_tf32": args.allow_tf32, "preset": args.preset, "mean": evaluation.reference.mean,
+                "provider": evaluation.provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
+                "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args)}
     out = pathlib.Path(args.output)

@@ -14,8 +14,9 @@ even, for every normal float32 that does not overflow in ``x·8193``. Values of 
 are split after an exact scaling by 2⁻⁶⁴ (and scaled back); subnormals (< 2⁻¹²⁶), whose TF32
 grid is fixed at 2⁻¹³⁶, are rounded with the magic-number sum ``(x + 1.5·2⁻¹¹³) − 1.5·2⁻¹¹³``;
 infinities and NaN pass through. The result is bit-exact but for the sign of a zero (−0 comes
-out as +0: ONNX Runtime's CPU ``Where`` does not keep it; −0 = +0 in every later product). ``tests/test_precision.py`` checks the graph, run by ONNX
-Runtime, against NumPy bit manipulation on every class of value, ties included.
+out as +0: ONNX Runtime's CPU ``Where`` does not keep it; −0 = +0 in every later product).
+``tests/test_precision.py`` checks the graph, run by ONNX Runtime, against NumPy bit
+manipulation on every class of value, ties included.
 
 **Reference.** The heatmaps are compared with the same compiled graph in float32 on the CPU
 provider, not with a float64 version of it: ONNX Runtime's CPU provider has no float64 Conv or
@@ -74,7 +75,7 @@ def emit_rounding(b: GraphBuilder, x: str, bits: int = TF32_MANTISSA_BITS) -> st
     magnitude = b.Abs(x)
     large = b.Greater(magnitude, b.const(2.0 ** 100))  # x·8193 could overflow: split x·2⁻⁶⁴ instead
     shrunk = b.Mul(split(b.Mul(x, b.const(2.0 ** -64))), b.const(2.0 ** 64))
-    # 1.5·2⁻¹¹³ for 10 bits: its ulp, 2⁻¹³⁶ = 2⁻¹⁴⁹·2¹³, is the subnormal step of a 10-bit mantissa
+    # 1.5·2⁻¹¹³ for 10 bits: its ulp, 2⁻¹³⁶ = 2⁻¹⁴⁹·2¹³, is a 10-bit mantissa's subnormal step
     grid = b.const(1.5 * 2.0 ** (-103 - bits))
     tiny = b.Less(magnitude, b.const(2.0 ** -126))
     subnormal = b.Sub(b.Add(x, grid), grid)
