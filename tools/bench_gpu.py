@@ -191,9 +191,6 @@ class Bench:
 
     # -- one model --------------------------------------------------------------------------------
     def prepare(self, name: str) -> dict:
-        import onnx
-        import torch
-
         tiny = self.args.cpu_only
         size = 32 if tiny else self.args.size
         net = build(name, size, tiny)
@@ -202,7 +199,6 @@ class Bench:
         state = {"net": net, "size": size, "source": source, "serialized": source.SerializeToString(),
                  "images": images, "compiled": {}}
         self.results["models"][name] = {"size": size, "nodes": len(source.graph.node), "forward": {}, "methods": {}}
-        del onnx, torch
         return state
 
     def references(self, name: str, state: dict) -> None:
