@@ -48,6 +48,12 @@ def _given_method_options(args: argparse.Namespace) -> dict:
     return {k: v for k in ("steps", "samples", "noise", "seed") if (v := getattr(args, k)) is not None}
 
 
+def _flat_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--flat-policy", choices=sorted(FLAT_POLICIES), default="authors",
+                        help="which convs and token-wise linear layers get AGF's flat rule ΦX = C instead of the full "
+                             "rule (default: authors): " + "; ".join(f"{k}: {v}" for k, v in FLAT_POLICIES.items()))
+
+
 def _image_options(parser: argparse.ArgumentParser) -> None:
     """How image files become the model's input, and where it runs (explain, evaluate)."""
     parser.add_argument("--preset", choices=["imagenet", "symmetric", "unit", "none"], default="imagenet",
@@ -87,16 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the compiled model")
     compile_.add_argument("--method", choices=sorted(METHODS), default="agf", help="explanation method (default: agf)")
     _model_options(compile_)
-    compile_.add_argument("--flat-policy", choices=sorted(FLAT_POLICIES), default="authors",
-                          help="which convs get the flat rule ΦX = C instead of the full AGF rule (default: authors): " +
-                               "; ".join(f"{k}: {v}" for k, v in FLAT_POLICIES.items()))
+    _flat_options(compile_)
     compile_.add_argument("--flat", metavar="NODE", action="append", default=[],
-                          help="force this Conv node to the flat rule (repeatable)")
+                          help="force this Conv or token-wise MatMul node to the flat rule (repeatable)")
     compile_.add_argument("--full", metavar="NODE", action="append", default=[],
-                          help="force this Conv node to the full AGF rule (repeatable)")
+                          help="force this Conv or token-wise MatMul node to the full AGF rule (repeatable)")
     compile_.add_argument("--layer", metavar="NODE",
                           help="the node whose output a layer method (gradcam) explains (default: the last Conv "
-                               "with a spatial output)")
+                               "with a spatial output or the last transformer block's output, whichever is later)")
     compile_.add_argument("--top-k", type=int, metavar="K",
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
@@ -157,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16, metavar="B")
     _method_options(evaluate)
     _model_options(evaluate)
+    _flat_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
@@ -305,7 +310,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = load_dataset(args.data, labels)[:args.limit]
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
-                                                                  "image": args.image,
+                                                                  "image": args.image, "flat_policy": args.flat_policy,
                                                                   "options": _given_method_options(args)},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,

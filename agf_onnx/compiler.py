@@ -21,9 +21,10 @@ from . import passes
 from .builder import GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
-from .maths import max_per_sample, safe_divide, sum_per_sample
-from .methods import Method, flat_convs, get_method
+from .maths import max_per_sample, resize, safe_divide, sum_per_sample
+from .methods import Method, flat_layers, get_method, is_token_linear
 from .rules import REGISTRY
+from .tokens import TokenGrid, as_grid, patch_grid
 
 TARGET_INPUT = "target"
 HEATMAP_OUTPUT = "heatmap"
@@ -56,6 +57,7 @@ class Plan:
     channels_last: bool
     unsupported: dict[str, list[str]]  # op type → node names (empty unless planned with strict=False)
     layer: str | None = None  # the explained layer's output tensor, for layer methods (Grad-CAM)
+    layer_grid: TokenGrid | None = None  # where the layer's patch tokens lie, when it is a token tensor
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -119,7 +121,7 @@ def _top_linear(graph: GraphView, logits: str, data: set[str]) -> onnx.NodeProto
     while tensor in graph.producer:
         node = graph.producer[tensor]
         inputs = [i for i in node.input if i in data]
-        if node.op_type in LINEAR_OPS and inputs and node.input[0] in data:
+        if node.op_type in LINEAR_OPS and inputs and node.input[0] in data and graph.is_constant(node.input[1]):
             return node
         if not inputs:
             break
@@ -182,8 +184,8 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     start = logits if method.logit_relevance is not None else top.input[0]
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
-    flats = flat_convs(graph, [n for n in path if n.op_type == "Conv" and n.name in relevant], data,
-                       flat_policy, flat, full)
+    layers = [n for n in path if n.name in relevant and (n.op_type == "Conv" or is_token_linear(graph, n))]
+    flats = flat_layers(graph, layers, data, flat_policy, flat, full)
     kinds: dict[str, str] = {}
     unsupported: dict[str, list[str]] = defaultdict(list)
     for node in path:
@@ -201,35 +203,67 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
             kinds[node.name] = kind
     if unsupported and strict:
         raise UnsupportedOpsError(unsupported)
-    for name in [image, logits, *(o for n in path for o in n.output if o)] if strict else []:
-        shape = graph.shape(name)
-        if any(d is None for d in shape[1:]) or not shape:
-            raise CompileError(f"tensor '{name}' has shape {list(shape)}: every axis but the batch must be "
-                               "static; pass --input-shape NAME=d0,d1,...")
+    if strict:
+        _check_static(graph, image, [image, logits, *(o for n in path for o in n.output if o)])
     dtype = graph.dtypes.get(image)
     if dtype != TensorProto.FLOAT and not (dtype in _INTEGER_IMAGES and any(n.op_type == "Cast" for n in path)):
         raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
                            "or integer images the model casts to float32, are supported")
-    layer_output = _find_layer(graph, path, layer) if method.layer_map is not None else None
     if layer is not None and method.layer_map is None:
         raise CompileError(f"--layer: the method '{method.name}' explains at the image, not at a layer")
-    return Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
-                dict(unsupported), layer_output)
+    found = Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
+                 dict(unsupported))
+    if method.layer_map is not None:
+        found.layer, found.layer_grid = _find_layer(found, layer)
+    return found
 
 
-def _find_layer(graph: GraphView, path: Sequence[onnx.NodeProto], layer: str | None) -> str:
-    """The output of ``layer`` (a node name), default: the last Conv with a spatial output."""
-    convs = [n for n in path if n.op_type == "Conv" and any(d > 1 for d in graph.shape(n.output[0])[2:])]
+def _check_static(graph: GraphView, image: str, tensors: Iterable[str]) -> None:
+    """Every dim of every explained tensor is known, except the one that carries the batch."""
+    image_dims = graph.shape(image)
+    if any(d is None for d in image_dims[1:]):
+        raise CompileError(f"the image input '{image}' has shape {list(image_dims)}: every axis but the batch must "
+                           f"be static; pass --input-shape {image}=d0,d1,...")
+    for name in tensors:
+        shape, batch = graph.shape(name), graph.batch(name)
+        if not shape or any(d is None and (batch is None or axis != batch[0]) for axis, d in enumerate(shape)):
+            producer = graph.producer.get(name)
+            where = f" (output of {producer.op_type} node '{producer.name}')" if producer is not None else ""
+            raise CompileError(f"tensor '{name}'{where} has shape {list(shape)}: shape inference could not tell "
+                               "its size, and every axis but the batch must be static")
+
+
+def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
+    """The output of ``layer`` (a node name) and, for a token tensor ``[N, T, C]``, the grid of its
+    patch tokens. Default: the last Conv with a spatial output or the last transformer block's
+    output (a residual Add of token tensors whose tokens lie on a grid), whichever comes later."""
+    graph, path = plan.graph, plan.path
+    first = [n for n in path if n.name in plan.first_layers]
+
+    def grid_of(node: onnx.NodeProto) -> TokenGrid | None:
+        shape = graph.shape(node.output[0])
+        if len(shape) != 3 or graph.batch(node.output[0]) != (0, 1):
+            return None
+        return patch_grid(graph, first, plan.image_size, shape[1])
+
+    def spatial(node: onnx.NodeProto) -> bool:
+        shape = graph.shape(node.output[0])
+        return len(shape) == 4 and any(d > 1 for d in shape[2:])
+
+    candidates = [n for n in path if (n.op_type == "Conv" and spatial(n)) or
+                  (n.op_type == "Add" and sum(i in plan.data for i in n.input) == 2 and grid_of(n) is not None)]
     if layer is None:
-        if not convs:
-            raise CompileError("no Conv with a spatial output on the path from the image to the logits; "
-                               "pass --layer NODE")
-        return convs[-1].output[0]
-    node = next((n for n in path if n.name == layer), None)
-    if node is None or len(graph.shape(node.output[0])) != 4:
-        raise CompileError(f"--layer: no node '{layer}' with a 4-D output on the explained path "
-                           f"(Conv nodes: {', '.join(n.name for n in convs) or 'none'})")
-    return node.output[0]
+        if not candidates:
+            raise CompileError("no Conv with a spatial output nor a transformer block's output on the path from the "
+                               "image to the logits; pass --layer NODE")
+        chosen = candidates[-1]
+    else:
+        chosen = next((n for n in path if n.name == layer), None)
+        if chosen is None or not (len(graph.shape(chosen.output[0])) == 4 or grid_of(chosen) is not None):
+            raise CompileError(f"--layer: no node '{layer}' with a 4-D output or a [N, tokens, channels] output whose "
+                               f"tokens lie on the patch grid on the explained path (for example: "
+                               f"{', '.join(n.name for n in candidates[-5:]) or 'none'})")
+    return chosen.output[0], (grid_of(chosen) if chosen.op_type != "Conv" else None)
 
 
 class _Streams:
@@ -357,7 +391,7 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
     cloned = Plan(view, repeated, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
                   set(renamed.values()), {names[n]: k for n, k in plan.kinds.items()},
                   {names[n] for n in plan.first_layers}, plan.channels_last, {},
-                  renamed.get(plan.layer, plan.layer) if plan.layer else None)
+                  renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid)
     heatmap = _emit(b, cloned, method, options, target=targets)
     height, width = plan.image_size
     with b.scope("topk"):
@@ -411,6 +445,10 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
     # LRP's rules read no gradient: emitting the gradient stream would only cost run time
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers,
           gradients=method.logit_relevance is None)
+    if method.attention_map is not None:  # Chefer et al.: the gradient stream read at the attention matrices
+        with b.scope("attention_map"):
+            coarse, size = method.attention_map(b, plan, streams.gradient)
+            return _upsampled_heatmap(b, plan, coarse, size)
     if method.path_map is not None:  # FullGrad: the gradient stream read at every layer
         with b.scope("path_map"):
             relevance = method.path_map(b, plan, streams.gradient, _float_image(b, plan))
@@ -473,12 +511,22 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
 
 
 def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -> str:
-    """The method's map at the layer, upsampled bilinearly (half-pixel centres, as PyTorch's
+    """The method's map at the layer (a token layer's patch tokens laid out on their grid)."""
+    activation = plan.layer
+    if plan.layer_grid is not None:
+        channels = plan.graph.shape(activation)[2]
+        activation = as_grid(b, activation, plan.layer_grid, channels)
+        gradient = as_grid(b, gradient, plan.layer_grid, channels)
+        size = (plan.layer_grid.height, plan.layer_grid.width)
+    else:
+        size = plan.graph.shape(activation)[2:]
+    return _upsampled_heatmap(b, plan, method.layer_map(b, activation, gradient), size)
+
+
+def _upsampled_heatmap(b: GraphBuilder, plan: Plan, coarse: str, coarse_size: Sequence[int]) -> str:
+    """A coarse ``[N, 1, h, w]`` map upsampled bilinearly (half-pixel centres, as PyTorch's
     ``interpolate(align_corners=False)``) to the image and divided by its per-sample maximum."""
-    layer_map = method.layer_map(b, plan.layer, gradient)
-    scales = [1.0, 1.0] + [target / source for target, source in zip(plan.image_size, plan.graph.shape(plan.layer)[2:])]
-    upsampled = b.Resize(layer_map, "", b.const(scales), mode="linear",
-                         coordinate_transformation_mode="half_pixel")
+    upsampled = resize(b, coarse, coarse_size, plan.image_size)
     peak = max_per_sample(b, b.Abs(upsampled), 4)
     return b.Div(upsampled, b.Where(b.Greater(peak, b.const(0.0)), peak, b.const(1.0)))
 

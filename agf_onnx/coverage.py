@@ -21,8 +21,9 @@ def coverage_table(method: str = "agf") -> str:
         used = [k for k in (chosen.relevance.get(op_type), chosen.flat, chosen.first_layer) if k in kinds] or kinds
         relevance = "<br>".join(f"`{k}`: {entry.describe(k)}" for k in dict.fromkeys(used))
         rows.append(f"| {op_type} | `{entry.module}.py` | {_first_line(entry.gradient)} | {relevance} |")
-    for op_type in HEAD_OPS:
-        rows.append(f"| {op_type} | — | trailing only: the logits are its input | — |")
+    for op_type in HEAD_OPS:  # a trailing Softmax is stripped; one with rules of its own is listed above
+        if op_type not in REGISTRY:
+            rows.append(f"| {op_type} | — | trailing only: the logits are its input | — |")
     return "\n".join(rows)
 
 

@@ -25,6 +25,30 @@ def _shape_of(value_info: onnx.ValueInfoProto) -> Shape | None:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
 
 
+#: The name of the batch dim in inferred shapes; ``N*k`` where it is merged with ``k`` other elements.
+BATCH_DIM = "N"
+
+
+def batch_dim(factor: int) -> str:
+    """The name of a dim holding the batch merged with ``factor`` other elements: ``N``, ``N*k``."""
+    return BATCH_DIM if factor == 1 else f"{BATCH_DIM}*{factor}"
+
+
+def batch_factor(dim_param: str) -> int | None:
+    """``N`` → 1, ``N*k`` → k, anything else → None."""
+    if dim_param == BATCH_DIM:
+        return 1
+    head, _, factor = dim_param.partition("*")
+    return int(factor) if head == BATCH_DIM and factor.isdigit() else None
+
+
+def _batch_of(value_info: onnx.ValueInfoProto) -> tuple[int, int] | None:
+    """``(axis, factor)`` of the one dim named ``N`` or ``N*factor`` (``passes.infer_shapes``)."""
+    found = [(axis, batch_factor(d.dim_param)) for axis, d in enumerate(value_info.type.tensor_type.shape.dim)
+             if d.HasField("dim_param") and batch_factor(d.dim_param) is not None]
+    return found[0] if len(found) == 1 else None
+
+
 def evaluator(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str], initializers: Mapping[str, onnx.TensorProto],
               opset_import, inputs: Sequence[onnx.ValueInfoProto] = ()):
     """``onnx.reference`` evaluator of ``nodes`` alone, with the initializers they read."""
@@ -56,10 +80,15 @@ class GraphView:
                     self.consumers[name].append(node)
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
+        #: tensor → (axis, factor): where its batch lives, merged batch-major with ``factor`` elements
+        self.batches: dict[str, tuple[int, int]] = {}
         for info in [*graph.input, *graph.value_info, *graph.output]:
             shape = _shape_of(info)
             if shape is not None:
                 self.shapes[info.name] = shape
+                batch = _batch_of(info)
+                if batch is not None:
+                    self.batches[info.name] = batch
             self.dtypes[info.name] = info.type.tensor_type.elem_type
         for name, tensor in self.initializers.items():
             self.shapes[name] = tuple(tensor.dims)
@@ -75,12 +104,16 @@ class GraphView:
 
     def shape(self, name: str) -> Shape:
         if name not in self.shapes:
-            raise CompileError(f"tensor '{name}' has no inferred shape; pass --input-shape to fix "
-                               "the image size")
+            raise CompileError(f"tensor '{name}' has no inferred shape")
         return self.shapes[name]
 
     def rank(self, name: str) -> int:
         return len(self.shape(name))
+
+    def batch(self, name: str) -> tuple[int, int] | None:
+        """``(axis, factor)``: the axis of ``name`` that holds the batch, merged batch-major with
+        ``factor`` other elements (1: the plain batch); None for tensors without a batch."""
+        return self.batches.get(name)
 
     def is_constant(self, name: str) -> bool:
         return name in self.constants
@@ -211,6 +244,12 @@ class NodeView:
 
     def value(self, index: int) -> np.ndarray:
         return self.graph.value(self.inputs[index])
+
+    def batch_axis(self, name_or_index: str | int) -> int | None:
+        """The axis of an input (by index) or any tensor (by name) that holds the batch."""
+        name = self.inputs[name_or_index] if isinstance(name_or_index, int) else name_or_index
+        batch = self.graph.batch(name)
+        return None if batch is None else batch[0]
 
     def refuse(self, why: str) -> CompileError:
         return CompileError(f"{self.op_type} node '{self.name}': {why}")

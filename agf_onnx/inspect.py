@@ -46,6 +46,8 @@ class Report:
         return json.dumps({**asdict(self), "share": self.share}, indent=2)
 
     def to_text(self) -> str:
+        if self.image is None:  # the model could not even be planned: say why, and only that
+            return "\n".join([f"model: {self.model}", f"compiles: no\n{self.error}"])
         lines = [f"model: {self.model}", f"image: {self.image}   logits: {self.logits}",
                  f"{self.covered}/{self.nodes} nodes on the explained path have rules ({self.share:.0%})", "",
                  f"{'op':<22}{'nodes':>6}  {'relevance':<22}gradient"]

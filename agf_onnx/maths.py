@@ -7,6 +7,10 @@ batch axis 0 and keep them, so the result broadcasts back against the input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 from .builder import GraphBuilder
 
 #: The authors' stabiliser of every division.
@@ -92,3 +96,19 @@ def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[in
     weight_b = b.Relu(b.Div(b.Sub(b.Mul(gram_ff, project_b), b.Mul(gram_bf, project_f)), determinant))
     weight_f = b.Relu(b.Div(b.Sub(b.Mul(gram_bb, project_f), b.Mul(gram_bf, project_b)), determinant))
     return b.Reshape(b.Sub(weight_f, weight_b), b.ints([0, 1, *spatial]))
+
+
+def resize(b: GraphBuilder, x: str, source: Sequence[int], target: Sequence[int], mode: str = "linear",
+           coordinate_transformation_mode: str = "half_pixel") -> str:
+    """``x`` ``[N, C, *source]`` resized to ``[N, C, *target]``. ONNX Runtime (in float32) and
+    ONNX's shape inference (in float64) truncate ``scale · size`` to get the output size, so each
+    scale is the float32 nearest to ``target / source`` that reaches ``target`` in both (a scale a
+    rounding step short, as float32(48/46) is, would lose the last row)."""
+    scales = [np.float32(1.0), np.float32(1.0)]
+    for out, size in zip(target, source):
+        scale = np.float32(out / size)
+        while float(scale) * size < out or np.float32(scale * np.float32(size)) < out:
+            scale = np.nextafter(scale, np.float32(np.inf))
+        scales.append(scale)
+    return b.Resize(x, "", b.const(np.array(scales, np.float32)), mode=mode,
+                    coordinate_transformation_mode=coordinate_transformation_mode)

@@ -15,6 +15,8 @@ import numpy as np
 from .builder import GraphBuilder
 from .errors import CompileError
 from .graph import GraphView
+from .maths import resize
+from .tokens import attention_matrices, check_rollout, patch_grid
 
 Start = Callable[[GraphBuilder, str, str, int], str]
 
@@ -95,11 +97,15 @@ class Method:
     #: (b, plan, gradient_at, x) → per-channel map at the image, for methods that read the
     #: gradient stream at many layers (FullGrad)
     path_map: Callable[..., str] | None = None
+    #: (b, plan, gradient_at) → (``[N, 1, h, w]`` on the patch grid, (h, w)), upsampled to the image like a
+    #: layer map: for methods that read the attention matrices of a transformer (Chefer et al.)
+    attention_map: Callable[..., str] | None = None
     formula: str = ""
 
     @property
     def relevance_stream(self) -> bool:
-        return self.image_map is None and self.layer_map is None and self.expand is None and self.path_map is None
+        return (self.image_map is None and self.layer_map is None and self.expand is None and self.path_map is None
+                and self.attention_map is None)
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool,
                  top_layer: bool = False) -> str | None:
@@ -330,8 +336,7 @@ def _fullgrad(b: GraphBuilder, plan, gradient_at, x: str) -> str:
         if bias is None or gradient is None or len(out_shape) != 4:
             continue
         term = _normalised_abs(b, b.Mul(gradient, b.Reshape(bias, b.ints([1, -1, 1, 1]))), 4)
-        scales = [1.0, 1.0, height / out_shape[2], width / out_shape[3]]
-        term = b.Resize(term, "", b.const(scales), mode="linear", coordinate_transformation_mode="align_corners")
+        term = resize(b, term, out_shape[2:], (height, width), coordinate_transformation_mode="align_corners")
         total = b.Add(total, b.ReduceSum(term, b.ints([1]), keepdims=1))
     return total
 
@@ -345,9 +350,44 @@ FULLGRAD = Method(
             "over channels, bilinear (align_corners) upsampling (the authors' fullgrad.py); / max",
 )
 
+def _chefer(b: GraphBuilder, plan, gradient_at) -> tuple[str, tuple[int, int]]:
+    """Gradient-weighted attention rollout on the patch grid, ``[N, 1, h, w]``, and ``(h, w)``."""
+    graph = plan.graph
+    attentions = attention_matrices(graph, plan.path)
+    tokens = check_rollout(graph, attentions)
+    grid = patch_grid(graph, [n for n in plan.path if n.name in plan.first_layers], plan.image_size, tokens)
+    if grid is None:
+        raise CompileError(f"--method chefer: {tokens} tokens fit no grid of patches of the "
+                           f"{plan.image_size[0]}×{plan.image_size[1]} image")
+    rollout = b.const(np.eye(tokens, dtype=np.float32)[None])  # R = I
+    for attention in attentions:
+        gradient = gradient_at(attention)
+        if gradient is None:  # a block the target does not depend on adds nothing
+            continue
+        weights = b.ReduceMean(b.Relu(b.Mul(gradient, attention)), axes=[1], keepdims=0)  # Ā = mean_h relu(∇A ⊙ A)
+        rollout = b.Add(rollout, b.MatMul(weights, rollout))  # R = R + Ā·R
+    if grid.prefix:  # the class token's row
+        row = b.Slice(rollout, b.ints([0]), b.ints([1]), b.ints([1]))
+    else:  # no class token: the mean of the rows
+        row = b.ReduceMean(rollout, axes=[1], keepdims=1)
+    patches = b.Slice(row, b.ints([grid.prefix]), b.ints([tokens]), b.ints([2]))
+    return b.Reshape(patches, b.ints([0, 1, grid.height, grid.width])), (grid.height, grid.width)
+
+
+CHEFER = Method(
+    name="chefer",
+    summary="Gradient-weighted attention rollout (Chefer, Gur, Wolf, ICCV 2021, \"Generic Attention-model "
+            "Explainability\"), for transformers with one token set",
+    start=target_score_start,
+    attention_map=_chefer,
+    formula="Ā = mean_heads(relu(∂y_t/∂A ⊙ A)) per attention block, R = I, R = R + Ā·R in forward order; the class "
+            "token's row of R over the patch tokens (no class token: the mean of R's rows), on the patch grid, "
+            "bilinear upsampling to the image, / max",
+)
+
 METHODS: dict[str, Method] = {method.name: method for method in (AGF, GRADIENT, GRADIENT_X_INPUT, GRADCAM,
                                                                  INTEGRATED_GRADIENTS, SMOOTHGRAD, LRP, LRP_AB,
-                                                                 CLRP, SGLRP, RAP, FULLGRAD)}
+                                                                 CLRP, SGLRP, RAP, FULLGRAD, CHEFER)}
 
 
 def get_method(name: str) -> Method:
@@ -356,20 +396,28 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-# -- the flat conv policy -----------------------------------------------------------------------
+# -- the flat layer policy ----------------------------------------------------------------------
 
-#: Ops between a conv and a residual Add that keep a conv "on the residual branch".
-_BETWEEN_CONV_AND_ADD = {"BatchNormalization", "Identity"}
+#: Ops between a layer and a residual Add that keep it "on the residual branch".
+_BETWEEN_LAYER_AND_ADD = {"BatchNormalization", "Identity"}
 
 FLAT_POLICIES = {
-    "authors": "1×1 convs and convs whose output reaches a residual Add through BatchNormalization only",
-    "pointwise": "1×1 convs only",
-    "none": "no conv is flat: every conv but the input layer gets the full AGF rule",
+    "authors": "1×1 convs, token-wise linear layers (a 1×1 conv over the tokens), and convs whose output reaches "
+               "a residual Add through BatchNormalization only",
+    "pointwise": "1×1 convs and token-wise linear layers only",
+    "none": "no layer is flat: every conv and token-wise linear layer but the input layer gets the full AGF rule",
 }
 
 
+def is_token_linear(graph: GraphView, node) -> bool:
+    """A Gemm/MatMul with a constant 2-D weight applied to every token of a ``[N, T, C]`` (or
+    ``[N, H, W, C]``) tensor: a 1×1 conv over the tokens (spec "Token tensors")."""
+    return (node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and graph.is_constant(node.input[1])
+            and len(graph.shape(node.input[1])) == 2 and len(graph.shape(node.input[0])) >= 3)
+
+
 def _is_pointwise(graph: GraphView, node) -> bool:
-    return all(k == 1 for k in graph.shape(node.input[1])[2:])
+    return node.op_type != "Conv" or all(k == 1 for k in graph.shape(node.input[1])[2:])
 
 
 def _feeds_residual_add(graph: GraphView, node, data: set[str]) -> bool:
@@ -381,25 +429,26 @@ def _feeds_residual_add(graph: GraphView, node, data: set[str]) -> bool:
         reader = readers[0]
         if reader.op_type in ("Add", "Sum"):
             return sum(i in data for i in reader.input) >= 2
-        if reader.op_type not in _BETWEEN_CONV_AND_ADD:
+        if reader.op_type not in _BETWEEN_LAYER_AND_ADD:
             return False
         tensor = reader.output[0]
 
 
-def flat_convs(graph: GraphView, convs: Iterable, data: set[str], policy: str = "authors",
-               flat: Iterable[str] = (), full: Iterable[str] = ()) -> set[str]:
-    """Names of the convs that get the flat rule: the policy's choice, plus ``flat``, minus ``full``."""
+def flat_layers(graph: GraphView, layers: Iterable, data: set[str], policy: str = "authors",
+                flat: Iterable[str] = (), full: Iterable[str] = ()) -> set[str]:
+    """Names of the layers (Convs and token-wise linear layers) that get the flat rule: the
+    policy's choice, plus ``flat``, minus ``full``."""
     if policy not in FLAT_POLICIES:
         raise CompileError(f"unknown flat policy '{policy}' (available: {', '.join(FLAT_POLICIES)})")
-    convs = list(convs)
-    names = {node.name for node in convs}
+    layers = list(layers)
+    names = {node.name for node in layers}
     for option, chosen in (("--flat", flat), ("--full", full)):
         unknown = sorted(set(chosen) - names)
         if unknown:
-            raise CompileError(f"{option}: no Conv node named {', '.join(unknown)} on the explained path "
-                               f"(Conv nodes: {', '.join(sorted(names)) or 'none'})")
+            raise CompileError(f"{option}: no Conv node named {', '.join(unknown)} (nor a token-wise linear one) on "
+                               f"the explained path (such nodes: {', '.join(sorted(names)) or 'none'})")
     selected = set()
-    for node in convs:
+    for node in layers:
         if policy == "none":
             continue
         if _is_pointwise(graph, node) or (policy == "authors" and _feeds_residual_add(graph, node, data)):

@@ -14,11 +14,10 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .builder import TARGET_OPSET
 from .errors import CompileError
-from .graph import evaluator
+from .graph import BATCH_DIM, batch_dim, batch_factor, evaluator
 
 #: IR version written with TARGET_OPSET (opset 17 came with IR 8).
 TARGET_IR_VERSION = 8
-BATCH_DIM = "N"
 
 #: Ops whose folded output can be far larger than their inputs (the onnx zoo stores weights
 #: as ConstantOfShape): folding them would bloat the file, so their outputs stay computed.
@@ -120,11 +119,14 @@ def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     changed = version != TARGET_OPSET
     if changed:
         weights = {t.name: t for t in model.graph.initializer}
-        try:  # converted without its large weights: the converter serialises what it gets
-            converted = version_converter.convert_version(weightless(model), TARGET_OPSET)
+        skeleton = weightless(model)  # converted without its large weights: the converter serialises what it gets
+        unchanged = version > TARGET_OPSET and _hide_unchanged_ops(skeleton)
+        try:
+            converted = version_converter.convert_version(skeleton, TARGET_OPSET)
         except Exception as error:
             raise CompileError(f"cannot convert the model from opset {version} to {TARGET_OPSET}: "
                                f"{error}") from error
+        _restore_hidden_ops(converted, unchanged)
         graph = converted.graph
         moved = [i for i in graph.input if i.name in weights and i.name not in
                  {t.name for t in graph.initializer}]
@@ -141,6 +143,40 @@ def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     if model.ir_version != TARGET_IR_VERSION:
         model.ir_version, changed = TARGET_IR_VERSION, True
     return model, changed
+
+
+#: A domain the version converter leaves alone, for ops it has no down-conversion for although
+#: the node means the same at TARGET_OPSET.
+_HIDDEN_DOMAIN = "agf_onnx.unchanged"
+
+
+def _means_the_same_at_target(node: onnx.NodeProto) -> bool:
+    """Pad 18+ without ``axes`` and without the ``wrap`` mode (19) is Pad 13 (torch's dynamo
+    exports write Pad at opset 18; ONNX's converter has no 18 → 17 step for it)."""
+    if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
+        return False
+    mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
+    return (len(node.input) < 4 or not node.input[3]) and mode != b"wrap"
+
+
+def _hide_unchanged_ops(model: onnx.ModelProto) -> bool:
+    hidden = [node for node in model.graph.node if _means_the_same_at_target(node)]
+    for node in hidden:
+        node.domain = _HIDDEN_DOMAIN
+    if hidden:
+        model.opset_import.append(helper.make_opsetid(_HIDDEN_DOMAIN, 1))
+    return bool(hidden)
+
+
+def _restore_hidden_ops(model: onnx.ModelProto, hidden: bool) -> None:
+    if not hidden:
+        return
+    for node in model.graph.node:
+        if node.domain == _HIDDEN_DOMAIN:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != _HIDDEN_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
 
 
 def _drop_newer_default_attributes(model: onnx.ModelProto, source: int) -> None:
@@ -310,35 +346,63 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(skeleton, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
-#: A batch size no real model uses, to tell the batch axis apart in inferred shapes.
-_BATCH_SENTINEL = 1_000_003
-_OTHER_SENTINEL = 1_000_033
+#: Two small batch sizes: shapes inferred at both tell which dims carry the batch (a dim that is
+#: ``b·k`` at batch ``b`` is the batch merged with ``k`` other elements, batch-major). Small, so
+#: that nothing shape inference evaluates (``Range(0, N)``…) is materialised at a made-up size.
+PROBE_BATCHES = (2, 3)
+
+
+def _infer_at_batch(skeleton: onnx.ModelProto, batch: int, strict: bool) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(skeleton)
+    for info in probe.graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) and dims[0].dim_param == BATCH_DIM:
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    return shape_inference.infer_shapes(probe, check_type=True, strict_mode=strict, data_prop=True)
+
+
+def _merged_dim(small: onnx.TensorShapeProto.Dimension, large: onnx.TensorShapeProto.Dimension,
+                target: onnx.TensorShapeProto.Dimension) -> None:
+    """Write into ``target`` what the same dim inferred at the two probe batches says."""
+    first, second = PROBE_BATCHES
+    if small.HasField("dim_value") and large.HasField("dim_value"):
+        a, c = small.dim_value, large.dim_value
+        target.Clear()
+        if a == c:
+            target.dim_value = a
+        elif a % first == 0 and a // first * second == c:
+            target.dim_param = batch_dim(a // first)
+        return  # any other dependence on the batch: unknown
+    if not (small.HasField("dim_param") and large.HasField("dim_param") and small.dim_param == large.dim_param):
+        target.Clear()
 
 
 def _infer_with_named_batch(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
-    """Shape inference with the batch axis named ``N`` in every result.
+    """Shape inference with the batch axis named ``N`` (or ``N*k`` where it is merged with ``k``
+    other elements) in every result.
 
     Inferring with a symbolic batch loses it through broadcasts and reshapes (``[N, -1]`` of an
-    ``[N, C, H, W]`` tensor has an unknown second axis). Inferring with a sentinel batch size and
-    renaming it afterwards (``N``, or ``N*k`` for a flattened batch) keeps every axis known.
+    ``[N, C, H, W]`` tensor has an unknown second axis). Inferring at two small batch sizes and
+    comparing keeps every axis known and tells where the batch went (after a Transpose, merged
+    into the tokens…).
     """
     skeleton = weightless(model)
     del skeleton.graph.value_info[:]
     for info in skeleton.graph.output:  # re-inferred: stale batch sizes would clash
         info.type.tensor_type.ClearField("shape")
-    for info in skeleton.graph.input:
-        dims = info.type.tensor_type.shape.dim
-        if len(dims) and dims[0].dim_param == BATCH_DIM:
-            dims[0].Clear()
-            dims[0].dim_value = _BATCH_SENTINEL
-    inferred = shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=strict, data_prop=True)
-    for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        for dim in info.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value") and dim.dim_value % _BATCH_SENTINEL == 0:
-                multiple = dim.dim_value // _BATCH_SENTINEL
-                dim.Clear()
-                dim.dim_param = BATCH_DIM if multiple == 1 else f"{BATCH_DIM}*{multiple}"
-    return inferred
+    small, large = (_infer_at_batch(skeleton, batch, strict) for batch in PROBE_BATCHES)
+    other = {info.name: info for info in [*large.graph.value_info, *large.graph.output, *large.graph.input]}
+    for info in [*small.graph.value_info, *small.graph.output, *small.graph.input]:
+        twin = other.get(info.name)
+        shape = info.type.tensor_type.shape
+        if twin is None or len(twin.type.tensor_type.shape.dim) != len(shape.dim):
+            info.type.tensor_type.ClearField("shape")
+            continue
+        for dim, twin_dim in zip(shape.dim, twin.type.tensor_type.shape.dim):
+            _merged_dim(dim, twin_dim, dim)
+    return small
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -357,81 +421,283 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return model, True
 
 
-def _sentinel_dims(info: onnx.ValueInfoProto) -> list[int] | None:
-    """Inferred dims with the batch symbol back as the sentinel; None if any dim is unknown."""
+#: Ops a shape computation is made of (TorchScript's and TensorFlow converters' arithmetic on
+#: ``Shape`` outputs); a value computed from anything else is not folded.
+_SHAPE_ARITHMETIC = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub", "Mul", "Div", "Mod",
+                     "Floor", "Ceil", "Max", "Min", "Neg", "Abs", "Equal", "Less", "Greater", "LessOrEqual",
+                     "GreaterOrEqual", "Not", "And", "Or", "Where", "Range", "ConstantOfShape", "Reshape", "Expand",
+                     "Identity", "ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin", "Sqrt", "Pow", "Tile",
+                     "Transpose", "Sign", "Clip", "Size"}
+#: Shape values are short: anything longer is data and stays computed.
+_SHAPE_VALUE_SIZE = 64
+
+
+def _dims_at(info: onnx.ValueInfoProto | None, batch: int) -> list[int] | None:
+    """A tensor's dims at batch size ``batch``; None if any dim is unknown."""
+    if info is None or not info.type.tensor_type.HasField("shape"):
+        return None
     dims = []
     for dim in info.type.tensor_type.shape.dim:
+        factor = batch_factor(dim.dim_param) if dim.HasField("dim_param") else None
         if dim.HasField("dim_value"):
             dims.append(dim.dim_value)
-        elif dim.dim_param == BATCH_DIM:
-            dims.append(_BATCH_SENTINEL)
-        elif dim.dim_param.startswith(f"{BATCH_DIM}*") and dim.dim_param[2:].isdigit():
-            dims.append(_BATCH_SENTINEL * int(dim.dim_param[2:]))
+        elif factor is not None:
+            dims.append(batch * factor)
         else:
             return None
     return dims
 
 
-def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: a ``Reshape`` whose target shape is computed from ``Shape`` outputs (TorchScript's
-    ``x.reshape(n, g, c // g, h, w)``) reads a constant shape instead, with ``0`` copying the
-    batch. Shape inference cannot divide symbolic sizes; here the computation is evaluated with
-    the known sizes and a sentinel batch, which must end up alone in the batch position."""
-    graph = model.graph
-    shapes = {info.name: info for info in [*graph.input, *graph.value_info]}
-    initializers = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    changed = False
-    for node in graph.node:
-        if node.op_type != "Reshape" or node.input[1] in initializers:
-            continue
-        needed, stack, feeds, ok = [], [node.input[1]], {}, True
-        while stack and ok:
-            tensor = stack.pop()
-            if tensor in initializers or tensor in feeds or not tensor:
+class _ShapeValues:
+    """Evaluates tensors computed only from ``Shape`` outputs and constants, at each probe batch
+    (also small ones behind ``ConstantOfShape``, which ``fold_constants`` leaves alone for size)."""
+
+    def __init__(self, model: onnx.ModelProto, size: int = _SHAPE_VALUE_SIZE) -> None:
+        graph = model.graph
+        self.size = size
+        self.model = model
+        self.infos = {info.name: info for info in [*graph.input, *graph.value_info]}
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.order = {id(n): i for i, n in enumerate(graph.node)}
+        self._cache: dict[str, list[np.ndarray] | None] = {}
+        #: tensor → the tensors whose ``Shape`` its value is computed from
+        self.sources: dict[str, list[str]] = {}
+
+    def values(self, tensor: str) -> list[np.ndarray] | None:
+        """``tensor``'s value at each of ``PROBE_BATCHES``, or None if it is not a shape value."""
+        if tensor not in self._cache:
+            self._cache[tensor] = self._evaluate(tensor)
+        return self._cache[tensor]
+
+    def _evaluate(self, tensor: str) -> list[np.ndarray] | None:
+        needed, shapes, stack, seen = [], [], [tensor], set()
+        while stack:
+            name = stack.pop()
+            if not name or name in seen or name in self.initializers:
                 continue
-            source = producer.get(tensor)
-            if source is None or source.op_type in _EXPANDING_OPS or source.op_type.startswith("Random"):
-                ok = False
-            elif source.op_type == "Shape":
-                dims = _sentinel_dims(shapes[source.input[0]]) if source.input[0] in shapes else None
-                ok = dims is not None
-                if ok:
-                    start = next((a.i for a in source.attribute if a.name == "start"), 0)
-                    end = next((a.i for a in source.attribute if a.name == "end"), len(dims))
-                    feeds[tensor] = np.array(dims[start:end], np.int64)
-            elif source not in needed:
-                needed.append(source)
-                stack.extend(source.input)
-        if not ok:
-            continue
-        order = [n for n in graph.node if n in needed]
-        shape_computation = evaluator(order, [node.input[1]], initializers, model.opset_import,
-                                      [helper.make_tensor_value_info(k, onnx.TensorProto.INT64, v.shape)
-                                       for k, v in feeds.items()]) if order else None
-        values = []
-        for batch in (_BATCH_SENTINEL, _OTHER_SENTINEL):  # two batch sizes tell what depends on the batch
-            batch_feeds = {k: np.where(v % _BATCH_SENTINEL == 0, v // _BATCH_SENTINEL * batch, v)
-                           for k, v in feeds.items()}
+            seen.add(name)
+            node = self.producer.get(name)
+            if node is None or node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Shape":
+                shapes.append(node)
+            elif node.op_type in _SHAPE_ARITHMETIC:
+                needed.append(node)
+                stack.extend(node.input)
+            else:
+                return None
+        needed.sort(key=lambda n: self.order[id(n)])
+        results = []
+        for batch in PROBE_BATCHES:
+            feeds = {}
+            for node in shapes:
+                dims = _dims_at(self.infos.get(node.input[0]), batch)
+                if dims is None:
+                    return None
+                attrs = {a.name: a.i for a in node.attribute}
+                feeds[node.output[0]] = np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)
             try:
-                values.append(np.asarray(shape_computation.run(None, batch_feeds)[0] if shape_computation else
-                                         batch_feeds[node.input[1]]).astype(np.int64))
-            except Exception:  # not evaluable here: left to shape inference
-                break
-        if len(values) != 2 or values[0].ndim != 1:
-            continue
-        varying = np.flatnonzero(values[0] != values[1]).tolist()
-        if varying not in ([], [0]) or (varying == [0] and (values[0][0], values[1][0]) !=
-                                        (_BATCH_SENTINEL, _OTHER_SENTINEL)):
-            continue  # the batch enters the shape otherwise than as axis 0: leave it computed
-        value = values[0]
-        if varying == [0]:
-            value[0] = 0
-        name = f"{node.name}/folded_shape"
-        graph.initializer.append(numpy_helper.from_array(value, name))
-        initializers[name] = graph.initializer[-1]
-        node.input[1] = name
+                if tensor in feeds:
+                    value = feeds[tensor]
+                else:
+                    inputs = [helper.make_tensor_value_info(k, onnx.TensorProto.INT64, v.shape) for k, v in feeds.items()]
+                    run = evaluator(needed, [tensor], self.initializers, self.model.opset_import, inputs)
+                    value = np.asarray(run.run(None, feeds)[0])
+            except Exception:  # not evaluable here: left to shape inference and the runtime
+                return None
+            if value.size > self.size:
+                return None
+            results.append(value)
+        self.sources[tensor] = [node.input[0] for node in shapes]
+        return results
+
+    def batch_expression(self, tensor: str, values: list[np.ndarray], prefix: str) -> list[onnx.NodeProto] | None:
+        """Nodes that compute ``tensor``'s value as ``Concat(constants, Shape(source)[axis]·k, constants)``
+        when one entry of it is the batch times ``k`` (the rest constant): a form ONNX's shape
+        inference propagates, unlike ``Where``/``Equal`` chains (timm's ``expand(B, -1, -1)``)."""
+        small, large = values
+        if small.ndim != 1 or small.shape != large.shape or small.dtype != np.int64:
+            return None
+        varying = np.flatnonzero(small != large).tolist()
+        first, second = PROBE_BATCHES
+        if len(varying) != 1 or small[varying[0]] % first or small[varying[0]] // first * second != large[varying[0]]:
+            return None
+        position, factor = varying[0], small[varying[0]] // first
+        for source in self.sources.get(tensor, []):
+            info = self.infos.get(source)
+            dims = info.type.tensor_type.shape.dim if info is not None else []
+            batch = [(axis, batch_factor(d.dim_param)) for axis, d in enumerate(dims) if d.HasField("dim_param")
+                     and batch_factor(d.dim_param) is not None]
+            if len(batch) != 1 or factor % batch[0][1]:
+                continue
+            axis, multiple = batch[0][0], factor // batch[0][1]
+            names = {k: f"{prefix}/{k}" for k in ("shape", "batch", "scaled", "before", "after", "axis", "next",
+                                                     "multiple")}
+            constants = {"before": small[:position], "after": small[position + 1:], "axis": np.array([axis]),
+                         "next": np.array([axis + 1]), "multiple": np.array([multiple])}
+            for key, value in constants.items():
+                self.initializers[names[key]] = numpy_helper.from_array(np.asarray(value, np.int64), names[key])
+            nodes = [helper.make_node("Shape", [source], [names["shape"]], name=names["shape"]),
+                     helper.make_node("Slice", [names["shape"], names["axis"], names["next"]], [names["batch"]],
+                                      name=names["batch"]),
+                     helper.make_node("Mul", [names["batch"], names["multiple"]], [names["scaled"]],
+                                      name=names["scaled"]),
+                     helper.make_node("Concat", [names["before"], names["scaled"], names["after"]], [f"{prefix}/value"],
+                                      name=f"{prefix}/value", axis=0)]
+            return nodes
+        return None
+
+
+def _explicit_target(target: np.ndarray, source: list[int] | None) -> np.ndarray:
+    """A Reshape target with its ``0`` (copy) and ``-1`` (infer) entries resolved against the
+    input's dims ``source``, where they are known."""
+    if source is None:
+        return target
+    explicit = np.array([source[i] if d == 0 and i < len(source) else d for i, d in enumerate(target)], np.int64)
+    if (explicit == -1).sum() == 1:
+        known = int(np.prod(explicit[explicit != -1]))
+        if known and np.prod(source) % known == 0:
+            explicit[explicit == -1] = np.prod(source) // known
+    return explicit
+
+
+def _reshape_target(values: list[np.ndarray], source: onnx.ValueInfoProto | None) -> np.ndarray | None:
+    """A constant Reshape target equivalent to ``values`` (the target at each probe batch), where
+    at most one entry depends on the batch: ``0`` there when it copies the input's own dim (the
+    same batch at the same axis), else ``-1``; None when no constant target says the same."""
+    if values[0].ndim != 1 or values[0].shape != values[1].shape:
+        return None
+    small, large = (_explicit_target(value, _dims_at(source, batch)) for value, batch in zip(values, PROBE_BATCHES))
+    varying = np.flatnonzero(small != large).tolist()
+    if not varying:
+        return values[0]
+    if len(varying) > 1:
+        return None
+    axis = varying[0]
+    first, second = PROBE_BATCHES
+    if small[axis] % first or small[axis] // first * second != large[axis]:
+        return None  # not the batch times a constant
+    factor = small[axis] // first
+    source_dims = source.type.tensor_type.shape.dim if source is not None else []
+    if axis < len(source_dims) and source_dims[axis].dim_param == batch_dim(factor):
+        target = values[0].copy()
+        target[axis] = 0
+        return target if (target == -1).sum() <= 1 else None
+    if (small < 0).any() or (small == 0).any():
+        return None  # an entry left unresolved: no second -1 can stand beside it
+    target = small.copy()
+    target[axis] = -1
+    return target
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: an input computed only from ``Shape`` outputs and constants (TorchScript's
+    ``x.reshape(n, g, c // g, h, w)``, TensorFlow converters' SAME padding ``Shape → Gather → … →
+    Pad``, ``Range``/``Expand`` sizes) is a constant wherever its value does not depend on the
+    batch, given the inferred non-batch dims; a Reshape target that depends on the batch at one
+    position reads a constant with ``0`` (the input's own batch axis) or ``-1`` there. Shape
+    inference cannot divide symbolic sizes; here each computation is evaluated at the two probe
+    batch sizes, which tells what depends on the batch."""
+    graph = model.graph
+    shape_values = _ShapeValues(model)
+    changed = False
+    rewritten: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+    for node in graph.node:
+        for index, tensor in enumerate(node.input):
+            if not tensor or tensor in shape_values.initializers:
+                continue
+            values = shape_values.values(tensor)
+            if values is None:
+                continue
+            if node.op_type == "Reshape" and index == 1:
+                value = _reshape_target(values, shape_values.infos.get(node.input[0]))
+            else:
+                value = values[0] if np.array_equal(values[0], values[1]) else None
+            if value is None:
+                rewritten.extend(_rewrite_batch_expression(shape_values, node, index, values))
+                continue
+            name = f"{node.name}/folded_shape" if node.op_type == "Reshape" else f"{tensor}/folded"
+            if name not in shape_values.initializers:
+                graph.initializer.append(numpy_helper.from_array(np.asarray(value, values[0].dtype), name))
+                shape_values.initializers[name] = graph.initializer[-1]
+            node.input[index] = name
+            changed = True
+    for consumer, nodes in rewritten:  # each before the node it now feeds, keeping the order topological
+        position = list(graph.node).index(consumer)
+        for offset, added in enumerate(nodes):
+            graph.node.insert(position + offset, added)
         changed = True
+    known = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for name, t in shape_values.initializers.items() if name not in known)
+    return model, changed
+
+
+def _rewrite_batch_expression(shape_values: _ShapeValues, node: onnx.NodeProto, index: int,
+                              values: list[np.ndarray]) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+    """Point input ``index`` of ``node`` at an equivalent ``Shape → Slice → Mul → Concat`` of its
+    batch-dependent value, where it has one (see ``_ShapeValues.batch_expression``)."""
+    if node.op_type not in ("Expand", "Tile", "ConstantOfShape", "Range"):
+        return []
+    nodes = shape_values.batch_expression(node.input[index], values, f"{node.name}/batch_shape_{index}")
+    if nodes is None or node.input[index] == nodes[-1].output[0]:
+        return []
+    node.input[index] = nodes[-1].output[0]
+    return [(node, nodes)]
+
+
+#: Index tensors up to this size (at the larger probe batch) are checked for being the identity.
+_INDEX_SIZE = 1 << 22
+
+
+def strided_gathers_to_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: no ``Gather`` picks every element of a flat tensor in order with indices computed from
+    the batch size (torch's dynamo exporter writes ``as_strided`` of a contiguous tensor that way,
+    ``Range(0, N)`` included); each such gather is the ``Reshape`` it amounts to, with ``-1`` at
+    the batch, which the rules can follow."""
+    graph = model.graph
+    index_values = _ShapeValues(model, _INDEX_SIZE)
+    changed = False
+    for position, node in enumerate(list(graph.node)):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        data = index_values.infos.get(node.input[0])
+        if axis != 0 or data is None or len(data.type.tensor_type.shape.dim) != 1:
+            continue
+        values = index_values.values(node.input[1])
+        if values is None or any(v.ndim < 1 or not np.array_equal(v.reshape(-1), np.arange(v.size)) for v in values):
+            continue
+        small, large = (v.shape for v in values)
+        varying = [i for i, (a, c) in enumerate(zip(small, large)) if a != c]
+        if len(small) != len(large) or len(varying) > 1:
+            continue
+        target = np.array([-1 if i in varying else d for i, d in enumerate(small)], np.int64)
+        name = f"{node.name}/as_reshape"
+        graph.initializer.append(numpy_helper.from_array(target, name))
+        graph.node.remove(node)
+        graph.node.insert(position, helper.make_node("Reshape", [node.input[0], name], list(node.output), name=node.name))
+        changed = True
+    return model, changed
+
+
+def prune_dead_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: every node's output is read by another node or is a graph output (folding shape
+    computations leaves the ``Shape → Gather → …`` chains behind them unread)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    kept = list(graph.node)
+    while True:
+        read = outputs | {i for n in kept for i in n.input}
+        read |= {i for n in kept for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for i in _graph_reads(a.g)}
+        alive = [n for n in kept if any(o in read for o in n.output if o)]
+        if len(alive) == len(kept):
+            break
+        kept = alive
+    changed = len(kept) != len(graph.node)
+    if changed:
+        del graph.node[:]
+        graph.node.extend(kept)
     return model, changed
 
 
@@ -446,9 +712,12 @@ def canonicalise(model: onnx.ModelProto,
     model, _ = free_batch(model)
     model, _ = set_input_shapes(model, input_shapes or {})
     model, _ = infer_shapes(model)
-    for _ in range(8):  # each fold can make the next reshape's input shape known
+    for _ in range(64):  # each fold can make the next reshape's input shape known (Swin: one stage a round)
         model, folded = fold_shape_arithmetic(model)
-        if not folded:
+        model, reshaped = strided_gathers_to_reshapes(model)
+        if not (folded or reshaped):
             break
+        model, _ = prune_dead_nodes(model)
+        model, _ = fold_constants(model)
         model, _ = infer_shapes(model)
     return model

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from . import activation, conv, elementwise, gemm, normalization, pool, shape  # noqa: F401 - registers
+from . import activation, conv, elementwise, gemm, normalization, pool, product, reduce, shape  # noqa: F401 - registers
 from ._registry import REGISTRY, OpRules, gradient, relevance
 
 __all__ = ["REGISTRY", "OpRules", "gradient", "relevance"]

@@ -43,6 +43,46 @@ def pass_through(b: GraphBuilder, node: NodeView) -> list[str | None]:
     return data_only(node, {0: node.relevance[0]})
 
 
+def batch(node: NodeView, name: str) -> tuple[int, int] | None:
+    """``(axis, factor)`` of the batch in tensor ``name``: the axis that carries it and how many
+    other elements are merged into it batch-major (1: a plain batch); ``None`` without a batch."""
+    graph = node.graph
+    if hasattr(graph, "batch"):
+        return graph.batch(name)
+    shape = graph.shape(name)  # before the graph knew batch axes: the batch is a dynamic axis 0
+    return (0, 1) if shape and shape[0] is None else None
+
+
+def batch_axis(node: NodeView, name: str) -> int | None:
+    """The axis of tensor ``name`` that carries the batch, ``None`` without one."""
+    found = batch(node, name)
+    return None if found is None else found[0]
+
+
+def refuse_batch_axes(node: NodeView, name: str, axes, doing: str) -> None:
+    """Refuse an op that ``doing`` along ``axes`` of ``name`` when one of them carries the batch:
+    that would mix the samples of a batch."""
+    axis = batch_axis(node, name)
+    rank = len(node.graph.shape(name))
+    if axis is not None and axis in {int(a) % rank for a in axes}:
+        raise node.refuse(f"{doing} along axis {axis} of '{name}', which carries the batch; samples must stay "
+                          "independent")
+
+
+def static_shape(node: NodeView, name: str) -> list[int]:
+    """The shape of ``name`` as a Reshape target: static sizes and ``-1`` at the one dynamic
+    (batch-carrying) axis; refused when another axis is unknown."""
+    shape = list(node.graph.shape(name))
+    if sum(d is None for d in shape) > 1:
+        raise node.refuse(f"tensor '{name}' has shape {shape}; every axis but the batch must be static")
+    return [-1 if d is None else int(d) for d in shape]
+
+
+def broadcast_shape(shape) -> list[int]:
+    """An ``Expand`` target for ``shape``: 1 at the dynamic axis, which the expanded tensor has already."""
+    return [1 if d is None else int(d) for d in shape]
+
+
 def unbroadcast(b: GraphBuilder, gradient: str, output_shape: tuple, input_shape: tuple) -> str:
     """Sum ``gradient`` (shaped like the output) over the axes on which the input was broadcast."""
     if tuple(output_shape) == tuple(input_shape):
@@ -52,8 +92,8 @@ def unbroadcast(b: GraphBuilder, gradient: str, output_shape: tuple, input_shape
     axes = [i for i, (o, n) in enumerate(zip(output_shape, padded)) if n == 1 and o != 1]
     if axes:
         gradient = b.ReduceSum(gradient, b.ints(axes), keepdims=1)
-    if len(input_shape) != rank:
-        gradient = b.Reshape(gradient, b.ints([0 if d is None else d for d in input_shape]))
+    if len(input_shape) != rank:  # -1, not 0: the dynamic axis need not sit where it does in the output
+        gradient = b.Reshape(gradient, b.ints([-1 if d is None else d for d in input_shape]))
     return gradient
 
 

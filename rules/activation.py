@@ -1,93 +1,217 @@
-"""Element-wise activations.
+"""Element-wise activations and functions, and Softmax/LogSoftmax.
 
 Relu: ``VJP(G) = G ⊙ 1[X > 0]`` (PyTorch's convention at 0); relevance by the z-rule
 ``ΦX = X ⊙ VJP(sdiv(Φ, Y ⊙ 1[Φ≠0]))``, which passes ``Φ`` through where the unit is active
 (the spec's proportional rule, as the authors' ReLU layer does).
 
-Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, PRelu, Clip (ReLU6): ``VJP(G) = G ⊙ dY/dX``;
-relevance ``ΦX = Φ ⊙ 1[Y ≠ 0]`` (``active``): the spec's rule for activations the authors
-never met — relevance passes where the unit's output is non-zero.
+Every other element-wise op ``Y = f(X)`` (Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, PRelu,
+Clip, Erf, Exp, Sqrt, Reciprocal, Pow by a constant, Softplus, Max/Min with constants):
+``VJP(G) = G ⊙ f'(X)``; relevance ``ΦX = Φ ⊙ 1[Y ≠ 0]`` (``active``): the spec's rule for
+activations the authors never met — relevance passes where the unit's output is non-zero (a gate
+``x ⊙ s(x)`` such as GELU's ``x · ½(1 + erf(x/√2))`` is the Mul's rule: all relevance to ``x``).
+
+Softmax / LogSoftmax along any axis but the batch's: ``VJP(G) = Y ⊙ (G − Σ_axis G ⊙ Y)`` and
+``G − e^Y ⊙ Σ_axis G``. Their input gets no relevance (``none``): a softmax inside the network
+computes attention weights, which the spec treats as constants of the forward pass; the relevance
+goes to the values they weight (``rules/product.py``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import nonzero
 
-from ._helpers import data_only, proportional
+from ._helpers import data_only, proportional, refuse_batch_axes
 from ._registry import gradient, relevance
 
 
-def _relu_vjp(b, node: NodeView, g: str) -> str:
+def _relu_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     return b.Mul(g, b.Cast(b.Greater(node.inputs[0], b.const(0.0)), to=1))
 
 
 @gradient("Relu")
-def relu_gradient(b, node: NodeView) -> list[str | None]:
+def relu_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G ⊙ 1[X > 0]."""
     return data_only(node, {0: _relu_vjp(b, node, node.gradient[0])})
 
 
 @relevance("Relu", kind="z")
-def relu_relevance(b, node: NodeView) -> list[str | None]:
+def relu_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """z-rule: ΦX = X ⊙ 1[X>0] ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0])."""
     return proportional(b, node, _relu_vjp)
 
 
-# -- activations the authors never met: pass relevance where the unit is active ------------------
+# -- element-wise functions: G ⊙ f'(X), relevance where the unit is active ------------------------
 # The spec's spirit for element-wise activations: ΦX = Φ ⊙ 1[Y ≠ 0]. For ReLU that is what the
 # z-rule gives (X/Y = 1 where active); smooth activations (Sigmoid, Tanh) are never exactly 0
 # and pass everything; HardSwish, HardSigmoid, Clip and LeakyReLU block where they output 0.
 
-def _greater(b, x: str, value: float) -> str:
+Derivative = Callable[[GraphBuilder, NodeView], str]
+
+
+def _greater(b: GraphBuilder, x: str, value: float) -> str:
     return b.Cast(b.Greater(x, b.const(value)), to=1)
 
 
-def _derivative(b, node: NodeView) -> str:
-    """dY/dX of an element-wise activation, from its input X and output Y."""
-    x, y = node.inputs[0], node.outputs[0]
-    op = node.op_type
-    if op == "Sigmoid":
-        return b.Mul(y, b.Sub(b.const(1.0), y))
-    if op == "Tanh":
-        return b.Sub(b.const(1.0), b.Mul(y, y))
-    if op == "HardSigmoid":
-        alpha, beta = node.attr("alpha", 0.2), node.attr("beta", 0.5)
-        inner = b.Add(b.Mul(x, b.const(alpha)), b.const(beta))
-        return b.Mul(b.Mul(_greater(b, inner, 0.0), b.Cast(b.Less(inner, b.const(1.0)), to=1)), b.const(alpha))
-    if op == "HardSwish":  # 0 below -3, x/3 + 1/2 in between, 1 above 3 (PyTorch's convention)
-        middle = b.Add(b.Div(x, b.const(3.0)), b.const(0.5))
-        above = _greater(b, x, 3.0)
-        inside = b.Mul(b.Cast(b.Not(b.Less(x, b.const(-3.0))), to=1), b.Sub(b.const(1.0), above))
-        return b.Add(b.Mul(inside, middle), above)
-    if op in ("LeakyRelu", "PRelu"):
-        slope = b.const(node.attr("alpha", 0.01)) if op == "LeakyRelu" else node.inputs[1]
-        positive = _greater(b, x, 0.0)
-        return b.Add(positive, b.Mul(b.Sub(b.const(1.0), positive), slope))
-    if op == "Clip":  # 1 strictly inside [min, max], as PyTorch's hardtanh/ReLU6
-        inside = b.const(1.0)
-        if len(node.inputs) > 1 and node.inputs[1]:
-            inside = b.Mul(inside, b.Cast(b.Greater(x, node.inputs[1]), to=1))
-        if len(node.inputs) > 2 and node.inputs[2]:
-            inside = b.Mul(inside, b.Cast(b.Less(x, node.inputs[2]), to=1))
-        return inside
-    raise node.refuse("no derivative rule")
-
-
-_SMOOTH = ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Clip")
-
-
-@gradient(*_SMOOTH)
-def activation_gradient(b, node: NodeView) -> list[str | None]:
-    """G ⊙ dY/dX (element-wise)."""
+def _constant_parameters(node: NodeView) -> None:
     if any(node.is_data(i) for i in range(1, len(node.inputs))):
-        raise node.refuse("slope, min and max must be constants")
-    if node.op_type == "PRelu" and len(node.shape(1)) > len(node.shape(0)):
-        raise node.refuse("the slope has more axes than the input")
-    return data_only(node, {0: b.Mul(node.gradient[0], _derivative(b, node))})
+        raise node.refuse("slope, exponent, min and max must be constants (they depend on the input here)")
 
 
-@relevance(*_SMOOTH, kind="active")
-def activation_relevance(b, node: NodeView) -> list[str | None]:
+def elementwise(op_type: str, summary: str) -> Callable[[Derivative], Derivative]:
+    """Register ``derivative`` (``f'(X)`` from the node's tensors) as the gradient ``G ⊙ f'(X)`` of
+    ``op_type`` with the one-line description ``summary``, and ``active`` as its relevance."""
+
+    def register(derivative: Derivative) -> Derivative:
+        def rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
+            _constant_parameters(node)
+            return data_only(node, {0: b.Mul(node.gradient[0], derivative(b, node))})
+
+        rule.__doc__ = summary
+        rule.__name__ = rule.__qualname__ = f"{op_type.lower()}_gradient"
+        rule.__module__ = derivative.__module__
+        gradient(op_type)(rule)
+        relevance(op_type, kind="active")(activation_relevance)
+        return derivative
+
+    return register
+
+
+def activation_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Passes relevance where the unit is active: ΦX = Φ ⊙ 1[Y ≠ 0]."""
     return data_only(node, {0: b.Mul(node.relevance[0], nonzero(b, node.outputs[0]))})
+
+
+@elementwise("Sigmoid", "G ⊙ Y(1 − Y).")
+def _sigmoid(b: GraphBuilder, node: NodeView) -> str:
+    y = node.outputs[0]
+    return b.Mul(y, b.Sub(b.const(1.0), y))
+
+
+@elementwise("Tanh", "G ⊙ (1 − Y²).")
+def _tanh(b: GraphBuilder, node: NodeView) -> str:
+    y = node.outputs[0]
+    return b.Sub(b.const(1.0), b.Mul(y, y))
+
+
+@elementwise("HardSigmoid", "G ⊙ α where 0 < αX + β < 1, else 0.")
+def _hard_sigmoid(b: GraphBuilder, node: NodeView) -> str:
+    alpha, beta = node.attr("alpha", 0.2), node.attr("beta", 0.5)
+    inner = b.Add(b.Mul(node.inputs[0], b.const(alpha)), b.const(beta))
+    return b.Mul(b.Mul(_greater(b, inner, 0.0), b.Cast(b.Less(inner, b.const(1.0)), to=1)), b.const(alpha))
+
+
+@elementwise("HardSwish", "G ⊙ (0 below −3, X/3 + ½ in between, 1 above 3), PyTorch's convention.")
+def _hard_swish(b: GraphBuilder, node: NodeView) -> str:
+    x = node.inputs[0]
+    middle = b.Add(b.Div(x, b.const(3.0)), b.const(0.5))
+    above = _greater(b, x, 3.0)
+    inside = b.Mul(b.Cast(b.Not(b.Less(x, b.const(-3.0))), to=1), b.Sub(b.const(1.0), above))
+    return b.Add(b.Mul(inside, middle), above)
+
+
+def _leaky(b: GraphBuilder, node: NodeView, slope: str) -> str:
+    positive = _greater(b, node.inputs[0], 0.0)
+    return b.Add(positive, b.Mul(b.Sub(b.const(1.0), positive), slope))
+
+
+@elementwise("LeakyRelu", "G ⊙ (1 where X > 0, else α).")
+def _leaky_relu(b: GraphBuilder, node: NodeView) -> str:
+    return _leaky(b, node, b.const(node.attr("alpha", 0.01)))
+
+
+@elementwise("PRelu", "G ⊙ (1 where X > 0, else the constant slope).")
+def _prelu(b: GraphBuilder, node: NodeView) -> str:
+    if len(node.shape(1)) > len(node.shape(0)):
+        raise node.refuse("the slope has more axes than the input")
+    return _leaky(b, node, node.inputs[1])
+
+
+@elementwise("Clip", "G ⊙ 1[min < X < max] (PyTorch's hardtanh/ReLU6).")
+def _clip(b: GraphBuilder, node: NodeView) -> str:
+    x, inside = node.inputs[0], b.const(1.0)
+    if len(node.inputs) > 1 and node.inputs[1]:
+        inside = b.Mul(inside, b.Cast(b.Greater(x, node.inputs[1]), to=1))
+    if len(node.inputs) > 2 and node.inputs[2]:
+        inside = b.Mul(inside, b.Cast(b.Less(x, node.inputs[2]), to=1))
+    return inside
+
+
+@elementwise("Erf", "G ⊙ 2/√π · exp(−X²).")
+def _erf(b: GraphBuilder, node: NodeView) -> str:
+    x = node.inputs[0]
+    return b.Mul(b.Exp(b.Neg(b.Mul(x, x))), b.const(2.0 / math.sqrt(math.pi)))
+
+
+@elementwise("Exp", "G ⊙ Y.")
+def _exp(b: GraphBuilder, node: NodeView) -> str:
+    return node.outputs[0]
+
+
+@elementwise("Sqrt", "G ⊙ ½ / Y.")
+def _sqrt(b: GraphBuilder, node: NodeView) -> str:
+    return b.Div(b.const(0.5), node.outputs[0])
+
+
+@elementwise("Reciprocal", "G ⊙ (−Y²).")
+def _reciprocal(b: GraphBuilder, node: NodeView) -> str:
+    y = node.outputs[0]
+    return b.Neg(b.Mul(y, y))
+
+
+@elementwise("Pow", "G ⊙ p · X^(p−1) for a constant exponent p (RMSNorm's X²).")
+def _pow(b: GraphBuilder, node: NodeView) -> str:
+    x, exponent = node.inputs[0], node.inputs[1]
+    if node.graph.dtypes.get(exponent) != 1:  # Pow(float, int): the exponent as float
+        exponent = b.Cast(exponent, to=1)
+    return b.Mul(b.Pow(x, b.Sub(exponent, b.const(1.0))), exponent)
+
+
+@elementwise("Softplus", "G ⊙ sigmoid(X).")
+def _softplus(b: GraphBuilder, node: NodeView) -> str:
+    return b.Sigmoid(node.inputs[0])
+
+
+def _picked(b: GraphBuilder, node: NodeView) -> str:
+    """``1[X = Y]``: where the one data input is the result (ties with a constant count, as clamp's)."""
+    data = [i for i in range(len(node.inputs)) if node.is_data(i)]
+    if data != [0]:
+        raise node.refuse(f"{node.op_type} of several data tensors; only a clamp by constants is supported")
+    return b.Cast(b.Equal(node.inputs[0], node.outputs[0]), to=1)
+
+
+elementwise("Max", "G ⊙ 1[X = Y]: where X is not clamped by the constants (torch.clamp's convention).")(_picked)
+elementwise("Min", "G ⊙ 1[X = Y]: where X is not clamped by the constants (torch.clamp's convention).")(_picked)
+
+
+# -- Softmax and LogSoftmax ----------------------------------------------------------------------
+
+def _softmax_axis(node: NodeView) -> int:
+    axis = node.attr("axis", -1)
+    refuse_batch_axes(node, node.inputs[0], [axis], "normalises")
+    return axis
+
+
+@gradient("Softmax")
+def softmax_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """Y ⊙ (G − Σ_axis G ⊙ Y), along any axis but the batch's."""
+    axis, y, g = _softmax_axis(node), node.outputs[0], node.gradient[0]
+    inner = b.ReduceSum(b.Mul(g, y), b.ints([axis]), keepdims=1)
+    return data_only(node, {0: b.Mul(y, b.Sub(g, inner))})
+
+
+@gradient("LogSoftmax")
+def log_softmax_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G − exp(Y) ⊙ Σ_axis G, along any axis but the batch's."""
+    axis, y, g = _softmax_axis(node), node.outputs[0], node.gradient[0]
+    return data_only(node, {0: b.Sub(g, b.Mul(b.Exp(y), b.ReduceSum(g, b.ints([axis]), keepdims=1)))})
+
+
+@relevance("Softmax", "LogSoftmax", kind="none")
+def no_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """No relevance to the input: attention weights are constants of the forward pass (spec "Attention")."""
+    return [None] * len(node.inputs)

@@ -14,6 +14,7 @@ Relevance (spec "Linear layers"):
 
 from __future__ import annotations
 
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide
 
@@ -86,29 +87,38 @@ def conv_input_layer(b, node: NodeView) -> list[str | None]:
     return CONV.input_layer(b, node)
 
 
+def full_rule(b: GraphBuilder, x: str, gradient_in: str, masked_gradient: str, influence: str, agnostic: str,
+              shape: tuple) -> str:
+    """Eq. 10–14 on channel-first tensors ``[N, C, *spatial]`` (``shape = (C, *spatial)``):
+    ``Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0])`` from ``X``, ``g = VJP(G)``,
+    ``gm = VJP(G ⊙ m)``, the absolute influence ``C`` and the input-agnostic ``A``. Shared by the
+    conv and the token form of a linear layer (``gemm.py``)."""
+    rank = len(shape) + 1
+    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank)
+    partition = channel_mean(b, influence)
+    input_factor = b.Relu(factorise(b, x, partition, shape))
+    gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
+    sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
+    residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
+    return delta_shift(b, influence, residual, rank)
+
+
 @relevance("Conv", kind="agf")
-def conv_agf(b, node: NodeView) -> list[str | None]:
+def conv_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Full AGF rule: Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0]) (eq. 10–14)."""
     x, weight = node.inputs[0], node.inputs[1]
     relevance_out, gradient_out = node.relevance[0], node.gradient[0]
     shape = tuple(node.shape(0)[1:])
     mask = nonzero(b, relevance_out)
-    influence = CONV.absolute_influence(b, node)
-    gradient_in = node.input_gradients[0]
-    rank = len(shape) + 1
-    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank)
     masked_gradient = CONV.vjp(b, node, b.Mul(gradient_out, mask), weight)
-    partition = channel_mean(b, influence)
-    input_factor = b.Relu(factorise(b, x, partition, shape))
-    gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
     abs_weight = CONV.absolute_weight(b, node)
     # conv(1, |W|) is data-free: ONNX Runtime folds it once when it loads the model
     ones = b.ConstantOfShape(b.ints([1, *shape]), value=_ONE)
     agnostic = CONV.vjp(b, node, safe_divide(b, relevance_out, b.Mul(_forward(b, node, ones, abs_weight), mask)),
                         abs_weight)
-    sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
-    residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
-    return data_only(node, {0: delta_shift(b, influence, residual, rank)})
+    relevance_in = full_rule(b, x, node.input_gradients[0], masked_gradient, CONV.absolute_influence(b, node),
+                             agnostic, shape)
+    return data_only(node, {0: relevance_in})
 
 
 @relevance("Conv", kind="alpha1beta0")

@@ -1,5 +1,5 @@
-"""Binary element-wise ops: Add, Sum, Sub (residual merges, biases, preprocessing), Mul (gates
-and constant scales), Div by a constant.
+"""Binary element-wise ops: Add, Sum, Sub (residual merges, biases, preprocessing), Mul (gates,
+constant scales, products), Div (by a constant, or by a normaliser such as RMSNorm's), and Neg.
 
 Gradient: the partial derivatives times ``G``, summed over the axes an input was broadcast on.
 
@@ -8,10 +8,15 @@ Relevance:
   ``ΦXi = ±Xi ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0])``; with one data input and constants (a bias, a mean
   subtracted in preprocessing, BatchNorm written out) ``ΦX = Φ``, as a linear layer's bias
   takes no relevance in the authors' rules.
-- ``gate`` (Mul): a gate ``x ⊙ s(x)`` (SiLU, HardSwish written out, squeeze-excitation) gives
-  all relevance to the signal ``x``, the input the other one is computed from; a constant scale
-  passes relevance through.
-- ``pass`` (Div): division by a constant passes relevance through.
+- ``gate`` (Mul): a gate ``x ⊙ s(x)`` (SiLU, HardSwish written out, squeeze-excitation, GELU's
+  ``x · ½(1 + erf(x/√2))``) gives all relevance to the signal ``x``, the input the other one is
+  computed from; a constant scale passes relevance through; a product of two independent data
+  tensors splits it half and half (spec "Attention", ``product.py``).
+- ``pass`` (Div): division by a constant passes relevance through; so does division by a
+  normaliser computed from the numerator (LayerNorm/RMSNorm written out: the normaliser is a
+  constant of the forward pass); by an independent data tensor ``a / c = a · (1/c)``, half and
+  half as a product.
+- ``pass`` (Neg): ``ΦX = Φ``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from __future__ import annotations
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import nonzero, safe_divide
 
-from ._helpers import data_only, unbroadcast
+from ._helpers import data_only, pass_through, unbroadcast
 from ._registry import gradient, relevance
+from .product import elementwise_product_relevance
 
 
 def _data_inputs(node: NodeView) -> list[int]:
@@ -67,34 +73,48 @@ def mul_gradient(b, node: NodeView) -> list[str | None]:
                             for i in _data_inputs(node)})
 
 
-def signal_input(node: NodeView) -> int:
-    """Which input of a two-data-input Mul is the signal: the one the other is computed from."""
+def signal_input(node: NodeView) -> int | None:
+    """Which input of a two-data-input Mul is the signal: the one the other is computed from
+    (``None``: two independent data tensors, a product)."""
     a, c = node.inputs
     if node.graph.depends_on(c, a):
         return 0
     if node.graph.depends_on(a, c):
         return 1
-    raise node.refuse("multiplies two independent data tensors; only gates x·s(x) and constant scales "
-                      "have a relevance rule")
+    return None
 
 
 @relevance("Mul", kind="gate")
 def mul_relevance(b, node: NodeView) -> list[str | None]:
-    """A gate x·s(x) gives all relevance to the signal x; a constant scale passes it through."""
+    """A gate x·s(x) gives all relevance to x; a constant scale passes it; two independent data tensors: ½/½."""
     data = _data_inputs(node)
     keep = data[0] if len(data) == 1 else signal_input(node)
+    if keep is None:
+        return elementwise_product_relevance(b, node)
     return data_only(node, {keep: _to_input(b, node, keep, node.relevance[0])})
 
 
 @gradient("Div")
 def div_gradient(b, node: NodeView) -> list[str | None]:
-    """G / c for a constant divisor c."""
-    if node.is_data(1):
-        raise node.refuse("divides by a data tensor; only division by a constant is supported")
-    return data_only(node, {0: _to_input(b, node, 0, b.Div(node.gradient[0], node.inputs[1]))})
+    """G / c to the numerator, −G ⊙ Y / c to a data divisor, un-broadcast."""
+    quotient, divisor = node.outputs[0], node.inputs[1]
+    values = {0: b.Div(node.gradient[0], divisor),
+              1: b.Neg(b.Div(b.Mul(node.gradient[0], quotient), divisor))}
+    return data_only(node, {i: _to_input(b, node, i, values[i]) for i in _data_inputs(node)})
 
 
 @relevance("Div", kind="pass")
 def div_relevance(b, node: NodeView) -> list[str | None]:
-    """Division by a constant passes relevance through."""
+    """Φ to the numerator when the divisor is a constant or computed from it (a normaliser); else ½/½."""
+    if node.is_data(1) and not (node.is_data(0) and node.graph.depends_on(node.inputs[1], node.inputs[0])):
+        return elementwise_product_relevance(b, node)
     return data_only(node, {0: _to_input(b, node, 0, node.relevance[0])})
+
+
+@gradient("Neg")
+def neg_gradient(b, node: NodeView) -> list[str | None]:
+    """−G."""
+    return data_only(node, {0: b.Neg(node.gradient[0])})
+
+
+relevance("Neg", kind="pass")(pass_through)

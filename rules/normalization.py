@@ -1,18 +1,24 @@
-"""Normalisations: BatchNormalization at inference, ``Y = (X − μ)·γ/√(σ² + ε) + β``, and LRN,
-``Y = X / (bias + (α/n)·Σ_window X²)^β`` over a window of ``n`` channels.
+"""Normalisations: BatchNormalization at inference, ``Y = (X − μ)·γ/√(σ² + ε) + β``; LRN,
+``Y = X / (bias + (α/n)·Σ_window X²)^β`` over a window of ``n`` channels; LayerNormalization
+and InstanceNormalization (GroupNorm's opset-17 export), ``Y = X̂·γ + β`` with
+``X̂ = (X − mean(X))·r``, ``r = 1/√(var(X) + ε)`` over the normalised axes.
 
 Gradient: ``G ⊙ γ/√(σ² + ε)`` per channel (computed from the model's own tensors and folded
-when the model loads); LRN's full derivative, the window sums as ones-kernel convs.
-Relevance: ``ΦX = Φ`` for both (spec: "normalisations pass through").
+when the model loads); LRN's full derivative, the window sums as ones-kernel convs; Layer- and
+InstanceNormalization: with ``Ĝ = G ⊙ γ``, ``VJP(G) = r ⊙ (Ĝ − mean(Ĝ) − X̂ ⊙ mean(Ĝ ⊙ X̂))``,
+means over the normalised axes.
+Relevance: ``ΦX = Φ`` for all (spec: "normalisations pass through"; the normaliser is a constant
+of the forward pass, as in CP-LRP/AttnLRP).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import data_only, pass_through
+from ._helpers import data_only, pass_through, refuse_batch_axes
 from ._registry import gradient, relevance
 
 
@@ -58,3 +64,48 @@ def lrn_gradient(b, node: NodeView) -> list[str | None]:
 
 
 relevance("LRN", kind="pass")(pass_through)
+
+
+def _normalised_gradient(b: GraphBuilder, node: NodeView, axes: list[int], scale: str) -> str:
+    """``r ⊙ (Ĝ − mean(Ĝ) − X̂ ⊙ mean(Ĝ ⊙ X̂))``, ``Ĝ = G ⊙ γ``, means over ``axes`` (kept)."""
+    x, epsilon = node.inputs[0], node.attr("epsilon", 1e-5)
+
+    def mean(value: str) -> str:
+        return b.ReduceMean(value, axes=axes, keepdims=1)
+
+    centred = b.Sub(x, mean(x))
+    inverse_deviation = b.Reciprocal(b.Sqrt(b.Add(mean(b.Mul(centred, centred)), b.const(epsilon))))
+    normalised = b.Mul(centred, inverse_deviation)
+    scaled = b.Mul(node.gradient[0], scale)
+    return b.Mul(inverse_deviation, b.Sub(b.Sub(scaled, mean(scaled)), b.Mul(normalised, mean(b.Mul(scaled, normalised)))))
+
+
+def _constant_affine(node: NodeView) -> None:
+    if any(node.is_data(i) for i in range(1, len(node.inputs))):
+        raise node.refuse("scale and bias must be constants (they depend on the input here)")
+
+
+@gradient("LayerNormalization")
+def layer_norm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """r ⊙ (Ĝ − mean Ĝ − X̂ ⊙ mean(Ĝ ⊙ X̂)), Ĝ = G ⊙ γ, over the axes from ``axis`` on."""
+    _constant_affine(node)
+    rank = len(node.shape(0))
+    axes = list(range(node.attr("axis", -1) % rank, rank))
+    refuse_batch_axes(node, node.inputs[0], axes, "normalises")
+    return data_only(node, {0: _normalised_gradient(b, node, axes, node.inputs[1])})
+
+
+relevance("LayerNormalization", kind="pass")(pass_through)
+
+
+@gradient("InstanceNormalization")
+def instance_norm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """r ⊙ (Ĝ − mean Ĝ − X̂ ⊙ mean(Ĝ ⊙ X̂)), Ĝ = G ⊙ γ, over the spatial axes of each channel."""
+    _constant_affine(node)
+    rank = len(node.shape(0))
+    refuse_batch_axes(node, node.inputs[0], range(1, rank), "normalises [N, C, ...] per channel")
+    scale = b.Reshape(node.inputs[1], b.ints([1, -1] + [1] * (rank - 2)))
+    return data_only(node, {0: _normalised_gradient(b, node, list(range(2, rank)), scale)})
+
+
+relevance("InstanceNormalization", kind="pass")(pass_through)

@@ -1,5 +1,5 @@
-"""MaxPool, AveragePool, GlobalAveragePool, and ReduceMean over spatial axes (global pooling as
-newer exporters write it).
+"""MaxPool, AveragePool, GlobalAveragePool (ReduceMean, global pooling as newer exporters write it,
+is in ``reduce.py``).
 
 Gradient:
 - MaxPool routes ``G`` to the arg-max of each window (the first maximum, as PyTorch and ONNX
@@ -8,7 +8,7 @@ Gradient:
 - AveragePool spreads ``G / divisor`` over each window: a depthwise transposed conv with a
   ones kernel; the divisor map counts the pixels each window averages (``count_include_pad``
   and ``ceil_mode`` respected), computed from constants and folded when the model loads.
-- GlobalAveragePool broadcasts ``G / (H·W)``; ReduceMean likewise over its axes.
+- GlobalAveragePool broadcasts ``G / (H·W)``.
 
 Relevance: the z-rule ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))`` for all three.
 """
@@ -95,23 +95,7 @@ def _global_average_vjp(b, node: NodeView, g: str) -> str:
     return b.Expand(b.Div(g, b.const(float(math.prod(spatial)))), b.ints([1, 1, *spatial]))
 
 
-def _reduce_mean_vjp(b, node: NodeView, g: str) -> str:
-    in_shape = node.shape(0)
-    if len(node.inputs) > 1 and node.inputs[1]:
-        axes = [int(a) for a in node.value(1)]
-    else:
-        axes = list(node.attr("axes", range(len(in_shape))))
-    axes = sorted(a % len(in_shape) for a in axes)
-    if 0 in axes:
-        raise node.refuse("averages over the batch axis; samples must stay independent")
-    if not node.attr("keepdims", 1):
-        g = b.Unsqueeze(g, b.ints(axes))
-    count = math.prod(in_shape[a] for a in axes)
-    return b.Expand(b.Div(g, b.const(float(count))), b.ints([1, *in_shape[1:]]))
-
-
-_VJP = {"MaxPool": _maxpool_vjp, "AveragePool": _averagepool_vjp, "GlobalAveragePool": _global_average_vjp,
-        "ReduceMean": _reduce_mean_vjp}
+_VJP = {"MaxPool": _maxpool_vjp, "AveragePool": _averagepool_vjp, "GlobalAveragePool": _global_average_vjp}
 
 
 @gradient("MaxPool")
@@ -126,13 +110,13 @@ def averagepool_gradient(b, node: NodeView) -> list[str | None]:
     return data_only(node, {0: _averagepool_vjp(b, node, node.gradient[0])})
 
 
-@gradient("GlobalAveragePool", "ReduceMean")
+@gradient("GlobalAveragePool")
 def global_average_gradient(b, node: NodeView) -> list[str | None]:
     """G / (number of averaged pixels), broadcast back."""
     return data_only(node, {0: _VJP[node.op_type](b, node, node.gradient[0])})
 
 
-@relevance("MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", kind="z")
+@relevance("MaxPool", "AveragePool", "GlobalAveragePool", kind="z")
 def pool_relevance(b, node: NodeView) -> list[str | None]:
     """z-rule: ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))."""
     return proportional(b, node, lambda b, node, ratio: _VJP[node.op_type](b, node, ratio))

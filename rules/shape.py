@@ -1,115 +1,244 @@
 """Ops that move data without changing it: Flatten, Reshape, Squeeze, Unsqueeze, Transpose,
-Concat, Split, Slice, Pad, and Identity, Dropout, Cast.
+Concat, Split, Slice (any step), Pad, Gather and GatherElements with constant indices, Expand,
+Tile, Where; and Identity, Dropout, Cast.
 
-Gradient: the adjoint move (reshape back, inverse permutation, split ↔ concat, slice ↔ pad).
-Relevance: moved the same way, ``ΦX = VJP_op(Φ)`` (spec "Pass-through ops"); for Identity,
+Gradient: the adjoint move (reshape back, inverse permutation, split ↔ concat, slice ↔ pad,
+gather ↔ scatter-add, expand/tile ↔ sum over the copies, where ↔ the branch's share of ``G``).
+Relevance: moved the same way, ``ΦX = VJP_op(Φ)`` (spec "Pass-through ops", "Class token,
+position embeddings, gathers"): what a constant branch would get is dropped; for Identity,
 Dropout (inference) and Cast that is ``ΦX = Φ``.
+
+The batch may sit at any axis (after a Transpose) or be merged with its neighbours (``[N·T, C]``):
+reshapes back use ``-1`` at the one dynamic axis, and an op that moves or picks along the axis that
+carries the batch is refused, since it would mix samples.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import data_only, pass_through
+from ._helpers import batch, data_only, pass_through, refuse_batch_axes, static_shape, unbroadcast
 from ._registry import gradient, relevance
 
-
-def _static(node: NodeView, name: str) -> list:
-    shape = node.shape(name)
-    if any(d is None for d in shape[1:]):
-        raise node.refuse(f"tensor '{name}' has shape {list(shape)}; every axis but the batch must be static")
-    return list(shape)
+#: ``(b, node, one value per output)`` → one value per input: the adjoint of the op's move.
+Move = Callable[[GraphBuilder, NodeView, list], list]
 
 
-def _reshape_back(b, node: NodeView, values: list) -> list[str | None]:
-    in_shape, out_shape = _static(node, node.inputs[0]), node.shape(node.outputs[0])
-    if in_shape[0] is None and out_shape and out_shape[0] is not None:
-        raise node.refuse(f"reshapes the batch axis away ({in_shape} → {list(out_shape)})")
-    return data_only(node, {0: b.Reshape(values[0], b.ints([0 if d is None else d for d in in_shape]))})
+def moves(op_type: str, summary: str) -> Callable[[Move], Move]:
+    """Register ``back`` as the gradient of ``op_type`` (``VJP(G)``, described by ``summary``) and as
+    its ``adjoint`` relevance rule (``ΦX = VJP(Φ)``)."""
+
+    def register(back: Move) -> Move:
+        def gradient_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
+            return back(b, node, node.gradient)
+
+        def relevance_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
+            return back(b, node, node.relevance)
+
+        gradient_rule.__doc__ = summary
+        relevance_rule.__doc__ = f"Moves relevance as {op_type} moves data: ΦX = {summary.rstrip('.')} applied to Φ."
+        for rule, role in ((gradient_rule, "gradient"), (relevance_rule, "relevance")):
+            rule.__name__ = rule.__qualname__ = f"{op_type.lower()}_{role}"
+            rule.__module__ = back.__module__
+        gradient(op_type)(gradient_rule)
+        relevance(op_type, kind="adjoint")(relevance_rule)
+        return back
+
+    return register
 
 
-def _transpose_back(b, node: NodeView, values: list) -> list[str | None]:
+def _reshape_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    if batch(node, node.inputs[0]) is not None and batch(node, node.outputs[0]) is None:
+        raise node.refuse(f"reshapes the batch axis away ({list(node.shape(0))} → {list(node.shape(node.outputs[0]))})")
+    return data_only(node, {0: b.Reshape(values[0], b.ints(static_shape(node, node.inputs[0])))})
+
+
+for _op, _what in (("Flatten", "X's shape"), ("Reshape", "X's shape"), ("Squeeze", "X's shape (the axes back)"),
+                   ("Unsqueeze", "X's shape (the axes dropped)")):
+    moves(_op, f"G reshaped back to {_what}.")(_reshape_back)
+
+
+@moves("Transpose", "G permuted back (inverse permutation).")
+def _transpose_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
     perm = node.attr("perm", list(range(len(node.shape(0))))[::-1])
-    if perm[0] != 0:
-        raise node.refuse(f"moves the batch axis (perm {list(perm)})")
     return data_only(node, {0: b.Transpose(values[0], perm=[int(i) for i in np.argsort(perm)])})
 
 
-def _axis(node: NodeView, default: int = 0) -> int:
+def _axis(node: NodeView, doing: str, default: int = 0) -> int:
     rank = len(node.shape(node.inputs[0]))
     axis = node.attr("axis", default) % rank
-    if axis == 0:
-        raise node.refuse("works along the batch axis; samples must stay independent")
+    refuse_batch_axes(node, node.inputs[0], [axis], doing)
     return axis
 
 
-def _concat_back(b, node: NodeView, values: list) -> list[str | None]:
-    axis = _axis(node)
+@moves("Concat", "G split back into the concatenated parts.")
+def _concat_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    axis = _axis(node, "concatenates")
     sizes = [node.shape(i)[axis] for i in range(len(node.inputs))]
     parts = b.Split(values[0], b.ints(sizes), axis=axis, outputs=len(sizes)) if len(sizes) > 1 else (values[0],)
     return data_only(node, dict(enumerate(parts)))
 
 
-def _split_back(b, node: NodeView, values: list) -> list[str | None]:
-    axis = _axis(node)
+@moves("Split", "the parts' G concatenated back (0 for an unused part).")
+def _split_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    axis = _axis(node, "splits")
     parts = [value if value is not None else b.Mul(output, b.const(0.0))  # an unused part carries 0
              for value, output in zip(values, node.outputs)]
     return data_only(node, {0: b.Concat(*parts, axis=axis) if len(parts) > 1 else parts[0]})
 
 
-def _slice_back(b, node: NodeView, values: list) -> list[str | None]:
-    shape = _static(node, node.inputs[0])
+def _pad_axis(b: GraphBuilder, value: str, rank: int, axis: int, begin: int, end: int) -> str:
+    pads = [0] * 2 * rank
+    pads[axis], pads[axis + rank] = begin, end
+    return b.Pad(value, b.ints(pads))
+
+
+def _unstride(b: GraphBuilder, value: str, shape: list, axis: int, picked: range, size: int) -> str:
+    """The adjoint of picking ``picked`` along ``axis`` (``shape``: ``value``'s shape): the picked
+    entries put back at their places among ``size`` zeros, with Pad and Reshape only."""
+    rank, count = len(shape), len(picked)
+    step, first = picked.step, picked[0]
+    if step < 0:  # reversed: entry j belongs at picked[-1] + j·|step|
+        value = b.Slice(value, b.ints([-1]), b.ints([-(2 ** 62)]), b.ints([axis]), b.ints([-1]))
+        step, first = -step, picked[-1]
+    length = count
+    if step > 1:  # [.., count, ..] → [.., count, step, ..] (zeros after each entry) → [.., count·step, ..]
+        value = _pad_axis(b, b.Unsqueeze(value, b.ints([axis + 1])), rank + 1, axis + 1, 0, step - 1)
+        merged = [-1 if d is None else d for d in shape]
+        merged[axis] = length = count * step
+        value = b.Reshape(value, b.ints(merged))
+    end = size - first - length
+    if end < 0:  # the last entry's trailing zeros run past the end
+        value = b.Slice(value, b.ints([0]), b.ints([length + end]), b.ints([axis]))
+        end = 0
+    return _pad_axis(b, value, rank, axis, first, end)
+
+
+@moves("Slice", "G put back where the slice took it from (zeros elsewhere; Pad and Reshape, any step).")
+def _slice_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    shape = list(node.shape(0))
     rank = len(shape)
     starts, ends = node.value(1), node.value(2)
     axes = node.value(3) if len(node.inputs) > 3 and node.inputs[3] else np.arange(len(starts))
     steps = node.value(4) if len(node.inputs) > 4 and node.inputs[4] else np.ones(len(starts), np.int64)
-    pads = [0] * 2 * rank
+    current = list(node.shape(node.outputs[0]))
+    value, pads = values[0], [0] * 2 * rank
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) % rank
-        if step != 1:
-            raise node.refuse("slices with a step other than 1 are not supported")
-        if axis == 0:
-            raise node.refuse("slices the batch axis; samples must stay independent")
-        begin, stop = slice(int(start), int(end)).indices(shape[axis])[:2]
-        pads[axis], pads[axis + rank] = begin, shape[axis] - max(stop, begin)
-    return data_only(node, {0: b.Pad(values[0], b.ints(pads))})
+        if shape[axis] is None:  # the batch axis: only a slice that keeps all of it
+            if int(step) == 1 and int(start) == 0 and int(end) >= 2 ** 31 - 1:
+                continue
+            refuse_batch_axes(node, node.inputs[0], [axis], "slices")
+            raise node.refuse(f"slices axis {axis}, whose size is unknown")
+        picked = range(*slice(int(start), int(end), int(step)).indices(shape[axis]))
+        if not picked:
+            raise node.refuse(f"takes nothing along axis {axis}")
+        if step == 1 and len(picked) == shape[axis]:
+            continue
+        if step == 1:
+            pads[axis], pads[axis + rank] = picked[0], shape[axis] - picked[-1] - 1
+        else:
+            value = _unstride(b, value, current, axis, picked, shape[axis])
+            current[axis] = shape[axis]
+    return data_only(node, {0: b.Pad(value, b.ints(pads)) if any(pads) else value})
 
 
-def _pad_back(b, node: NodeView, values: list) -> list[str | None]:
+@moves("Pad", "G with the padding cut off (constant padding).")
+def _pad_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
     if node.attr("mode", "constant") != "constant":
         raise node.refuse(f"mode '{node.attr('mode')}' is not supported (constant padding only)")
     pads = [int(p) for p in node.value(1)]
     rank = len(pads) // 2
-    if any(p < 0 for p in pads) or pads[0] or pads[rank]:
-        raise node.refuse(f"pads {pads}: only non-negative padding of non-batch axes is supported")
-    shape = _static(node, node.inputs[0])
-    axes = list(range(1, rank))
-    starts = [pads[a] for a in axes]
-    ends = [pads[a] + shape[a] for a in axes]
-    return data_only(node, {0: b.Slice(values[0], b.ints(starts), b.ints(ends), b.ints(axes))})
+    if any(p < 0 for p in pads):
+        raise node.refuse(f"pads {pads}: only non-negative padding is supported")
+    padded = [a for a in range(rank) if pads[a] or pads[a + rank]]
+    refuse_batch_axes(node, node.inputs[0], padded, "pads")
+    if not padded:
+        return data_only(node, {0: values[0]})
+    shape = node.shape(0)
+    starts = [pads[a] for a in padded]
+    ends = [pads[a] + shape[a] for a in padded]
+    return data_only(node, {0: b.Slice(values[0], b.ints(starts), b.ints(ends), b.ints(padded))})
 
 
-_MOVES = {"Flatten": _reshape_back, "Reshape": _reshape_back, "Squeeze": _reshape_back,
-          "Unsqueeze": _reshape_back, "Transpose": _transpose_back, "Concat": _concat_back,
-          "Split": _split_back, "Slice": _slice_back, "Pad": _pad_back}
+def _constant_indices(node: NodeView) -> np.ndarray:
+    if not node.graph.is_constant(node.inputs[1]):
+        raise node.refuse("the indices are computed from the input; constant indices are needed")
+    return node.value(1).astype(np.int64)
 
 
-@gradient(*_MOVES)
-def move_gradient(b, node: NodeView) -> list[str | None]:
-    """The adjoint move: reshape back, inverse permutation, split ↔ concat, slice ↔ pad."""
-    return _MOVES[node.op_type](b, node, node.gradient)
+@moves("Gather", "G scattered back to the gathered places, added where an index repeats (a one-hot MatMul).")
+def _gather_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    shape = list(node.shape(0))
+    rank = len(shape)
+    axis = _axis(node, "gathers")
+    indices = _constant_indices(node)
+    size = shape[axis]
+    flat = indices.reshape(-1) % size
+    one_hot = np.zeros((flat.size, size), np.float32)
+    np.add.at(one_hot, (np.arange(flat.size), flat), 1.0)
+    value = values[0]
+    if indices.ndim == 0:
+        value = b.Unsqueeze(value, b.ints([axis]))
+    elif indices.ndim > 1:
+        merged = [-1 if d is None else d for d in shape]
+        merged[axis] = flat.size
+        value = b.Reshape(value, b.ints(merged))
+    # value: X's shape with the gathered entries along `axis`; contract them with the one-hot rows
+    if axis == rank - 1:
+        return data_only(node, {0: b.MatMul(value, b.const(one_hot))})
+    if axis == rank - 2:
+        return data_only(node, {0: b.MatMul(b.const(np.ascontiguousarray(one_hot.T)), value)})
+    last = [*[a for a in range(rank) if a != axis], axis]
+    spread = b.MatMul(b.Transpose(value, perm=last), b.const(one_hot))
+    return data_only(node, {0: b.Transpose(spread, perm=[int(i) for i in np.argsort(last)])})
 
 
-@relevance(*_MOVES, kind="adjoint")
-def move_relevance(b, node: NodeView) -> list[str | None]:
-    """Moves relevance the way the op moves data: ΦX = VJP_op(Φ)."""
-    return _MOVES[node.op_type](b, node, node.relevance)
+@moves("GatherElements", "G scatter-added back at the indices (ScatterElements, reduction add).")
+def _gather_elements_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    axis = _axis(node, "gathers")
+    zeros = b.Mul(node.inputs[0], b.const(0.0))
+    return data_only(node, {0: b.ScatterElements(zeros, node.inputs[1], values[0], axis=axis, reduction="add")})
+
+
+@moves("Expand", "G summed over the broadcast copies.")
+def _expand_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    return data_only(node, {0: unbroadcast(b, values[0], node.shape(node.outputs[0]), node.shape(0))})
+
+
+@moves("Tile", "G summed over the tiled copies.")
+def _tile_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    shape = list(node.shape(0))
+    repeats = [int(r) for r in node.value(1)]
+    tiled = [a for a, r in enumerate(repeats) if r != 1]
+    refuse_batch_axes(node, node.inputs[0], tiled, "tiles")
+    if not tiled:
+        return data_only(node, {0: values[0]})
+    split, copies = [], []
+    for size, repeat in zip(shape, repeats):
+        if repeat != 1:  # tile is copy-major: entry k·size + j is copy k of entry j
+            copies.append(len(split))
+            split.append(repeat)
+        split.append(-1 if size is None else size)
+    summed = b.ReduceSum(b.Reshape(values[0], b.ints(split)), b.ints(copies), keepdims=0)
+    return data_only(node, {0: summed})
+
+
+@moves("Where", "G where the condition picks the data branch, 0 elsewhere, summed over broadcast axes.")
+def _where_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    condition, zero, out_shape = node.inputs[0], b.const(0.0), node.shape(node.outputs[0])
+    branches = {1: lambda v: b.Where(condition, v, zero), 2: lambda v: b.Where(condition, zero, v)}
+    return data_only(node, {i: unbroadcast(b, pick(values[0]), out_shape, node.shape(i))
+                            for i, pick in branches.items() if node.is_data(i)})
 
 
 @gradient("Identity", "Dropout", "Cast")
-def identity_gradient(b, node: NodeView) -> list[str | None]:
+def identity_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G unchanged (Dropout at inference; Cast: G as float)."""
     if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
         if not node.graph.is_constant(node.inputs[2]) or bool(node.value(2)):

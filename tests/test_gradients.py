@@ -38,6 +38,11 @@ class Case:
     data_inputs: int = 1  # x fed this many times (Add(x, x), Sum(x, x, c))
     id: str = ""
     outputs: int = 1  # node outputs; the check differentiates the first
+    #: shapes (batch first) of several different data operands: x is then [N, Σ sizes], split and
+    #: reshaped into them in front of the node, and the reference gets them as its first arguments
+    operands: list = field(default_factory=list)
+    order: str = ""  # the node's inputs as data 'x' and constants 'c' (default: all data first)
+    positive: bool = False  # x drawn from |N(0, 1)| + 0.5 (Sqrt, Pow by a fraction, a divisor)
 
 
 def _pad(x, pads):  # ONNX begin/end pads (2-D) → F.pad order
@@ -113,26 +118,124 @@ CASES = [
     Case("Unsqueeze", (2, 4), lambda x, a: x[:, None], constants=[np.array([1], np.int64)]),
     Case("LRN", (2, 7, 3, 3), lambda x: F.local_response_norm(x, 5, 1e-2, 0.75, 2.0),
          attrs=dict(size=5, alpha=1e-2, beta=0.75, bias=2.0)),
+    # -- token models: normalisations, attention, gathers (issue 10) --
+    Case("LayerNormalization", (2, 5, 8), lambda x, w, c: F.layer_norm(x, (8,), w, c),
+         constants=[weights(8), weights(8)], id="last-axis-bias"),
+    Case("LayerNormalization", (2, 3, 4, 5), lambda x, w: F.layer_norm(x, (4, 5), w, eps=1e-3),
+         attrs=dict(axis=2, epsilon=1e-3), constants=[weights(4, 5)], outputs=3, id="two-axes-no-bias-three-outputs"),
+    Case("InstanceNormalization", (2, 3, 4, 5), lambda x, w, c: F.instance_norm(x, weight=w, bias=c, eps=1e-3),
+         attrs=dict(epsilon=1e-3), constants=[weights(3), weights(3)]),
+    Case("Erf", (2, 3, 4), torch.erf),
+    Case("Softmax", (2, 3, 5), lambda x: torch.softmax(x, -1), id="last-axis"),
+    Case("Softmax", (2, 3, 5, 2), lambda x: torch.softmax(x, 1), attrs=dict(axis=1), id="axis-1"),
+    Case("LogSoftmax", (2, 3, 5), lambda x: torch.log_softmax(x, 1), attrs=dict(axis=1)),
+    Case("MatMul", (), lambda a, c: a @ c, operands=[(2, 4, 3), (2, 3, 5)], id="two-data-3d"),
+    Case("MatMul", (), lambda a, c: a @ c, operands=[(2, 2, 4, 3), (2, 1, 3, 5)], id="two-data-broadcast"),
+    Case("MatMul", (), lambda a, c: a @ c, operands=[(2, 3, 2, 4, 3), (2, 3, 2, 3, 4)],
+         id="two-data-5d"),
+    Case("MatMul", (2, 3, 4), lambda x, c: c @ x, constants=[weights(5, 3)], order="cx", id="constant-left"),
+    Case("Gather", (2, 5, 4), lambda x, i: x[:, 0], constants=[np.array(0, np.int64)], attrs=dict(axis=1),
+         id="scalar-cls-token"),
+    Case("Gather", (2, 3, 5), lambda x, i: x[:, :, torch.tensor([[1, 4], [0, 2]])],
+         constants=[np.array([[1, -1], [0, 2]], np.int64)], attrs=dict(axis=2), id="tensor-negative-last-axis"),
+    Case("Gather", (2, 5, 3, 2), lambda x, i: x[:, [3, 3, 0]], constants=[np.array([3, -2, -5], np.int64)],
+         attrs=dict(axis=1), id="repeated-middle-axis"),
+    Case("Gather", (2, 5, 3, 4), lambda x, i: x[:, :, [2, 0]], constants=[np.array([2, -3], np.int64)],
+         attrs=dict(axis=2), id="second-last-axis"),
+    Case("GatherElements", (2, 3, 4), lambda x, i: torch.gather(x, 2, torch.from_numpy(i % 4)),
+         constants=[np.array(RNG.integers(-4, 4, (2, 3, 6)), np.int64)], attrs=dict(axis=2)),
+    Case("Expand", (2, 1, 4), lambda x, s: x.expand(-1, 3, 4), constants=[np.array([1, 3, 4], np.int64)]),
+    Case("Tile", (2, 3, 4), lambda x, r: x.repeat(1, 2, 3), constants=[np.array([1, 2, 3], np.int64)]),
+    Case("Where", (2, 3, 4), lambda x, c, k: torch.where(torch.from_numpy(c), x, k),
+         constants=[RNG.random((3, 4)) > 0.5, weights(1, 4)], order="cxc", id="constant-branch"),
+    Case("Where", (), lambda a, e, c: torch.where(torch.from_numpy(c), a, e), operands=[(2, 3, 4), (2, 1, 4)],
+         constants=[RNG.random((3, 4)) > 0.5], order="cxx", id="two-data-branches"),
+    Case("Pow", (2, 3, 4), lambda x, p: x ** 2, constants=[np.float32(2)], id="square"),
+    Case("Pow", (2, 3, 4), lambda x, p: x ** 1.5, constants=[np.float32(1.5)], positive=True, id="fraction"),
+    Case("Pow", (2, 3, 4), lambda x, p: x ** 3, constants=[np.array(3, np.int64)], id="integer-exponent"),
+    Case("Sqrt", (2, 3, 4), torch.sqrt, positive=True),
+    Case("Reciprocal", (2, 3, 4), torch.reciprocal, positive=True),
+    Case("Neg", (2, 3, 4), torch.neg),
+    Case("Exp", (2, 3, 4), torch.exp),
+    Case("Softplus", (2, 3, 4), F.softplus),
+    Case("Max", (2, 3, 4), lambda x, c: torch.maximum(x, c), constants=[np.float32(0.1)], id="clamp-min"),
+    Case("Min", (2, 3, 4), lambda x, c: torch.minimum(x, c), constants=[weights(4)], id="clamp-max"),
+    Case("ReduceMean", (2, 3, 5), lambda x: x.mean(-1, keepdim=True), attrs=dict(axes=[-1]), id="last-axis-keepdims"),
+    Case("ReduceSum", (2, 3, 4, 5), lambda x, a: x.sum((1, 3)), constants=[np.array([1, -1], np.int64)],
+         attrs=dict(keepdims=0), id="axes-input"),
+    Case("ReduceSum", (2, 3, 4), lambda x, a: x.sum(2, keepdim=True), constants=[np.array([2], np.int64)],
+         id="keepdims"),
+    Case("ReduceMean", (2, 3, 4, 5), lambda x: x.mean((1, 2)), attrs=dict(axes=[-3, 2], keepdims=0),
+         id="negative-axes"),
+    Case("Div", (), lambda a, c: a / c, operands=[(2, 3, 4), (2, 3, 1)], positive=True, id="data-divisor"),
+    Case("Mul", (), lambda a, c: a * c, operands=[(2, 3, 4), (2, 1, 4)], id="two-data-broadcast"),
+    Case("Slice", (2, 6, 7, 5), lambda x, *_: x[:, 0::2, 1::3], constants=[
+        np.array([0, 1], np.int64), np.array([100, 100], np.int64), np.array([1, 2], np.int64),
+        np.array([2, 3], np.int64)], id="steps-swin-merge"),
+    Case("Slice", (2, 7, 5), lambda x, *_: torch.flip(x, [1])[:, 1::2], constants=[
+        np.array([-2], np.int64), np.array([-100], np.int64), np.array([1], np.int64), np.array([-2], np.int64)],
+         id="negative-step"),
+    Case("Slice", (2, 6, 5), lambda x, *_: x[:, 1:5, ::2], constants=[
+        np.array([1, 0], np.int64), np.array([5, 5], np.int64), np.array([1, -1], np.int64),
+        np.array([1, 2], np.int64)], id="step-and-plain"),
+    Case("Einsum", (), lambda q, k: torch.einsum("bhid,bhjd->bhij", q, k), operands=[(2, 3, 4, 5), (2, 3, 6, 5)],
+         attrs=dict(equation="bhid,bhjd->bhij"), id="scores"),
+    Case("Einsum", (), lambda a, v: torch.einsum("...ij,...jk->...ik", a, v), operands=[(2, 3, 4, 5), (2, 1, 5, 6)],
+         attrs=dict(equation="...ij,...jk->...ik"), id="ellipsis-broadcast"),
+    Case("Einsum", (), lambda a, c: torch.einsum("bij,bjk->bi", a, c), operands=[(2, 3, 4), (2, 4, 5)],
+         attrs=dict(equation="bij,bjk->bi"), id="index-only-in-one-operand"),
+    Case("Einsum", (2, 3, 4), lambda x, w: torch.einsum("bij,jk->bik", x, w), constants=[weights(4, 6)],
+         attrs=dict(equation="bij, jk -> bik"), id="constant-operand"),
 ]
 
 
+def _sizes(case: Case) -> list[int]:
+    return [int(np.prod(shape[1:])) for shape in case.operands]
+
+
+def input_shape(case: Case) -> tuple:
+    return (case.operands[0][0], sum(_sizes(case))) if case.operands else case.shape
+
+
+def split_operands(case: Case, x: torch.Tensor) -> list:
+    """The reference's view of the data operands of ``x``."""
+    if not case.operands:
+        return [x]
+    parts = torch.split(x, _sizes(case), dim=1)
+    return [part.reshape(-1, *shape[1:]) for part, shape in zip(parts, case.operands)]
+
+
 def one_node_model(case: Case) -> onnx.ModelProto:
-    names = ["x"] * case.data_inputs + [f"c{i}" for i in range(len(case.constants))]
-    initializers = [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(case.constants)]
+    prelude, initializers = [], [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(case.constants)]
+    data = ["x"] * case.data_inputs
+    if case.operands:
+        parts = [f"part{i}" for i in range(len(case.operands))]
+        initializers.append(numpy_helper.from_array(np.array(_sizes(case), np.int64), "sizes"))
+        prelude.append(helper.make_node("Split", ["x", "sizes"], parts, name="split_operands", axis=1))
+        data = []
+        for i, (part, shape) in enumerate(zip(parts, case.operands)):
+            initializers.append(numpy_helper.from_array(np.array([-1, *shape[1:]], np.int64), f"shape{i}"))
+            prelude.append(helper.make_node("Reshape", [part, f"shape{i}"], [f"operand{i}"], name=f"operand{i}"))
+            data.append(f"operand{i}")
+    constants = [f"c{i}" for i in range(len(case.constants))]
+    order = case.order or "x" * len(data) + "c" * len(constants)
+    names = [data.pop(0) if kind == "x" else constants.pop(0) for kind in order]
     outputs = ["y"] + [f"y{i}" for i in range(1, case.outputs)]
     node = helper.make_node(case.op, names, outputs, name=f"{case.op}_under_test", **case.attrs)
-    graph = helper.make_graph([node], "case", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              ["N", *case.shape[1:]])],
+    graph = helper.make_graph([*prelude, node], "case",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape(case)[1:]])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" if c.id else c.op for c in CASES])
 def test_gradient_matches_autograd(case: Case):
-    x = RNG.standard_normal(case.shape).astype(np.float32)
-    constants = [torch.tensor(c).double() if c.dtype != np.int64 else c for c in case.constants]
+    x = RNG.standard_normal(input_shape(case)).astype(np.float32)
+    if case.positive:
+        x = np.abs(x) + 0.5
+    constants = [torch.tensor(c).double() if c.dtype.kind == "f" else c for c in case.constants]
     x_torch = torch.from_numpy(x).double().requires_grad_(True)
-    y = case.reference(x_torch, *constants)
+    y = case.reference(*split_operands(case, x_torch), *constants)
     upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
     (expected,) = torch.autograd.grad(y, x_torch, upstream)
 
@@ -146,3 +249,82 @@ def test_every_registered_op_has_a_gradient_check():
     checked = {case.op for case in CASES}
     missing = sorted(op for op, entry in REGISTRY.items() if entry.gradient is not None and op not in checked)
     assert not missing, f"registered ops without a gradient check: {missing}"
+
+
+# -- graphs whose batch is not at axis 0 (issue 10: timm's attention, MobileViT's merged batch) ------
+
+def _graph(nodes: list, shape: tuple, constants: dict) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "graph", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape[1:]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _timm_attention():
+    """qkv.reshape(B, T, 3, h, d).permute(2, 0, 3, 1, 4); q, k, v = qkv[0..2]; softmax(q kᵀ) v."""
+    t, h, d = 5, 2, 3
+    nodes = [helper.make_node("Reshape", ["x", "split_heads"], ["qkv"]),
+             helper.make_node("Transpose", ["qkv"], ["moved"], perm=[2, 0, 3, 1, 4]),  # [3, N, h, T, d]
+             *[helper.make_node("Gather", ["moved", f"i{i}"], [name], axis=0) for i, name in enumerate("qkv")],
+             helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "k_t"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),
+             helper.make_node("MatMul", ["attention", "v"], ["heads"]),
+             helper.make_node("Transpose", ["heads"], ["merged"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["merged", "join_heads"], ["y"])]
+    constants = {"split_heads": np.array([-1, t, 3, h, d], np.int64), "join_heads": np.array([-1, t, h * d], np.int64),
+                 **{f"i{i}": np.array(i, np.int64) for i in range(3)}}
+
+    def reference(x):
+        q, k, v = x.reshape(-1, t, 3, h, d).permute(2, 0, 3, 1, 4)
+        return (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2).reshape(-1, t, h * d)
+
+    return _graph(nodes, (2, t, 3 * h * d), constants), (2, t, 3 * h * d), reference
+
+
+def _merged_batch():
+    """[N, P·T, C] → [N·P, T, C] (MobileViT's patches as batch), token softmax and mean, back to [N, P, C]."""
+    p, t, c = 2, 3, 4
+    nodes = [helper.make_node("Reshape", ["x", "merge"], ["patches"]),
+             helper.make_node("Softmax", ["patches"], ["weights"], axis=-1),
+             helper.make_node("Mul", ["weights", "patches"], ["weighted"]),
+             helper.make_node("ReduceMean", ["weighted"], ["pooled"], axes=[1], keepdims=0),  # [N·P, C]
+             helper.make_node("Reshape", ["pooled", "split"], ["y"])]
+    constants = {"merge": np.array([-1, t, c], np.int64), "split": np.array([-1, p, c], np.int64)}
+
+    def reference(x):
+        patches = x.reshape(-1, t, c)
+        return (torch.softmax(patches, -1) * patches).mean(1).reshape(-1, p, c)
+
+    return _graph(nodes, (2, p * t, c), constants), (2, p * t, c), reference
+
+
+def _tokens_first():
+    """[N, T, C] → [T, N, C]; drop the first token and repeat the rest along axis 0; back."""
+    nodes = [helper.make_node("Transpose", ["x"], ["tokens_first"], perm=[1, 0, 2]),
+             helper.make_node("Slice", ["tokens_first", "one", "end", "zero"], ["rest"]),
+             helper.make_node("Concat", ["rest", "rest"], ["twice"], axis=0),
+             helper.make_node("Pad", ["twice", "pads"], ["padded"]),
+             helper.make_node("Transpose", ["padded"], ["y"], perm=[1, 0, 2])]
+    constants = {"one": np.array([1], np.int64), "end": np.array([100], np.int64), "zero": np.array([0], np.int64),
+                 "pads": np.array([1, 0, 0, 0, 0, 2], np.int64)}
+
+    def reference(x):
+        rest = x.transpose(0, 1)[1:]
+        return F.pad(torch.cat([rest, rest], 0), (0, 2, 0, 0, 1, 0)).transpose(0, 1)
+
+    return _graph(nodes, (2, 4, 3), constants), (2, 4, 3), reference
+
+
+@pytest.mark.parametrize("build", [_timm_attention, _merged_batch, _tokens_first],
+                         ids=["timm-attention", "merged-batch", "tokens-first"])
+def test_gradient_where_the_batch_is_not_axis_0(build):
+    model, shape, reference = build()
+    x = RNG.standard_normal(shape).astype(np.float32)
+    x_torch = torch.from_numpy(x).double().requires_grad_(True)
+    y = reference(x_torch)
+    upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
+    (expected,) = torch.autograd.grad(y, x_torch, upstream)
+    got = run(gradient_model(model, output="y", input="x"), {"x": x, "gradient_in": upstream.float().numpy()})
+    np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -45,6 +45,10 @@ def test_every_method_keeps_the_interface_and_is_documented():
     x = torch.randn(2, 3, 32, 32).numpy()
     for name, method in METHODS.items():
         assert method.summary and method.formula, f"{name} is not documented"
+        if method.attention_map is not None:  # a transformer method: refused by name on a CNN
+            with pytest.raises(agf_onnx.CompileError, match="--method chefer: no attention"):
+                agf_onnx.compile(proto, method=name)
+            continue
         compiled = agf_onnx.compile(proto, method=name)
         outputs = run(compiled, {"x": x, "target": np.array([1])})
         assert outputs["heatmap"].shape == (2, 1, 32, 32) and np.isfinite(outputs["heatmap"]).all()

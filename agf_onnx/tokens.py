@@ -1,0 +1,101 @@
+"""Token models: where the patch tokens of a ``[N, T, C]`` tensor sit on the image, and the
+attention matrices of a transformer.
+
+A vision transformer cuts the image into a grid of patches (its patch-embedding Conv, the layer
+that reads the image, has that grid as its output), keeps ``prefix`` extra tokens in front of
+them (a class token, a distillation token) and works on ``[N, prefix + h·w, C]``. Layer methods
+(Grad-CAM) and attention rollouts (Chefer et al.) map the patch tokens back onto that grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from .builder import GraphBuilder
+from .errors import CompileError
+from .graph import GraphView
+
+#: At most this many tokens before the patch tokens (class, distillation and register tokens).
+MAX_PREFIX_TOKENS = 8
+#: Ops that pass an attention matrix on unchanged at inference.
+_TRANSPARENT = ("Dropout", "Identity", "Cast")
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """``prefix`` leading tokens, then ``height × width`` patch tokens in row-major order."""
+
+    prefix: int
+    height: int
+    width: int
+
+    @property
+    def patches(self) -> int:
+        return self.height * self.width
+
+
+def patch_grid(graph: GraphView, first_layers: Sequence[onnx.NodeProto], image_size: tuple[int, int],
+               tokens: int) -> TokenGrid | None:
+    """The grid of ``tokens`` patch tokens: the patch embedding's own grid when the count fits it,
+    else the grid of the image's aspect ratio that holds them (a later stage of a hierarchical
+    model); None when no grid fits."""
+    for layer in first_layers:
+        shape = graph.shape(layer.output[0])
+        if len(shape) == 4 and 0 <= tokens - shape[2] * shape[3] <= MAX_PREFIX_TOKENS:
+            return TokenGrid(tokens - shape[2] * shape[3], shape[2], shape[3])
+    height, width = image_size
+    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
+        patches = tokens - prefix
+        columns = math.isqrt(patches * width // height) if height else 0
+        for candidate in (columns, columns + 1):
+            if candidate and patches % candidate == 0 and (patches // candidate) * width == candidate * height:
+                return TokenGrid(prefix, patches // candidate, candidate)
+    return None
+
+
+def as_grid(b: GraphBuilder, tokens: str, grid: TokenGrid, channels: int) -> str:
+    """``[N, T, C]`` → ``[N, C, h, w]``: the patch tokens laid out on their grid."""
+    patches = b.Slice(tokens, b.ints([grid.prefix]), b.ints([grid.prefix + grid.patches]), b.ints([1]))
+    return b.Reshape(b.Transpose(patches, perm=[0, 2, 1]), b.ints([0, channels, grid.height, grid.width]))
+
+
+def attention_matrices(graph: GraphView, path: Sequence[onnx.NodeProto]) -> list[str]:
+    """The outputs of the Softmax nodes whose result multiplies the values (``A`` in ``A·V``), in
+    forward order."""
+    found = []
+    for node in path:
+        if node.op_type != "Softmax":
+            continue
+        tensor, readers = node.output[0], graph.consumers.get(node.output[0], [])
+        while len(readers) == 1 and readers[0].op_type in _TRANSPARENT:
+            tensor, readers = readers[0].output[0], graph.consumers.get(readers[0].output[0], [])
+        if any(r.op_type == "MatMul" and r.input[0] == tensor for r in readers):
+            found.append(node.output[0])
+    return found
+
+
+def check_rollout(graph: GraphView, attentions: Sequence[str]) -> int:
+    """The token count every attention matrix shares; refuses models where a rollout over blocks
+    has no standard meaning."""
+    if not attentions:
+        raise CompileError("--method chefer: no attention (a Softmax whose output multiplies the values in a "
+                           "MatMul) on the path from the image to the logits")
+    counts = set()
+    for attention in attentions:
+        shape, batch = graph.shape(attention), graph.batch(attention)
+        if len(shape) != 4 or batch != (0, 1) or shape[2] != shape[3]:
+            producer = graph.producer[attention].name
+            raise CompileError(f"--method chefer: the attention of Softmax node '{producer}' has shape "
+                               f"{list(shape)} with the batch {'merged into axis %d' % batch[0] if batch else 'lost'}"
+                               "; the rollout needs [N, heads, T, T] per image (windowed attention such as Swin's "
+                               "has no standard rollout)")
+        counts.add(shape[2])
+    if len(counts) > 1:
+        raise CompileError(f"--method chefer: the token set changes between blocks (attention over "
+                           f"{', '.join(map(str, sorted(counts)))} tokens); the rollout R = R + Ā·R needs one "
+                           "token set (hierarchical models such as LeViT or Swin have no standard rollout)")
+    return counts.pop()

@@ -1,0 +1,77 @@
+"""ReduceSum and ReduceMean over any axes but the batch's (axes as attribute or input, negative
+axes, ``keepdims`` 0 or 1): global pooling as newer exporters write it, the means of a normalisation
+written out (RMSNorm, GroupNorm), token pooling.
+
+Gradient: ``G`` broadcast back over the reduced axes (``/ count`` for the mean).
+Relevance: the z-rule ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from agf_onnx.builder import GraphBuilder
+from agf_onnx.graph import NodeView
+
+from ._helpers import broadcast_shape, data_only, proportional, refuse_batch_axes
+from ._registry import gradient, relevance
+
+
+def reduced_axes(node: NodeView) -> list[int]:
+    """The axes the node reduces, non-negative and sorted; ``[]`` for a no-op."""
+    rank = len(node.shape(0))
+    if len(node.inputs) > 1 and node.inputs[1]:
+        if node.is_data(1) or not node.graph.is_constant(node.inputs[1]):
+            raise node.refuse("the axes are computed from the input; constant axes are needed")
+        axes = [int(a) for a in node.value(1).reshape(-1)]
+    else:
+        axes = list(node.attr("axes", []))
+    if not axes:
+        return [] if node.attr("noop_with_empty_axes", 0) else list(range(rank))
+    axes = sorted({a % rank for a in axes})
+    refuse_batch_axes(node, node.inputs[0], axes, "reduces")
+    return axes
+
+
+def _spread(b: GraphBuilder, node: NodeView, g: str, mean: bool) -> str:
+    """``G`` broadcast back over the reduced axes, divided by their size for a mean."""
+    axes, in_shape = reduced_axes(node), node.shape(0)
+    if not axes:
+        return g
+    if not node.attr("keepdims", 1):
+        g = b.Unsqueeze(g, b.ints(axes))
+    if mean:
+        g = b.Div(g, b.const(float(math.prod(in_shape[a] for a in axes))))
+    return b.Expand(g, b.ints(broadcast_shape(in_shape)))
+
+
+def _sum_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
+    return _spread(b, node, g, mean=False)
+
+
+def _mean_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
+    return _spread(b, node, g, mean=True)
+
+
+@gradient("ReduceSum")
+def reduce_sum_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G broadcast back over the summed axes."""
+    return data_only(node, {0: _sum_vjp(b, node, node.gradient[0])})
+
+
+@gradient("ReduceMean")
+def reduce_mean_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G / (number of averaged elements), broadcast back over the averaged axes."""
+    return data_only(node, {0: _mean_vjp(b, node, node.gradient[0])})
+
+
+@relevance("ReduceSum", kind="z")
+def reduce_sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """z-rule: ΦX = X ⊙ broadcast(sdiv(Φ, Y ⊙ 1[Φ≠0]))."""
+    return proportional(b, node, _sum_vjp)
+
+
+@relevance("ReduceMean", kind="z")
+def reduce_mean_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """z-rule: ΦX = X ⊙ broadcast(sdiv(Φ, Y ⊙ 1[Φ≠0])) / count."""
+    return proportional(b, node, _mean_vjp)
