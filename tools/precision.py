@@ -184,7 +184,12 @@ def measure(name: str, methods: list[str], samples: int) -> dict:
     rows = {}
     for method in methods:
         began = time.perf_counter()
-        compiled = agf_onnx.compile(source, method=method, options=METHOD_OPTIONS.get(method), check=False)
+        try:
+            compiled = agf_onnx.compile(source, method=method, options=METHOD_OPTIONS.get(method), check=False)
+        except agf_onnx.CompileError as error:  # e.g. an attention method on a CNN
+            rows[method] = {"not_applicable": str(error).splitlines()[0][:200]}
+            print(f"{name}/{method}: not applicable: {rows[method]['not_applicable']}", flush=True)
+            continue
         emulated, count = emulate_tf32(compiled)
         feeds = {input_name: images}
         exact = create_session(compiled, "cpu").run(["heatmap"], feeds)[0]
@@ -214,6 +219,8 @@ def markdown(results: dict) -> str:
     lines = [header, "|---|" + "---|" * (2 * len(names))]
     methods = list(next(iter(results.values()))["methods"])
     for method in methods:
+        if all("not_applicable" in results[n]["methods"].get(method, {}) for n in names):
+            continue  # e.g. an attention method and only CNNs
         cells = [_r(results[n]["methods"].get(method, {}).get("tf32_vs_fp32")) for n in names]
         cells += [" / ".join(_r(results[n]["methods"].get(method, {}).get(k)) for k in
                              ("fp32_vs_float64", "tf32_vs_float64"))
