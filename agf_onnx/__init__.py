@@ -5,6 +5,7 @@ from __future__ import annotations
 from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError, UnsupportedOpsError
 from .explain import Explainer, Explanation
+from .ssl import bank
 
 __version__ = "0.1.0"
-__all__ = ["compile", "Explainer", "Explanation", "CompileError", "UnsupportedOpsError", "TARGET_INPUT", "HEATMAP_OUTPUT", "__version__"]
+__all__ = ["compile", "bank", "Explainer", "Explanation", "CompileError", "UnsupportedOpsError", "TARGET_INPUT", "HEATMAP_OUTPUT", "__version__"]

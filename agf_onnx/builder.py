@@ -33,6 +33,7 @@ class GraphBuilder:
         self._taken: set[str] = set(reserved)
         self._scopes: list[str] = ["agf"]
         self._constants: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+        self._counts: dict[str, int] = {}  # base name → the next suffix to try
 
     # -- naming -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -45,12 +46,16 @@ class GraphBuilder:
             self._scopes.pop()
 
     def fresh(self, hint: str) -> str:
-        """A tensor or node name not used anywhere yet."""
+        """A tensor or node name not used anywhere yet: ``<scope>/<hint>``, then ``_1``, ``_2``… (a
+        counter per base name, so that thousands of same-named nodes in one scope cost no search)."""
         base = "/".join([*self._scopes, hint])
-        name, n = base, 0
+        name, n = base, self._counts.get(base, 0)
+        if n:
+            name = f"{base}_{n}"
         while name in self._taken:
             n += 1
             name = f"{base}_{n}"
+        self._counts[base] = n + 1
         self._taken.add(name)
         return name
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -41,7 +42,8 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
     parser.add_argument("--noise", type=float, metavar="F",
                         help="smoothgrad: noise std as a share of the image's value range (0.15)")
-    parser.add_argument("--seed", type=int, metavar="N", help="smoothgrad: seed of the in-graph noise (0)")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="smoothgrad: seed of the noise stored in the model (0; below 2**31 - 1)")
 
 
 def _given_method_options(args: argparse.Namespace) -> dict:
@@ -75,6 +77,26 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
                              "diverge from the model's (default: exact float32, use_tf32=0)")
 
 
+def _ssl_options(parser: argparse.ArgumentParser) -> None:
+    """A self-supervised model's bank (the paper's Algorithm 2; compile, evaluate)."""
+    parser.add_argument("--ssl-bank", metavar="BANK.npy",
+                        help="self-supervised model: explain t = argmax head(L_I − L_N), L_N the nearest row of this "
+                             "bank (`agf-onnx bank`) to the image's features L_I; adds the outputs 'ssl_target' and "
+                             "'ssl_neighbour' (int64 [N]); a non-negative 'target' still overrides t")
+    parser.add_argument("--features", metavar="TENSOR",
+                        help="with --ssl-bank: the tensor that feeds the head (default: the data input of the op "
+                             "that makes the logits)")
+    parser.add_argument("--ssl-mode", choices=["diff", "sum", "none"],
+                        help="with --ssl-bank: diff (default) head(L_I − L_N), sum head(L_I + L_N), none head(L_I)")
+
+
+def _given_ssl_options(args: argparse.Namespace) -> dict:
+    if args.ssl_bank is None and (args.features is not None or args.ssl_mode is not None):
+        raise CompileError("--features and --ssl-mode need --ssl-bank")
+    return {"ssl_bank": args.ssl_bank, "features": args.features, "ssl_mode": args.ssl_mode} \
+        if args.ssl_bank is not None else {}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agf-onnx",
@@ -105,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
     _method_options(compile_)
+    _ssl_options(compile_)
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
                                "MODEL has external data)")
@@ -144,12 +167,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="the paper's perturbation, segmentation and class-sensitivity benchmarks",
         description="Compile MODEL (an original classifier) with each method and score the explanations on "
-                    "DATA: negative and positive perturbation (AUC of top-1 accuracy as 10%%…90%% of the pixels "
+                    "DATA: negative and positive perturbation (AUC of top-1 accuracy as 10%…90% of the pixels "
                     "are removed by rank, explaining the predicted and the labelled class), segmentation against "
                     "masks (pixel accuracy, mAP) and class sensitivity on images with two labelled objects. DATA: "
                     "a CSV (file,label[,labels][,mask]), a folder with labels.csv, or a folder of class "
                     "subfolders (masks as <image>.mask.png beside the images). Writes results.json, results.md "
-                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data.")
+                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data or a bad "
+                    "option (the message names the file and line), 2 when MODEL cannot be compiled for a method "
+                    "(unsupported ops).")
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("data", metavar="DATA")
     evaluate.add_argument("-o", "--output", metavar="OUTDIR", required=True)
@@ -158,11 +183,31 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B")
+    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B",
+                          help="images per step (default 16); a session run takes fewer where the compiled "
+                               "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
+                               "SmoothGrad's copies included) would pass 2 GiB")
     _method_options(evaluate)
     _model_options(evaluate)
     _flat_options(evaluate)
+    _ssl_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    bank = commands.add_parser(
+        "bank", help="the feature vectors of reference images, for a self-supervised model (--ssl-bank)",
+        description="Run MODEL (the original network) on reference images and write the features tensor of each, "
+                    "flattened, to BANK.npy (float32 [images, features]): the bank `agf-onnx compile --ssl-bank` "
+                    "searches for the nearest neighbour of an image's features (the paper's Algorithm 2).")
+    bank.add_argument("model", metavar="MODEL")
+    bank.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+")
+    bank.add_argument("-o", "--output", metavar="BANK.npy", required=True)
+    bank.add_argument("--features", metavar="TENSOR",
+                      help="the tensor that feeds the head (default: the data input of the op that makes the logits)")
+    _image_options(bank)
+    bank.add_argument("--batch-size", type=int, default=16, metavar="B")
+    bank.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
+                      help="fix the shape of an input with dynamic height/width")
+    bank.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
@@ -175,38 +220,108 @@ def _uses_external_data(path: str) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def _external_files(path: str) -> list[str]:
+    """The external-data files a model file refers to (for its size on disk)."""
+    model = onnx.load(path, load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    return [os.path.join(os.path.dirname(os.path.abspath(path)), location) for location in sorted(locations)]
+
+
+def _size_on_disk(path: str) -> int:
+    """A model file's size plus its external data's."""
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in _external_files(path) if os.path.isfile(f))
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """Refuse a path that cannot hold a model before anything is compiled: a folder, an empty file."""
+    if os.path.isdir(path):
+        raise CompileError(f"{path}: is a folder, not an ONNX model file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CompileError(f"{path}: empty file, not an ONNX model")
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done (nothing is created).
+
+    The nearest existing ancestor must be a folder we may write to (``folder``: ``path`` itself
+    may be an existing folder); a file in the way or a missing permission names the path.
+    """
+    path = os.path.abspath(path)
+    if folder and os.path.isdir(path):
+        existing = path
+    else:
+        if os.path.isdir(path):
+            raise CompileError(f"-o {path}: is a folder; give the file to write")
+        existing = os.path.dirname(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CompileError(f"-o {path}: cannot write there: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompileError(f"-o {path}: cannot write there: no write permission in {existing}")
+
+
 def save(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
-    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure."""
+    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure.
+
+    The weights file gets the model file's permissions (those of a new file under the umask).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     external_data = external_data or model.ByteSize() > _PROTOBUF_LIMIT
     data_name = os.path.basename(path) + ".data"
-    staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
+    staging = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
         staged = os.path.join(staging, os.path.basename(path))
         if external_data:
             onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data_name, size_threshold=1024)
-            os.replace(os.path.join(staging, data_name), os.path.join(directory, data_name))
+            staged_data = os.path.join(staging, data_name)
+            if os.path.exists(staged_data):  # not written when every tensor is below the threshold
+                os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))  # onnx creates it 0600
+                os.replace(staged_data, os.path.join(directory, data_name))
         else:
             onnx.save(model, staged)
         os.replace(staged, path)
+    except OSError as error:
+        staged_file = staging is not None and str(error.filename or "").startswith(staging)
+        where = error.filename if error.filename and not staged_file else path
+        raise CompileError(f"-o {path}: cannot write {where}: {error.strerror or error}") from error
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _named(error: CompileError, path: str) -> CompileError:
+    """The error with the model file named in front, unless its message names it already."""
+    if str(path) not in str(error):
+        error.args = (f"{path}: {error}", *error.args[1:])
+    return error
 
 
 def _compile(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    if args.top_k is not None and args.top_k < 1:
+        raise CompileError(f"--top-k {args.top_k}: must be at least 1")
+    check_model_file(args.model)
+    check_writable(args.output)
     began = time.perf_counter()
-    model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
-                    flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                    options=_given_method_options(args), top_k=args.top_k, check=not args.no_check)
+    try:
+        model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
+                        flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
+                        options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
+                        **_given_ssl_options(args))
+    except CompileError as error:
+        _named(error, args.model)
+        raise
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
-        before, after = os.path.getsize(args.model), os.path.getsize(args.output)
+        before, after = _size_on_disk(args.model), _size_on_disk(args.output)
         added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
         print(f"{args.model} → {args.output}: {args.method}, {added} explanation nodes, "
-              f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input), "
+              f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input, external data counted), "
               f"{time.perf_counter() - began:.1f} s")
     return 0
 
@@ -214,9 +329,10 @@ def _compile(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     try:
+        check_model_file(args.model)
         report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image)
     except CompileError as error:  # unreadable file: the model does not compile either
-        print(f"agf-onnx: error: {error}", file=sys.stderr)
+        print(f"agf-onnx: error: {_named(error, args.model)}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.compiles else 2
@@ -237,11 +353,23 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 def _explain(args: argparse.Namespace) -> int:
     import pathlib
 
-    from .explain import Explainer, ExplainError, collect_images, read_labels
+    from .explain import Explainer, ExplainError, collect_images, label_index, read_labels
     from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
 
     labels = read_labels(args.labels) if args.labels else None
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    # everything that can be refused without the model is, before a model is compiled on the fly
+    if args.target is not None:
+        label_index(args.target, labels)
+    if args.top_k is not None and args.top_k < 1:
+        raise ExplainError(f"--top-k {args.top_k}: must be at least 1")
+    if args.batch_size < 1:
+        raise ExplainError(f"--batch-size {args.batch_size}: must be at least 1")
+    images, folder = collect_images(args.images)
+    if not images:
+        raise ExplainError(f"no images found in {', '.join(args.images)}")
+    check_writable(args.output, folder=True)
+    check_model_file(args.model)
     explainer = Explainer(args.model, args.provider, preset=args.preset, mean=_floats(args.mean, "--mean"),
                           std=_floats(args.std, "--std"), size=args.size, crop=args.crop, bgr=args.bgr,
                           labels=labels,
@@ -251,11 +379,6 @@ def _explain(args: argparse.Namespace) -> int:
               f"`agf-onnx compile`)")
     print(f"provider: {explainer.provider}")
     target = explainer.class_index(args.target) if args.target is not None else None
-    if args.top_k is not None and args.top_k < 1:
-        raise ExplainError(f"--top-k {args.top_k}: must be at least 1")
-    images, folder = collect_images(args.images)
-    if not images:
-        raise ExplainError(f"no images found in {', '.join(args.images)}")
     out = pathlib.Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results, stems, began = [], set(), time.perf_counter()
@@ -277,6 +400,9 @@ def _explain(args: argparse.Namespace) -> int:
             explanation = explainer.explain_photos(np.stack(photos), target, args.top_k)
             for i, result in enumerate(good):
                 write_image_outputs(explanation, i, out, unique_stem(pathlib.Path(result.image), stems), result)
+                if explanation.ssl_targets is not None:  # a self-supervised model (--ssl-bank): its t and L_N
+                    result.ssl_target = int(explanation.ssl_targets[i])
+                    result.ssl_neighbour = int(explanation.ssl_neighbours[i])
         if progress is not None:
             progress.update(len(batch))
     if progress is not None:
@@ -284,7 +410,8 @@ def _explain(args: argparse.Namespace) -> int:
     settings = {"model": str(args.model), "provider": explainer.provider, "allow_tf32": args.allow_tf32,
                 "target": args.target,
                 "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean, "std": explainer.std,
-                "size": args.size, "crop": explainer.crop, "bgr": args.bgr}
+                "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
+                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {})}
     write_results(out, results, settings)
     failed = sum(1 for r in results if r.error)
     if folder or len(images) > 1:
@@ -308,10 +435,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise EvaluateError(f"--batch-size {args.batch_size}: must be at least 1")
     labels = read_labels(args.labels) if args.labels else None
     samples = load_dataset(args.data, labels)[:args.limit]
+    check_writable(args.output, folder=True)
+    check_model_file(args.model)
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    ssl_options = _given_ssl_options(args)
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
                                                                   "image": args.image, "flat_policy": args.flat_policy,
-                                                                  "options": _given_method_options(args)},
+                                                                  "options": _given_method_options(args),
+                                                                  **ssl_options},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
                             crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32)
@@ -329,11 +460,30 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "provider": evaluation.provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
                 "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
-                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args)}
+                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
+                **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
+                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {})}
     out = pathlib.Path(args.output)
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])
     print(f"{len(samples)} images in {results['seconds']:.0f} s → {out}/results.json, results.md, perturbation.png")
+    return 0
+
+
+def _bank(args: argparse.Namespace) -> int:
+    from .explain import ExplainError, collect_images
+    from .ssl import bank
+
+    images, _ = collect_images(args.images)
+    if not images:
+        raise ExplainError(f"no images found in {', '.join(args.images)}")
+    began = time.perf_counter()
+    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    rows = bank(args.model, images, features=args.features, output=args.output, batch_size=args.batch_size,
+                provider=args.provider, input_shapes=shapes, progress=not args.quiet, preset=args.preset,
+                mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size, crop=args.crop,
+                bgr=args.bgr)
+    print(f"{len(rows)} images → {args.output}: float32 {list(rows.shape)}, {time.perf_counter() - began:.1f} s")
     return 0
 
 
@@ -343,22 +493,45 @@ def _progress(total: int):
     return tqdm(total=total, unit="image", file=sys.stderr)
 
 
+#: Exit status after the reader of our output went away (``agf-onnx rules | head``), as a process
+#: ended by SIGPIPE reports it.
+BROKEN_PIPE_EXIT = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "compile":
-            return _compile(args)
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "explain":
-            return _explain(args)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        print(coverage_table(args.method))
-        return 0
+        code = _run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader has gone: say nothing, and keep Python from complaining when it flushes at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
     except CompileError as error:
         print(f"agf-onnx: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # a file we write or read went away or is not ours to write
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"agf-onnx: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compile":
+        return _compile(args)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "bank":
+        return _bank(args)
+    print(coverage_table(args.method))
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -22,250 +22,14 @@ from .builder import GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
 from .maths import max_per_sample, resize, safe_divide, sum_per_sample
-from .methods import Method, flat_layers, get_method, is_token_linear
+from .methods import Kind, Method, get_method
+from .planning import Plan, head_chain, path_between, plan
 from .rules import REGISTRY
-from .tokens import TokenGrid, as_grid, patch_grid
+from .tokens import as_grid
 
 TARGET_INPUT = "target"
 HEATMAP_OUTPUT = "heatmap"
 HEATMAPS_OUTPUT, CLASSES_OUTPUT = "heatmaps", "classes"  # with top_k
-#: Ops after the logits that the explanation starts below (spec "Start").
-HEAD_OPS = ("Softmax", "LogSoftmax")
-_INTEGER_IMAGES = (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16)
-_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
-#: Linear ops that may start the relevance stream (spec "the top linear layer").
-LINEAR_OPS = ("Gemm", "MatMul", "Conv")
-#: Preprocessing: ops that relabel the image's layout or scale and shift it by constants. The
-#: linear layer behind them still reads the image (z^B rule), and a Transpose behind them still
-#: tells a channels-last image.
-_PREPROCESSING_OPS = ("Transpose", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Add", "Sub",
-                      "Mul", "Div", "BatchNormalization")
-
-
-@dataclass
-class Plan:
-    """What the compiler found in the model before emitting anything."""
-
-    graph: GraphView
-    image: str
-    logits: str
-    start: str  # the data input X of the top linear layer, where relevance starts
-    path: list[onnx.NodeProto]  # nodes from the image to the logits, in topological order
-    data: set[str]  # tensors that depend on the image
-    kinds: dict[str, str]  # node name → relevance rule kind (nodes below the start)
-    first_layers: set[str]
-    channels_last: bool
-    unsupported: dict[str, list[str]]  # op type → node names (empty unless planned with strict=False)
-    layer: str | None = None  # the explained layer's output tensor, for layer methods (Grad-CAM)
-    layer_grid: TokenGrid | None = None  # where the layer's patch tokens lie, when it is a token tensor
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """The image's height and width, whatever its layout."""
-        shape = self.graph.shape(self.image)
-        return (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
-
-
-def _find_image(graph: GraphView, image: str | None) -> str:
-    candidates = [name for name in graph.inputs if len(graph.shapes.get(name, ())) == 4]
-    if image is not None:
-        if image not in graph.inputs:
-            raise CompileError(f"--image: the model has no input '{image}' (inputs: {', '.join(graph.inputs)})")
-        return image
-    if len(candidates) != 1:
-        raise CompileError("cannot tell which input is the image: " +
-                           (f"several 4-D inputs ({', '.join(candidates)}); pass --image NAME" if candidates
-                            else f"no 4-D input among {', '.join(graph.inputs) or 'none'}; pass --image NAME"))
-    return candidates[0]
-
-
-def _find_logits(graph: GraphView, logits: str | None) -> str:
-    if logits is not None:
-        if logits not in graph.producer and logits not in graph.inputs:
-            raise CompileError(f"--logits: the model has no tensor '{logits}'")
-    else:
-        candidates = [name for name in graph.outputs if _is_score_shape(graph.shapes.get(name, ()))
-                      and graph.dtypes.get(name) == TensorProto.FLOAT]
-        if len(candidates) != 1:
-            raise CompileError("cannot tell which output holds the class scores: "
-                               + (f"several [N, classes] float outputs ({', '.join(candidates)})" if candidates
-                                  else f"no [N, classes] float output among {', '.join(graph.outputs)}")
-                               + "; pass --logits NAME")
-        logits = candidates[0]
-    # spec: the logits precede a trailing Softmax, also one wrapped in reshapes (opset conversion
-    # writes an opset-9 Softmax over [N, K, 1, 1] as Reshape → Softmax → Reshape)
-    for tensor, reader in _head_chain(graph, logits):
-        if reader in HEAD_OPS:
-            logits = tensor
-    return logits
-
-
-def _head_chain(graph: GraphView, tensor: str) -> list[tuple[str, str | None]]:
-    """``tensor`` and the tensors below it through Softmax/LogSoftmax and reshapes, each with the op
-    type that reads it on the way up (``None`` for ``tensor`` itself)."""
-    chain, reader = [(tensor, None)], graph.producer.get(tensor)
-    while reader is not None and reader.op_type in (*HEAD_OPS, *_RESHAPES):
-        chain.append((reader.input[0], reader.op_type))
-        reader = graph.producer.get(reader.input[0])
-    return chain
-
-
-def _is_score_shape(shape: tuple) -> bool:
-    """``[N, K]``, or ``[N, K, 1, 1]`` as convolutional heads (SqueezeNet, DenseNet) leave it."""
-    return len(shape) >= 2 and all(d == 1 for d in shape[2:])
-
-
-def _top_linear(graph: GraphView, logits: str, data: set[str]) -> onnx.NodeProto:
-    """The last linear op before the logits (its data input X is where AGF's relevance starts)."""
-    tensor = logits
-    while tensor in graph.producer:
-        node = graph.producer[tensor]
-        inputs = [i for i in node.input if i in data]
-        if node.op_type in LINEAR_OPS and inputs and node.input[0] in data and graph.is_constant(node.input[1]):
-            return node
-        if not inputs:
-            break
-        tensor = inputs[0]
-    raise CompileError(f"no Gemm, MatMul or Conv between the image and the logits '{logits}'")
-
-
-def _path(graph: GraphView, source: str, target: str) -> tuple[list[onnx.NodeProto], set[str]]:
-    """The nodes that compute ``target`` differentiably from ``source``, in topological order,
-    and the tensors that depend on ``source``."""
-    flow, data = graph.data_flow(source)
-    above = graph.ancestors([target])
-    return [node for node in flow if node.name in above], data
-
-
-def _preprocessing_input(graph: GraphView, node: onnx.NodeProto) -> str | None:
-    """The one non-constant input of a preprocessing op, else None."""
-    if node.op_type not in _PREPROCESSING_OPS:
-        return None
-    inputs = [i for i in node.input if i and not graph.is_constant(i)]
-    return inputs[0] if len(inputs) == 1 else None
-
-
-def _reads_image(graph: GraphView, tensor: str, image: str) -> bool:
-    while tensor != image:
-        producer = graph.producer.get(tensor)
-        tensor = _preprocessing_input(graph, producer) if producer is not None else None
-        if tensor is None:
-            return False
-    return True
-
-
-def _channels_last(graph: GraphView, image: str) -> bool:
-    """Whether the image reaches the network through a Transpose NHWC → NCHW."""
-    tensor = image
-    while len(graph.consumers.get(tensor, [])) == 1:
-        reader = graph.consumers[tensor][0]
-        if reader.op_type == "Transpose":
-            perm = [helper.get_attribute_value(a) for a in reader.attribute if a.name == "perm"]
-            return perm == [[0, 3, 1, 2]]
-        if _preprocessing_input(graph, reader) != tensor:
-            return False
-        tensor = reader.output[0]
-    return False
-
-
-def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
-         method: Method, flat_policy: str = "authors", flat: Iterable[str] = (),
-         full: Iterable[str] = (), strict: bool = True, layer: str | None = None) -> Plan:
-    """Locate image, logits and the explained path; choose a rule for every node on it.
-
-    ``strict=False`` records unsupported ops in the plan instead of raising (``inspect``)."""
-    graph = GraphView(model)
-    image = _find_image(graph, image)
-    logits = _find_logits(graph, logits)
-    path, data = _path(graph, image, logits)
-    if not path:
-        raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    top = _top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
-    start = logits if method.logit_relevance is not None else top.input[0]
-    relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
-    first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
-    layers = [n for n in path if n.name in relevant and (n.op_type == "Conv" or is_token_linear(graph, n))]
-    flats = flat_layers(graph, layers, data, flat_policy, flat, full)
-    kinds: dict[str, str] = {}
-    unsupported: dict[str, list[str]] = defaultdict(list)
-    for node in path:
-        entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        kind = None
-        if entry is not None and node.name in relevant:
-            kind = method.kind_for(node.op_type, entry.relevance, first_layer=node.name in first_layers,
-                                   flat=node.name in flats, top_layer=top is not None and node.name == top.name)
-            if method.top_layer and top is not None and node.name == top.name and kind != method.top_layer:
-                raise CompileError(f"--method {method.name} starts at a Gemm or MatMul that computes the logits; "
-                                   f"the last linear layer here is {node.op_type} '{node.name}'")
-        if entry is None or entry.gradient is None or (node.name in relevant and kind is None):
-            unsupported[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
-        elif kind is not None:
-            kinds[node.name] = kind
-    if unsupported and strict:
-        raise UnsupportedOpsError(unsupported)
-    if strict:
-        _check_static(graph, image, [image, logits, *(o for n in path for o in n.output if o)])
-    dtype = graph.dtypes.get(image)
-    if dtype != TensorProto.FLOAT and not (dtype in _INTEGER_IMAGES and any(n.op_type == "Cast" for n in path)):
-        raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
-                           "or integer images the model casts to float32, are supported")
-    if layer is not None and method.layer_map is None:
-        raise CompileError(f"--layer: the method '{method.name}' explains at the image, not at a layer")
-    found = Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
-                 dict(unsupported))
-    if method.layer_map is not None:
-        found.layer, found.layer_grid = _find_layer(found, layer)
-    return found
-
-
-def _check_static(graph: GraphView, image: str, tensors: Iterable[str]) -> None:
-    """Every dim of every explained tensor is known, except the one that carries the batch."""
-    image_dims = graph.shape(image)
-    if any(d is None for d in image_dims[1:]):
-        raise CompileError(f"the image input '{image}' has shape {list(image_dims)}: every axis but the batch must "
-                           f"be static; pass --input-shape {image}=d0,d1,...")
-    for name in tensors:
-        shape, batch = graph.shape(name), graph.batch(name)
-        if not shape or any(d is None and (batch is None or axis != batch[0]) for axis, d in enumerate(shape)):
-            producer = graph.producer.get(name)
-            where = f" (output of {producer.op_type} node '{producer.name}')" if producer is not None else ""
-            raise CompileError(f"tensor '{name}'{where} has shape {list(shape)}: shape inference could not tell "
-                               "its size, and every axis but the batch must be static")
-
-
-def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
-    """The output of ``layer`` (a node name) and, for a token tensor ``[N, T, C]``, the grid of its
-    patch tokens. Default: the last Conv with a spatial output or the last transformer block's
-    output (a residual Add of token tensors whose tokens lie on a grid), whichever comes later."""
-    graph, path = plan.graph, plan.path
-    first = [n for n in path if n.name in plan.first_layers]
-
-    def grid_of(node: onnx.NodeProto) -> TokenGrid | None:
-        shape = graph.shape(node.output[0])
-        if len(shape) != 3 or graph.batch(node.output[0]) != (0, 1):
-            return None
-        return patch_grid(graph, first, plan.image_size, shape[1])
-
-    def spatial(node: onnx.NodeProto) -> bool:
-        shape = graph.shape(node.output[0])
-        return len(shape) == 4 and any(d > 1 for d in shape[2:])
-
-    candidates = [n for n in path if (n.op_type == "Conv" and spatial(n)) or
-                  (n.op_type == "Add" and sum(i in plan.data for i in n.input) == 2 and grid_of(n) is not None)]
-    if layer is None:
-        if not candidates:
-            raise CompileError("no Conv with a spatial output nor a transformer block's output on the path from the "
-                               "image to the logits; pass --layer NODE")
-        chosen = candidates[-1]
-    else:
-        chosen = next((n for n in path if n.name == layer), None)
-        if chosen is None or not (len(graph.shape(chosen.output[0])) == 4 or grid_of(chosen) is not None):
-            raise CompileError(f"--layer: no node '{layer}' with a 4-D output or a [N, tokens, channels] output whose "
-                               f"tokens lie on the patch grid on the explained path (for example: "
-                               f"{', '.join(n.name for n in candidates[-5:]) or 'none'})")
-    return chosen.output[0], (grid_of(chosen) if chosen.op_type != "Conv" else None)
-
-
 class _Streams:
     """Per-tensor contributions of the gradient and relevance streams, combined on first read."""
 
@@ -335,7 +99,7 @@ def _float_image(b: GraphBuilder, plan: Plan) -> str:
     return plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
 
 
-def _as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
+def as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
     """Logits as ``[N, K]`` (convolutional heads leave ``[N, K, 1, 1]``)."""
     return logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))
 
@@ -351,85 +115,162 @@ def _target(b: GraphBuilder, scores: str) -> str:
     return b.Unsqueeze(target, b.ints([1]))
 
 
-def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> tuple[GraphView, list, dict[str, str]]:
+class ClonedPath(NamedTuple):
+    """A copy of the explained path: the graph with it, its nodes, old → new tensor names, and
+    its data tensors (those that depend on the new source)."""
+
+    graph: GraphView
+    nodes: list[onnx.NodeProto]
+    renamed: dict[str, str]
+    data: set[str]
+
+
+def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> ClonedPath:
     """Emit a copy of the path from the image to the logits that reads ``source`` (a batch built
-    from the image) instead of the image; returns a view of the graph with it, the cloned nodes
-    and the renaming of data tensors."""
-    renamed = {tensor: f"{tensor}/{suffix}" for tensor in plan.data}
+    from the image) instead of the image; returns a view of the graph with it, the cloned nodes of
+    the path and the renaming of tensors. The shape computations that read the path's tensors
+    (``Shape → … → Expand`` of a class token to the batch) are cloned with it, so that they see
+    the new batch."""
+    graph = plan.graph
+    above, depends, cloned = graph.ancestors([plan.logits]), {plan.image}, []
+    for node in graph.nodes:  # topological order
+        if node.name in above and any(i in depends for i in node.input):
+            depends.update(o for o in node.output if o)
+            cloned.append(node)
+    renamed = {tensor: f"{tensor}/{suffix}" for tensor in depends}
     renamed[plan.image] = source
-    clones = []
-    for node in plan.path:
+    on_path = {node.name for node in plan.path}
+    clones, path_clones = [], []
+    for node in cloned:
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
         clone.name = f"{node.name}/{suffix}"
         clone.input[:] = [renamed.get(i, i) for i in node.input]
         clone.output[:] = [renamed.get(o, o) for o in node.output]
         clones.append(clone)
+        if node.name in on_path:
+            path_clones.append(clone)
     b.nodes.extend(clones)
     augmented = onnx.ModelProto()
-    augmented.CopyFrom(plan.graph.model)
+    augmented.CopyFrom(graph.model)
     augmented.graph.node.extend(b.nodes)
     augmented.graph.initializer.extend(b.initializers)
-    return GraphView(passes.infer_shapes(augmented)[0]), clones, renamed
+    data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
+    return ClonedPath(GraphView(passes.infer_shapes(augmented)[0]), path_clones, renamed, data)
+
+
+class TopKMaps(NamedTuple):
+    """The top-K outputs as emitted: ``heatmaps`` ``[N, K, H, W]``, ``classes`` ``[N, K]``, K."""
+
+    heatmaps: str
+    classes: str
+    count: int
 
 
 def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
-                top_k: int) -> tuple[str, str, int]:
+                top_k: int, scores: str | None = None) -> TopKMaps:
     """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run:
-    the path is cloned on the image repeated K times, each copy explaining one of the classes."""
+    the path is cloned on the image repeated K times, each copy explaining one of the classes.
+    ``scores`` (``[N, K]``, default: the logits) rank the classes (SSL: v)."""
     shape = plan.graph.shape(plan.logits)
     if not 1 <= top_k <= shape[1]:
         raise CompileError(f"--top-k {top_k}: must be between 1 and the number of classes ({shape[1]})")
     image_shape = plan.graph.shape(plan.image)
     with b.scope("topk"):
-        classes = b.TopK(_as_scores(b, plan.logits, shape), b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K]
+        ranked = as_scores(b, plan.logits, shape) if scores is None else scores
+        classes = b.TopK(ranked, b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K]
         repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
         repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
         targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
-    view, clones, renamed = _clone_path(b, plan, repeated, "topk")
+    view, clones, renamed, data = _clone_path(b, plan, repeated, "topk")
     names = {node.name: clone.name for node, clone in zip(plan.path, clones)}
     cloned = Plan(view, repeated, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
-                  set(renamed.values()), {names[n]: k for n, k in plan.kinds.items()},
+                  data, {names[n]: k for n, k in plan.kinds.items()},
                   {names[n] for n in plan.first_layers}, plan.channels_last, {},
                   renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid)
     heatmap = _emit(b, cloned, method, options, target=targets)
     height, width = plan.image_size
     with b.scope("topk"):
         heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, height, width])), perm=[1, 0, 2, 3])
-    return heatmaps, classes, top_k
+    return TopKMaps(heatmaps, classes, top_k)
 
 
-def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None) -> str:
-    """Methods that differentiate the model at several inputs per image (Integrated Gradients,
-    SmoothGrad): the path from the image to the logits is cloned and run on a batch of
-    ``count·N`` expanded inputs, built in the graph; the gradients are combined per image."""
+def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+    """Kind.REPLICATED (Integrated Gradients, SmoothGrad): the path from the image to the logits is
+    cloned and run on a batch of ``count·N`` expanded inputs, built in the graph; the gradients
+    are combined per image."""
     image = _float_image(b, plan)
     with b.scope("replicas"):
         expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
-    view, clones, renamed = _clone_path(b, plan, expanded, "replica")
+    view, clones, renamed, data = _clone_path(b, plan, expanded, "replica")
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     streams = _Streams(b)
     with b.scope("start"):
-        target = _target(b, _as_scores(b, plan.logits, shape)) if target is None else target
+        target = _target(b, as_scores(b, plan.logits, shape)) if target is None else target
         target = b.Tile(target, b.ints([count, 1]))
-        seed = method.start(b, _as_scores(b, logits, shape), target, shape[1])
+        seed = method.start(b, as_scores(b, logits, shape), target, shape[1])
         streams.gradients[logits].append(_as_logits(b, seed, shape))
-    _walk(b, view, clones, set(renamed.values()), streams, {})
+    _walk(b, view, clones, data, streams, {})
     with b.scope("image_map"):
         relevance = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count, options)
     with b.scope("heatmap"):
         return _heatmap(b, relevance, plan.channels_last)
 
 
-def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None) -> str:
-    """Emit both streams and the heatmap; returns the heatmap tensor's name. ``target`` (``[N, 1]``)
-    replaces the ``target`` input (top-K)."""
-    if method.expand is not None:
-        return _emit_replicated(b, plan, method, options, target)
+def _gradient_streams(b: GraphBuilder, plan: Plan, method: Method, target: str | None,
+                      path: Sequence[onnx.NodeProto] | None = None) -> _Streams:
+    """The gradient stream of ``method.start`` at the logits, through ``path`` (default: the whole path)."""
     streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        scores = _as_scores(b, plan.logits, shape)
+        scores = as_scores(b, plan.logits, shape)
+        seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
+        streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
+    _walk(b, plan.graph, plan.path if path is None else path, plan.data, streams, {})
+    return streams
+
+
+def _emit_gradient(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+    """Kind.GRADIENT: the map comes from ∇x at the image."""
+    streams = _gradient_streams(b, plan, method, target)
+    with b.scope("image_map"):
+        relevance = method.map(b, _float_image(b, plan), streams.gradient(plan.image))
+    with b.scope("heatmap"):
+        return _heatmap(b, relevance, plan.channels_last)
+
+
+def _emit_layer(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+    """Kind.LAYER: only the nodes above the layer are needed."""
+    above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
+    streams = _gradient_streams(b, plan, method, target, [n for n in plan.path if n.name in above])
+    with b.scope("layer_map"):
+        return _layer_heatmap(b, method, plan, streams.gradient(plan.layer))
+
+
+def _emit_path(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+    """Kind.PATH (FullGrad): the gradient stream read at every layer."""
+    streams = _gradient_streams(b, plan, method, target)
+    with b.scope("path_map"):
+        relevance = method.map(b, plan, streams.gradient, _float_image(b, plan))
+    with b.scope("heatmap"):
+        return _heatmap(b, relevance, False)  # the map is [N, 1, H, W] whatever the image's layout
+
+
+def _emit_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+    """Kind.ATTENTION (Chefer et al.): the gradient stream read at the attention matrices."""
+    streams = _gradient_streams(b, plan, method, target)
+    with b.scope("attention_map"):
+        coarse, size = method.map(b, plan, streams.gradient)
+        return _upsampled_heatmap(b, plan, coarse, size)
+
+
+def _emit_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+    """Kind.RELEVANCE: the relevance stream through the registered rules (and a contrastive second
+    stream for CLRP/SGLRP)."""
+    streams = _Streams(b)
+    shape = plan.graph.shape(plan.logits)
+    with b.scope("start"):
+        scores = as_scores(b, plan.logits, shape)
         seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
         streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
         if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
@@ -437,28 +278,9 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
         if method.contrast is not None:  # CLRP: a second stream from the other classes
             contrast = _Streams(b)
             contrast.relevances[plan.logits].append(_as_logits(b, method.contrast(b, scores, seed), shape))
-    if method.layer_map is not None:  # a layer method: only the nodes above the layer are needed
-        above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
-        _walk(b, plan.graph, [n for n in plan.path if n.name in above], plan.data, streams, {})
-        with b.scope("layer_map"):
-            return _layer_heatmap(b, method, plan, streams.gradient(plan.layer))
     # LRP's rules read no gradient: emitting the gradient stream would only cost run time
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers,
           gradients=method.logit_relevance is None)
-    if method.attention_map is not None:  # Chefer et al.: the gradient stream read at the attention matrices
-        with b.scope("attention_map"):
-            coarse, size = method.attention_map(b, plan, streams.gradient)
-            return _upsampled_heatmap(b, plan, coarse, size)
-    if method.path_map is not None:  # FullGrad: the gradient stream read at every layer
-        with b.scope("path_map"):
-            relevance = method.path_map(b, plan, streams.gradient, _float_image(b, plan))
-        with b.scope("heatmap"):
-            return _heatmap(b, relevance, plan.channels_last)
-    if method.image_map is not None:  # a gradient method: the map comes from ∇x at the image
-        with b.scope("image_map"):
-            relevance = method.image_map(b, _float_image(b, plan), streams.gradient(plan.image))
-        with b.scope("heatmap"):
-            return _heatmap(b, relevance, plan.channels_last)
     relevance = streams.relevance(plan.image)
     if method.contrast is not None:
         with b.scope("contrast"):
@@ -473,18 +295,29 @@ def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target:
         return _heatmap(b, relevance, plan.channels_last)
 
 
+#: One emitter per method kind: (b, plan, method, options, target [N, 1] or None) → the heatmap.
+_EMITTERS = {Kind.RELEVANCE: _emit_relevance, Kind.GRADIENT: _emit_gradient, Kind.LAYER: _emit_layer,
+             Kind.REPLICATED: _emit_replicated, Kind.PATH: _emit_path, Kind.ATTENTION: _emit_attention}
+
+
+def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None) -> str:
+    """Emit the method's streams and the heatmap; returns the heatmap tensor's name. ``target``
+    (``[N, 1]``) replaces the ``target`` input (top-K, self-supervised targets)."""
+    return _EMITTERS[method.kind](b, plan, method, options, target)
+
+
 def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | None = None,
-                   input: str | None = None) -> onnx.ModelProto:
+                   source: str | None = None) -> onnx.ModelProto:
     """The model plus its emitted gradient graph: a new input ``gradient_in`` (shaped like
-    ``output``) and a new output ``gradient_out`` = ∂⟨output, gradient_in⟩/∂``input``.
+    ``output``) and a new output ``gradient_out`` = ∂⟨output, gradient_in⟩/∂``source``.
 
     This exercises exactly the gradient rules the compiler uses; the tests compare it with
     ``torch.autograd``. Defaults: the first input and the first output.
     """
     canonical = passes.canonicalise(passes.load(model))
     graph = GraphView(canonical)
-    input, output = input or graph.inputs[0], output or graph.outputs[0]
-    path, data = _path(graph, input, output)
+    source, output = source or graph.inputs[0], output or graph.outputs[0]
+    path, data = path_between(graph, source, output)
     missing = defaultdict(list)
     for node in path:
         if node.op_type not in REGISTRY or REGISTRY[node.op_type].gradient is None:
@@ -495,14 +328,14 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     streams = _Streams(b)
     streams.gradients[output].append("gradient_in")
     _walk(b, graph, path, data, streams, kinds={})
-    result = streams.gradient(input)
+    result = streams.gradient(source)
     if result is None:
-        raise CompileError(f"'{output}' does not depend on '{input}'")
+        raise CompileError(f"'{output}' does not depend on '{source}'")
     canonical.graph.node.extend(b.nodes)
     canonical.graph.node.append(helper.make_node("Identity", [result], ["gradient_out"], name="agf/gradient_out"))
     canonical.graph.initializer.extend(b.initializers)
     out_info = next(o for o in canonical.graph.output if o.name == output)
-    in_info = next(i for i in canonical.graph.input if i.name == input)
+    in_info = next(i for i in canonical.graph.input if i.name == source)
     canonical.graph.input.append(helper.make_value_info("gradient_in", out_info.type))
     canonical.graph.output.append(helper.make_value_info("gradient_out", in_info.type))
     del canonical.graph.value_info[:]
@@ -520,7 +353,7 @@ def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -
         size = (plan.layer_grid.height, plan.layer_grid.width)
     else:
         size = plan.graph.shape(activation)[2:]
-    return _upsampled_heatmap(b, plan, method.layer_map(b, activation, gradient), size)
+    return _upsampled_heatmap(b, plan, method.map(b, activation, gradient), size)
 
 
 def _upsampled_heatmap(b: GraphBuilder, plan: Plan, coarse: str, coarse_size: Sequence[int]) -> str:
@@ -571,11 +404,11 @@ def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
 def _scores_output(plan: Plan) -> str:
     """The graph output that carries the class scores: the logits, or a Softmax of them."""
     return next((output for output in plan.graph.outputs
-                 if any(tensor == plan.logits for tensor, _ in _head_chain(plan.graph, output))), "")
+                 if any(tensor == plan.logits for tensor, _ in head_chain(plan.graph, output))), "")
 
 
 def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str,
-              top_k: tuple[str, str, int] | None = None) -> onnx.ModelProto:
+              top_k: TopKMaps | None = None) -> onnx.ModelProto:
     graph = model.graph
     for name in (TARGET_INPUT, HEATMAP_OUTPUT, *((HEATMAPS_OUTPUT, CLASSES_OUTPUT) if top_k else ())):
         if name in plan.graph.producer or name in plan.graph.shapes:
@@ -589,7 +422,7 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                       [passes.BATCH_DIM, 1, height, width]))
     if top_k:
-        heatmaps, classes, count = top_k
+        heatmaps, classes, count = top_k.heatmaps, top_k.classes, top_k.count
         graph.node.append(helper.make_node("Identity", [heatmaps], [HEATMAPS_OUTPUT], name="agf/topk/heatmaps"))
         graph.node.append(helper.make_node("Identity", [classes], [CLASSES_OUTPUT], name="agf/topk/classes"))
         graph.output.append(helper.make_tensor_value_info(HEATMAPS_OUTPUT, TensorProto.FLOAT,
@@ -617,7 +450,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
             full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
-            top_k: int | None = None, check: bool = True) -> onnx.ModelProto:
+            top_k: int | None = None, check: bool = True, ssl_bank: np.ndarray | str | os.PathLike | None = None,
+            features: str | None = None, ssl_mode: str | None = None) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
@@ -637,19 +471,45 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         options: method options, e.g. ``{"steps": 50}`` (integrated-gradients), ``{"samples": 25,
             "noise": 0.15, "seed": 0}`` (smoothgrad); see ``methods.py``.
         check: run ``onnx.checker.check_model(full_check=True)`` on the result.
+        ssl_bank: a self-supervised model's bank ``[B, D]`` (array or ``.npy`` path, ``agf_onnx.bank``):
+            the graph explains ``t = argmax head(L_I − L_N)`` (the paper's Algorithm 2, ``ssl.py``) and
+            also outputs ``ssl_target`` and ``ssl_neighbour`` (int64 ``[N]``); ``target`` still overrides t.
+        features: the tensor that feeds the head (default: the data input of the op that makes the logits).
+        ssl_mode: ``"diff"`` (default, Algorithm 2), ``"sum"`` (``head(L_I + L_N)``) or ``"none"`` (``head(L_I)``).
 
     Raises:
         UnsupportedOpsError: ops without a rule on the path from the image to the logits.
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
-    chosen = get_method(method)
     canonical = passes.canonicalise(passes.load(model), input_shapes)
+    return compile_canonical(canonical, method=method, logits=logits, image=image, flat_policy=flat_policy, flat=flat,
+                             full=full, layer=layer, options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
+                             features=features, ssl_mode=ssl_mode)
+
+
+def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits: str | None = None,
+                      image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
+                      full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
+                      top_k: int | None = None, check: bool = True,
+                      ssl_bank: np.ndarray | str | os.PathLike | None = None, features: str | None = None,
+                      ssl_mode: str | None = None) -> onnx.ModelProto:
+    """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
+    place). ``inspect`` plans and compiles the same canonical model."""
+    chosen = get_method(method)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
-    heatmap = _emit(b, found, chosen, dict(options or {}))
-    extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k)) if top_k else None
+    if ssl_bank is None and (features is not None or ssl_mode is not None):
+        raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")
+    from . import ssl  # imports this module
+    self_supervised = ssl.emit(b, found, ssl_bank, features, ssl_mode or "diff") if ssl_bank is not None else None
+    explained = self_supervised.explained if self_supervised else None
+    heatmap = _emit(b, found, chosen, dict(options or {}), target=explained)
+    extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k),
+                        self_supervised.scores if self_supervised else None) if top_k else None
     compiled = _assemble(canonical, b, found, heatmap, method, extra)
+    if self_supervised is not None:
+        compiled = ssl.attach(compiled, self_supervised)
     if check:
         try:
             onnx.checker.check_model(passes.weightless(compiled), full_check=True)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from .compiler import HEAD_OPS
 from .methods import METHODS, get_method
+from .planning import HEAD_OPS
 from .rules import REGISTRY
-
-
-def _first_line(function) -> str:
-    return (function.__doc__ or "").strip().splitlines()[0] if function and function.__doc__ else ""
 
 
 def coverage_table(method: str = "agf") -> str:
@@ -20,7 +16,7 @@ def coverage_table(method: str = "agf") -> str:
         kinds = list(entry.relevance)
         used = [k for k in (chosen.relevance.get(op_type), chosen.flat, chosen.first_layer) if k in kinds] or kinds
         relevance = "<br>".join(f"`{k}`: {entry.describe(k)}" for k in dict.fromkeys(used))
-        rows.append(f"| {op_type} | `{entry.module}.py` | {_first_line(entry.gradient)} | {relevance} |")
+        rows.append(f"| {op_type} | `{entry.module}.py` | {entry.describe_gradient()} | {relevance} |")
     for op_type in HEAD_OPS:  # a trailing Softmax is stripped; one with rules of its own is listed above
         if op_type not in REGISTRY:
             rows.append(f"| {op_type} | — | trailing only: the logits are its input | — |")

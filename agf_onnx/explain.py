@@ -17,6 +17,7 @@ from . import passes
 from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError
 from .sessions import create_session, session_provider
+from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
 #: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -58,6 +59,9 @@ class Explanation:
     probabilities: np.ndarray | None
     labels: Sequence[str] | None = None
     sources: list[str] = field(default_factory=list)
+    #: a self-supervised model's (``--ssl-bank``) class t per image and its bank neighbour ([N]; −1: none)
+    ssl_targets: np.ndarray | None = None
+    ssl_neighbours: np.ndarray | None = None
 
     def label(self, index: int) -> str:
         return self.labels[index] if self.labels and index < len(self.labels) else str(index)
@@ -72,6 +76,23 @@ class Explanation:
         for rank in ranks:
             columns += [gap, blend(self.photos[i], self.heatmaps[i, rank])]
         return Image.fromarray(np.concatenate(columns, axis=1))
+
+
+def label_index(target: int | str, labels: Sequence[str] | None) -> int:
+    """The class index ``target`` names: an integer, or a label of ``labels`` (not range-checked)."""
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        try:
+            float(target)
+        except ValueError:
+            pass
+        else:
+            raise ExplainError(f"class '{target}': a class index is a whole number")
+        if not labels or target not in labels:
+            close = [label for label in (labels or []) if target.lower() in label.lower()][:5]
+            raise ExplainError(f"unknown label '{target}'" + (f" (did you mean: {', '.join(close)})" if close
+                                                              else "" if labels else "; pass --labels FILE"))
+        return list(labels).index(target)
+    return int(target)
 
 
 def load_image(source: Any, notes: list[str]) -> np.ndarray:
@@ -99,6 +120,8 @@ def load_image(source: Any, notes: list[str]) -> np.ndarray:
         array = np.stack([array] * 3, -1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ExplainError(f"{name}: expected an image array [H, W, 3], got shape {list(array.shape)}")
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise ExplainError(f"{name}: the image array holds NaN or infinite values")
     if array.shape[-1] == 4:
         notes.append(f"{name}: alpha channel dropped")
         array = array[..., :3]
@@ -120,6 +143,8 @@ class Explainer:
             by ``size``); default: resize straight to the model's size.
         bgr: feed channels in BGR order.
         input_shapes: for compiling a model with dynamic height/width on the fly.
+        compile_original: compile a model without a ``heatmap`` output on the fly (False: run it as
+            it is, for its other outputs, as ``agf_onnx.bank`` does).
         batch_size: images per session run.
         allow_tf32: on CUDA, let convs/GEMMs round their operands to TF32 (faster; the maps then
             diverge from the model's: see ``agf_onnx.sessions``). Default: exact float32.
@@ -134,12 +159,12 @@ class Explainer:
                  preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  size: int | None = None, crop: bool = False, bgr: bool = False,
                  labels: Sequence[str] | None = None,
-                 input_shapes: dict | None = None, batch_size: int = 8, allow_tf32: bool = False,
-                 cuda_graph: bool = False) -> None:
+                 input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
+                 allow_tf32: bool = False, cuda_graph: bool = False) -> None:
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
         proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
-        self.compiled_on_the_fly = not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
+        self.compiled_on_the_fly = compile_original and not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
         if self.compiled_on_the_fly:
             proto = compile(model, input_shapes=input_shapes)
         meta = {p.key: p.value for p in proto.metadata_props}
@@ -165,6 +190,9 @@ class Explainer:
         maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
         self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
             isinstance(maps_info.shape[1], int) else 0
+        #: a self-supervised model explains t = argmax head(L_I − L_N), not the top class, by default
+        self.ssl_mode = meta.get("agf_onnx.ssl_mode") if SSL_TARGET_OUTPUT in self.outputs else None
+        self.ssl_features = meta.get("agf_onnx.ssl_features") if self.ssl_mode else None
         self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
         if (mean is None) != (std is None):
             raise ExplainError("--mean and --std go together")
@@ -223,13 +251,7 @@ class Explainer:
         return index
 
     def _index(self, target: int | str) -> int:
-        if isinstance(target, str) and not target.lstrip("-").isdigit():
-            if not self.labels or target not in self.labels:
-                close = [label for label in (self.labels or []) if target.lower() in label.lower()][:5]
-                raise ExplainError(f"unknown label '{target}'" + (f" (did you mean: {', '.join(close)})" if close
-                                                                  else "" if self.labels else "; pass --labels FILE"))
-            return list(self.labels).index(target)
-        return int(target)
+        return label_index(target, self.labels)
 
     def explain_photos(self, photos: np.ndarray, target: int | str | None = None,
                        top_k: int | None = None) -> Explanation:
@@ -243,8 +265,14 @@ class Explainer:
         scores = first.get(self.scores_output) if self.scores_output else None
         if scores is not None:
             scores = scores.reshape(len(batch), -1)
+        ssl_targets, ssl_neighbours = first.get(SSL_TARGET_OUTPUT), first.get(SSL_NEIGHBOUR_OUTPUT)
+        if self.ssl_mode is not None and top_k and top_k > max(1, self.compiled_top_k):
+            raise ExplainError(f"top-k {top_k}: a self-supervised model ranks the classes of head(L_I − L_N) in its "
+                               f"graph only; compile it with --top-k {top_k}")
         if not top_k or top_k == 1:
-            if scores is None:
+            if ssl_targets is not None and target is None:
+                chosen = ssl_targets.astype(np.int64)[:, None]
+            elif scores is None:
                 chosen = np.full((len(batch), 1), -1 if target is None else self.class_index(target))
             elif target is None:
                 chosen = scores.argmax(1)[:, None]
@@ -263,7 +291,8 @@ class Explainer:
             heatmaps = np.concatenate([first[HEATMAP_OUTPUT]] + [self.run(batch, chosen[:, k])[HEATMAP_OUTPUT]
                                                                  for k in range(1, top_k)], 1)
         probabilities = None if scores is None else _as_probabilities(scores)
-        return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels)
+        return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels, ssl_targets=ssl_targets,
+                           ssl_neighbours=ssl_neighbours)
 
     def explain(self, images: Sequence[Any] | Any, target: int | str | None = None,
                 top_k: int | None = None) -> Explanation:
@@ -275,9 +304,10 @@ class Explainer:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             parts.append(self.explain_photos(self.prepare(chunk), target, top_k))
-        explanation = Explanation(*(np.concatenate([getattr(p, name) for p in parts])
-                                    if getattr(parts[0], name) is not None else None
-                                    for name in ("photos", "heatmaps", "targets", "scores", "probabilities")),
+        explanation = Explanation(**{name: np.concatenate([getattr(p, name) for p in parts])
+                                     if getattr(parts[0], name) is not None else None
+                                     for name in ("photos", "heatmaps", "targets", "scores", "probabilities",
+                                                  "ssl_targets", "ssl_neighbours")},
                                   labels=self.labels)
         explanation.sources = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {n}"
                                for n, i in enumerate(images)]

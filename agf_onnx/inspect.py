@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from . import passes
-from .compiler import compile, plan
+from .compiler import compile_canonical
 from .errors import CompileError
 from .methods import get_method
+from .planning import plan
 from .rules import REGISTRY
 
 
@@ -60,19 +61,15 @@ class Report:
         return "\n".join(lines)
 
 
-def _first_line(function) -> str:
-    return (function.__doc__ or "").strip().splitlines()[0] if function is not None and function.__doc__ else ""
-
-
 def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None) -> Report:
     """Report the rule each op on the explained path gets and whether the model compiles."""
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
-    loaded = passes.load(model)
+    loaded = passes.load(model)  # an unreadable file is the caller's error, not a report
     try:
-        found = plan(passes.canonicalise(loaded, input_shapes), image=image, logits=logits,
-                     method=get_method(method), strict=False)
+        canonical = passes.canonicalise(loaded, input_shapes)
+        found = plan(canonical, image=image, logits=logits, method=get_method(method), strict=False)
     except CompileError as error:
         return Report(name, image, logits, 0, 0, [], False, str(error))
     counts = Counter(node.op_type for node in found.path)
@@ -84,12 +81,12 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     for op_type, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         entry = REGISTRY.get(op_type)
         missing = found.unsupported.get(op_type, [])
-        ops.append(OpReport(op_type, count, _first_line(entry.gradient) if entry else "unsupported",
+        ops.append(OpReport(op_type, count, entry.describe_gradient() if entry else "unsupported",
                             sorted(kinds[op_type]), missing))
     covered = sum(counts.values()) - sum(len(v) for v in found.unsupported.values())
     error = None
     try:
-        compile(loaded, method=method, input_shapes=input_shapes, logits=logits, image=image, check=False)
+        compile_canonical(canonical, method=method, logits=logits, image=image, check=False)
     except CompileError as failure:
         error = str(failure)
     return Report(name, found.image, found.logits, sum(counts.values()), covered, ops, error is None, error)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from onnx import TensorProto
 
 from .builder import GraphBuilder
 from .errors import CompileError
@@ -18,7 +21,12 @@ from .graph import GraphView
 from .maths import resize
 from .tokens import attention_matrices, check_rollout, patch_grid
 
+if TYPE_CHECKING:
+    from .planning import Plan
+
 Start = Callable[[GraphBuilder, str, str, int], str]
+#: The gradient stream at a tensor (``None`` where the explained score does not depend on it).
+GradientAt = Callable[[str], "str | None"]
 
 
 def agf_start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
@@ -67,45 +75,64 @@ def target_score_start(b: GraphBuilder, logits: str, target: str, classes: int) 
     return b.Cast(b.Equal(classes_row, target), to=1)
 
 
+class Kind(str, Enum):
+    """How a method turns the model into a map; the compiler has one emitter per kind."""
+
+    RELEVANCE = "relevance"  # a relevance stream through the registered rules (AGF, the LRP family, RAP)
+    GRADIENT = "gradient"  # map(b, x, ∇x): per channel at the image (Saliency, Gradient × Input)
+    LAYER = "layer"  # map(b, activation, ∇activation) → [N, 1, h, w] at a layer, upsampled (Grad-CAM)
+    REPLICATED = "replicated"  # expand/combine: gradients at several inputs per image (IG, SmoothGrad)
+    PATH = "path"  # map(b, plan, gradient_at, x): the gradient stream read at every layer (FullGrad)
+    ATTENTION = "attention"  # map(b, plan, gradient_at) → ([N, 1, h, w], (h, w)) on the patch grid (Chefer)
+
+
+#: The kinds whose map is one function of the gradient stream (``Method.map``).
+_MAPPED = {Kind.GRADIENT, Kind.LAYER, Kind.PATH, Kind.ATTENTION}
+
+
 @dataclass(frozen=True)
 class Method:
-    """Which relevance rule each op gets under one explanation method.
-
-    A method with an ``image_map`` has no relevance stream: its per-channel map at the image is
-    ``image_map(b, x, ∇x)``, summed over channels and scaled like AGF's (spec "Output").
-    """
+    """One explanation method: its kind, how the gradient at the logits starts, and what its kind
+    needs — the relevance rule kind each op gets (``Kind.RELEVANCE``), the map function
+    (``GRADIENT``, ``LAYER``, ``PATH``, ``ATTENTION``), or the replicated inputs and how their
+    gradients combine (``REPLICATED``). Every map is summed over channels and scaled like AGF's
+    (spec "Output"), or upsampled from its layer and divided by its maximum."""
 
     name: str
     summary: str
+    kind: Kind
     start: Start
+    formula: str = ""
+    #: Kind.RELEVANCE: op type → relevance rule kind; the kinds of the layer that reads the image,
+    #: of the layer that computes the logits (RAP's first step) and of the flat policy's layers
     relevance: Mapping[str, str] = field(default_factory=dict)
     first_layer: str | None = None
-    top_layer: str | None = None  # the kind of the linear layer that computes the logits (RAP's first step)
+    top_layer: str | None = None
     flat: str | None = None
-    image_map: Callable[[GraphBuilder, str, str], str] | None = None
-    layer_map: Callable[[GraphBuilder, str, str], str] | None = None  # (b, activation, ∇activation) → [N,1,h,w]
-    #: (b, x, shape, options) → (inputs [count·N, ...], count): the inputs a replicated method
-    #: differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
-    expand: Callable[..., tuple[str, int]] | None = None
-    combine: Callable[..., str] | None = None
     #: (b, scores [N, K], the start gradient — the target's one-hot for LRP) → relevance at the logits, for methods whose
     #: relevance stream starts there (LRP) instead of at the top linear layer's input (AGF)
     logit_relevance: Callable[[GraphBuilder, str, str], str] | None = None
     #: (b, scores, start gradient) → the seed of a second, contrastive relevance stream (CLRP):
     #: the map is ``R_t − R_o · ΣR_t / ΣR_o``
     contrast: Callable[[GraphBuilder, str, str], str] | None = None
-    #: (b, plan, gradient_at, x) → per-channel map at the image, for methods that read the
-    #: gradient stream at many layers (FullGrad)
-    path_map: Callable[..., str] | None = None
-    #: (b, plan, gradient_at) → (``[N, 1, h, w]`` on the patch grid, (h, w)), upsampled to the image like a
-    #: layer map: for methods that read the attention matrices of a transformer (Chefer et al.)
-    attention_map: Callable[..., str] | None = None
-    formula: str = ""
+    #: the map of the GRADIENT, LAYER, PATH and ATTENTION kinds (signatures in ``Kind``)
+    map: Callable[..., Any] | None = None
+    #: Kind.REPLICATED: (b, x, shape, options) → (inputs [count·N, ...], count), the inputs the
+    #: method differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
+    expand: Callable[..., tuple[str, int]] | None = None
+    combine: Callable[..., str] | None = None
+
+    def __post_init__(self) -> None:
+        relevance_only = (self.relevance, self.first_layer, self.top_layer, self.flat, self.logit_relevance,
+                          self.contrast)
+        if (self.map is not None) != (self.kind in _MAPPED) or \
+                (self.expand is not None or self.combine is not None) != (self.kind is Kind.REPLICATED) or \
+                (self.kind is not Kind.RELEVANCE and any(relevance_only)):
+            raise ValueError(f"method {self.name}: the fields given do not fit its kind {self.kind.value}")
 
     @property
     def relevance_stream(self) -> bool:
-        return (self.image_map is None and self.layer_map is None and self.expand is None and self.path_map is None
-                and self.attention_map is None)
+        return self.kind is Kind.RELEVANCE
 
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool,
                  top_layer: bool = False) -> str | None:
@@ -120,8 +147,9 @@ class Method:
 
 AGF = Method(
     name="agf",
-    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as ../shared/agf-spec.md",
+    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as docs/algorithm.md",
     formula="the spec's relevance stream; Σ_c Φ₀ / max Φ₀",
+    kind=Kind.RELEVANCE,
     start=agf_start,
     relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"},
     first_layer="zB",
@@ -131,16 +159,18 @@ AGF = Method(
 GRADIENT = Method(
     name="gradient",
     summary="Saliency (Simonyan et al. 2014): the absolute gradient of the target's logit",
+    kind=Kind.GRADIENT,
     start=target_score_start,
-    image_map=lambda b, x, gradient: b.Abs(gradient),
+    map=lambda b, x, gradient: b.Abs(gradient),
     formula="A = abs(∂y_t/∂x); Σ_c A / max A (Captum's Saliency(abs=True) per channel)",
 )
 
 GRADIENT_X_INPUT = Method(
     name="gradient-x-input",
     summary="Gradient × Input (Shrikumar et al. 2016): the input times the target logit's gradient",
+    kind=Kind.GRADIENT,
     start=target_score_start,
-    image_map=lambda b, x, gradient: b.Mul(x, gradient),
+    map=lambda b, x, gradient: b.Mul(x, gradient),
     formula="A = x ⊙ ∂y_t/∂x; Σ_c A / max A, or / max abs(A) where max A ≤ 0 (Captum's InputXGradient)",
 )
 
@@ -152,8 +182,9 @@ def _gradcam(b: GraphBuilder, activation: str, gradient: str) -> str:
 GRADCAM = Method(
     name="gradcam",
     summary="Grad-CAM (Selvaraju et al. 2017) at the last Conv with a spatial output, or --layer NODE",
+    kind=Kind.LAYER,
     start=target_score_start,
-    layer_map=_gradcam,
+    map=_gradcam,
     formula="relu(Σ_k mean_ij(∂y_t/∂A_k) · A_k), bilinear upsampling to the image, / max (Captum's "
             "LayerGradCam with relu_attributions=True, then LayerAttribution.interpolate)",
 )
@@ -201,6 +232,7 @@ def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
 INTEGRATED_GRADIENTS = Method(
     name="integrated-gradients",
     summary="Integrated Gradients (Sundararajan et al. 2017), zero baseline, --steps (default 50)",
+    kind=Kind.REPLICATED,
     start=target_score_start,
     expand=_ig_expand,
     combine=_ig_combine,
@@ -208,15 +240,51 @@ INTEGRATED_GRADIENTS = Method(
             "Σ_c A / max A",
 )
 
+#: The noise's hash works in the prime field of ``p = 2**31 − 1``: ``MiMC``'s round ``x ↦ (x + c)⁵ mod p`` is a
+#: permutation there (5 does not divide ``p − 1``), and every product of two residues fits in int64.
+_PRIME = 2**31 - 1
+_ROUND_CONSTANTS = (0x3C6EF372, 0x1B873593, 0x5BD1E995, 0x27D4EB2D)
+
+
+def _hash_reference(counter: np.ndarray) -> np.ndarray:
+    """Four MiMC rounds on int64 counters (non-negative, below ``2**62``) → int64 in ``[0, p)``."""
+    x = np.asarray(counter, dtype=np.int64) % _PRIME
+    for constant in _ROUND_CONSTANTS:
+        x = (x + constant % _PRIME) % _PRIME
+        square = x * x % _PRIME
+        x = square * square % _PRIME * x % _PRIME
+    return x
+
+
+def counter_normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Standard normal noise of ``shape``, a pure function of ``(seed, element index)`` (float64).
+
+    Counter-based: element ``i`` (row-major) draws two uniforms
+    ``u_j = (⌊hash(hash(2i + j) + key) / 2⁷⌋ + ½) / 2²⁴``, ``j ∈ {0, 1}``, ``key = hash(seed)``, with
+    ``hash`` four MiMC rounds ``x ↦ (x + c)⁵ mod (2³¹ − 1)``; Box–Muller turns them into
+    ``√(−2 ln u₀) · cos(2π u₁)``. Integer arithmetic only up to the last step, so the numbers do not
+    depend on the platform, and a leading axis of copies keeps its first rows when it grows.
+    """
+    counters = np.arange(int(np.prod(shape)), dtype=np.int64) * 2
+    key = _hash_reference(np.array([seed]))[0]
+    uniforms = [(_hash_reference(_hash_reference(counters + stream) + key) // 2**7 + 0.5) * 2.0**-24
+                for stream in (0, 1)]  # in (0, 1): the logarithm stays finite
+    return (np.sqrt(-2.0 * np.log(uniforms[0])) * np.cos(2 * np.pi * uniforms[1])).reshape(shape)
+
+
 def _smoothgrad_expand(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
     samples = _option(options, "samples", 25)
     noise = _option(options, "noise", 0.15, float, 0.0)
     seed = _option(options, "seed", 0, int, 0)
+    if seed >= _PRIME:
+        raise CompileError(f"--seed {seed}: must be below {_PRIME} (2³¹ − 1)")
     axes = list(range(1, len(shape)))
     spread = b.Sub(b.ReduceMax(x, axes=axes, keepdims=1), b.ReduceMin(x, axes=axes, keepdims=1))
-    copies = b.Expand(b.Unsqueeze(x, b.ints([0])), b.ints([samples] + [1] * len(shape)))
-    gaussian = b.RandomNormalLike(copies, seed=float(seed))  # one stream per session, fixed by the seed
-    noisy = b.Add(copies, b.Mul(gaussian, b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(noise))))
+    # ε[s, n] = noise · spread[n] · z[s]: the same draw z[s] for every image, so an image's map does not
+    # depend on its batch position or its batch mates; z is stored as float16 (2 bytes per pixel, channel
+    # and copy) and widened once, when ONNX Runtime folds the Cast at load time
+    gaussian = b.Cast(b.const(counter_normal((samples, 1, *shape[1:]), seed), np.float16), to=TensorProto.FLOAT)
+    noisy = b.Add(b.Unsqueeze(x, b.ints([0])), b.Mul(gaussian, b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(noise))))
     return b.Reshape(noisy, b.ints([-1, *shape[1:]])), samples
 
 
@@ -228,11 +296,13 @@ SMOOTHGRAD = Method(
     name="smoothgrad",
     summary="SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies, --samples (25), --noise "
             "(0.15 of the image's range), --seed (0)",
+    kind=Kind.REPLICATED,
     start=target_score_start,
     expand=_smoothgrad_expand,
     combine=_smoothgrad_combine,
-    formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²) drawn in the graph "
-            "(Captum's NoiseTunnel(Saliency) smoothgrad); Σ_c A / max A",
+    formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²), a counter-based draw fixed by "
+            "the seed and the copy s, the same at every batch position (Captum's NoiseTunnel(Saliency) smoothgrad); "
+            "Σ_c A / max A",
 )
 
 def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
@@ -240,6 +310,7 @@ def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
     return Method(
         name=name,
         summary=f"LRP-α{alpha}β{beta} (Bach et al. 2015) from R = y ⊙ onehot(t), z^B at the input layer",
+        kind=Kind.RELEVANCE,
         start=target_score_start,
         relevance=linear,
         first_layer="zB",
@@ -262,8 +333,8 @@ def _others(b: GraphBuilder, scores: str, one_hot: str) -> str:
 
 def _contrastive_lrp(name: str, summary: str, target_seed, others_seed, seeds: str) -> Method:
     """LRP-α1β0 of the target minus that of the other classes: ``R_t − R_o · ΣR_t / ΣR_o``."""
-    return Method(name=name, summary=summary, start=target_score_start, relevance=LRP.relevance, first_layer="zB",
-                  logit_relevance=target_seed, contrast=others_seed,
+    return Method(name=name, summary=summary, kind=Kind.RELEVANCE, start=target_score_start, relevance=LRP.relevance,
+                  first_layer="zB", logit_relevance=target_seed, contrast=others_seed,
                   formula=f"R = R_t − R_o · ΣR_t / ΣR_o, {seeds}, both LRP-α1β0; Σ_c R / max R")
 
 
@@ -296,6 +367,7 @@ RAP = Method(
     name="rap",
     summary="Relative Attributing Propagation (Nam et al. 2019): positive and negative relevance "
             "propagated separately from the target's one-hot",
+    kind=Kind.RELEVANCE,
     start=target_score_start,
     relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap"},
     first_layer="zB",
@@ -326,9 +398,12 @@ def _bias(b: GraphBuilder, node) -> str | None:
     return None
 
 
-def _fullgrad(b: GraphBuilder, plan, gradient_at, x: str) -> str:
+def _fullgrad(b: GraphBuilder, plan: Plan, gradient_at: GradientAt, x: str) -> str:
     height, width = plan.image_size
-    total = b.ReduceSum(_normalised_abs(b, b.Mul(x, gradient_at(plan.image)), 4), b.ints([1]), keepdims=1)
+    input_term = b.Mul(x, gradient_at(plan.image))
+    if plan.channels_last:
+        input_term = b.Transpose(input_term, perm=[0, 3, 1, 2])
+    total = b.ReduceSum(_normalised_abs(b, input_term, 4), b.ints([1]), keepdims=1)
     for node in plan.path:
         bias = _bias(b, node)
         out_shape = plan.graph.shape(node.output[0])
@@ -344,13 +419,14 @@ def _fullgrad(b: GraphBuilder, plan, gradient_at, x: str) -> str:
 FULLGRAD = Method(
     name="fullgrad",
     summary="FullGrad (Srinivas & Fleuret 2019): input-gradient plus every conv/BatchNorm bias-gradient",
+    kind=Kind.PATH,
     start=target_score_start,
-    path_map=_fullgrad,
+    map=_fullgrad,
     formula="ψ(x ⊙ ∂y_t/∂x) + Σ_layers upsample(ψ(b ⊙ ∂y_t/∂z)), ψ = abs, min-shift, / (max + 1e-6), summed "
             "over channels, bilinear (align_corners) upsampling (the authors' fullgrad.py); / max",
 )
 
-def _chefer(b: GraphBuilder, plan, gradient_at) -> tuple[str, tuple[int, int]]:
+def _chefer(b: GraphBuilder, plan: Plan, gradient_at: GradientAt) -> tuple[str, tuple[int, int]]:
     """Gradient-weighted attention rollout on the patch grid, ``[N, 1, h, w]``, and ``(h, w)``."""
     graph = plan.graph
     attentions = attention_matrices(graph, plan.path)
@@ -378,8 +454,9 @@ CHEFER = Method(
     name="chefer",
     summary="Gradient-weighted attention rollout (Chefer, Gur, Wolf, ICCV 2021, \"Generic Attention-model "
             "Explainability\"), for transformers with one token set",
+    kind=Kind.ATTENTION,
     start=target_score_start,
-    attention_map=_chefer,
+    map=_chefer,
     formula="Ā = mean_heads(relu(∂y_t/∂A ⊙ A)) per attention block, R = I, R = R + Ā·R in forward order; the class "
             "token's row of R over the patch tokens (no class token: the mean of R's rows), on the patch grid, "
             "bilinear upsampling to the image, / max",

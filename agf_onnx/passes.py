@@ -202,9 +202,27 @@ def _drop_newer_default_attributes(model: onnx.ModelProto, source: int) -> None:
                                    f"equivalent at opset {TARGET_OPSET}")
 
 
+#: Ops that move or pick values without arithmetic: folding them gives the same bits that
+#: ONNX Runtime computes, so the original outputs stay bit-identical.
+_EXACT_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", "Split", "Slice",
+              "Gather", "Cast"}
+
+
+def _folds_exactly(node: onnx.NodeProto, values: Mapping[str, onnx.TensorProto]) -> bool:
+    """Whether folding ``node`` leaves the original outputs bit-identical: it only moves data, or
+    it computes integers (shape arithmetic). Float arithmetic on weights (the weight
+    standardisation of NF-ResNets and BiT) stays a node: ``onnx.reference`` rounds differently
+    from ONNX Runtime's kernels, which compute it (or fold it when the session loads)."""
+    if node.op_type in _EXACT_OPS:
+        return True
+    return all(values[i].data_type not in _FLOAT_TYPES for i in node.input if i)
+
+
 def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: no node computes only from initializers unless it expands data (``_EXPANDING_OPS``),
-    so rules see weights as initializers; initializers nothing reads are gone."""
+    """After: no node that moves data or computes integers computes only from initializers
+    (unless it expands data, ``_EXPANDING_OPS``), so rules see such weights and every shape value
+    as initializers; initializers nothing reads are gone. Float arithmetic on weights stays (see
+    ``_folds_exactly``); the rules treat its outputs as the constants they are."""
     graph = model.graph
     values = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -213,7 +231,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         foldable = (not node.domain and node.op_type not in _EXPANDING_OPS and node.op_type != "Constant"
                     and all(not i or i in values for i in node.input)
                     and not any(o in outputs for o in node.output) and len(node.input) > 0
-                    and not node.op_type.startswith("Random"))
+                    and not node.op_type.startswith("Random") and _folds_exactly(node, values))
         if foldable:
             names = [o for o in node.output if o]
             try:
@@ -325,6 +343,7 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return model, changed
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _IMAGE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
            onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8}
 

@@ -17,6 +17,8 @@ from onnx import numpy_helper
 
 from agf_onnx.maths import nonzero, safe_divide, sum_per_sample
 
+from ._registry import Rule, gradient, relevance
+
 if TYPE_CHECKING:
     from agf_onnx.builder import GraphBuilder
     from agf_onnx.graph import NodeView
@@ -38,6 +40,47 @@ def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
     return data_only(node, {0: b.Mul(node.inputs[0], vjp(b, node, ratio))})
 
 
+def named(rule: Rule, name: str, doc: str, module: str) -> Rule:
+    """``rule`` with its own name and one-line description (what the coverage table prints)."""
+    rule.__doc__, rule.__name__, rule.__qualname__, rule.__module__ = doc, name, name, module
+    return rule
+
+
+def z_rule_op(op_type: str, gradient_doc: str, relevance_doc: str) -> Callable[[Vjp], Vjp]:
+    """Register ``vjp`` (``VJP_op`` of any upstream) as ``op_type``'s gradient and its z-rule
+    ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``, each with its description."""
+
+    def register(vjp: Vjp) -> Vjp:
+        def gradient_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
+            return data_only(node, {0: vjp(b, node, node.gradient[0])})
+
+        def relevance_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
+            return proportional(b, node, vjp)
+
+        name = op_type.lower()
+        gradient(op_type)(named(gradient_rule, f"{name}_gradient", gradient_doc, vjp.__module__))
+        relevance(op_type, kind="z")(named(relevance_rule, f"{name}_relevance", relevance_doc, vjp.__module__))
+        return vjp
+
+    return register
+
+
+def explicit_pads(node: NodeView, size, out, kernel, strides, dilations) -> list[int]:
+    """Begin/end pads of a Conv or pool with ``auto_pad`` resolved: ``SAME_UPPER``/``SAME_LOWER``
+    split the padding that lets ``out`` windows fit, the odd pixel at the end/begin; ``VALID`` none."""
+    spatial = len(size)
+    pads = list(node.attr("pads", [0] * 2 * spatial))
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for i in range(spatial):
+            total = max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i])
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    return pads
+
+
 def pass_through(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Passes relevance through unchanged: ΦX = Φ."""
     return data_only(node, {0: node.relevance[0]})
@@ -46,11 +89,7 @@ def pass_through(b: GraphBuilder, node: NodeView) -> list[str | None]:
 def batch(node: NodeView, name: str) -> tuple[int, int] | None:
     """``(axis, factor)`` of the batch in tensor ``name``: the axis that carries it and how many
     other elements are merged into it batch-major (1: a plain batch); ``None`` without a batch."""
-    graph = node.graph
-    if hasattr(graph, "batch"):
-        return graph.batch(name)
-    shape = graph.shape(name)  # before the graph knew batch axes: the batch is a dynamic axis 0
-    return (0, 1) if shape and shape[0] is None else None
+    return node.graph.batch(name)
 
 
 def batch_axis(node: NodeView, name: str) -> int | None:
@@ -76,6 +115,16 @@ def static_shape(node: NodeView, name: str) -> list[int]:
     if sum(d is None for d in shape) > 1:
         raise node.refuse(f"tensor '{name}' has shape {shape}; every axis but the batch must be static")
     return [-1 if d is None else int(d) for d in shape]
+
+
+def static_sizes(node: NodeView, name: str, axes) -> list[int]:
+    """The sizes of ``axes`` of tensor ``name``, refused by name where one is unknown."""
+    shape = node.graph.shape(name)
+    sizes = [shape[a] for a in axes]
+    if any(d is None for d in sizes):
+        raise node.refuse(f"tensor '{name}' has shape {list(shape)}; the size of axis "
+                          f"{[a for a, d in zip(axes, sizes) if d is None][0]} must be known here")
+    return [int(d) for d in sizes]
 
 
 def broadcast_shape(shape) -> list[int]:

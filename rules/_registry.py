@@ -31,8 +31,17 @@ class OpRules:
 
     def describe(self, kind: str) -> str:
         """The one-line docstring of a relevance rule, for ``agf-onnx rules`` and the README."""
-        doc = (self.relevance[kind].__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return first_line(self.relevance[kind])
+
+    def describe_gradient(self) -> str:
+        """The one-line docstring of the gradient rule ("" without one)."""
+        return first_line(self.gradient)
+
+
+def first_line(function: Callable | None) -> str:
+    """The first line of ``function``'s docstring, "" without one."""
+    doc = (getattr(function, "__doc__", None) or "").strip() if function is not None else ""
+    return doc.splitlines()[0] if doc else ""
 
 
 REGISTRY: dict[str, OpRules] = {}

@@ -25,7 +25,7 @@ from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import nonzero
 
-from ._helpers import data_only, proportional, refuse_batch_axes
+from ._helpers import data_only, named, proportional, refuse_batch_axes
 from ._registry import gradient, relevance
 
 
@@ -71,10 +71,7 @@ def elementwise(op_type: str, summary: str) -> Callable[[Derivative], Derivative
             _constant_parameters(node)
             return data_only(node, {0: b.Mul(node.gradient[0], derivative(b, node))})
 
-        rule.__doc__ = summary
-        rule.__name__ = rule.__qualname__ = f"{op_type.lower()}_gradient"
-        rule.__module__ = derivative.__module__
-        gradient(op_type)(rule)
+        gradient(op_type)(named(rule, f"{op_type.lower()}_gradient", summary, derivative.__module__))
         relevance(op_type, kind="active")(activation_relevance)
         return derivative
 

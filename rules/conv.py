@@ -18,7 +18,7 @@ from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide
 
-from ._helpers import _ONE, Bilinear, data_only
+from ._helpers import _ONE, Bilinear, data_only, explicit_pads
 from ._registry import gradient, relevance
 
 
@@ -29,26 +29,17 @@ def geometry(node: NodeView) -> dict:
     kernel = list(node.attr("kernel_shape", w_shape[2:]))
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
-    pads = list(node.attr("pads", [0] * 2 * spatial))
-    auto_pad = node.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        for i in range(spatial):
-            size = in_shape[2 + i]
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
-            small, large = total // 2, total - total // 2
-            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    elif auto_pad == "VALID":
-        pads = [0] * 2 * spatial
+    out = [-(-size // stride) for size, stride in zip(in_shape[2:], strides)]  # what SAME padding makes
+    pads = explicit_pads(node, in_shape[2:], out, kernel, strides, dilations)
     return {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "pads": pads,
             "group": node.attr("group", 1)}
 
 
-def _forward(b, node: NodeView, x: str, w: str) -> str:
+def _forward(b: GraphBuilder, node: NodeView, x: str, w: str) -> str:
     return b.Conv(x, w, **geometry(node))
 
 
-def _vjp(b, node: NodeView, g: str, w: str) -> str:
+def _vjp(b: GraphBuilder, node: NodeView, g: str, w: str) -> str:
     shape = geometry(node)
     in_size, out_size = node.shape(0)[2:], node.shape(node.outputs[0])[2:]
     spatial = len(in_size)
@@ -69,20 +60,20 @@ def _check(node: NodeView) -> None:
 
 
 @gradient("Conv")
-def conv_gradient(b, node: NodeView) -> list[str | None]:
+def conv_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """conv_transpose(G, W)."""
     _check(node)
     return CONV.gradient(b, node)
 
 
 @relevance("Conv", kind="flat")
-def conv_flat(b, node: NodeView) -> list[str | None]:
+def conv_flat(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Absolute influence only: ΦX = C (authors' rule for 1×1 and residual-branch convs)."""
     return data_only(node, {0: CONV.absolute_influence(b, node)})
 
 
 @relevance("Conv", kind="zB")
-def conv_input_layer(b, node: NodeView) -> list[str | None]:
+def conv_input_layer(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """z^B rule bounded by the image's per-sample minimum and maximum."""
     return CONV.input_layer(b, node)
 
@@ -122,18 +113,18 @@ def conv_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
 
 
 @relevance("Conv", kind="alpha1beta0")
-def conv_alpha1beta0(b, node: NodeView) -> list[str | None]:
+def conv_alpha1beta0(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """LRP-α1β0 (z⁺ on positive inputs): positive contributions only, no bias."""
     return CONV.alpha_beta(b, node, 1.0, 0.0)
 
 
 @relevance("Conv", kind="alpha2beta1")
-def conv_alpha2beta1(b, node: NodeView) -> list[str | None]:
+def conv_alpha2beta1(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
     return CONV.alpha_beta(b, node, 2.0, 1.0)
 
 
 @relevance("Conv", kind="rap")
-def conv_rap(b, node: NodeView) -> list[str | None]:
+def conv_rap(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR."""
     return CONV.relative(b, node, negative_on_second=True)

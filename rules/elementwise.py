@@ -13,15 +13,18 @@ Relevance:
   computed from; a constant scale passes relevance through; a product of two independent data
   tensors splits it half and half (spec "Attention", ``product.py``).
 - ``pass`` (Div): division by a constant passes relevance through; so does division by a
-  normaliser computed from the numerator (LayerNorm/RMSNorm written out: the normaliser is a
-  constant of the forward pass); by an independent data tensor ``a / c = a · (1/c)``, half and
-  half as a product.
+  normaliser computed from the numerator, or from the ``x`` a numerator ``x − mean(x)`` centres
+  (LayerNorm/RMSNorm written out: the normaliser is a constant of the forward pass); by an
+  independent data tensor ``a / c = a · (1/c)``, half and half as a product.
+- ``merge`` (Sub) of a centring ``x − ReduceMean(x)`` gives ``Φ`` to ``x``: the mean, like the
+  normaliser, is a statistic of the forward pass (spec "Normalisations").
 - ``pass`` (Neg): ``ΦX = Φ``.
 """
 
 from __future__ import annotations
 
-from agf_onnx.graph import NodeView
+from agf_onnx.builder import GraphBuilder
+from agf_onnx.graph import GraphView, NodeView
 from agf_onnx.maths import nonzero, safe_divide
 
 from ._helpers import data_only, pass_through, unbroadcast
@@ -33,27 +36,26 @@ def _data_inputs(node: NodeView) -> list[int]:
     return [i for i in range(len(node.inputs)) if node.is_data(i)]
 
 
-def _to_input(b, node: NodeView, index: int, value: str) -> str:
+def _to_input(b: GraphBuilder, node: NodeView, index: int, value: str) -> str:
     return unbroadcast(b, value, node.shape(node.outputs[0]), node.shape(index))
 
 
 @gradient("Add", "Sum")
-def sum_gradient(b, node: NodeView) -> list[str | None]:
+def sum_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G to every data input, un-broadcast."""
     return data_only(node, {i: _to_input(b, node, i, node.gradient[0]) for i in _data_inputs(node)})
 
 
 @gradient("Sub")
-def sub_gradient(b, node: NodeView) -> list[str | None]:
+def sub_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G to the minuend, −G to the subtrahend, un-broadcast."""
     gradient_out = node.gradient[0]
     return data_only(node, {i: _to_input(b, node, i, gradient_out if i == 0 else b.Neg(gradient_out))
                             for i in _data_inputs(node)})
 
 
-@relevance("Add", "Sum", "Sub", kind="merge")
-def sum_relevance(b, node: NodeView) -> list[str | None]:
-    """z-rule across data inputs (residual merge); Φ passes through a constant bias."""
+def _merge(b: GraphBuilder, node: NodeView, negated: int | None) -> list[str | None]:
+    """z-rule over the data inputs, input ``negated`` entering with a minus sign; Φ through a lone one."""
     data, relevance_out = _data_inputs(node), node.relevance[0]
     if len(data) == 1:
         return data_only(node, {data[0]: _to_input(b, node, data[0], relevance_out)})
@@ -61,12 +63,36 @@ def sum_relevance(b, node: NodeView) -> list[str | None]:
     shares = {}
     for i in data:
         share = b.Mul(node.inputs[i], ratio)
-        shares[i] = _to_input(b, node, i, b.Neg(share) if node.op_type == "Sub" and i == 1 else share)
+        shares[i] = _to_input(b, node, i, b.Neg(share) if i == negated else share)
     return data_only(node, shares)
 
 
+@relevance("Add", "Sum", kind="merge")
+def sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """z-rule across data inputs (residual merge); Φ passes through a constant bias."""
+    return _merge(b, node, negated=None)
+
+
+def centred(graph: GraphView, tensor: str) -> str | None:
+    """``x`` where ``tensor = x − ReduceMean(x)`` (a normalisation written out centres its input), else None."""
+    producer = graph.producer.get(tensor)
+    if producer is None or producer.op_type != "Sub":
+        return None
+    mean = graph.producer.get(producer.input[1])
+    return producer.input[0] if mean is not None and mean.op_type == "ReduceMean" and \
+        mean.input[0] == producer.input[0] else None
+
+
+@relevance("Sub", kind="merge")
+def sub_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """z-rule across data inputs (subtrahend's share −X₂ ⊙ S); Φ to x in a centring x − mean(x), and past a constant."""
+    if centred(node.graph, node.outputs[0]) is not None:  # the mean is a statistic of the forward pass
+        return data_only(node, {0: node.relevance[0]})
+    return _merge(b, node, negated=1)
+
+
 @gradient("Mul")
-def mul_gradient(b, node: NodeView) -> list[str | None]:
+def mul_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G times the other factor, un-broadcast."""
     a, c = node.inputs
     return data_only(node, {i: _to_input(b, node, i, b.Mul(node.gradient[0], c if i == 0 else a))
@@ -85,7 +111,7 @@ def signal_input(node: NodeView) -> int | None:
 
 
 @relevance("Mul", kind="gate")
-def mul_relevance(b, node: NodeView) -> list[str | None]:
+def mul_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """A gate x·s(x) gives all relevance to x; a constant scale passes it; two independent data tensors: ½/½."""
     data = _data_inputs(node)
     keep = data[0] if len(data) == 1 else signal_input(node)
@@ -95,7 +121,7 @@ def mul_relevance(b, node: NodeView) -> list[str | None]:
 
 
 @gradient("Div")
-def div_gradient(b, node: NodeView) -> list[str | None]:
+def div_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G / c to the numerator, −G ⊙ Y / c to a data divisor, un-broadcast."""
     quotient, divisor = node.outputs[0], node.inputs[1]
     values = {0: b.Div(node.gradient[0], divisor),
@@ -104,15 +130,18 @@ def div_gradient(b, node: NodeView) -> list[str | None]:
 
 
 @relevance("Div", kind="pass")
-def div_relevance(b, node: NodeView) -> list[str | None]:
+def div_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Φ to the numerator when the divisor is a constant or computed from it (a normaliser); else ½/½."""
-    if node.is_data(1) and not (node.is_data(0) and node.graph.depends_on(node.inputs[1], node.inputs[0])):
+    numerator, divisor = node.inputs[0], node.inputs[1]
+    normalised = [numerator, centred(node.graph, numerator)]  # x − mean(x) over a divisor computed from x
+    if node.is_data(1) and not (node.is_data(0) and any(tensor is not None and node.graph.depends_on(divisor, tensor)
+                                                        for tensor in normalised)):
         return elementwise_product_relevance(b, node)
     return data_only(node, {0: _to_input(b, node, 0, node.relevance[0])})
 
 
 @gradient("Neg")
-def neg_gradient(b, node: NodeView) -> list[str | None]:
+def neg_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """−G."""
     return data_only(node, {0: b.Neg(node.gradient[0])})
 

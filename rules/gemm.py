@@ -24,8 +24,8 @@ relevance are the rules of ``product.py`` (all to the values of an attention pro
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,8 +33,8 @@ from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max, safe_divide
 
-from ._helpers import Bilinear, batch, data_only, static_shape
-from ._registry import Rule, gradient, relevance
+from ._helpers import Bilinear, batch, data_only, named, refuse_batch_axes, static_shape
+from ._registry import gradient, relevance
 from .conv import full_rule
 from .product import matmul_product_gradient, matmul_product_relevance
 
@@ -42,24 +42,24 @@ from .product import matmul_product_gradient, matmul_product_relevance
 _TRANSPARENT = {"Identity", "Dropout"}
 
 
-def _weight(b, node: NodeView) -> str:
+def _weight(b: GraphBuilder, node: NodeView) -> str:
     """``B`` as stored (``transB`` stays an attribute: a transposed copy of a large classifier
     weight would cost memory and load time), with ``alpha`` folded in when it is not 1."""
     alpha = node.attr("alpha", 1.0)
     return b.Mul(node.inputs[1], b.const(alpha)) if alpha != 1.0 else node.inputs[1]
 
 
-def _gemm_forward(b, node: NodeView, x: str, w: str) -> str:
+def _gemm_forward(b: GraphBuilder, node: NodeView, x: str, w: str) -> str:
     return b.Gemm(x, w, transA=node.attr("transA", 0), transB=node.attr("transB", 0))
 
 
-def _gemm_vjp(b, node: NodeView, g: str, w: str) -> str:
+def _gemm_vjp(b: GraphBuilder, node: NodeView, g: str, w: str) -> str:
     # X' · B' = Y  ⇒  ∂/∂X' = G · B'ᵀ, with B' = Bᵀ when transB
     gradient_in = b.Gemm(g, w, transB=0 if node.attr("transB", 0) else 1)
     return b.Transpose(gradient_in, perm=[1, 0]) if node.attr("transA", 0) else gradient_in
 
 
-def _matmul_vjp(b, node: NodeView, g: str, w: str) -> str:
+def _matmul_vjp(b: GraphBuilder, node: NodeView, g: str, w: str) -> str:
     if len(node.shape(0)) == 2:
         return b.Gemm(g, w, transB=1)
     return b.MatMul(g, b.Transpose(w, perm=[1, 0]))
@@ -68,48 +68,47 @@ def _matmul_vjp(b, node: NodeView, g: str, w: str) -> str:
 GEMM = Bilinear(weight=_weight, forward=_gemm_forward, vjp=_gemm_vjp)
 MATMUL = Bilinear(weight=lambda b, node: node.inputs[1], forward=lambda b, node, x, w: b.MatMul(x, w),
                   vjp=_matmul_vjp)
-LINEAR = {"Gemm": GEMM, "MatMul": MATMUL}
 
 
-def _check(node: NodeView) -> None:
+def _constant_weight(node: NodeView) -> None:
     if node.is_data(1) or (len(node.inputs) > 2 and node.is_data(2)):
         raise node.refuse("only a data input A times a constant weight B is supported "
                           "(both operands depend on the input)")
-    if node.op_type == "Gemm" and node.attr("transA", 0) and node.graph.shape(node.inputs[0])[0] is None:
+    rank = len(node.shape(0))
+    refuse_batch_axes(node, node.inputs[0], [rank - 1], "contracts with the weight")
+
+
+def _gemm_check(node: NodeView) -> None:
+    _constant_weight(node)
+    if node.attr("transA", 0) and batch(node, node.inputs[0]) is not None:
         raise node.refuse("transA=1 on a batched input mixes samples; not an image classifier layer")
-    if node.op_type == "MatMul" and len(node.shape(1)) != 2:
+
+
+def _matmul_check(node: NodeView) -> None:
+    _constant_weight(node)
+    if len(node.shape(1)) != 2:
         raise node.refuse(f"the weight must be 2-D, it has shape {list(node.shape(1))}")
 
 
 def is_product(node: NodeView) -> bool:
     """A MatMul whose right operand depends on the input, or whose left one does not."""
-    return node.op_type == "MatMul" and (node.is_data(1) or not node.is_data(0))
+    return node.is_data(1) or not node.is_data(0)
 
 
-def _or_product(rule: Rule) -> Rule:
-    """``rule`` for a linear layer with a constant weight, the product rule for two data operands."""
-
-    @functools.wraps(rule)
-    def either(b, node: NodeView) -> list[str | None]:
-        return matmul_product_relevance(b, node) if is_product(node) else rule(b, node)
-
-    return either
+@gradient("Gemm")
+def gemm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G · B'ᵀ (transA, transB and alpha applied, no transposed copy of the weight)."""
+    _gemm_check(node)
+    return GEMM.gradient(b, node)
 
 
-@gradient("Gemm", "MatMul")
-def linear_gradient(b, node: NodeView) -> list[str | None]:
-    """G · W'ᵀ; for a MatMul of two data tensors G·Bᵀ and Aᵀ·G (batched, un-broadcast)."""
+@gradient("MatMul")
+def matmul_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G · Wᵀ for a constant 2-D weight; G·Bᵀ and Aᵀ·G for two data tensors (batched, un-broadcast)."""
     if is_product(node):
         return matmul_product_gradient(b, node)
-    _check(node)
-    return LINEAR[node.op_type].gradient(b, node)
-
-
-@relevance("Gemm", "MatMul", kind="zB")
-@_or_product
-def linear_input_layer(b, node: NodeView) -> list[str | None]:
-    """z^B rule bounded by the image's per-sample minimum and maximum."""
-    return LINEAR[node.op_type].input_layer(b, node)
+    _matmul_check(node)
+    return MATMUL.gradient(b, node)
 
 
 def flattened_map(node: NodeView) -> str | None:
@@ -137,16 +136,16 @@ def token_view(node: NodeView) -> tuple[int, int] | None:
     return shape[-1], factor * math.prod(shape[1:-1])
 
 
-def _token_agf(b: GraphBuilder, node: NodeView, channels: int, tokens: int) -> str:
+def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, tokens: int) -> str:
     """The conv rule (eq. 10–14) of a linear layer applied per token, a 1×1 conv over ``tokens``."""
-    relevance_out, weight = node.relevance[0], node.inputs[1]
+    relevance_out, weight = node.relevance[0], layer.weight(b, node)
     mask = nonzero(b, relevance_out)
-    masked_gradient = MATMUL.vjp(b, node, b.Mul(node.gradient[0], mask), weight)
-    abs_weight = MATMUL.absolute_weight(b, node)
+    masked_gradient = layer.vjp(b, node, b.Mul(node.gradient[0], mask), weight)
+    abs_weight = layer.absolute_weight(b, node)
     # op(1, |W|) is data-free and the same for every token: ONNX Runtime folds it when it loads the model
-    ones_through = b.MatMul(b.const(np.ones((1, channels), np.float32)), abs_weight)
-    agnostic = MATMUL.vjp(b, node, safe_divide(b, relevance_out, b.Mul(ones_through, mask)), abs_weight)
-    influence = MATMUL.absolute_influence(b, node)
+    ones_through = layer.forward(b, node, b.const(np.ones((1, channels), np.float32)), abs_weight)
+    agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, b.Mul(ones_through, mask)), abs_weight)
+    influence = layer.absolute_influence(b, node)
 
     def channel_first(tensor: str) -> str:  # [N(·P), T…, C] → [N, C, P·T]
         return b.Transpose(b.Reshape(tensor, b.ints([-1, tokens, channels])), perm=[0, 2, 1])
@@ -156,14 +155,11 @@ def _token_agf(b: GraphBuilder, node: NodeView, channels: int, tokens: int) -> s
     return b.Reshape(b.Transpose(relevance_in, perm=[0, 2, 1]), b.ints(static_shape(node, node.inputs[0])))
 
 
-@relevance("Gemm", "MatMul", kind="agf")
-@_or_product
-def linear_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """Absolute influence C; Δshift(C, nmax(gradient–input map)) after a flattened 4-D map; on tokens the conv rule."""
+def _agf(layer: Bilinear, b: GraphBuilder, node: NodeView) -> list[str | None]:
     view = token_view(node)
     if view is not None:
-        return data_only(node, {0: _token_agf(b, node, *view)})
-    influence = LINEAR[node.op_type].absolute_influence(b, node)
+        return data_only(node, {0: _token_agf(b, node, layer, *view)})
+    influence = layer.absolute_influence(b, node)
     source = flattened_map(node)
     if source is None:
         return data_only(node, {0: influence})
@@ -175,51 +171,69 @@ def linear_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
     return data_only(node, {0: delta_shift(b, influence, gradient_map, 2)})
 
 
-@relevance("Gemm", "MatMul", kind="flat")
-@_or_product
-def linear_flat(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """Absolute influence only: ΦX = C (the authors' rule for 1×1 convs, which a per-token linear layer is)."""
-    return data_only(node, {0: LINEAR[node.op_type].absolute_influence(b, node)})
+def _gemm_bias(b: GraphBuilder, node: NodeView) -> str | None:
+    """Gemm's ``C`` times ``beta``."""
+    if len(node.inputs) < 3 or not node.inputs[2]:
+        return None
+    beta = node.attr("beta", 1.0)
+    return b.Mul(node.inputs[2], b.const(beta)) if beta != 1.0 else node.inputs[2]
 
 
-@relevance("Gemm", "MatMul", kind="alpha1beta0")
-@_or_product
-def linear_alpha1beta0(b, node: NodeView) -> list[str | None]:
-    """LRP-α1β0: positive contributions only, no bias."""
-    return LINEAR[node.op_type].alpha_beta(b, node, 1.0, 0.0)
-
-
-@relevance("Gemm", "MatMul", kind="alpha2beta1")
-@_or_product
-def linear_alpha2beta1(b, node: NodeView) -> list[str | None]:
-    """LRP-α2β1: twice the positive contributions minus the negative ones, no bias."""
-    return LINEAR[node.op_type].alpha_beta(b, node, 2.0, 1.0)
-
-
-@relevance("Gemm", "MatMul", kind="rap")
-@_or_product
-def linear_rap(b, node: NodeView) -> list[str | None]:
-    """RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR."""
-    return LINEAR[node.op_type].relative(b, node, negative_on_second=False)
-
-
-@relevance("Gemm", "MatMul", kind="rap_first")
-@_or_product
-def linear_rap_first(b, node: NodeView) -> list[str | None]:
-    """RAP's first step at the logits layer (first_prop + redistribute), from the target's one-hot."""
-    return LINEAR[node.op_type].relative_start(b, node, _bias(b, node))
-
-
-def _bias(b, node: NodeView) -> str | None:
-    """The bias the layer adds: Gemm's ``C`` times ``beta``, or a constant ``Add`` right after a MatMul."""
-    if node.op_type == "Gemm":
-        if len(node.inputs) < 3 or not node.inputs[2]:
-            return None
-        beta = node.attr("beta", 1.0)
-        return b.Mul(node.inputs[2], b.const(beta)) if beta != 1.0 else node.inputs[2]
+def _matmul_bias(b: GraphBuilder, node: NodeView) -> str | None:
+    """A constant ``Add`` right after the MatMul."""
     readers = node.graph.consumers.get(node.outputs[0], [])
     if len(readers) == 1 and readers[0].op_type == "Add":
         others = [i for i in readers[0].input if i != node.outputs[0]]
         if len(others) == 1 and node.graph.is_constant(others[0]):
             return others[0]
     return None
+
+
+def _batch_first(node: NodeView) -> NodeView:
+    """``node``, refused where its input's batch is not axis 0: RAP's shift conserves ``ΣR`` over
+    all axes but the first, which would mix samples. (A batch merged with tokens at axis 0 is
+    shifted per group of tokens, each within one sample.)"""
+    for name in (node.inputs[0], node.outputs[0]):
+        axis = batch(node, name)
+        if axis is not None and axis[0] != 0:
+            raise node.refuse(f"RAP's per-sample shift needs the batch at axis 0; '{name}' carries it at axis {axis[0]}")
+    return node
+
+
+LayerRule = Callable[[Bilinear, GraphBuilder, NodeView], list]
+
+#: The relevance kinds of a linear layer: the rule (given the op's ``Bilinear``) and its description.
+_KINDS: dict[str, tuple[LayerRule, str]] = {
+    "agf": (_agf, "Absolute influence C (eq. 9); Δshift(C, nmax(gradient–input map)) after a flattened 4-D map"),
+    "flat": (lambda layer, b, node: data_only(node, {0: layer.absolute_influence(b, node)}),
+             "Absolute influence only: ΦX = C (the authors' rule for 1×1 convs, which a per-token linear layer is)"),
+    "zB": (lambda layer, b, node: layer.input_layer(b, node),
+           "z^B rule bounded by the image's per-sample minimum and maximum"),
+    "alpha1beta0": (lambda layer, b, node: layer.alpha_beta(b, node, 1.0, 0.0),
+                    "LRP-α1β0: positive contributions only, no bias"),
+    "alpha2beta1": (lambda layer, b, node: layer.alpha_beta(b, node, 2.0, 1.0),
+                    "LRP-α2β1: twice the positive contributions minus the negative ones, no bias"),
+    "rap": (lambda layer, b, node: layer.relative(b, _batch_first(node), negative_on_second=False),
+            "RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR"),
+}
+_RAP_FIRST = "RAP's first step at the logits layer (first_prop + redistribute), from the target's one-hot"
+
+
+def _register(op_type: str, layer: Bilinear, bias: Callable[[GraphBuilder, NodeView], str | None],
+              tokens: str, products: bool) -> None:
+    """Register the relevance kinds of one linear op; ``tokens``/``products`` complete the descriptions."""
+    kinds = {**_KINDS, "rap_first": (lambda layer, b, node: layer.relative_start(b, _batch_first(node), bias(b, node)),
+                                      _RAP_FIRST)}
+    for kind, (rule, description) in kinds.items():
+        def bound(b: GraphBuilder, node: NodeView, rule: LayerRule = rule) -> list[str | None]:
+            if products and is_product(node):
+                return matmul_product_relevance(b, node)
+            return rule(layer, b, node)
+
+        doc = description + (tokens if kind == "agf" else "") + ("; two data tensors: the product rule" if products
+                                                                  else "") + "."
+        relevance(op_type, kind=kind)(named(bound, f"{op_type.lower()}_{kind}", doc, __name__))
+
+
+_register("Gemm", GEMM, _gemm_bias, "", products=False)
+_register("MatMul", MATMUL, _matmul_bias, "; on token tensors the conv's full rule (eq. 10–14)", products=True)

@@ -22,24 +22,32 @@ from ._helpers import data_only, pass_through, refuse_batch_axes
 from ._registry import gradient, relevance
 
 
+def batchnorm_scale(b: GraphBuilder, node: NodeView) -> str:
+    """``γ/√(σ² + ε)`` per channel, ``[C]``: BatchNormalization at inference is ``X·scale + shift``."""
+    return b.Div(node.inputs[1], b.Sqrt(b.Add(node.inputs[4], b.const(node.attr("epsilon", 1e-5)))))
+
+
+def batchnorm_shift(b: GraphBuilder, node: NodeView) -> str:
+    """``β − μ·γ/√(σ² + ε)`` per channel, ``[C]``: the bias BatchNormalization adds (FullGrad's bias term)."""
+    return b.Sub(node.inputs[2], b.Mul(node.inputs[3], batchnorm_scale(b, node)))
+
+
 @gradient("BatchNormalization")
-def batchnorm_gradient(b, node: NodeView) -> list[str | None]:
+def batchnorm_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G ⊙ γ/√(σ² + ε), per channel."""
     if node.attr("training_mode", 0):
         raise node.refuse("training_mode=1; export the model in eval mode")
     if any(node.is_data(i) for i in range(1, 5)):
         raise node.refuse("scale, bias, mean and variance must be constants")
-    scale, variance = node.inputs[1], node.inputs[4]
-    factor = b.Div(scale, b.Sqrt(b.Add(variance, b.const(node.attr("epsilon", 1e-5)))))
     rank = len(node.shape(0))
-    factor = b.Reshape(factor, b.ints([1, -1] + [1] * (rank - 2)))
+    factor = b.Reshape(batchnorm_scale(b, node), b.ints([1, -1] + [1] * (rank - 2)))
     return data_only(node, {0: b.Mul(node.gradient[0], factor)})
 
 
 relevance("BatchNormalization", kind="pass")(pass_through)
 
 
-def _channel_window_sum(b, x: str, shape: list, before: int, after: int) -> str:
+def _channel_window_sum(b: GraphBuilder, x: str, shape: list, before: int, after: int) -> str:
     """``Σ_{j=c-before}^{c+after} x_j`` over channels: a ones-kernel conv along the channel axis."""
     channels, *spatial = shape[1:]
     columns = b.Reshape(x, b.ints([0, 1, channels, -1]))
@@ -49,7 +57,7 @@ def _channel_window_sum(b, x: str, shape: list, before: int, after: int) -> str:
 
 
 @gradient("LRN")
-def lrn_gradient(b, node: NodeView) -> list[str | None]:
+def lrn_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """G·d^-β − (2αβ/n)·X·W*(G·X·d^(-β-1)), d = bias + (α/n)·W(X²), W the channel window."""
     size, alpha = node.attr("size"), node.attr("alpha", 1e-4)
     beta, bias = node.attr("beta", 0.75), node.attr("bias", 1.0)

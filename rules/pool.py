@@ -19,10 +19,10 @@ import math
 
 import numpy as np
 
+from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import data_only, proportional
-from ._registry import gradient, relevance
+from ._helpers import explicit_pads, z_rule_op
 
 
 def _window(node: NodeView) -> dict:
@@ -32,23 +32,17 @@ def _window(node: NodeView) -> dict:
     kernel = list(node.attr("kernel_shape"))
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
-    pads = list(node.attr("pads", [0] * 2 * spatial))
-    auto_pad = node.attr("auto_pad", "NOTSET")
     out = node.shape(node.outputs[0])[2:]
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        for i in range(spatial):
-            total = max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i])
-            small, large = total // 2, total - total // 2
-            pads[i], pads[i + spatial] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    elif auto_pad == "VALID":
-        pads = [0] * 2 * spatial
+    pads = explicit_pads(node, size, out, kernel, strides, dilations)
     extra = [max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
                  - size[i] - pads[i] - pads[i + spatial]) for i in range(spatial)]
     return {"kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads, "extra": extra,
             "size": list(size), "out": list(out)}
 
 
-def _maxpool_vjp(b, node: NodeView, g: str) -> str:
+@z_rule_op("MaxPool", "Scatter-add of G at each window's arg-max (adds where windows overlap).",
+           "z-rule: ΦX = X ⊙ scatter(sdiv(Φ, Y ⊙ 1[Φ≠0])) at each window's arg-max (Φ follows the maximum).")
+def _maxpool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     if node.attr("storage_order", 0):
         raise node.refuse("storage_order=1 (column-major indices) is not supported")
     if "indices" not in node.cache:
@@ -76,7 +70,9 @@ def _average_divisor(node: NodeView, window: dict) -> np.ndarray:
     return grid.astype(np.float32).reshape(1, 1, *window["out"])
 
 
-def _averagepool_vjp(b, node: NodeView, g: str) -> str:
+@z_rule_op("AveragePool", "G / divisor spread over each window (depthwise transposed conv).",
+           "z-rule: ΦX = X ⊙ spread(sdiv(Φ, Y ⊙ 1[Φ≠0]) / divisor), Φ shared in proportion to each pixel.")
+def _averagepool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     window = _window(node)
     spatial, channels = len(window["size"]), node.shape(0)[1]
     if any(d != 1 for d in window["dilations"]):
@@ -90,33 +86,8 @@ def _averagepool_vjp(b, node: NodeView, g: str) -> str:
                            group=channels, output_padding=output_padding if any(output_padding) else None)
 
 
-def _global_average_vjp(b, node: NodeView, g: str) -> str:
+@z_rule_op("GlobalAveragePool", "G / (H·W), broadcast back.",
+           "z-rule: ΦX = X ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0]) / (H·W), Φ shared in proportion to each pixel.")
+def _global_average_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     spatial = node.shape(0)[2:]
     return b.Expand(b.Div(g, b.const(float(math.prod(spatial)))), b.ints([1, 1, *spatial]))
-
-
-_VJP = {"MaxPool": _maxpool_vjp, "AveragePool": _averagepool_vjp, "GlobalAveragePool": _global_average_vjp}
-
-
-@gradient("MaxPool")
-def maxpool_gradient(b, node: NodeView) -> list[str | None]:
-    """Scatter-add of G at each window's arg-max (adds where windows overlap)."""
-    return data_only(node, {0: _maxpool_vjp(b, node, node.gradient[0])})
-
-
-@gradient("AveragePool")
-def averagepool_gradient(b, node: NodeView) -> list[str | None]:
-    """G / divisor spread over each window (depthwise transposed conv)."""
-    return data_only(node, {0: _averagepool_vjp(b, node, node.gradient[0])})
-
-
-@gradient("GlobalAveragePool")
-def global_average_gradient(b, node: NodeView) -> list[str | None]:
-    """G / (number of averaged pixels), broadcast back."""
-    return data_only(node, {0: _VJP[node.op_type](b, node, node.gradient[0])})
-
-
-@relevance("MaxPool", "AveragePool", "GlobalAveragePool", kind="z")
-def pool_relevance(b, node: NodeView) -> list[str | None]:
-    """z-rule: ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))."""
-    return proportional(b, node, lambda b, node, ratio: _VJP[node.op_type](b, node, ratio))

@@ -13,8 +13,7 @@ import math
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import broadcast_shape, data_only, proportional, refuse_batch_axes
-from ._registry import gradient, relevance
+from ._helpers import broadcast_shape, refuse_batch_axes, static_sizes, z_rule_op
 
 
 def reduced_axes(node: NodeView) -> list[int]:
@@ -41,37 +40,17 @@ def _spread(b: GraphBuilder, node: NodeView, g: str, mean: bool) -> str:
     if not node.attr("keepdims", 1):
         g = b.Unsqueeze(g, b.ints(axes))
     if mean:
-        g = b.Div(g, b.const(float(math.prod(in_shape[a] for a in axes))))
+        g = b.Div(g, b.const(float(math.prod(static_sizes(node, node.inputs[0], axes)))))
     return b.Expand(g, b.ints(broadcast_shape(in_shape)))
 
 
+@z_rule_op("ReduceSum", "G broadcast back over the summed axes.",
+           "z-rule: ΦX = X ⊙ broadcast(sdiv(Φ, Y ⊙ 1[Φ≠0])), Φ shared in proportion to each summand.")
 def _sum_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     return _spread(b, node, g, mean=False)
 
 
+@z_rule_op("ReduceMean", "G / (number of averaged elements), broadcast back over the averaged axes.",
+           "z-rule: ΦX = X ⊙ broadcast(sdiv(Φ, Y ⊙ 1[Φ≠0])) / count, Φ shared in proportion to each element.")
 def _mean_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     return _spread(b, node, g, mean=True)
-
-
-@gradient("ReduceSum")
-def reduce_sum_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """G broadcast back over the summed axes."""
-    return data_only(node, {0: _sum_vjp(b, node, node.gradient[0])})
-
-
-@gradient("ReduceMean")
-def reduce_mean_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """G / (number of averaged elements), broadcast back over the averaged axes."""
-    return data_only(node, {0: _mean_vjp(b, node, node.gradient[0])})
-
-
-@relevance("ReduceSum", kind="z")
-def reduce_sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """z-rule: ΦX = X ⊙ broadcast(sdiv(Φ, Y ⊙ 1[Φ≠0]))."""
-    return proportional(b, node, _sum_vjp)
-
-
-@relevance("ReduceMean", kind="z")
-def reduce_mean_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """z-rule: ΦX = X ⊙ broadcast(sdiv(Φ, Y ⊙ 1[Φ≠0])) / count."""
-    return proportional(b, node, _mean_vjp)

@@ -15,6 +15,7 @@ carries the batch is refused, since it would mix samples.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -22,11 +23,14 @@ import numpy as np
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 
-from ._helpers import batch, data_only, pass_through, refuse_batch_axes, static_shape, unbroadcast
+from ._helpers import batch, data_only, named, pass_through, refuse_batch_axes, static_shape, static_sizes, unbroadcast
 from ._registry import gradient, relevance
 
 #: ``(b, node, one value per output)`` → one value per input: the adjoint of the op's move.
 Move = Callable[[GraphBuilder, NodeView, list], list]
+
+
+_GRADIENT = re.compile(r"\bG\b")
 
 
 def moves(op_type: str, summary: str) -> Callable[[Move], Move]:
@@ -40,13 +44,10 @@ def moves(op_type: str, summary: str) -> Callable[[Move], Move]:
         def relevance_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
             return back(b, node, node.relevance)
 
-        gradient_rule.__doc__ = summary
-        relevance_rule.__doc__ = f"Moves relevance as {op_type} moves data: ΦX = {summary.rstrip('.')} applied to Φ."
-        for rule, role in ((gradient_rule, "gradient"), (relevance_rule, "relevance")):
-            rule.__name__ = rule.__qualname__ = f"{op_type.lower()}_{role}"
-            rule.__module__ = back.__module__
-        gradient(op_type)(gradient_rule)
-        relevance(op_type, kind="adjoint")(relevance_rule)
+        name, module = op_type.lower(), back.__module__
+        gradient(op_type)(named(gradient_rule, f"{name}_gradient", summary, module))
+        moved = f"Moves relevance as {op_type} moves data: " + _GRADIENT.sub("Φ", summary)
+        relevance(op_type, kind="adjoint")(named(relevance_rule, f"{name}_relevance", moved, module))
         return back
 
     return register
@@ -79,7 +80,7 @@ def _axis(node: NodeView, doing: str, default: int = 0) -> int:
 @moves("Concat", "G split back into the concatenated parts.")
 def _concat_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
     axis = _axis(node, "concatenates")
-    sizes = [node.shape(i)[axis] for i in range(len(node.inputs))]
+    sizes = [static_sizes(node, name, [axis])[0] for name in node.inputs]
     parts = b.Split(values[0], b.ints(sizes), axis=axis, outputs=len(sizes)) if len(sizes) > 1 else (values[0],)
     return data_only(node, dict(enumerate(parts)))
 
@@ -178,7 +179,7 @@ def _gather_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | No
     rank = len(shape)
     axis = _axis(node, "gathers")
     indices = _constant_indices(node)
-    size = shape[axis]
+    size = static_sizes(node, node.inputs[0], [axis])[0]
     flat = indices.reshape(-1) % size
     one_hot = np.zeros((flat.size, size), np.float32)
     np.add.at(one_hot, (np.arange(flat.size), flat), 1.0)
@@ -237,10 +238,22 @@ def _where_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | Non
                             for i, pick in branches.items() if node.is_data(i)})
 
 
-@gradient("Identity", "Dropout", "Cast")
+@gradient("Identity")
 def identity_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """G unchanged (Dropout at inference; Cast: G as float)."""
-    if node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
+    """G unchanged."""
+    return data_only(node, {0: node.gradient[0]})
+
+
+@gradient("Cast")
+def cast_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G unchanged, as float (the cast of an integer image to float)."""
+    return data_only(node, {0: node.gradient[0]})
+
+
+@gradient("Dropout")
+def dropout_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G unchanged (inference: training_mode a constant false)."""
+    if len(node.inputs) > 2 and node.inputs[2]:
         if not node.graph.is_constant(node.inputs[2]) or bool(node.value(2)):
             raise node.refuse("training_mode must be a constant false")
     return data_only(node, {0: node.gradient[0]})

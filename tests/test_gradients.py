@@ -145,6 +145,8 @@ CASES = [
     Case("GatherElements", (2, 3, 4), lambda x, i: torch.gather(x, 2, torch.from_numpy(i % 4)),
          constants=[np.array(RNG.integers(-4, 4, (2, 3, 6)), np.int64)], attrs=dict(axis=2)),
     Case("Expand", (2, 1, 4), lambda x, s: x.expand(-1, 3, 4), constants=[np.array([1, 3, 4], np.int64)]),
+    Case("Expand", (2, 3), lambda x, s: x.expand(4, 2, 3), constants=[np.array([4, 1, 3], np.int64)],
+         id="new-leading-axis-moves-the-batch"),
     Case("Tile", (2, 3, 4), lambda x, r: x.repeat(1, 2, 3), constants=[np.array([1, 2, 3], np.int64)]),
     Case("Where", (2, 3, 4), lambda x, c, k: torch.where(torch.from_numpy(c), x, k),
          constants=[RNG.random((3, 4)) > 0.5, weights(1, 4)], order="cxc", id="constant-branch"),
@@ -239,7 +241,7 @@ def test_gradient_matches_autograd(case: Case):
     upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
     (expected,) = torch.autograd.grad(y, x_torch, upstream)
 
-    model = gradient_model(one_node_model(case), output="y", input="x")
+    model = gradient_model(one_node_model(case), output="y", source="x")
     got = run(model, {"x": x, "gradient_in": upstream.float().numpy()})
     assert got["y"].shape == tuple(y.shape)
     np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)
@@ -325,6 +327,6 @@ def test_gradient_where_the_batch_is_not_axis_0(build):
     y = reference(x_torch)
     upstream = torch.from_numpy(RNG.standard_normal(tuple(y.shape)).astype(np.float32)).double()
     (expected,) = torch.autograd.grad(y, x_torch, upstream)
-    got = run(gradient_model(model, output="y", input="x"), {"x": x, "gradient_in": upstream.float().numpy()})
+    got = run(gradient_model(model, output="y", source="x"), {"x": x, "gradient_in": upstream.float().numpy()})
     np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from captum.attr import InputXGradient, Saliency
 
 import agf_onnx
 from agf_onnx.cli import main
-from agf_onnx.methods import METHODS
+from agf_onnx.methods import METHODS, Kind
 
 from . import models, oracle, zoo
 from .runtime import run
@@ -45,7 +45,7 @@ def test_every_method_keeps_the_interface_and_is_documented():
     x = torch.randn(2, 3, 32, 32).numpy()
     for name, method in METHODS.items():
         assert method.summary and method.formula, f"{name} is not documented"
-        if method.attention_map is not None:  # a transformer method: refused by name on a CNN
+        if method.kind is Kind.ATTENTION:  # a transformer method: refused by name on a CNN
             with pytest.raises(agf_onnx.CompileError, match="--method chefer: no attention"):
                 agf_onnx.compile(proto, method=name)
             continue

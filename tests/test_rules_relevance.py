@@ -305,6 +305,10 @@ REFUSED = [
     (Case("Einsum", (), None, operands=[(2, 3), (2, 3)], attrs=dict(equation="bi,bi->i")), "carries the batch"),
     (Case("Slice", (4, 3), None, constants=[np.array([0], np.int64), np.array([2], np.int64),
                                             np.array([0], np.int64)]), "slices along axis 0"),
+    (Case("Tile", (2, 3), None, constants=[np.array([2, 1], np.int64)]), "tiles along axis 0"),
+    (Case("Pad", (2, 3), None, constants=[np.array([1, 0, 0, 0], np.int64)]), "pads along axis 0"),
+    (Case("LayerNormalization", (2, 3), None, constants=[np.ones((2, 3), np.float32)], attrs=dict(axis=0)),
+     "normalises along axis 0"),
 ]
 
 
@@ -313,7 +317,7 @@ def test_ops_that_mix_samples_are_refused_by_name(case, message):
     from agf_onnx.compiler import gradient_model
 
     with pytest.raises(CompileError, match=f"{case.op} node '{case.op}_under_test'.*{message}"):
-        gradient_model(one_node_model(case), output="y", input="x")
+        gradient_model(one_node_model(case), output="y", source="x")
 
 
 # -- attention inside a small model: conservation through the whole block ----------------------------
@@ -361,12 +365,11 @@ def _token_model(shape: tuple, weight: np.ndarray, merged: int = 1) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"),
-               pytest.param((2, 3, 5), 2, "merged-batch", marks=pytest.mark.skipif(
-                   not hasattr(GraphView, "batch"), reason="needs GraphView.batch (batch merged with tokens)"))]
+TOKEN_CASES = [((2, 6, 5), 1, "tokens"), ((2, 3, 4, 5), 1, "NHWC"), ((2, 3, 5), 2, "merged-batch"),
+               ((2, 5), 3, "merged-2d")]
 
 
-@pytest.mark.parametrize("shape,merged,name", TOKEN_CASES, ids=["tokens", "NHWC", "merged-batch"])
+@pytest.mark.parametrize("shape,merged,name", TOKEN_CASES, ids=[name for *_, name in TOKEN_CASES])
 def test_token_linear_layer_gets_the_full_conv_rule(shape, merged, name):
     samples = shape[0]
     weight = RNG.standard_normal((shape[-1], 4)).astype(np.float32)
@@ -395,3 +398,98 @@ def test_token_linear_layer_flat_is_the_absolute_influence():
     expected = oracle.absolute_influence(lambda t, w: t @ w, torch.from_numpy(x).double(),
                                          torch.from_numpy(weight).double(), torch.from_numpy(relevance).double())
     np.testing.assert_allclose(shares["x"], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _moved_batch_model(node: onnx.NodeProto, constants: dict | None = None) -> onnx.ModelProto:
+    """x [N, 4, 3] → Transpose → [4, N, 3] → ``node`` (reads 'moved', writes 'y')."""
+    nodes = [helper.make_node("Transpose", ["x"], ["moved"], perm=[1, 0, 2]), node]
+    graph = helper.make_graph(nodes, "moved", [_info("x", (None, 4, 3))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in (constants or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MOVED_REFUSED = [
+    (helper.make_node("Softmax", ["moved"], ["y"], name="mix", axis=1), {}, "normalises along axis 1"),
+    (helper.make_node("ReduceSum", ["moved", "axes"], ["y"], name="mix"), {"axes": np.array([1], np.int64)},
+     "reduces along axis 1"),
+    (helper.make_node("Gather", ["moved", "index"], ["y"], name="mix", axis=1), {"index": np.array(0, np.int64)},
+     "gathers along axis 1"),
+    (helper.make_node("Concat", ["moved", "moved"], ["y"], name="mix", axis=1), {}, "concatenates along axis 1"),
+    (helper.make_node("MatMul", ["moved", "weight"], ["y"], name="mix"), {"weight": np.ones((3, 2), np.float32)},
+     None),
+]
+
+
+@pytest.mark.parametrize("node,constants,message", MOVED_REFUSED, ids=["Softmax", "ReduceSum", "Gather", "Concat",
+                                                                         "MatMul-token-form"])
+def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constants, message):
+    from agf_onnx.compiler import gradient_model
+
+    model = _moved_batch_model(node, constants)
+    if message is not None:
+        with pytest.raises(CompileError, match=f"{node.op_type} node 'mix'.*{message}.*carries the batch"):
+            gradient_model(model, output="y", source="x")
+        return
+    # a linear layer on [T, N, C]: its gradient is fine, the token form of AGF needs the batch first
+    x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+    relevance = RNG.standard_normal((4, 2, 2)).astype(np.float32)
+    with pytest.raises(CompileError, match="MatMul node 'mix'.*carries the batch at axis 1"):
+        relevance_of(model, "mix", "agf", x, relevance)
+    shares, _ = relevance_of(model, "mix", "flat", x, relevance)
+    assert shares["moved"].shape == (4, 2, 3)
+
+
+def test_ops_along_other_axes_work_where_the_batch_is_moved():
+    """Gather on axis 0 of [4, N, 3] (the token axis, as timm's qkv[0]) is fine."""
+    model = _moved_batch_model(helper.make_node("Gather", ["moved", "index"], ["y"], name="pick", axis=0),
+                               {"index": np.array(2, np.int64)})
+    x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+    relevance = RNG.standard_normal((2, 3)).astype(np.float32)
+    shares, _ = relevance_of(model, "pick", "adjoint", x, relevance)
+    expected = np.zeros((4, 2, 3), np.float32)
+    expected[2] = relevance
+    np.testing.assert_array_equal(shares["moved"], expected)
+
+
+def test_rap_refuses_a_moved_batch():
+    """RAP's shift conserves ΣR over every axis but the first: with the batch at axis 1 that would mix samples."""
+    moved = _moved_batch_model(helper.make_node("MatMul", ["moved", "weight"], ["y"], name="mix"),
+                               {"weight": np.ones((3, 2), np.float32)})
+    x, relevance = RNG.standard_normal((2, 4, 3)).astype(np.float32), RNG.standard_normal((4, 2, 2)).astype(np.float32)
+    with pytest.raises(CompileError, match="MatMul node 'mix'.*RAP's per-sample shift needs the batch at axis 0"):
+        relevance_of(moved, "mix", "rap", x, relevance)
+
+
+def _layer_norm_written_out(variance_from_input: bool) -> onnx.ModelProto:
+    """(x − mean x) / sqrt(var + ε), var = mean((x − mean x)²) or mean(x²) − (mean x)² (as decompositions write it)."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+             helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre")]
+    if variance_from_input:
+        nodes += [helper.make_node("Mul", ["x", "x"], ["square"]),
+                  helper.make_node("ReduceMean", ["square"], ["mean_square"], axes=[-1]),
+                  helper.make_node("Mul", ["mean", "mean"], ["square_mean"]),
+                  helper.make_node("Sub", ["mean_square", "square_mean"], ["variance"])]
+    else:
+        nodes += [helper.make_node("Mul", ["centred", "centred"], ["square"]),
+                  helper.make_node("ReduceMean", ["square"], ["variance"], axes=[-1])]
+    nodes += [helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+              helper.make_node("Sqrt", ["shifted"], ["deviation"]),
+              helper.make_node("Div", ["centred", "deviation"], ["y"], name="normalise")]
+    graph = helper.make_graph(nodes, "layer_norm", [_info("x", (None, 3, 4))], [_info("y", (None, 3, 4))],
+                              [numpy_helper.from_array(np.float32(1e-5), "eps")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("variance_from_input", [False, True], ids=["centred-variance", "input-variance"])
+def test_layer_norm_written_out_passes_relevance_to_its_input(variance_from_input):
+    """Centring and scaling are statistics of the forward pass (spec "Normalisations"): Φ reaches x whole."""
+    model = _layer_norm_written_out(variance_from_input)
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    relevance = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    shares, _ = relevance_of(model, "normalise", "pass", x, relevance)
+    assert set(shares) == {"centred"}
+    np.testing.assert_array_equal(shares["centred"], relevance)
+    shares, _ = relevance_of(model, "centre", "merge", x, relevance)
+    assert set(shares) == {"x"}
+    np.testing.assert_array_equal(shares["x"], relevance)

@@ -10,8 +10,7 @@ model and every method of ``agf_onnx.methods.METHODS``:
   only if every node runs on the CUDA provider;
 - **heatmaps**: Pearson r per sample (the minimum over the samples is reported) of the CUDA map
   with ``use_tf32=0`` and with TF32 against the CPU provider's map, TF32 against CUDA fp32 (the
-  TF32 effect alone: SmoothGrad's in-graph noise differs between providers, not between the two
-  CUDA sessions), and against a float64 reference where one exists (``torch.autograd`` in
+  TF32 effect alone, whatever the method's noise), and against a float64 reference where one exists (``torch.autograd`` in
   float64 for the gradient and gradient × input, ``tests/oracle.py`` in float64 for AGF);
 - **time per batch** of 1 and 16: inputs and outputs bound to the GPU (IO binding), every run
   synchronised, median of the timed runs after warm-up runs, fp32 and TF32, and fp32 with
