@@ -72,6 +72,9 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+    parser.add_argument("--allow-tf32", action="store_true",
+                        help="on CUDA, let convs/GEMMs round their operands to TF32: faster, but the maps then "
+                             "diverge from the model's (default: exact float32, use_tf32=0)")
 
 
 def _ssl_options(parser: argparse.ArgumentParser) -> None:
@@ -370,7 +373,7 @@ def _explain(args: argparse.Namespace) -> int:
     explainer = Explainer(args.model, args.provider, preset=args.preset, mean=_floats(args.mean, "--mean"),
                           std=_floats(args.std, "--std"), size=args.size, crop=args.crop, bgr=args.bgr,
                           labels=labels,
-                          input_shapes=shapes, batch_size=args.batch_size)
+                          input_shapes=shapes, batch_size=args.batch_size, allow_tf32=args.allow_tf32)
     if explainer.compiled_on_the_fly:
         print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
               f"`agf-onnx compile`)")
@@ -404,7 +407,8 @@ def _explain(args: argparse.Namespace) -> int:
             progress.update(len(batch))
     if progress is not None:
         progress.close()
-    settings = {"model": str(args.model), "provider": explainer.provider, "target": args.target,
+    settings = {"model": str(args.model), "provider": explainer.provider, "allow_tf32": args.allow_tf32,
+                "target": args.target,
                 "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean, "std": explainer.std,
                 "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
                 **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {})}
@@ -441,7 +445,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                                   **ssl_options},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
-                            crop=args.crop, bgr=args.bgr)
+                            crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32)
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}")
     bar = None if args.quiet else progress_bar(len(samples) * len(methods))
 
@@ -453,7 +457,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
-                "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
+                "provider": evaluation.provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
+                "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
                 **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,

@@ -34,6 +34,7 @@ from .compiler import HEATMAP_OUTPUT, compile
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, load_image
 from .methods import METHODS
+from .sessions import create_session
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
@@ -224,13 +225,12 @@ class Evaluation:
         methods: method names (see ``agf-onnx compile --method``).
         compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
-        explainer_options: preprocessing and provider, as for ``agf_onnx.Explainer``.
+        explainer_options: preprocessing and ``allow_tf32``, as for ``agf_onnx.Explainer`` (the
+            classifier's own session gets the same provider and ``allow_tf32``).
     """
 
     def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
                  provider: str = "auto", batch_size: int = 16, **explainer_options) -> None:
-        import onnxruntime as ort
-
         check_methods(methods)
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
         self.compile_options, self.explainer_options = dict(compile_options or {}), dict(explainer_options)
@@ -245,9 +245,8 @@ class Evaluation:
             raise EvaluateError(f"{model}: the class scores are not a graph output, so perturbed images cannot be "
                                 "classified")
         self.provider = self.reference.provider
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" else \
-            ["CPUExecutionProvider"]
-        self.classifier = ort.InferenceSession(passes.load(model).SerializeToString(), providers=providers)
+        self.classifier = create_session(passes.load(model), self.provider,
+                                         allow_tf32=self.explainer_options.get("allow_tf32", False))
 
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""
