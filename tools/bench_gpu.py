@@ -24,6 +24,7 @@ Integrated Gradients and SmoothGrad run with 16 steps / 8 samples (a batch of 16
 
 Writes ``DIR/bench_gpu.json`` and ``DIR/bench_gpu.md``.
 """
+# ruff: noqa: B023 - every lambda below is a thunk that Bench.step calls at once, inside its loop
 
 from __future__ import annotations
 
@@ -407,7 +408,7 @@ class Bench:
                 self.results["skipped"].append(f"{name}: CUDA graphs (CPU dry run)")
                 if compiled("agf"):
                     self.step(f"{name}: profile agf batch 1", lambda: self.profile(name, state, "agf", 1))
-            del state
+            state = None  # the model's sessions and buffers go before the next model's
             gc.collect()
         self.results["seconds"] = round(time.perf_counter() - self.began, 1)
         self.save()
@@ -475,9 +476,8 @@ def main() -> None:
     parser.add_argument("--profile-batches", type=lambda t: [int(b) for b in t.split(",") if b], default=[1, 16])
     parser.add_argument("--cpu-only", action="store_true", help="dry run on tiny models with the CPU provider")
     args = parser.parse_args()
-    import torch  # first: its CUDA and cuDNN libraries are the ones ONNX Runtime's CUDA provider loads
-
     import onnxruntime as ort
+    import torch  # first: its CUDA and cuDNN libraries are the ones ONNX Runtime's CUDA provider loads
 
     ort.set_default_logger_severity(3)
     if not args.cpu_only and hasattr(ort, "preload_dlls"):
