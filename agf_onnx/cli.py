@@ -72,6 +72,9 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+    parser.add_argument("--allow-tf32", action="store_true",
+                        help="on CUDA, let convs/GEMMs round their operands to TF32: faster, but the maps then "
+                             "diverge from the model's (default: exact float32, use_tf32=0)")
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -406,7 +409,7 @@ def _explain(args: argparse.Namespace) -> int:
     check_model_file(args.model)
     model, compiled_here = compiled_model(args.model, shapes)
     options = {"preset": args.preset, "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"),
-               "size": args.size, "crop": args.crop, "bgr": args.bgr}
+               "size": args.size, "crop": args.crop, "bgr": args.bgr, "allow_tf32": args.allow_tf32}
     # with Ray the sessions live in the workers: the driver's session only checks options, on the CPU
     explainer = Explainer(model, "cpu" if engine else args.provider, labels=labels, batch_size=args.batch_size,
                           **options)
@@ -434,8 +437,8 @@ def _explain(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
-                "target": args.target, "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean,
-                "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
+                "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
+                "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
                 **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
                 "engine": args.engine, "output_format": args.output_format}
     if engine is not None:
@@ -474,7 +477,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                                   **ssl_options},
                             provider="cpu" if engine else args.provider, batch_size=args.batch_size,
                             preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
-                            size=args.size, crop=args.crop, bgr=args.bgr)
+                            size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32)
     provider = engine.provider if engine else evaluation.provider
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {provider}")
     with engine or contextlib.nullcontext():
@@ -492,7 +495,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
-                "provider": provider, "preset": args.preset, "mean": evaluation.reference.mean,
+                "provider": provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
+                "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
                 **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,

@@ -336,7 +336,8 @@ class _EvaluateWorker:
     def __init__(self, model: bytes, classifier: bytes, options: dict, provider: str, batch_size: int,
                  per_run: int, crash: str | None) -> None:
         explainer = Explainer(onnx.load_from_string(model), provider, threads=1, batch_size=batch_size, **options)
-        self.scorer = MethodScorer(explainer, classifier_session(classifier, provider, threads=1), batch_size,
+        session = classifier_session(classifier, provider, allow_tf32=options.get("allow_tf32", False), threads=1)
+        self.scorer = MethodScorer(explainer, session, batch_size,
                                    per_run)
         self.crash, self.batches = crash, 0
 

@@ -32,8 +32,9 @@ import onnx
 from . import metrics, passes
 from .compiler import HEATMAP_OUTPUT, compile
 from .errors import CompileError
-from .explain import CUDA_PROVIDERS, IMAGE_SUFFIXES, Explainer, Preprocessing, load_image
+from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
+from .sessions import create_session
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
@@ -252,15 +253,10 @@ def prepare_samples(preprocessing: Preprocessing,
     return np.stack(photos), masks
 
 
-def classifier_session(model: bytes, provider: str, threads: int | None = None):
-    """An ONNX Runtime session of the original classifier (perturbed images are classified by it)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model, options,
-                                providers=CUDA_PROVIDERS if provider == "cuda" else ["CPUExecutionProvider"])
+def classifier_session(model, provider: str, allow_tf32: bool = False, threads: int | None = None):
+    """An ONNX Runtime session of the original classifier (``ModelProto`` or bytes; the perturbed
+    images are classified by it)."""
+    return create_session(model, provider, allow_tf32=allow_tf32, options=session_options(threads))
 
 
 def chunked_outputs(explainer: Explainer, photos: np.ndarray, targets: np.ndarray,
@@ -421,7 +417,8 @@ class Evaluation:
         methods: method names (see ``agf-onnx compile --method``).
         compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
-        explainer_options: preprocessing and provider, as for ``agf_onnx.Explainer``.
+        explainer_options: preprocessing and ``allow_tf32``, as for ``agf_onnx.Explainer`` (the
+            classifier's own session gets the same provider and ``allow_tf32``).
     """
 
     def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
@@ -440,7 +437,8 @@ class Evaluation:
             raise EvaluateError(f"{model}: the class scores are not a graph output, so perturbed images cannot be "
                                 "classified")
         self.provider = self.reference.provider
-        self.classifier = classifier_session(self.original().SerializeToString(), self.provider)
+        self.classifier = classifier_session(self.original(), self.provider,
+                                             allow_tf32=self.explainer_options.get("allow_tf32", False))
 
     def original(self):
         """The original classifier (an ``onnx.ModelProto``)."""

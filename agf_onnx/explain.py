@@ -16,6 +16,7 @@ import onnx
 from . import passes
 from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError
+from .sessions import create_session, session_provider
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
 #: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
@@ -24,9 +25,6 @@ PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], as Paddle classifiers and MTCNN
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # [0, 1]
 }
-#: CUDA runs float32 convs and GEMMs in float32, not TF32 (ONNX Runtime's default): TF32's 10-bit
-#: mantissa changes the heatmaps far beyond round-off.
-CUDA_PROVIDERS = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
@@ -228,6 +226,14 @@ class Explainer:
         input_shapes: for compiling a model with dynamic height/width on the fly.
         compile_original: compile a model without a ``heatmap`` output on the fly (False: run it as
             it is, for its other outputs, as ``agf_onnx.bank`` does).
+        batch_size: images per session run.
+        allow_tf32: on CUDA, let convs/GEMMs round their operands to TF32 (faster; the maps then
+            diverge from the model's: see ``agf_onnx.sessions``). Default: exact float32.
+        cuda_graph: for low-latency serving on CUDA: capture the run as a CUDA graph and replay it
+            (``enable_cuda_graph=1``) with inputs and outputs bound to fixed GPU buffers. Every run
+            then has exactly ``batch_size`` samples (smaller batches are padded, the padding's maps
+            dropped) and the model must have static shapes apart from the batch. CUDA only: a
+            ``ProviderError`` elsewhere.
         threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
             engine runs one single-threaded session per CPU it is given.
     """
@@ -237,32 +243,17 @@ class Explainer:
                  size: int | None = None, crop: bool = False, bgr: bool = False,
                  labels: Sequence[str] | None = None,
                  input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+                 allow_tf32: bool = False, cuda_graph: bool = False, threads: int | None = None) -> None:
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
         proto, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
         meta = {p.key: p.value for p in proto.metadata_props}
-        if provider not in ("auto", "cuda", "cpu"):
-            raise ExplainError(f"unknown provider '{provider}' (auto, cuda, cpu)")
-        serialized = proto.SerializeToString()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = None
-        if provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            # the GPU wheel lists CUDA even where its libraries are missing: try it, quietly for auto
-            ort.set_default_logger_severity(4 if provider == "auto" else 3)
-            self.session = ort.InferenceSession(serialized, options, providers=CUDA_PROVIDERS)
-            if "CUDAExecutionProvider" not in self.session.get_providers():
-                self.session = None
-        ort.set_default_logger_severity(3)
-        if self.session is None:
-            if provider == "cuda":
-                raise ExplainError("--provider cuda: ONNX Runtime cannot use CUDA here (no CUDA build or no GPU)")
-            self.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-        self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        if cuda_graph and batch_size < 1:
+            raise ExplainError(f"cuda_graph=True: batch_size {batch_size} must be at least 1 (the graph's fixed batch)")
+        self.session = create_session(proto, provider, allow_tf32=allow_tf32, cuda_graph=cuda_graph,
+                                      options=session_options(threads))
+        self.provider = session_provider(self.session)
+        self.allow_tf32, self.cuda_graph = allow_tf32, cuda_graph
         self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
         info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
         self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
@@ -287,6 +278,7 @@ class Explainer:
         if (mean is None) != (std is None):
             raise ExplainError("--mean and --std go together")
         self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
+        self._graph_run = _CudaGraphRun(self.session, batch_size) if cuda_graph else None
 
     # -- preprocessing ------------------------------------------------------------------------
     @property
@@ -311,7 +303,10 @@ class Explainer:
     # -- running ------------------------------------------------------------------------------
     def run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of one session run on a model input ``batch`` and classes ``target`` ([N] or [1])."""
-        values = self.session.run(self.outputs, {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)})
+        feeds = {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)}
+        if self._graph_run is not None:
+            return self._graph_run.run(feeds)
+        values = self.session.run(self.outputs, feeds)
         return dict(zip(self.outputs, values))
 
     def class_index(self, target: int | str) -> int:
@@ -411,6 +406,54 @@ class Explainer:
         return explanation
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+                "tensor(int8)": np.int8}
+
+
+class _CudaGraphRun:
+    """Runs a CUDA-graph session on fixed GPU buffers: every input and output bound once, at
+    ``batch`` samples, so that the captured graph's addresses and shapes never change."""
+
+    def __init__(self, session, batch: int) -> None:
+        import onnxruntime as ort
+
+        self.session, self.batch = session, batch
+        self.binding = session.io_binding()
+        self.inputs: dict[str, tuple] = {}
+        self.outputs = [info.name for info in session.get_outputs()]
+        # ``target`` is an overridable initializer (its default −1 = each top class), not an input
+        for info in [*session.get_inputs(), *session.get_overridable_initializers(), *session.get_outputs()]:
+            # the batch axis (symbolic in an exported model) becomes the fixed batch; nothing else may vary
+            shape = [batch if axis == 0 and not isinstance(d, int) else d for axis, d in enumerate(info.shape)]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or info.type not in _NUMPY_TYPES:
+                raise ExplainError(f"cuda_graph=True needs static shapes apart from the batch axis: '{info.name}' "
+                                   f"is {info.type} {info.shape}")
+            dtype = _NUMPY_TYPES[info.type]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+            if info.name in self.outputs:
+                self.binding.bind_ortvalue_output(info.name, value)
+            else:
+                self.binding.bind_ortvalue_input(info.name, value)
+                self.inputs[info.name] = (value, shape, dtype)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output for ``feeds`` of up to ``batch`` samples (padded with the last sample)."""
+        count = max(len(array) for array in feeds.values())
+        if count > min(shape[0] for _, shape, _ in self.inputs.values()):
+            raise ExplainError(f"cuda_graph=True: a batch of {count} exceeds the graph's fixed batch "
+                               f"{min(shape[0] for _, shape, _ in self.inputs.values())}")
+        if set(feeds) != set(self.inputs):
+            raise ExplainError(f"cuda_graph=True: the model's inputs are {sorted(self.inputs)}, fed {sorted(feeds)}")
+        for name, array in feeds.items():
+            value, shape, dtype = self.inputs[name]
+            array = np.broadcast_to(array, (count, *array.shape[1:])) if len(array) == 1 else array
+            padded = np.concatenate([array, np.repeat(array[-1:], shape[0] - count, 0)]) if shape[0] > count else array
+            value.update_inplace(np.ascontiguousarray(padded, dtype=dtype))
+        self.session.run_with_iobinding(self.binding)
+        return {name: value[:count] for name, value in zip(self.outputs, self.binding.copy_outputs_to_cpu())}
+
+
 def _as_probabilities(scores: np.ndarray) -> np.ndarray:
     """The scores if they already are probabilities (a trailing Softmax), else their softmax."""
     if (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3):
@@ -427,6 +470,16 @@ def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dic
     if not compile_original or any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
         return proto, False
     return compile(model, input_shapes=input_shapes), True
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options: ``threads`` intra-op threads (None: its default, one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
