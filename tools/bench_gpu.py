@@ -41,8 +41,9 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from precision import METHOD_OPTIONS, pearson  # noqa: E402 - the same per-sample r and method settings
 
-METHOD_OPTIONS = {"integrated-gradients": {"steps": 16}, "smoothgrad": {"samples": 8}}
 REPLICATING = set(METHOD_OPTIONS)  # methods that replicate the batch inside the graph: batch 1 only
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
@@ -67,16 +68,6 @@ def export(net, size: int):
         return models.export(net, size, fold=False)
     except Exception:  # noqa: BLE001 - a newer torch without the TorchScript exporter: the dynamo one
         return models.export(net, size, dynamo=True)
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """Pearson r of each sample's map ``[N, ...]`` (1.0 for two identical constant maps)."""
-    values = []
-    for x, y in zip(a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)):
-        x, y = x - x.mean(), y - y.mean()
-        scale = np.sqrt((x * x).sum() * (y * y).sum())
-        values.append(float((x * y).sum() / scale) if scale > 0 else float(np.array_equal(x, y)))
-    return values
 
 
 class Bound:
