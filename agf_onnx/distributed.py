@@ -54,9 +54,17 @@ import numpy as np
 import onnx
 
 from .errors import CompileError
-from .evaluate import (Evaluation, MethodScorer, Sample, Tally, classifier_session, images_per_run,
-                       prepare_samples, summary)
-from .explain import ExplainError, Explainer, ImageExplanation, Preprocessing
+from .evaluate import (
+    Evaluation,
+    MethodScorer,
+    Sample,
+    Tally,
+    classifier_session,
+    images_per_run,
+    prepare_samples,
+    summary,
+)
+from .explain import Explainer, ExplainError, ImageExplanation, Preprocessing
 
 #: Test hook: ``N:MARKER`` makes the first worker to have run N batches exit abruptly (as a killed
 #: process does), once per MARKER file; read on the driver and handed to the workers.

@@ -19,13 +19,12 @@ import pytest
 from PIL import Image
 
 from agf_onnx import cli
+from agf_onnx.distributed import CRASH_AFTER, RayEngine
+from agf_onnx.evaluate import ImageScores, Tally, summary
 from agf_onnx.outputs import read_shard
 from tools import make_benchmark
 
 from . import models
-
-from agf_onnx.distributed import CRASH_AFTER, RayEngine
-from agf_onnx.evaluate import ImageScores, Tally, summary
 
 # Ray Data's own context warns about its renamed settings when it is copied to the workers
 pytestmark = pytest.mark.filterwarnings(r"ignore:`use_\w+` is deprecated:DeprecationWarning")
@@ -253,7 +252,7 @@ def test_ctrl_c_stops_the_run_and_the_ray_instance_it_started(bench, tmp_path):
 def test_outcomes_are_kept_once_per_index_and_a_missing_one_is_refused(tmp_path):
     """The driver's side of fault tolerance: a rerun batch's repeated outcome is dropped, an
     image without any outcome fails the run."""
-    from agf_onnx.explain import Explanation, ExplainError, ImageExplanation
+    from agf_onnx.explain import ExplainError, Explanation, ImageExplanation
     from agf_onnx.outputs import ExplainOutputs
 
     def outcome(index: int, value: float) -> ImageExplanation:

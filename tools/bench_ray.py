@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     rates = {}
     for name, threads in (("local, one session, all cores", None), ("local, one session, 1 thread", 1)):
         explainer = Explainer(model, "cpu", batch_size=args.batch_size, threads=threads, **options)
-        rates[name] = _fit(name, lambda chosen: _seconds(explainer.explain_each(chosen)), images, args.batch_size)
+        rates[name] = _fit(name, lambda chosen, explainer=explainer: _seconds(explainer.explain_each(chosen)), images,
+                           args.batch_size)
     from agf_onnx.distributed import RayEngine
 
     for workers in (int(k) for k in args.workers.split(",")):
