@@ -21,7 +21,6 @@ import csv
 import json
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -565,10 +564,3 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
                              "map.\n" if settings.get("ssl_mode") else ""))
     perturbation_plot(results, title).save(written[2])
     return written
-
-
-def progress_bar(total: int):
-    """A progress bar over images on stderr (explain and evaluate, either engine)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="image", file=sys.stderr)
