@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import onnx
 
 from . import __version__, passes
-from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
+from .compiler import HEATMAP_OUTPUT, TARGET_INPUT
+from .compiler import compile as compile_model
 from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
@@ -348,10 +349,10 @@ def _compile(args: argparse.Namespace) -> int:
     check_writable(args.output)
     began = time.perf_counter()
     try:
-        model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
-                        flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                        options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
-                        **_given_ssl_options(args))
+        model = compile_model(args.model, method=args.method, input_shapes=shapes, logits=args.logits,
+                              image=args.image, flat_policy=args.flat_policy, flat=args.flat, full=args.full,
+                              layer=args.layer, options=_given_method_options(args), top_k=args.top_k,
+                              check=not args.no_check, **_given_ssl_options(args))
     except CompileError as error:
         _named(error, args.model)
         raise

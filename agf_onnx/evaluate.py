@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 
 from . import metrics, passes
-from .compiler import HEATMAP_OUTPUT, compile
+from .compiler import HEATMAP_OUTPUT
+from .compiler import compile as compile_model
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
@@ -445,7 +446,7 @@ class Evaluation:
 
     def compiled(self, method: str):
         """The model compiled with ``method`` (an ``onnx.ModelProto``)."""
-        return compile(self.model, method=method, **self.compile_options)
+        return compile_model(self.model, method=method, **self.compile_options)
 
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""
