@@ -169,12 +169,21 @@ def test_inspect_refuses_bad_input_clearly(case, files, capsys):
 
 
 def test_quantised_model_is_refused_with_its_file_named(files, tmp_path, capsys):
-    """QLinearConv has no rule (nor any integer op): the compile fails and says so. What the message
-    says beyond the file is the compiler's (see the report on issue 14 for the wording wanted)."""
+    """QLinearConv has no rule (nor any integer op): an unsupported model (exit 2) whose message names
+    the op and its node, not a missing linear layer."""
     out = tmp_path / "q.onnx"
     code = main(["compile", str(files["quantised"]), "-o", str(out)])
     err = capsys.readouterr().err
-    assert code in (1, 2) and err.startswith("agf-onnx: error:") and "quantised.onnx" in err
+    assert code == 2 and err.startswith("agf-onnx: error:") and "quantised.onnx" in err
+    assert "QLinearConv (1): qconv" in err
+    assert not out.exists()
+
+
+def test_a_float16_image_is_named_before_the_logits_are_looked_for(files, tmp_path, capsys):
+    out = tmp_path / "h.onnx"
+    code = main(["compile", str(files["float16"]), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "'x' is FLOAT16" in err and "float16.onnx" in err and "--logits" not in err
     assert not out.exists()
 
 
