@@ -6,7 +6,7 @@ rule each node on the path gets under the chosen method (``Plan``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -20,6 +20,7 @@ from .tokens import TokenGrid, attention_matrices, patch_grid
 
 #: Ops after the logits that the explanation starts below (spec "Start").
 HEAD_OPS = ("Softmax", "LogSoftmax")
+_OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 _INTEGER_IMAGES = (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16)
 _RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 #: Linear ops that may start the relevance stream (spec "the top linear layer").
@@ -157,6 +158,16 @@ def _channels_last(graph: GraphView, image: str) -> bool:
     return False
 
 
+def _without_rules(path: Sequence[onnx.NodeProto]) -> dict[str, list[str]]:
+    """Op type → node names of the nodes on ``path`` that no rule covers."""
+    missing: dict[str, list[str]] = defaultdict(list)
+    for node in path:
+        entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if entry is None or entry.gradient is None:
+            missing[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
+    return dict(missing)
+
+
 def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
          method: Method, flat_policy: str = "authors", flat: Iterable[str] = (),
          full: Iterable[str] = (), strict: bool = True, layer: str | None = None) -> Plan:
@@ -165,11 +176,21 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     ``strict=False`` records unsupported ops in the plan instead of raising (``inspect``)."""
     graph = GraphView(model)
     image = find_image(graph, image)
+    dtype = graph.dtypes.get(image)
+    if dtype in _OTHER_FLOATS:  # said first: the logits search would only find no float32 output
+        raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
+                           "or integer images the model casts to float32, are supported")
     logits = find_logits(graph, logits)
     path, data = path_between(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    top = top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
+    try:
+        top = top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
+    except CompileError:  # no linear layer we know of: an unsupported one (QLinearConv…) is the reason to give
+        missing = _without_rules(path)
+        if missing:
+            raise UnsupportedOpsError(missing) from None
+        raise
     start = logits if method.logit_relevance is not None else top.input[0]
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}

@@ -169,12 +169,21 @@ def test_inspect_refuses_bad_input_clearly(case, files, capsys):
 
 
 def test_quantised_model_is_refused_with_its_file_named(files, tmp_path, capsys):
-    """QLinearConv has no rule (nor any integer op): the compile fails and says so. What the message
-    says beyond the file is the compiler's (see the report on issue 14 for the wording wanted)."""
+    """QLinearConv has no rule (nor any integer op): an unsupported model (exit 2) whose message names
+    the op and its node, not a missing linear layer."""
     out = tmp_path / "q.onnx"
     code = main(["compile", str(files["quantised"]), "-o", str(out)])
     err = capsys.readouterr().err
-    assert code in (1, 2) and err.startswith("agf-onnx: error:") and "quantised.onnx" in err
+    assert code == 2 and err.startswith("agf-onnx: error:") and "quantised.onnx" in err
+    assert "QLinearConv (1): qconv" in err
+    assert not out.exists()
+
+
+def test_a_float16_image_is_named_before_the_logits_are_looked_for(files, tmp_path, capsys):
+    out = tmp_path / "h.onnx"
+    code = main(["compile", str(files["float16"]), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "'x' is FLOAT16" in err and "float16.onnx" in err and "--logits" not in err
     assert not out.exists()
 
 
@@ -209,6 +218,15 @@ def test_output_under_a_regular_file_is_refused_before_compiling(files, tmp_path
 def test_output_that_is_a_folder_is_refused(files, tmp_path, capsys):
     code = main(["compile", str(files["good"]), "-o", str(tmp_path)])
     assert code == 1 and "is a folder" in capsys.readouterr().err
+
+
+def test_explain_output_that_is_a_file_is_refused(files, images, tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("mine")
+    code = main(["explain", str(files["good"]), str(images / "0.png"), "-o", str(taken)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("agf-onnx: error:") and "results: is a file" in err
+    assert taken.read_text() == "mine"
 
 
 def test_output_folder_without_write_permission_is_refused(files, tmp_path, capsys, monkeypatch):
@@ -298,7 +316,7 @@ def test_explain_rejects_a_bad_label_before_compiling(target, fragments, files, 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled before the label was checked")
 
-    monkeypatch.setattr("agf_onnx.explain.compile", no_compiling)
+    monkeypatch.setattr("agf_onnx.explain.compile_model", no_compiling)
     out = tmp_path / "out"
     code = main(["explain", str(files["good"]), str(images / "0.png"), "-o", str(out), "--labels",
                  str(images / "labels.txt"), "--target", target])
@@ -322,6 +340,17 @@ def test_non_finite_pixels_are_a_per_image_error(files):
         with pytest.raises(ExplainError, match="NaN or infinite"):
             explainer.explain(bad)
     assert np.isfinite(explainer.explain(good).heatmaps).all()
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_a_non_finite_pixel_leaves_every_map_finite_and_the_other_samples_alone(bad_value):
+    compiled = agf_onnx.compile(small_classifier())
+    images = np.random.default_rng(5).random((2, 3, 8, 8)).astype(np.float32)
+    clean = run(compiled, {"x": images[1:]})["heatmap"][0]
+    images[0, 1, 2, 3] = bad_value
+    heatmaps = run(compiled, {"x": images})["heatmap"]
+    assert np.isfinite(heatmaps).all()
+    np.testing.assert_allclose(heatmaps[1], clean, rtol=1e-6, atol=1e-7)
 
 
 def test_compiled_model_target_out_of_range_or_of_the_wrong_type_is_refused_by_onnx_runtime(files):
