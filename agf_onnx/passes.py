@@ -476,7 +476,10 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     try:
         inferred = _infer_with_named_batch(model, strict=True)
     except Exception as error:
-        raise CompileError(f"shape inference failed: {error}") from error
+        lines = str(error).strip().splitlines()
+        first = lines[0] + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else "") if lines else ""
+        raise CompileError(f"shape inference failed at batch sizes {' and '.join(map(str, PROBE_BATCHES))}: "
+                           f"{first}") from error
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
@@ -775,7 +778,7 @@ def canonicalise(model: onnx.ModelProto,
     model, _ = fold_constants(model)
     model, _ = free_batch(model)
     model, _ = set_input_shapes(model, input_shapes or {})
-    model, _ = infer_shapes(model)
+    model = _infer_input_shapes(model)
     for _ in range(64):  # each fold can make the next reshape's input shape known (Swin: one stage a round)
         model, folded = fold_shape_arithmetic(model)
         model, reshaped = strided_gathers_to_reshapes(model)
@@ -783,5 +786,14 @@ def canonicalise(model: onnx.ModelProto,
             break
         model, _ = prune_dead_nodes(model)
         model, _ = fold_constants(model)
-        model, _ = infer_shapes(model)
+        model = _infer_input_shapes(model)
     return model
+
+
+def _infer_input_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``infer_shapes`` of the model as given, where a failure is the input's, not the compiler's."""
+    try:
+        return infer_shapes(model)[0]
+    except CompileError as error:
+        raise CompileError(f"{error}; a model exported with a fixed batch size (a traced len(x) or x.shape[0]) "
+                           "fails here: export it again with a dynamic batch") from error

@@ -87,12 +87,17 @@ def check_rollout(graph: GraphView, attentions: Sequence[str]) -> int:
     counts = set()
     for attention in attentions:
         shape, batch = graph.shape(attention), graph.batch(attention)
-        if len(shape) != 4 or batch != (0, 1) or shape[2] != shape[3]:
-            producer = graph.producer[attention].name
-            raise CompileError(f"--method chefer: the attention of Softmax node '{producer}' has shape "
-                               f"{list(shape)} with the batch {'merged into axis %d' % batch[0] if batch else 'lost'}"
-                               "; the rollout needs [N, heads, T, T] per image (windowed attention such as Swin's "
-                               "has no standard rollout)")
+        producer = graph.producer[attention].name
+        if len(shape) != 4 or batch != (0, 1):
+            where = "lost" if batch is None else f"at axis {batch[0]}" + (f", merged with {batch[1]} elements"
+                                                                           if batch[1] != 1 else "")
+            raise CompileError(f"--method chefer: the attention of Softmax node '{producer}' has shape {list(shape)} "
+                               f"with the batch {where}; the rollout needs [N, heads, T, T] per image (windowed "
+                               "attention such as Swin's has no standard rollout)")
+        if shape[2] != shape[3]:
+            raise CompileError(f"--method chefer: the attention of Softmax node '{producer}' has {shape[2]} queries for "
+                               f"{shape[3]} keys: the token set shrinks there (LeViT's subsampling attention), and "
+                               "the rollout R = R + Ā·R has no standard meaning across it")
         counts.add(shape[2])
     if len(counts) > 1:
         raise CompileError(f"--method chefer: the token set changes between blocks (attention over "
