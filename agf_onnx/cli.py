@@ -19,6 +19,7 @@ from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
+from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers
 
 #: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -40,8 +41,38 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, metavar="S", help="integrated-gradients: quadrature steps (50)")
     parser.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
     parser.add_argument("--noise", type=float, metavar="F",
-                        help="smoothgrad: noise std as a share of the image's value range (0.15)")
-    parser.add_argument("--seed", type=int, metavar="N", help="smoothgrad: seed of the in-graph noise (0)")
+                        help="smoothgrad and --smooth: noise std as a share of the image's value range (0.15)")
+    parser.add_argument("--seed", type=int, metavar="N", help="smoothgrad and --smooth: seed of the noise (0)")
+
+
+def _modifier_options(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """--smooth, --smooth-square, --contrast (compile, inspect; evaluate: the defaults of `+` variants)."""
+    if evaluate:
+        parser.add_argument("--smooth", type=int, metavar="S",
+                            help=f"copies per image of a variant named M+smooth or M+smooth-square "
+                                 f"(default {DEFAULT_SMOOTH}; M+smooth=S sets it per variant)")
+        return
+    parser.add_argument("--smooth", type=int, metavar="S",
+                        help="any method: its map averaged over S noisy copies of each image (noise std --noise × "
+                             "the image's value range, fixed by --seed; Captum's NoiseTunnel), in the same run; the "
+                             "run holds S copies of each image (S·K with --top-k K): memory and time grow with S·N "
+                             "(S·K·N), so lower the batch size to bound them")
+    parser.add_argument("--smooth-square", action="store_true",
+                        help="with --smooth: average the squared maps (NoiseTunnel's smoothgrad_sq)")
+    parser.add_argument("--contrast", choices=sorted(CONTRASTS),
+                        help="any method but clrp/sglrp: the target's map minus the other classes' map, one extra "
+                             "backward seed in the same run, normalised as CLRP (R_t − R_o·ΣR_t/ΣR_o); others: "
+                             "y_t/(K−1) on every other class (CLRP), softmax: p_t·p_j (SGLRP)")
+
+
+def _given_modifiers(args: argparse.Namespace) -> Modifiers:
+    smooth = getattr(args, "smooth", None)
+    square, contrast = getattr(args, "smooth_square", False), getattr(args, "contrast", None)
+    if smooth is not None and smooth < 1:
+        raise CompileError(f"--smooth {smooth}: must be at least 1")
+    noise, seed = getattr(args, "noise", None), getattr(args, "seed", None)
+    return Modifiers(smooth=smooth or 0, noise=DEFAULT_NOISE if noise is None else noise,
+                     seed=DEFAULT_SEED if seed is None else seed, square=square, contrast=contrast)
 
 
 def _given_method_options(args: argparse.Namespace) -> dict:
@@ -122,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
     _method_options(compile_)
+    _modifier_options(compile_)
     _ssl_options(compile_)
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
@@ -138,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect_.add_argument("model", metavar="MODEL")
     inspect_.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect_.add_argument("--method", choices=sorted(METHODS), default="agf")
+    _modifier_options(inspect_)
     _model_options(inspect_)
 
     explain = commands.add_parser(
@@ -236,12 +269,14 @@ def _compile(args: argparse.Namespace) -> int:
     model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                     flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
                     options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
-                    **_given_ssl_options(args))
+                    modifiers=_given_modifiers(args), **_given_ssl_options(args))
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
         before, after = os.path.getsize(args.model), os.path.getsize(args.output)
         added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
-        print(f"{args.model} → {args.output}: {args.method}, {added} explanation nodes, "
+        modifiers = _given_modifiers(args)
+        print(f"{args.model} → {args.output}: {args.method}" + (f" ({modifiers.describe()})" if modifiers else "") +
+              f", {added} explanation nodes, "
               f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input), "
               f"{time.perf_counter() - began:.1f} s")
     return 0
@@ -250,7 +285,8 @@ def _compile(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     try:
-        report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image)
+        report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
+                         modifiers=_given_modifiers(args))
     except CompileError as error:  # unreadable file: the model does not compile either
         print(f"agf-onnx: error: {error}", file=sys.stderr)
         return 2
