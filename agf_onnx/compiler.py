@@ -592,7 +592,7 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
     chosen = get_method(method)
-    modifiers = modifiers or NO_MODIFIERS
+    modifiers = NO_MODIFIERS if modifiers is None else modifiers
     modifiers.check(chosen)
     canonical = passes.canonicalise(passes.load(model), input_shapes)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,

@@ -155,9 +155,10 @@ def test_smooth_is_reproducible_per_image():
     assert not np.allclose(together, other_seed, atol=1e-3)
 
 
-@pytest.mark.parametrize("name, captum, square", [("gradient", "Saliency", False), ("gradient", "Saliency", True),
-                                                  ("gradient-x-input", "InputXGradient", False)])
-def test_smooth_agrees_with_captum_noise_tunnel_statistically(name, captum, square):
+@pytest.mark.parametrize("name, attribution_name, square", [("gradient", "Saliency", False),
+                                                            ("gradient", "Saliency", True),
+                                                            ("gradient-x-input", "InputXGradient", False)])
+def test_smooth_agrees_with_captum_noise_tunnel_statistically(name, attribution_name, square):
     """Both average over 128 noisy copies with the same noise level but their own draws: they agree
     as well as two of our own seeds do."""
     import captum.attr
@@ -168,8 +169,8 @@ def test_smooth_agrees_with_captum_noise_tunnel_statistically(name, captum, squa
     ours = [_heatmap(proto, name, images, targets, Modifiers(smooth=128, noise=0.1, seed=s, square=square))[0]
             ["heatmap"] for s in (1, 2)]
     model = copy.deepcopy(NETS["vgg"]).double()
-    attribution = getattr(captum.attr, captum)(model)
-    options = {"abs": True} if captum == "Saliency" else {}
+    attribution = getattr(captum.attr, attribution_name)(model)
+    options = {"abs": True} if attribution_name == "Saliency" else {}
     for i, target in enumerate(targets):
         spread = float(images[i].max() - images[i].min())
         with warnings.catch_warnings():
@@ -193,7 +194,8 @@ def test_contrast_is_the_difference_of_two_separately_compiled_runs(name, contra
     target_map, raw = raw_run(proto, name, images, targets)
     others_map, _ = raw_run(proto, name, images, targets, contrast=contrast)
     expected = finish(contrast_of(target_map, others_map), _coarse(name))
-    np.testing.assert_allclose(ours["heatmap"], expected, atol=5e-5)
+    # the difference of two nearly equal float32 maps: a few float32 steps of each map's scale
+    np.testing.assert_allclose(ours["heatmap"], expected, atol=2e-4, rtol=1e-4)
     assert json.loads({p.key: p.value for p in compiled.metadata_props}["agf_onnx.modifiers"]) == \
         {"contrast": contrast}
 
@@ -207,7 +209,7 @@ def test_lrp_with_contrast_is_clrp_and_sglrp(contrast, method):
     assert (scores.max(1) > 0).all()
     ours, _ = _heatmap(proto, "lrp", images, targets, Modifiers(contrast=contrast))
     theirs, _ = _heatmap(proto, method, images, targets, None)
-    np.testing.assert_allclose(ours["heatmap"], theirs["heatmap"], atol=1e-5)
+    np.testing.assert_allclose(ours["heatmap"], theirs["heatmap"], atol=1e-4, rtol=1e-4)
 
 
 def test_contrast_of_a_contrastive_method_is_refused():
@@ -225,7 +227,7 @@ def test_contrast_of_a_contrastive_method_is_refused():
 
 @pytest.mark.parametrize("name", ["agf", "gradcam", "integrated-gradients"])
 def test_smooth_and_contrast_compose_as_the_tunnel_over_the_contrast(name):
-    proto, images, targets = _proto("resnet"), _images(2, 8), np.array([0, 9])
+    proto, images, targets = _proto("vgg"), _images(2, 8), np.array([0, 9])
     ours, _ = _heatmap(proto, name, images, targets, Modifiers(smooth=3, noise=0.1, seed=1, contrast="softmax"))
     spread = (images.max((1, 2, 3)) - images.min((1, 2, 3))).reshape(-1, 1, 1, 1)
     table = standard_normal((3, 1, 3, 32, 32), 1).astype(np.float16).astype(np.float32)
@@ -234,7 +236,7 @@ def test_smooth_and_contrast_compose_as_the_tunnel_over_the_contrast(name):
         noisy = (images + np.float32(0.1) * spread * table[s]).astype(np.float32)
         maps.append(contrast_of(raw_run(proto, name, noisy, targets)[0],
                                 raw_run(proto, name, noisy, targets, contrast="softmax")[0]))
-    np.testing.assert_allclose(ours["heatmap"], finish(np.mean(maps, 0), _coarse(name)), atol=5e-5)
+    np.testing.assert_allclose(ours["heatmap"], finish(np.mean(maps, 0), _coarse(name)), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["agf", "lrp", "gradcam", "integrated-gradients", "fullgrad", "rap"])
