@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -42,7 +43,8 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
     parser.add_argument("--noise", type=float, metavar="F",
                         help="smoothgrad and --smooth: noise std as a share of the image's value range (0.15)")
-    parser.add_argument("--seed", type=int, metavar="N", help="smoothgrad and --smooth: seed of the noise (0)")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="smoothgrad and --smooth: seed of the noise stored in the model (0; below 2**31 - 1)")
 
 
 def _modifier_options(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -195,12 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="the paper's perturbation, segmentation and class-sensitivity benchmarks",
         description="Compile MODEL (an original classifier) with each method and score the explanations on "
-                    "DATA: negative and positive perturbation (AUC of top-1 accuracy as 10%%…90%% of the pixels "
+                    "DATA: negative and positive perturbation (AUC of top-1 accuracy as 10%…90% of the pixels "
                     "are removed by rank, explaining the predicted and the labelled class), segmentation against "
                     "masks (pixel accuracy, mAP) and class sensitivity on images with two labelled objects. DATA: "
                     "a CSV (file,label[,labels][,mask]), a folder with labels.csv, or a folder of class "
                     "subfolders (masks as <image>.mask.png beside the images). Writes results.json, results.md "
-                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data.")
+                    "(a Markdown table) and perturbation.png to OUTDIR. Exit 0 on success, 1 on bad data or a bad "
+                    "option (the message names the file and line), 2 when MODEL cannot be compiled for a method "
+                    "(unsupported ops).")
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("data", metavar="DATA")
     evaluate.add_argument("-o", "--output", metavar="OUTDIR", required=True)
@@ -209,7 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B")
+    evaluate.add_argument("--batch-size", type=int, default=16, metavar="B",
+                          help="images per step (default 16); a session run takes fewer where the compiled "
+                               "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
+                               "SmoothGrad's copies included) would pass 2 GiB")
     _method_options(evaluate)
     _model_options(evaluate)
     _flat_options(evaluate)
@@ -243,41 +250,110 @@ def _uses_external_data(path: str) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def _external_files(path: str) -> list[str]:
+    """The external-data files a model file refers to (for its size on disk)."""
+    model = onnx.load(path, load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    return [os.path.join(os.path.dirname(os.path.abspath(path)), location) for location in sorted(locations)]
+
+
+def _size_on_disk(path: str) -> int:
+    """A model file's size plus its external data's."""
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in _external_files(path) if os.path.isfile(f))
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """Refuse a path that cannot hold a model before anything is compiled: a folder, an empty file."""
+    if os.path.isdir(path):
+        raise CompileError(f"{path}: is a folder, not an ONNX model file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CompileError(f"{path}: empty file, not an ONNX model")
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done (nothing is created).
+
+    The nearest existing ancestor must be a folder we may write to (``folder``: ``path`` itself
+    may be an existing folder); a file in the way or a missing permission names the path.
+    """
+    path = os.path.abspath(path)
+    if folder and os.path.isdir(path):
+        existing = path
+    else:
+        if os.path.isdir(path):
+            raise CompileError(f"-o {path}: is a folder; give the file to write")
+        existing = os.path.dirname(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CompileError(f"-o {path}: cannot write there: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompileError(f"-o {path}: cannot write there: no write permission in {existing}")
+
+
 def save(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
-    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure."""
+    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure.
+
+    The weights file gets the model file's permissions (those of a new file under the umask).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     external_data = external_data or model.ByteSize() > _PROTOBUF_LIMIT
     data_name = os.path.basename(path) + ".data"
-    staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
+    staging = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
         staged = os.path.join(staging, os.path.basename(path))
         if external_data:
             onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data_name, size_threshold=1024)
-            os.replace(os.path.join(staging, data_name), os.path.join(directory, data_name))
+            staged_data = os.path.join(staging, data_name)
+            if os.path.exists(staged_data):  # not written when every tensor is below the threshold
+                os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))  # onnx creates it 0600
+                os.replace(staged_data, os.path.join(directory, data_name))
         else:
             onnx.save(model, staged)
         os.replace(staged, path)
+    except OSError as error:
+        staged_file = staging is not None and str(error.filename or "").startswith(staging)
+        where = error.filename if error.filename and not staged_file else path
+        raise CompileError(f"-o {path}: cannot write {where}: {error.strerror or error}") from error
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _named(error: CompileError, path: str) -> CompileError:
+    """The error with the model file named in front, unless its message names it already."""
+    if str(path) not in str(error):
+        error.args = (f"{path}: {error}", *error.args[1:])
+    return error
 
 
 def _compile(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    if args.top_k is not None and args.top_k < 1:
+        raise CompileError(f"--top-k {args.top_k}: must be at least 1")
+    check_model_file(args.model)
+    check_writable(args.output)
     began = time.perf_counter()
-    model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
-                    flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                    options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
-                    modifiers=_given_modifiers(args), **_given_ssl_options(args))
+    modifiers = _given_modifiers(args)
+    try:
+        model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
+                        flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
+                        options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
+                        modifiers=modifiers, **_given_ssl_options(args))
+    except CompileError as error:
+        _named(error, args.model)
+        raise
     save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
     if not args.quiet:
-        before, after = os.path.getsize(args.model), os.path.getsize(args.output)
+        before, after = _size_on_disk(args.model), _size_on_disk(args.output)
         added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
-        modifiers = _given_modifiers(args)
         print(f"{args.model} → {args.output}: {args.method}" + (f" ({modifiers.describe()})" if modifiers else "") +
               f", {added} explanation nodes, "
-              f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input), "
+              f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input, external data counted), "
               f"{time.perf_counter() - began:.1f} s")
     return 0
 
@@ -285,10 +361,11 @@ def _compile(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     try:
+        check_model_file(args.model)
         report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                          modifiers=_given_modifiers(args))
     except CompileError as error:  # unreadable file: the model does not compile either
-        print(f"agf-onnx: error: {error}", file=sys.stderr)
+        print(f"agf-onnx: error: {_named(error, args.model)}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.compiles else 2
@@ -309,11 +386,23 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 def _explain(args: argparse.Namespace) -> int:
     import pathlib
 
-    from .explain import Explainer, ExplainError, collect_images, read_labels
+    from .explain import Explainer, ExplainError, collect_images, label_index, read_labels
     from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
 
     labels = read_labels(args.labels) if args.labels else None
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    # everything that can be refused without the model is, before a model is compiled on the fly
+    if args.target is not None:
+        label_index(args.target, labels)
+    if args.top_k is not None and args.top_k < 1:
+        raise ExplainError(f"--top-k {args.top_k}: must be at least 1")
+    if args.batch_size < 1:
+        raise ExplainError(f"--batch-size {args.batch_size}: must be at least 1")
+    images, folder = collect_images(args.images)
+    if not images:
+        raise ExplainError(f"no images found in {', '.join(args.images)}")
+    check_writable(args.output, folder=True)
+    check_model_file(args.model)
     explainer = Explainer(args.model, args.provider, preset=args.preset, mean=_floats(args.mean, "--mean"),
                           std=_floats(args.std, "--std"), size=args.size, crop=args.crop, bgr=args.bgr,
                           labels=labels,
@@ -323,11 +412,6 @@ def _explain(args: argparse.Namespace) -> int:
               f"`agf-onnx compile`)")
     print(f"provider: {explainer.provider}")
     target = explainer.class_index(args.target) if args.target is not None else None
-    if args.top_k is not None and args.top_k < 1:
-        raise ExplainError(f"--top-k {args.top_k}: must be at least 1")
-    images, folder = collect_images(args.images)
-    if not images:
-        raise ExplainError(f"no images found in {', '.join(args.images)}")
     out = pathlib.Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results, stems, began = [], set(), time.perf_counter()
@@ -383,6 +467,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise EvaluateError(f"--batch-size {args.batch_size}: must be at least 1")
     labels = read_labels(args.labels) if args.labels else None
     samples = load_dataset(args.data, labels)[:args.limit]
+    check_writable(args.output, folder=True)
+    check_model_file(args.model)
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     ssl_options = _given_ssl_options(args)
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
@@ -438,24 +524,45 @@ def _progress(total: int):
     return tqdm(total=total, unit="image", file=sys.stderr)
 
 
+#: Exit status after the reader of our output went away (``agf-onnx rules | head``), as a process
+#: ended by SIGPIPE reports it.
+BROKEN_PIPE_EXIT = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "compile":
-            return _compile(args)
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "explain":
-            return _explain(args)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "bank":
-            return _bank(args)
-        print(coverage_table(args.method))
-        return 0
+        code = _run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader has gone: say nothing, and keep Python from complaining when it flushes at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
     except CompileError as error:
         print(f"agf-onnx: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # a file we write or read went away or is not ours to write
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"agf-onnx: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "compile":
+        return _compile(args)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "bank":
+        return _bank(args)
+    print(coverage_table(args.method))
+    return 0
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: in
     image_shape = graph.shape(plan.image)
     augmented.graph.input.append(helper.make_tensor_value_info(
         source, dtype or TensorProto.FLOAT, [passes.BATCH_DIM, *image_shape[1:]]))
-    data = {renamed[tensor] for tensor in plan.data}
+    data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
     return ClonedPath(GraphView(passes.infer_shapes(augmented)[0]), path_clones, renamed, data)
 
 
@@ -591,10 +591,24 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         UnsupportedOpsError: ops without a rule on the path from the image to the logits.
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
+    get_method(method)  # an unknown method is refused before the model is read
+    canonical = passes.canonicalise(passes.load(model), input_shapes)
+    return compile_canonical(canonical, method=method, logits=logits, image=image, flat_policy=flat_policy, flat=flat,
+                             full=full, layer=layer, options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
+                             features=features, ssl_mode=ssl_mode, modifiers=modifiers)
+
+
+def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits: str | None = None,
+                      image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
+                      full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
+                      top_k: int | None = None, check: bool = True,
+                      ssl_bank: np.ndarray | str | os.PathLike | None = None, features: str | None = None,
+                      ssl_mode: str | None = None, modifiers: Modifiers | None = None) -> onnx.ModelProto:
+    """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
+    place). ``inspect`` plans and compiles the same canonical model."""
     chosen = get_method(method)
     modifiers = NO_MODIFIERS if modifiers is None else modifiers
     modifiers.check(chosen)
-    canonical = passes.canonicalise(passes.load(model), input_shapes)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from . import metrics, passes
 from .compiler import HEATMAP_OUTPUT, compile
@@ -37,6 +38,13 @@ from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
 MASK_SUFFIX = ".mask.png"
+
+#: The activation memory one session run of a compiled model is sized to (README, "Evaluate").
+RUN_MEMORY_BUDGET = 2 * 2**30
+#: Peak memory of a run per byte of its forward activations: measured on ResNet-50 at 224² on the
+#: CPU, 2.6 for AGF (its relevance stream holds more than the forward pass) and 0.53 for Integrated
+#: Gradients with 50 steps (ONNX Runtime reuses the replicas' buffers); the larger, rounded up, bounds both.
+PEAK_PER_FORWARD_BYTE = 3.0
 
 
 class EvaluateError(CompileError):
@@ -168,6 +176,46 @@ class _Tally:
     ssl_labels: list = field(default_factory=list)
 
 
+def forward_bytes_per_image(model: onnx.ModelProto) -> int | None:
+    """Bytes of the forward activations one image makes a compiled model compute.
+
+    Every tensor of the original nodes and of their clones (Integrated Gradients' steps,
+    SmoothGrad's samples, top-k copies: ``count`` rows per image), from ONNX shape inference at
+    batch 1; ``None`` when a shape stays unknown.
+    """
+    sized = onnx.ModelProto()
+    sized.CopyFrom(model)
+    sized.graph.ClearField("value_info")
+    for info in sized.graph.input:  # the batch axis (image and target) at 1
+        dims = info.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(sized, data_prop=True)
+    except Exception:  # shape inference refuses some valid graphs: no estimate then
+        return None
+    explanation = {o for n in inferred.graph.node if n.name.startswith("agf/") for o in n.output}
+    total = 0
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if info.name in explanation or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+        if None in dims:
+            return None
+        total += int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).itemsize
+    return total
+
+
+def images_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_MEMORY_BUDGET) -> int:
+    """How many images one run of ``model`` may take: ``batch_size``, fewer where the estimated peak
+    (``PEAK_PER_FORWARD_BYTE`` × the forward activations per image) would pass ``budget``; at least 1."""
+    per_image = forward_bytes_per_image(model)
+    if per_image is None:
+        return batch_size
+    return int(max(1, min(batch_size, budget // max(1, PEAK_PER_FORWARD_BYTE * per_image))))
+
+
 class Evaluation:
     """Runs the benchmarks for ``methods`` on one classifier.
 
@@ -189,6 +237,8 @@ class Evaluation:
         if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
             self.compile_options["ssl_bank"] = load_bank(self.compile_options["ssl_bank"])
         self.provider_choice = provider
+        #: images per session run of each method's compiled model (``images_per_run``)
+        self.run_sizes: dict[str, int] = {}
         #: the first method's explainer: the preprocessing, the layout and the scores' name for all
         self.reference = self.explainer(methods[0])
         if self.reference.scores_output is None:
@@ -202,6 +252,7 @@ class Evaluation:
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""
         compiled = compile(self.model, method=method, **self.compile_options)
+        self.run_sizes[method] = images_per_run(compiled, self.batch_size)
         return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, **self.explainer_options)
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
@@ -244,23 +295,34 @@ class Evaluation:
                 if index == 0:
                     predictions.append(self.classify(photos))
                     clean += int(sum(int(c) in labels[n] for n, c in enumerate(predictions[-1])))
-                self._method_batch(explainer, tallies[method], chunk, photos, masks, labels, predictions[number])
+                self._method_batch(explainer, tallies[method], chunk, photos, masks, labels, predictions[number],
+                                   self.run_sizes[method])
                 if progress is not None:
                     progress(len(chunk), method)
             del explainer
         return self._summary(tallies, len(samples), clean, time.perf_counter() - began)
 
     @staticmethod
-    def _heatmaps(explainer: Explainer, photos: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        return explainer.run(explainer.to_tensor(photos), np.asarray(targets))[HEATMAP_OUTPUT][:, 0]
+    def _outputs(explainer: Explainer, photos: np.ndarray, targets: np.ndarray, per_run: int) -> dict[str, np.ndarray]:
+        """The compiled model's outputs for ``photos`` and ``targets``, ``per_run`` images per session
+        run (memory bound)."""
+        targets = np.broadcast_to(np.asarray(targets), (len(photos),))
+        runs = [explainer.run(explainer.to_tensor(photos[start:start + per_run]), targets[start:start + per_run])
+                for start in range(0, len(photos), per_run)]
+        return {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
+
+    @staticmethod
+    def _heatmaps(explainer: Explainer, photos: np.ndarray, targets: np.ndarray, per_run: int) -> np.ndarray:
+        """The maps of ``photos`` for ``targets``, ``per_run`` images per session run (memory bound)."""
+        return Evaluation._outputs(explainer, photos, targets, per_run)[HEATMAP_OUTPUT][:, 0]
 
     def _method_batch(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample], photos: np.ndarray,
-                      masks: list, labels: list[set[int]], predicted: np.ndarray) -> None:
+                      masks: list, labels: list[set[int]], predicted: np.ndarray, per_run: int) -> None:
         """One batch of one method: its maps for the predicted and the labelled class, then every metric."""
         began = time.perf_counter()
         target = np.array([s.label for s in chunk])
         if explainer.ssl_mode is not None:  # Algorithm 2: the graph explains its own t, not the top class
-            outputs = explainer.run(explainer.to_tensor(photos), np.array([-1]))
+            outputs = self._outputs(explainer, photos, np.array([-1]), per_run)
             explained = outputs[SSL_TARGET_OUTPUT].astype(np.int64)
             maps = {"predicted": outputs[HEATMAP_OUTPUT][:, 0]}
             tally.ssl_targets += explained.tolist()
@@ -269,17 +331,17 @@ class Evaluation:
             tally.ssl_labels += [set(sample.labels) for sample in chunk]
         else:
             explained = predicted
-            maps = {"predicted": self._heatmaps(explainer, photos, predicted)}
+            maps = {"predicted": self._heatmaps(explainer, photos, predicted, per_run)}
         # where the label is the explained class the two maps, and so their curves, are the same
         differs = np.flatnonzero(target != explained)
         maps["target"] = maps["predicted"].copy()
         if len(differs):
-            maps["target"][differs] = self._heatmaps(explainer, photos[differs], target[differs])
+            maps["target"][differs] = self._heatmaps(explainer, photos[differs], target[differs], per_run)
         tally.seconds += time.perf_counter() - began
         self._perturbation(tally, photos, maps, labels, differs)
         # a self-supervised model's explanation is the map of its own t: that one is segmented
         self._segmentation_and_sensitivity(explainer, tally, chunk, photos, masks,
-                                           maps["predicted" if explainer.ssl_mode is not None else "target"])
+                                           maps["predicted" if explainer.ssl_mode is not None else "target"], per_run)
 
     def _perturbation(self, tally: _Tally, photos: np.ndarray, maps: dict, labels: list[set[int]],
                       differs: np.ndarray) -> None:
@@ -294,7 +356,7 @@ class Evaluation:
             tally.perturbation[mode, "target"] += hits.sum(1)
 
     def _segmentation_and_sensitivity(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample],
-                                      photos: np.ndarray, masks: list, maps: np.ndarray) -> None:
+                                      photos: np.ndarray, masks: list, maps: np.ndarray, per_run: int) -> None:
         """The labelled class's map against its object; for two class-coded objects, each class's map
         against both (the second class is explained here)."""
         pairs = []
@@ -315,7 +377,8 @@ class Evaluation:
         if not pairs:
             return
         began = time.perf_counter()
-        others = self._heatmaps(explainer, photos[[pair[0] for pair in pairs]], np.array([pair[3] for pair in pairs]))
+        others = self._heatmaps(explainer, photos[[pair[0] for pair in pairs]], np.array([pair[3] for pair in pairs]),
+                                per_run)
         tally.seconds += time.perf_counter() - began
         for (n, objects, first, second), other_map in zip(pairs, others):
             for heatmap, own, other in ((maps[n], first, second), (other_map, second, first)):

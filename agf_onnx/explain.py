@@ -77,6 +77,23 @@ class Explanation:
         return Image.fromarray(np.concatenate(columns, axis=1))
 
 
+def label_index(target: int | str, labels: Sequence[str] | None) -> int:
+    """The class index ``target`` names: an integer, or a label of ``labels`` (not range-checked)."""
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        try:
+            float(target)
+        except ValueError:
+            pass
+        else:
+            raise ExplainError(f"class '{target}': a class index is a whole number")
+        if not labels or target not in labels:
+            close = [label for label in (labels or []) if target.lower() in label.lower()][:5]
+            raise ExplainError(f"unknown label '{target}'" + (f" (did you mean: {', '.join(close)})" if close
+                                                              else "" if labels else "; pass --labels FILE"))
+        return list(labels).index(target)
+    return int(target)
+
+
 def load_image(source: Any, notes: list[str]) -> np.ndarray:
     """An RGB uint8 array ``[H, W, 3]`` from a path, a PIL image or an array."""
     from PIL import Image, UnidentifiedImageError
@@ -102,6 +119,8 @@ def load_image(source: Any, notes: list[str]) -> np.ndarray:
         array = np.stack([array] * 3, -1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ExplainError(f"{name}: expected an image array [H, W, 3], got shape {list(array.shape)}")
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise ExplainError(f"{name}: the image array holds NaN or infinite values")
     if array.shape[-1] == 4:
         notes.append(f"{name}: alpha channel dropped")
         array = array[..., :3]
@@ -231,13 +250,7 @@ class Explainer:
         return index
 
     def _index(self, target: int | str) -> int:
-        if isinstance(target, str) and not target.lstrip("-").isdigit():
-            if not self.labels or target not in self.labels:
-                close = [label for label in (self.labels or []) if target.lower() in label.lower()][:5]
-                raise ExplainError(f"unknown label '{target}'" + (f" (did you mean: {', '.join(close)})" if close
-                                                                  else "" if self.labels else "; pass --labels FILE"))
-            return list(self.labels).index(target)
-        return int(target)
+        return label_index(target, self.labels)
 
     def explain_photos(self, photos: np.ndarray, target: int | str | None = None,
                        top_k: int | None = None) -> Explanation:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from . import passes
-from .compiler import compile
+from .compiler import compile_canonical
 from .errors import CompileError
 from .methods import get_method
 from .modifiers import NONE, Modifiers, from_metadata
@@ -66,17 +66,13 @@ class Report:
         return "\n".join(lines)
 
 
-def _first_line(function) -> str:
-    return (function.__doc__ or "").strip().splitlines()[0] if function is not None and function.__doc__ else ""
-
-
 def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
             image: str | None = None, modifiers: Modifiers = NONE) -> Report:
     """Report the rule each op on the explained path gets and whether the model compiles (with
     ``modifiers``). A compiled model reports the method and modifiers its metadata records."""
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
-    loaded = passes.load(model)
+    loaded = passes.load(model)  # an unreadable file is the caller's error, not a report
     recorded = {p.key: p.value for p in loaded.metadata_props}
     compiled = "agf_onnx.method" in recorded
     if compiled:  # the explained path is the original one; method and modifiers are the recorded ones
@@ -84,8 +80,8 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         logits = logits or recorded.get("agf_onnx.logits")
         image = image or recorded.get("agf_onnx.image")
     try:
-        found = plan(passes.canonicalise(loaded, input_shapes), image=image, logits=logits,
-                     method=get_method(method), strict=False)
+        canonical = passes.canonicalise(loaded, input_shapes)
+        found = plan(canonical, image=image, logits=logits, method=get_method(method), strict=False)
     except CompileError as error:
         return Report(name, image, logits, 0, 0, [], False, str(error), method, modifiers.describe(), compiled)
     counts = Counter(node.op_type for node in found.path)
@@ -97,14 +93,13 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     for op_type, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         entry = REGISTRY.get(op_type)
         missing = found.unsupported.get(op_type, [])
-        ops.append(OpReport(op_type, count, _first_line(entry.gradient) if entry else "unsupported",
+        ops.append(OpReport(op_type, count, entry.describe_gradient() if entry else "unsupported",
                             sorted(kinds[op_type]), missing))
     covered = sum(counts.values()) - sum(len(v) for v in found.unsupported.values())
     error = None
-    if not compiled:
+    if not compiled:  # a compiled model compiled once already; again, it would clash with its own outputs
         try:
-            compile(loaded, method=method, input_shapes=input_shapes, logits=logits, image=image, check=False,
-                    modifiers=modifiers)
+            compile_canonical(canonical, method=method, logits=logits, image=image, check=False, modifiers=modifiers)
         except CompileError as failure:
             error = str(failure)
     return Report(name, found.image, found.logits, sum(counts.values()), covered, ops, error is None, error, method,

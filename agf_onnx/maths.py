@@ -1,4 +1,4 @@
-"""The spec's numerical helpers as graph fragments (``../shared/agf-spec.md``).
+"""The spec's numerical helpers as graph fragments (``docs/algorithm.md``).
 
 Every function takes the builder and tensor names and returns a tensor name. ``rank`` is the
 rank of the tensor a per-sample reduction runs over: such reductions cover every axis but the

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from onnx import TensorProto
 
 from .builder import GraphBuilder
 from .errors import CompileError
@@ -146,7 +147,7 @@ class Method:
 
 AGF = Method(
     name="agf",
-    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as ../shared/agf-spec.md",
+    summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as docs/algorithm.md",
     formula="the spec's relevance stream; Σ_c Φ₀ / max Φ₀",
     kind=Kind.RELEVANCE,
     start=agf_start,
@@ -239,15 +240,51 @@ INTEGRATED_GRADIENTS = Method(
             "Σ_c A / max A",
 )
 
+#: The noise's hash works in the prime field of ``p = 2**31 − 1``: ``MiMC``'s round ``x ↦ (x + c)⁵ mod p`` is a
+#: permutation there (5 does not divide ``p − 1``), and every product of two residues fits in int64.
+_PRIME = 2**31 - 1
+_ROUND_CONSTANTS = (0x3C6EF372, 0x1B873593, 0x5BD1E995, 0x27D4EB2D)
+
+
+def _hash_reference(counter: np.ndarray) -> np.ndarray:
+    """Four MiMC rounds on int64 counters (non-negative, below ``2**62``) → int64 in ``[0, p)``."""
+    x = np.asarray(counter, dtype=np.int64) % _PRIME
+    for constant in _ROUND_CONSTANTS:
+        x = (x + constant % _PRIME) % _PRIME
+        square = x * x % _PRIME
+        x = square * square % _PRIME * x % _PRIME
+    return x
+
+
+def counter_normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Standard normal noise of ``shape``, a pure function of ``(seed, element index)`` (float64).
+
+    Counter-based: element ``i`` (row-major) draws two uniforms
+    ``u_j = (⌊hash(hash(2i + j) + key) / 2⁷⌋ + ½) / 2²⁴``, ``j ∈ {0, 1}``, ``key = hash(seed)``, with
+    ``hash`` four MiMC rounds ``x ↦ (x + c)⁵ mod (2³¹ − 1)``; Box–Muller turns them into
+    ``√(−2 ln u₀) · cos(2π u₁)``. Integer arithmetic only up to the last step, so the numbers do not
+    depend on the platform, and a leading axis of copies keeps its first rows when it grows.
+    """
+    counters = np.arange(int(np.prod(shape)), dtype=np.int64) * 2
+    key = _hash_reference(np.array([seed]))[0]
+    uniforms = [(_hash_reference(_hash_reference(counters + stream) + key) // 2**7 + 0.5) * 2.0**-24
+                for stream in (0, 1)]  # in (0, 1): the logarithm stays finite
+    return (np.sqrt(-2.0 * np.log(uniforms[0])) * np.cos(2 * np.pi * uniforms[1])).reshape(shape)
+
+
 def _smoothgrad_expand(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
     samples = _option(options, "samples", 25)
     noise = _option(options, "noise", 0.15, float, 0.0)
     seed = _option(options, "seed", 0, int, 0)
+    if seed >= _PRIME:
+        raise CompileError(f"--seed {seed}: must be below {_PRIME} (2³¹ − 1)")
     axes = list(range(1, len(shape)))
     spread = b.Sub(b.ReduceMax(x, axes=axes, keepdims=1), b.ReduceMin(x, axes=axes, keepdims=1))
-    copies = b.Expand(b.Unsqueeze(x, b.ints([0])), b.ints([samples] + [1] * len(shape)))
-    gaussian = b.RandomNormalLike(copies, seed=float(seed))  # one stream per session, fixed by the seed
-    noisy = b.Add(copies, b.Mul(gaussian, b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(noise))))
+    # ε[s, n] = noise · spread[n] · z[s]: the same draw z[s] for every image, so an image's map does not
+    # depend on its batch position or its batch mates; z is stored as float16 (2 bytes per pixel, channel
+    # and copy) and widened once, when ONNX Runtime folds the Cast at load time
+    gaussian = b.Cast(b.const(counter_normal((samples, 1, *shape[1:]), seed), np.float16), to=TensorProto.FLOAT)
+    noisy = b.Add(b.Unsqueeze(x, b.ints([0])), b.Mul(gaussian, b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(noise))))
     return b.Reshape(noisy, b.ints([-1, *shape[1:]])), samples
 
 
@@ -263,8 +300,9 @@ SMOOTHGRAD = Method(
     start=target_score_start,
     expand=_smoothgrad_expand,
     combine=_smoothgrad_combine,
-    formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²) drawn in the graph "
-            "(Captum's NoiseTunnel(Saliency) smoothgrad); Σ_c A / max A",
+    formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²), a counter-based draw fixed by "
+            "the seed and the copy s, the same at every batch position (Captum's NoiseTunnel(Saliency) smoothgrad); "
+            "Σ_c A / max A",
 )
 
 def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:

@@ -29,9 +29,9 @@ positive where the target's evidence exceeds the others', negative where theirs 
 
     A_s = mean_{s<S} A(x + ε_s)          (--smooth-square: mean_{s<S} A(x + ε_s)²)
 
-``ε_s = F · (max x − min x) · z_s`` per image, ``z_s`` a standard normal table fixed by the seed
-(``standard_normal``), the same for every image: an image's map is the same at any batch position,
-in any session. Like NoiseTunnel the raw maps are averaged, before the
+``ε_s = F · (max x − min x) · z_s`` per image, ``z_s`` SmoothGrad's counter-based noise
+(``methods.counter_normal``), fixed by the seed and the copy and the same for every image: an
+image's map is the same at any batch position, in any session. Like NoiseTunnel the raw maps are averaged, before the
 per-sample scaling (averaging scaled maps would weight each copy by one over its own peak). The
 S copies of a batch of N are one batch of S·N through a clone of the path; the method's own
 emitter runs on the clone, and with contrast each copy is contrasted before the average (the
@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
-import numpy as np
-from onnx import TensorProto
 
 from .builder import GraphBuilder
 from .errors import CompileError
@@ -165,25 +162,13 @@ def others_method(method: Method, contrast: str) -> Method:
     return dataclasses.replace(method, start=start)
 
 
-def standard_normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """The noise table ``z``: standard normal draws of ``shape``, a pure function of the seed (so
-    the same in every session and at every batch position)."""
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
 def noisy_copies(b: GraphBuilder, image: str, shape: tuple, modifiers: Modifiers) -> str:
-    """``[S·N, ...]``: copy s of sample n (at s·N + n) is ``x_n + F · (max x_n − min x_n) · z_s``.
-
-    ``z_s`` is the same for every image, so an image's map does not depend on its batch position or
-    its batch mates; it is stored as float16 (2 bytes per pixel, channel and copy) and widened once,
-    when ONNX Runtime folds the Cast at load time."""
-    axes = list(range(1, len(shape)))
-    spread = b.Sub(b.ReduceMax(image, axes=axes, keepdims=1), b.ReduceMin(image, axes=axes, keepdims=1))
-    table = standard_normal((modifiers.smooth, 1, *shape[1:]), modifiers.seed).astype(np.float16)
-    gaussian = b.Cast(b.const(table, np.float16), to=TensorProto.FLOAT)
-    scale = b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(modifiers.noise))
-    noisy = b.Add(b.Unsqueeze(image, b.ints([0])), b.Mul(gaussian, scale))
-    return b.Reshape(noisy, b.ints([-1, *shape[1:]]))
+    """``[S·N, ...]``: copy s of sample n (at s·N + n) is ``x_n + F · (max x_n − min x_n) · z_s``,
+    SmoothGrad's own noise (``methods.counter_normal``: fixed by the seed and the copy, the same for
+    every image, so an image's map is the same at any batch position, in any session)."""
+    options = {"samples": modifiers.smooth, "noise": modifiers.noise, "seed": modifiers.seed}
+    copies, _ = SMOOTHGRAD.expand(b, image, shape, options)
+    return copies
 
 
 def average_copies(b: GraphBuilder, maps: str, count: int, shape: tuple, square: bool) -> str:

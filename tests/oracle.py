@@ -1,4 +1,4 @@
-"""An independent plain-PyTorch implementation of ``../shared/agf-spec.md`` for the test models.
+"""An independent plain-PyTorch implementation of the algorithm (``docs/algorithm.md``) for the test models.
 
 Written from the spec, not from the compiler: gradients come from ``torch.autograd``, every rule
 is the spec's formula on ``torch`` tensors, and the walk follows the modules of ``VGGish`` and

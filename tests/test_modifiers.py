@@ -21,8 +21,8 @@ import agf_onnx
 from agf_onnx import compiler, passes
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.cli import main
-from agf_onnx.methods import METHODS, Kind, get_method, target_score_start
-from agf_onnx.modifiers import Modifiers, parse_variant, standard_normal
+from agf_onnx.methods import METHODS, Kind, counter_normal, get_method, target_score_start
+from agf_onnx.modifiers import Modifiers, parse_variant
 from agf_onnx.planning import plan
 
 from . import models, oracle
@@ -133,7 +133,7 @@ def test_smooth_is_the_mean_of_the_plain_maps_at_the_noisy_images(name, square):
     smooth = Modifiers(smooth=4, noise=0.2, seed=3, square=square)
     ours, _ = _heatmap(proto, name, images, targets, smooth)
     spread = (images.max((1, 2, 3)) - images.min((1, 2, 3))).reshape(-1, 1, 1, 1)
-    table = standard_normal((4, 1, 3, 32, 32), 3).astype(np.float16).astype(np.float32)
+    table = counter_normal((4, 1, 3, 32, 32), 3).astype(np.float16).astype(np.float32)
     maps = [raw_run(proto, name, (images + np.float32(0.2) * spread * table[s]).astype(np.float32), targets)[0]
             for s in range(4)]
     stacked = np.stack(maps).astype(np.float64)
@@ -230,7 +230,7 @@ def test_smooth_and_contrast_compose_as_the_tunnel_over_the_contrast(name):
     proto, images, targets = _proto("vgg"), _images(2, 8), np.array([0, 9])
     ours, _ = _heatmap(proto, name, images, targets, Modifiers(smooth=3, noise=0.1, seed=1, contrast="softmax"))
     spread = (images.max((1, 2, 3)) - images.min((1, 2, 3))).reshape(-1, 1, 1, 1)
-    table = standard_normal((3, 1, 3, 32, 32), 1).astype(np.float16).astype(np.float32)
+    table = counter_normal((3, 1, 3, 32, 32), 1).astype(np.float16).astype(np.float32)
     maps = []
     for s in range(3):
         noisy = (images + np.float32(0.1) * spread * table[s]).astype(np.float32)

@@ -429,7 +429,7 @@ def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constant
     model = _moved_batch_model(node, constants)
     if message is not None:
         with pytest.raises(CompileError, match=f"{node.op_type} node 'mix'.*{message}.*carries the batch"):
-            gradient_model(model, output="y", input="x")
+            gradient_model(model, output="y", source="x")
         return
     # a linear layer on [T, N, C]: its gradient is fine, the token form of AGF needs the batch first
     x = RNG.standard_normal((2, 4, 3)).astype(np.float32)

@@ -16,7 +16,7 @@ from torch import nn
 import agf_onnx
 from agf_onnx import CompileError, metrics, ssl
 from agf_onnx.cli import main
-from agf_onnx.methods import METHODS
+from agf_onnx.methods import METHODS, Kind
 
 from . import models
 from .runtime import run
@@ -268,7 +268,7 @@ def test_a_transformer_explains_ssl_target(method):
     np.testing.assert_allclose(outputs["heatmap"], plain["heatmap"], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if m.attention_map is None))
+@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if m.kind is not Kind.ATTENTION))
 def test_every_method_explains_ssl_target(vgg, method):
     """Every CNN method (the transformer one, chefer, in the test above)."""
     x = images(3, seed=16)
