@@ -20,7 +20,7 @@ from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
-from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers
+from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 
 #: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -209,7 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", metavar="DATA")
     evaluate.add_argument("-o", "--output", metavar="OUTDIR", required=True)
     evaluate.add_argument("--methods", default="all", metavar="M1,M2,...",
-                          help=f"methods to compare (default: all of {', '.join(METHODS)})")
+                          help=f"methods to compare (default: all of {', '.join(METHODS)}); each may carry "
+                               "modifiers: agf+smooth, agf+contrast, agf+smooth=8+contrast=softmax, "
+                               "gradcam+smooth-square (see compile --smooth/--contrast); the results list each by "
+                               "its full name")
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
@@ -218,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
                                "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
                                "SmoothGrad's copies included) would pass 2 GiB")
     _method_options(evaluate)
+    _modifier_options(evaluate, evaluate=True)
     _model_options(evaluate)
     _flat_options(evaluate)
     _ssl_options(evaluate)
@@ -339,6 +343,7 @@ def _compile(args: argparse.Namespace) -> int:
     check_writable(args.output)
     began = time.perf_counter()
     modifiers = _given_modifiers(args)
+    modifiers.check(METHODS[args.method])  # an option error, not the model's: no file name in front
     try:
         model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
                         flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
@@ -460,7 +465,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .explain import read_labels
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    check_methods(methods)
+    variant_defaults = _given_modifiers(args)
+    check_methods(methods, variant_defaults)
     if args.limit is not None and args.limit < 1:
         raise EvaluateError(f"--limit {args.limit}: must be at least 1")
     if args.batch_size < 1:
@@ -477,7 +483,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                                   **ssl_options},
                             provider=args.provider, batch_size=args.batch_size, preset=args.preset,
                             mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
-                            crop=args.crop, bgr=args.bgr)
+                            crop=args.crop, bgr=args.bgr, modifiers=variant_defaults)
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}")
     bar = None if args.quiet else progress_bar(len(samples) * len(methods))
 
@@ -492,6 +498,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
+                "variants": {name: parse_variant(name, variant_defaults)[1].as_dict() for name in methods if "+" in name},
                 **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
                     "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {})}
     out = pathlib.Path(args.output)

@@ -34,6 +34,8 @@ from .compiler import HEATMAP_OUTPUT, compile
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, load_image
 from .methods import METHODS
+from .modifiers import NONE as NO_MODIFIERS
+from .modifiers import Modifiers, parse_variant
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
@@ -150,11 +152,18 @@ def object_masks(mask: np.ndarray, sample: Sample) -> dict[int, np.ndarray] | np
 
 # -- the run ----------------------------------------------------------------------------------
 
-def check_methods(methods: Sequence[str]) -> None:
-    unknown = [m for m in methods if m not in METHODS]
+def check_methods(methods: Sequence[str], defaults: Modifiers = NO_MODIFIERS) -> None:
+    """Every name is a method or a variant ``method+modifier+…`` (``modifiers.parse_variant``)."""
+    unknown = [m for m in methods if m.split("+")[0].strip() not in METHODS]
     if unknown or not methods:
         raise EvaluateError(f"--methods: unknown method {', '.join(unknown) or '(none given)'} "
-                            f"(available: {', '.join(METHODS)})")
+                            f"(available: {', '.join(METHODS)}, each with +smooth[=S], +smooth-square[=S], "
+                            f"+contrast[=others|softmax])")
+    for name in methods:
+        try:
+            parse_variant(name, defaults)
+        except CompileError as error:
+            raise EvaluateError(f"--methods: {error}") from None
 
 
 @dataclass
@@ -225,13 +234,18 @@ class Evaluation:
         compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
         explainer_options: preprocessing and provider, as for ``agf_onnx.Explainer``.
+        modifiers: what a variant's bare ``+smooth`` means (its ``smooth`` copies when set, the noise, the
+            seed) and the contrast of a bare ``+contrast``; methods may be variants such as
+            ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
     """
 
     def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
-                 provider: str = "auto", batch_size: int = 16, **explainer_options) -> None:
+                 provider: str = "auto", batch_size: int = 16, modifiers: Modifiers = NO_MODIFIERS,
+                 **explainer_options) -> None:
         import onnxruntime as ort
 
-        check_methods(methods)
+        check_methods(methods, modifiers)
+        self.modifier_defaults = modifiers
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
         self.compile_options, self.explainer_options = dict(compile_options or {}), dict(explainer_options)
         if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
@@ -250,8 +264,9 @@ class Evaluation:
         self.classifier = ort.InferenceSession(passes.load(model).SerializeToString(), providers=providers)
 
     def explainer(self, method: str) -> Explainer:
-        """A session of the model compiled with ``method``."""
-        compiled = compile(self.model, method=method, **self.compile_options)
+        """A session of the model compiled with ``method`` (a method or a variant ``method+modifier…``)."""
+        base, modifiers = parse_variant(method, self.modifier_defaults)
+        compiled = compile(self.model, method=base, modifiers=modifiers, **self.compile_options)
         self.run_sizes[method] = images_per_run(compiled, self.batch_size)
         return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, **self.explainer_options)
 

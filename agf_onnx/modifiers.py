@@ -86,14 +86,18 @@ class Modifiers:
         if self.smooth and method is SMOOTHGRAD:
             raise CompileError("--smooth: smoothgrad averages over noisy copies already; raise its --samples instead")
 
-    def metadata(self) -> str:
-        """The ``agf_onnx.modifiers`` metadata value: JSON of the modifiers in use ("{}" for none)."""
+    def as_dict(self) -> dict:
+        """The modifiers in use, e.g. ``{"smooth": 8, "noise": 0.15, "seed": 0, "square": False}`` ({} for none)."""
         entry: dict = {}
         if self.smooth:
             entry.update(smooth=self.smooth, noise=self.noise, seed=self.seed, square=self.square)
         if self.contrast:
             entry["contrast"] = self.contrast
-        return json.dumps(entry, sort_keys=True)
+        return entry
+
+    def metadata(self) -> str:
+        """The ``agf_onnx.modifiers`` metadata value: ``as_dict`` as JSON."""
+        return json.dumps(self.as_dict(), sort_keys=True)
 
     def describe(self) -> str:
         """One line for people: ``smooth 25 copies (noise 0.15, seed 0), contrast others``, or ``none``."""

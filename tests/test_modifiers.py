@@ -236,7 +236,10 @@ def test_smooth_and_contrast_compose_as_the_tunnel_over_the_contrast(name):
         noisy = (images + np.float32(0.1) * spread * table[s]).astype(np.float32)
         maps.append(contrast_of(raw_run(proto, name, noisy, targets)[0],
                                 raw_run(proto, name, noisy, targets, contrast="softmax")[0]))
-    np.testing.assert_allclose(ours["heatmap"], finish(np.mean(maps, 0), _coarse(name)), atol=2e-4, rtol=1e-4)
+    # AGF's maps at the image sum to almost nothing (measured here: ΣA_t ≈ −0.002…−0.018, ΣA_o ≈ 0.001…0.006), so
+    # their ratio, and with it the contrast, carries the float32 round-off of both sums (measured max |Δ| 1.7e-3)
+    np.testing.assert_allclose(ours["heatmap"], finish(np.mean(maps, 0), _coarse(name)),
+                               atol=5e-3 if name == "agf" else 2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["agf", "lrp", "gradcam", "integrated-gradients", "fullgrad", "rap"])
@@ -304,3 +307,26 @@ def test_cli_compile_and_inspect_show_the_modifiers(tmp_path, capsys):
                  "others"]) == 1
     assert "agf-onnx: error: --contrast: --method clrp is contrastive already" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_evaluate_lists_variants_by_their_full_names(tmp_path, capsys):
+    from tools import make_benchmark
+
+    make_benchmark.generate(tmp_path / "data", 4, seed=2, size=32, source="digits")
+    onnx.save(_proto("vgg"), tmp_path / "vgg.onnx")
+    methods = "agf,agf+smooth,agf+contrast,agf+smooth+contrast=softmax,lrp+contrast,clrp"
+    assert main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data"), "-o", str(tmp_path / "out"),
+                 "--methods", methods, "--smooth", "2", "--noise", "0", "--preset", "symmetric", "-q"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["methods"]) == methods.split(",")
+    assert results["settings"]["variants"]["agf+smooth+contrast=softmax"] == \
+        {"smooth": 2, "noise": 0.0, "seed": 0, "square": False, "contrast": "softmax"}
+    plain, silent = results["methods"]["agf"], results["methods"]["agf+smooth"]
+    assert silent["perturbation"] == plain["perturbation"], "noiseless smoothing is the plain map"
+    assert silent["segmentation"] == plain["segmentation"]
+    assert "| `agf+smooth+contrast=softmax` |" in (tmp_path / "out" / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data"), "-o", str(tmp_path / "bad"),
+                 "--methods", "agf+blur"]) == 1
+    assert "--methods: 'agf+blur': unknown modifier 'blur'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
