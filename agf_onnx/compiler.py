@@ -267,10 +267,10 @@ def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
         target = _target(b, as_scores(b, plan.logits, shape)) if target is None else target
         target = b.Tile(target, b.ints([count, 1]))
     maps = []
-    for seeded, scope in ((method, ""), (others, "contrast")):
+    for seeded, scope in ((method, "target"), (others, "contrast")):
         if seeded is None:
             continue
-        with b.scope(scope or "target"):
+        with b.scope(scope):
             streams = _Streams(b)
             with b.scope("start"):
                 seed = seeded.start(b, as_scores(b, logits, shape), target, shape[1])
