@@ -33,6 +33,14 @@ NETS = {"vgg": models.seeded(models.VGGish(), seed=41),
 #: every method that runs on a CNN (chefer needs attention); smoothgrad refuses --smooth
 CNN_METHODS = [name for name, method in METHODS.items() if method.kind is not Kind.ATTENTION]
 OPTIONS = {"steps": 4, "samples": 3}
+#: what CI runs of the per-method sweeps (one method per kind); the rest is marked slow
+REPRESENTATIVES = {"agf", "gradient", "gradcam", "integrated-gradients", "lrp", "fullgrad"}
+
+
+def _sweep(names, *others):
+    """Parameters over method names (each combined with ``others``), slow beyond the representatives."""
+    return [pytest.param(name, *rest, marks=() if name in REPRESENTATIVES else pytest.mark.slow)
+            for name in names for rest in ([()] if not others else [(o,) for o in others[0]])]
 
 
 def _proto(net: str) -> onnx.ModelProto:
@@ -186,8 +194,8 @@ def test_smooth_agrees_with_captum_noise_tunnel_statistically(name, attribution_
 
 # -- contrast ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("contrast", ["others", "softmax"])
-@pytest.mark.parametrize("name", [n for n in CNN_METHODS if n not in ("clrp", "sglrp")])
+@pytest.mark.parametrize("name, contrast", _sweep([n for n in CNN_METHODS if n not in ("clrp", "sglrp")],
+                                                  ["others", "softmax"]))
 def test_contrast_is_the_difference_of_two_separately_compiled_runs(name, contrast):
     proto, images, targets = _proto("vgg"), _images(2, 5), np.array([2, 6])
     ours, compiled = _heatmap(proto, name, images, targets, Modifiers(contrast=contrast))
@@ -258,7 +266,7 @@ def test_top_k_under_modifiers_gives_each_class_map(name):
         np.testing.assert_allclose(outputs["heatmaps"][:, k], expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in CNN_METHODS if n != "smoothgrad"])
+@pytest.mark.parametrize("name", _sweep([n for n in CNN_METHODS if n != "smoothgrad"]))
 def test_every_composition_gives_finite_maps(name):
     """Zero images, constant images and saturated scores under smooth, contrast, both and top-K."""
     proto = _proto("resnet")
