@@ -266,6 +266,19 @@ def test_top_k_under_modifiers_gives_each_class_map(name):
         np.testing.assert_allclose(outputs["heatmaps"][:, k], expected, atol=1e-4)
 
 
+def test_cloned_batches_are_not_read_as_merged_copies():
+    """A clone's source (K·N or S·N copies) has a batch of its own: read as "N*K", the rules took the K
+    copies for K merged tokens under VGG's flattened classifier and mixed them (top-K AGF was off by up
+    to 4.8 there, before any modifier)."""
+    proto = models.export(NETS["vgg"], fold=False, softmax=True)
+    images = _images(3, 12)
+    outputs = run(agf_onnx.compile(proto, top_k=3), {"x": images})
+    single = agf_onnx.compile(proto)
+    for k in range(3):
+        expected = run(single, {"x": images, "target": outputs["classes"][:, k]})["heatmap"][:, 0]
+        np.testing.assert_allclose(outputs["heatmaps"][:, k], expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", _sweep([n for n in CNN_METHODS if n != "smoothgrad"]))
 def test_every_composition_gives_finite_maps(name):
     """Zero images, constant images and saturated scores under smooth, contrast, both and top-K."""
