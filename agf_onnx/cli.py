@@ -11,7 +11,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import onnx
 
 from . import __version__, passes
@@ -21,6 +20,7 @@ from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
+from .outputs import OUTPUT_FORMATS
 
 #: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -103,6 +103,37 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto (default): CUDA when ONNX Runtime offers it, else CPU")
+    parser.add_argument("--allow-tf32", action="store_true",
+                        help="on CUDA, let convs/GEMMs round their operands to TF32: faster, but the maps then "
+                             "diverge from the model's (default: exact float32, use_tf32=0)")
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    """Where the batches run: in this process, or on a Ray cluster (explain, evaluate)."""
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local (default): in this process; ray: spread the batches over a Ray cluster "
+                             "(pip install 'agf-onnx[ray]')")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="a running Ray cluster (e.g. ray://head:10001, or auto); default: start a local "
+                             "instance on this machine (loopback only) and stop it at the end")
+    parser.add_argument("--workers", type=int, metavar="K",
+                        help="Ray actors, each holding one ONNX Runtime session (default: one per CPU, or per "
+                             "--gpus-per-worker GPUs)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                        help="GPUs per Ray actor; > 0 runs the sessions on CUDA (default 0: CPU)")
+
+
+def _ray_engine(args: argparse.Namespace):
+    """The Ray engine the options ask for (not entered yet), or None for the local engine."""
+    if args.engine == "local":
+        given = [option for option, value in (("--ray-address", args.ray_address), ("--workers", args.workers),
+                                              ("--gpus-per-worker", args.gpus_per_worker)) if value]
+        if given:
+            raise CompileError(f"{', '.join(given)}: only with --engine ray")
+        return None
+    from .distributed import RayEngine
+
+    return RayEngine(args.ray_address, args.workers, args.gpus_per_worker, args.provider)
 
 
 def _ssl_options(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +224,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch-size", type=int, default=8, metavar="B")
     explain.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
                          help="for compiling an original model with dynamic height/width on the fly")
+    explain.add_argument("--output-format", choices=list(OUTPUT_FORMATS), default="files",
+                         help="files (default): an overlay PNG and a .npy per image, index.html; npz-shards / "
+                              "parquet: the maps in shards of 1024 images (maps-00000.npz / .parquet), for very "
+                              "large runs")
+    _engine_options(explain)
 
     evaluate = commands.add_parser(
         "evaluate", help="the paper's perturbation, segmentation and class-sensitivity benchmarks",
@@ -225,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(evaluate)
     _flat_options(evaluate)
     _ssl_options(evaluate)
+    _engine_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     bank = commands.add_parser(
@@ -389,10 +426,12 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    import contextlib
     import pathlib
 
-    from .explain import Explainer, ExplainError, collect_images, label_index, read_labels
-    from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
+    from .evaluate import progress_bar
+    from .explain import Explainer, ExplainError, collect_images, compiled_model, label_index, read_labels
+    from .outputs import ExplainOutputs
 
     labels = read_labels(args.labels) if args.labels else None
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
@@ -403,62 +442,57 @@ def _explain(args: argparse.Namespace) -> int:
         raise ExplainError(f"--top-k {args.top_k}: must be at least 1")
     if args.batch_size < 1:
         raise ExplainError(f"--batch-size {args.batch_size}: must be at least 1")
+    engine = _ray_engine(args)
     images, folder = collect_images(args.images)
     if not images:
         raise ExplainError(f"no images found in {', '.join(args.images)}")
     check_writable(args.output, folder=True)
     check_model_file(args.model)
-    explainer = Explainer(args.model, args.provider, preset=args.preset, mean=_floats(args.mean, "--mean"),
-                          std=_floats(args.std, "--std"), size=args.size, crop=args.crop, bgr=args.bgr,
-                          labels=labels,
-                          input_shapes=shapes, batch_size=args.batch_size)
-    if explainer.compiled_on_the_fly:
+    model, compiled_here = compiled_model(args.model, shapes)
+    options = {"preset": args.preset, "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"),
+               "size": args.size, "crop": args.crop, "bgr": args.bgr, "allow_tf32": args.allow_tf32}
+    # with Ray the sessions live in the workers: the driver's session only checks options, on the CPU
+    explainer = Explainer(model, "cpu" if engine else args.provider, labels=labels, batch_size=args.batch_size,
+                          **options)
+    if compiled_here:
         print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
               f"`agf-onnx compile`)")
-    print(f"provider: {explainer.provider}")
     target = explainer.class_index(args.target) if args.target is not None else None
     out = pathlib.Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    results, stems, began = [], set(), time.perf_counter()
-    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-    progress = _progress(len(images)) if len(batches) > 1 else None
-    for batch in batches:
-        good, photos = [], []
-        for path in batch:
-            result, notes = ImageResult(str(path)), []
-            try:
-                photos.append(explainer.prepare([path], notes)[0])
-                good.append(result)
-            except ExplainError as error:
-                result.error = str(error)
-                print(f"agf-onnx: error: {error}", file=sys.stderr)
-            result.notes = notes
-            results.append(result)
-        if good:
-            explanation = explainer.explain_photos(np.stack(photos), target, args.top_k)
-            for i, result in enumerate(good):
-                write_image_outputs(explanation, i, out, unique_stem(pathlib.Path(result.image), stems), result)
-                if explanation.ssl_targets is not None:  # a self-supervised model (--ssl-bank): its t and L_N
-                    result.ssl_target = int(explanation.ssl_targets[i])
-                    result.ssl_neighbour = int(explanation.ssl_neighbours[i])
+    outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format)
+    began = time.perf_counter()
+    with engine or contextlib.nullcontext():  # a cluster that cannot run the job fails here, before any output
+        print(engine.describe() if engine else f"provider: {explainer.provider}")
+        out.mkdir(parents=True, exist_ok=True)
+        if engine is None:
+            outcomes = explainer.explain_each(images, target, args.top_k)
+        else:
+            outcomes = engine.explain(model, explainer.preprocessing, options, images, target, args.top_k,
+                                      args.batch_size, labels)
+        progress = progress_bar(len(images)) if len(images) > args.batch_size else None
+        for outcome in outcomes:
+            if outputs.add(outcome) and outcome.error is not None:
+                print(f"agf-onnx: error: {outcome.error}", file=sys.stderr)
+            if progress is not None:
+                progress.update(1)
         if progress is not None:
-            progress.update(len(batch))
-    if progress is not None:
-        progress.close()
-    settings = {"model": str(args.model), "provider": explainer.provider, "target": args.target,
-                "top_k": args.top_k, "preset": args.preset, "mean": explainer.mean, "std": explainer.std,
-                "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
-                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {})}
-    write_results(out, results, settings)
-    failed = sum(1 for r in results if r.error)
-    if folder or len(images) > 1:
-        write_gallery(out, results, f"agf-onnx explain: {os.path.basename(str(args.model))}")
-    print(f"explained {len(results) - failed} of {len(results)} images in {time.perf_counter() - began:.1f} s "
+            progress.close()
+    settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
+                "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
+                "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
+                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
+                "engine": args.engine, "output_format": args.output_format}
+    if engine is not None:
+        settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
+    outputs.close(settings, f"agf-onnx explain: {os.path.basename(str(args.model))}", folder or len(images) > 1)
+    failed = len(outputs.failed)
+    print(f"explained {outputs.explained} of {len(images)} images in {time.perf_counter() - began:.1f} s "
           f"→ {out}" + (f" ({failed} failed, see results.json)" if failed else ""))
     return 1 if failed else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import contextlib
     import pathlib
 
     from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, progress_bar, write_outputs
@@ -477,30 +511,44 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_model_file(args.model)
     shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
     ssl_options = _given_ssl_options(args)
+    engine = _ray_engine(args)
+    # with Ray the sessions live in the workers: the driver's session only checks the model, on the CPU
     evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
                                                                   "image": args.image, "flat_policy": args.flat_policy,
                                                                   "options": _given_method_options(args),
                                                                   **ssl_options},
-                            provider=args.provider, batch_size=args.batch_size, preset=args.preset,
-                            mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size,
-                            crop=args.crop, bgr=args.bgr, modifiers=variant_defaults)
-    print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {evaluation.provider}")
-    bar = None if args.quiet else progress_bar(len(samples) * len(methods))
+                            provider="cpu" if engine else args.provider, batch_size=args.batch_size,
+                            preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
+                            size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32,
+                            modifiers=variant_defaults)
+    provider = engine.provider if engine else evaluation.provider
+    print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {provider}")
+    with engine or contextlib.nullcontext():
+        if engine is not None:
+            print(engine.describe())
+        bar = None if args.quiet else progress_bar(len(samples) * len(methods))
 
-    def advance(count: int, method: str) -> None:
-        bar.set_description(f"{method} ({methods.index(method) + 1}/{len(methods)})")
-        bar.update(count)
+        def advance(count: int, method: str) -> None:
+            bar.set_description(f"{method} ({methods.index(method) + 1}/{len(methods)})")
+            bar.update(count)
 
-    results = evaluation.run(samples, None if bar is None else advance)
-    if bar is not None:
-        bar.close()
+        progress = None if bar is None else advance
+        results = evaluation.run(samples, progress) if engine is None else engine.evaluate(evaluation, samples,
+                                                                                            progress)
+        if bar is not None:
+            bar.close()
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
-                "provider": evaluation.provider, "preset": args.preset, "mean": evaluation.reference.mean,
+                "provider": provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
+                "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
-                "variants": {name: parse_variant(name, variant_defaults)[1].as_dict() for name in methods if "+" in name},
+                "variants": {name: parse_variant(name, variant_defaults)[1].as_dict()
+                             for name in methods if "+" in name},
                 **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
-                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {})}
+                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {}),
+                "engine": args.engine}
+    if engine is not None:
+        settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
     out = pathlib.Path(args.output)
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])
@@ -523,12 +571,6 @@ def _bank(args: argparse.Namespace) -> int:
                 bgr=args.bgr)
     print(f"{len(rows)} images → {args.output}: float32 {list(rows.shape)}, {time.perf_counter() - began:.1f} s")
     return 0
-
-
-def _progress(total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="image", file=sys.stderr)
 
 
 #: Exit status after the reader of our output went away (``agf-onnx rules | head``), as a process
@@ -555,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"agf-onnx: error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the engines have stopped their work on the way out (Ray: shut down)
+        print("agf-onnx: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:

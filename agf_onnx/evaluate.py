@@ -32,10 +32,11 @@ import onnx
 from . import metrics, passes
 from .compiler import HEATMAP_OUTPUT, compile
 from .errors import CompileError
-from .explain import IMAGE_SUFFIXES, Explainer, load_image
+from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, parse_variant
+from .sessions import create_session
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
@@ -167,22 +168,214 @@ def check_methods(methods: Sequence[str], defaults: Modifiers = NO_MODIFIERS) ->
 
 
 @dataclass
-class _Tally:
-    """Running sums for one method."""
+class ImageScores:
+    """One image's scores under one method: what ``Tally.add`` sums up, wherever it was computed."""
 
-    perturbation: dict = field(default_factory=lambda: {(mode, which): np.zeros(len(metrics.FRACTIONS))
+    index: int  # the image's place in the data set
+    correct: bool  # the model's top class, unperturbed, is one of the image's labels
+    perturbation: dict  # (mode, which) → [F] booleans: still classified correctly after each share removed
+    segmentation: tuple[int, int, float] | None  # correct pixels, pixels, average precision
+    shares: tuple[float, ...]  # own, other object mass of the label's map, then of the second class's map
+    seconds: float  # this image's share of the time spent in the compiled model's runs
+    #: a self-supervised model's class t, its bank neighbour, whether t is a label, whether t is the top class
+    ssl: tuple[int, int, bool, bool] | None = None
+
+
+@dataclass
+class Tally:
+    """Running sums for one method, keyed by image so that the order images arrive in (Ray's
+    workers finish in any order) does not change a single bit of the summary."""
+
+    perturbation: dict = field(default_factory=lambda: {(mode, which): np.zeros(len(metrics.FRACTIONS), np.int64)
                                                         for mode in ("negative", "positive")
                                                         for which in ("predicted", "target")})
+    correct: int = 0
     correct_pixels: int = 0
     pixels: int = 0
-    precisions: list = field(default_factory=list)
-    own: list = field(default_factory=list)
-    other: list = field(default_factory=list)
+    precisions: dict = field(default_factory=dict)
+    shares: dict = field(default_factory=dict)
     seconds: float = 0.0
-    ssl_targets: list = field(default_factory=list)  # self-supervised models: t, its bank row, the top class
-    ssl_neighbours: list = field(default_factory=list)
-    ssl_predicted: list = field(default_factory=list)
-    ssl_labels: list = field(default_factory=list)
+    ssl: dict = field(default_factory=dict)
+
+    def add(self, scores: ImageScores) -> None:
+        for key, hits in scores.perturbation.items():
+            self.perturbation[key] += hits
+        self.correct += int(scores.correct)
+        if scores.segmentation is not None:
+            correct, total, precision = scores.segmentation
+            self.correct_pixels += correct
+            self.pixels += total
+            self.precisions[scores.index] = precision
+        if scores.shares:
+            self.shares[scores.index] = scores.shares
+        if scores.ssl is not None:
+            self.ssl[scores.index] = scores.ssl
+        self.seconds += scores.seconds
+
+    def summary(self, count: int, ssl_mode: str | None = None) -> dict:
+        """The method's entry of ``results.json``; ``count`` images."""
+        entry = {"images": count, "explain_seconds": round(self.seconds, 2), "perturbation": {}}
+        for (mode, which), hits in self.perturbation.items():
+            curve = 100.0 * hits / max(count, 1)
+            entry["perturbation"].setdefault(mode, {})[which] = {
+                "accuracy": [round(float(a), 2) for a in curve], "auc": round(metrics.area_under_curve(curve), 2)}
+        if self.pixels:
+            precisions = [self.precisions[k] for k in sorted(self.precisions)]
+            entry["segmentation"] = {"images": len(precisions),
+                                     "pixel_accuracy": round(100.0 * self.correct_pixels / self.pixels, 2),
+                                     "mAP": round(100.0 * float(np.mean(precisions)), 2)}
+        if self.ssl:
+            entry["ssl"] = self._ssl_summary(ssl_mode)
+        if self.shares:
+            shares = np.array([self.shares[k] for k in sorted(self.shares)])  # [images, 4]
+            own, other = shares[:, 0::2].reshape(-1), shares[:, 1::2].reshape(-1)
+            entry["sensitivity"] = {"maps": len(own), "own": round(100.0 * float(np.mean(own)), 2),
+                                    "other": round(100.0 * float(np.mean(other)), 2)}
+        return entry
+
+    def _ssl_summary(self, mode: str | None) -> dict:
+        """How the self-supervised class t relates to the labels and the top class, and t and L_N per image."""
+        rows = [self.ssl[k] for k in sorted(self.ssl)]
+        targets, neighbours = [row[0] for row in rows], [row[1] for row in rows]
+        return {"mode": mode,
+                "target_is_label": round(100.0 * sum(row[2] for row in rows) / len(rows), 2),
+                "target_is_prediction": round(100.0 * sum(row[3] for row in rows) / len(rows), 2),
+                "neighbours_used": len(set(neighbours) - {-1}),
+                "ssl_target": targets, "ssl_neighbour": neighbours}
+
+
+def summary(tallies: dict[str, Tally], count: int, seconds: float, ssl_mode: str | None = None) -> dict:
+    """``results.json``'s numbers from each method's tally (the first method's counts the clean accuracy)."""
+    first = next(iter(tallies.values()))
+    return {"images": count, "clean_accuracy": round(100.0 * first.correct / max(count, 1), 2),
+            "fractions": list(metrics.FRACTIONS), "seconds": round(seconds, 1),
+            "methods": {method: tally.summary(count, ssl_mode) for method, tally in tallies.items()}}
+
+
+def prepare_samples(preprocessing: Preprocessing,
+                    samples: Sequence[Sample]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Photos ``[N, H, W, 3]`` and fitted masks of samples; an unreadable image raises ``ExplainError``."""
+    photos, masks = [], []
+    for sample in samples:
+        photos.append(preprocessing.fit(load_image(sample.image, [])))
+        masks.append(None if sample.mask is None else preprocessing.fit(_read_mask(sample.mask), nearest=True))
+    return np.stack(photos), masks
+
+
+def classifier_session(model, provider: str, allow_tf32: bool = False, threads: int | None = None):
+    """An ONNX Runtime session of the original classifier (``ModelProto`` or bytes; the perturbed
+    images are classified by it)."""
+    return create_session(model, provider, allow_tf32=allow_tf32, options=session_options(threads))
+
+
+def chunked_outputs(explainer: Explainer, photos: np.ndarray, targets: np.ndarray,
+                    per_run: int) -> dict[str, np.ndarray]:
+    """The compiled model's outputs for ``photos`` and ``targets``, ``per_run`` images per session
+    run (memory bound)."""
+    targets = np.broadcast_to(np.asarray(targets), (len(photos),))
+    runs = [explainer.run(explainer.to_tensor(photos[start:start + per_run]), targets[start:start + per_run])
+            for start in range(0, len(photos), per_run)]
+    return {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
+
+
+class MethodScorer:
+    """The per-image work of evaluate for one method: its maps for the predicted and the labelled
+    class, the perturbed images classified, segmentation and class sensitivity. The local engine
+    and each Ray worker run this same code on the same batches."""
+
+    def __init__(self, explainer: Explainer, classifier, batch_size: int, per_run: int | None = None) -> None:
+        self.explainer, self.classifier, self.batch_size = explainer, classifier, batch_size
+        #: images per run of the compiled model (``images_per_run``: its memory bound)
+        self.per_run = per_run or batch_size
+
+    def classify(self, photos: np.ndarray) -> np.ndarray:
+        """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""
+        explainer, tops = self.explainer, []
+        for start in range(0, len(photos), self.batch_size * 8):
+            batch = explainer.to_tensor(photos[start:start + self.batch_size * 8])
+            scores = self.classifier.run([explainer.scores_output], {explainer.image_input: batch})[0]
+            tops.append(scores.reshape(len(batch), -1).argmax(1))
+        return np.concatenate(tops)
+
+    def _outputs(self, photos: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+        return chunked_outputs(self.explainer, photos, targets, self.per_run)
+
+    def _heatmaps(self, photos: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return self._outputs(photos, targets)[HEATMAP_OUTPUT][:, 0]
+
+    def score(self, start: int, chunk: Sequence[Sample], photos: np.ndarray, masks: list) -> list[ImageScores]:
+        """One batch, images ``start, start + 1, …``: each image's scores."""
+        explainer, began = self.explainer, time.perf_counter()
+        labels = [set(sample.labels) for sample in chunk]
+        predicted = self.classify(photos)
+        target = np.array([s.label for s in chunk])
+        ssl: list = [None] * len(chunk)
+        if explainer.ssl_mode is not None:  # Algorithm 2: the graph explains its own t, not the top class
+            outputs = self._outputs(photos, np.array([-1]))
+            explained = outputs[SSL_TARGET_OUTPUT].astype(np.int64)
+            maps = {"predicted": outputs[HEATMAP_OUTPUT][:, 0]}
+            ssl = [(int(t), int(neighbour), int(t) in labels[n], int(t) == int(predicted[n]))
+                   for n, (t, neighbour) in enumerate(zip(explained, outputs[SSL_NEIGHBOUR_OUTPUT]))]
+        else:
+            explained = predicted
+            maps = {"predicted": self._heatmaps(photos, predicted)}
+        # where the label is the explained class the two maps, and so their curves, are the same
+        differs = np.flatnonzero(target != explained)
+        maps["target"] = maps["predicted"].copy()
+        if len(differs):
+            maps["target"][differs] = self._heatmaps(photos[differs], target[differs])
+        seconds = time.perf_counter() - began
+        perturbation = self._perturbation(photos, maps, labels, differs)
+        # a self-supervised model's explanation is the map of its own t: that one is segmented
+        segmentation, shares, extra = self._segmentation_and_sensitivity(
+            chunk, photos, masks, maps["predicted" if explainer.ssl_mode is not None else "target"])
+        seconds += extra
+        return [ImageScores(start + n, int(predicted[n]) in labels[n],
+                            {key: hits[:, n] for key, hits in perturbation.items()}, segmentation[n], shares[n],
+                            seconds / len(chunk), ssl[n])
+                for n in range(len(chunk))]
+
+    def _perturbation(self, photos: np.ndarray, maps: dict, labels: list[set[int]],
+                      differs: np.ndarray) -> dict:
+        """(mode, which) → ``[F, N]`` hits."""
+        perturbation = {}
+        for mode in ("negative", "positive"):
+            hits = metrics.perturbation_hits(photos, maps["predicted"], labels, self.classify,
+                                             highest_first=mode == "positive")
+            perturbation[mode, "predicted"] = hits.copy()
+            if len(differs):
+                hits[:, differs] = metrics.perturbation_hits(photos[differs], maps["target"][differs],
+                                                             [labels[n] for n in differs], self.classify,
+                                                             highest_first=mode == "positive")
+            perturbation[mode, "target"] = hits
+        return perturbation
+
+    def _segmentation_and_sensitivity(self, chunk: Sequence[Sample], photos: np.ndarray, masks: list,
+                                      maps: np.ndarray) -> tuple[list, list, float]:
+        """The labelled class's map against its object; for two class-coded objects, each class's map
+        against both (the second class is explained here). Per image: the segmentation scores (or
+        None), the mass shares (own, other for each map, or empty); and the seconds spent explaining."""
+        segmentation, shares, pairs = [None] * len(chunk), [()] * len(chunk), []
+        for n, (sample, mask) in enumerate(zip(chunk, masks)):
+            if mask is None:
+                continue
+            objects = object_masks(mask, sample)
+            truth = objects.get(sample.label) if isinstance(objects, dict) else objects
+            if truth is not None and truth.any():
+                segmentation[n] = metrics.segmentation(maps[n], truth)
+            if isinstance(objects, dict):
+                present = [k for k in sorted(sample.labels, key=lambda k: (k != sample.label, k)) if objects[k].any()]
+                if len(present) >= 2:
+                    pairs.append((n, objects, present[0], present[1]))
+        if not pairs:
+            return segmentation, shares, 0.0
+        began = time.perf_counter()
+        others = self._heatmaps(photos[[pair[0] for pair in pairs]], np.array([pair[3] for pair in pairs]))
+        seconds = time.perf_counter() - began
+        for (n, objects, first, second), other_map in zip(pairs, others):
+            shares[n] = tuple(share for heatmap, own, other in ((maps[n], first, second), (other_map, second, first))
+                              for share in metrics.mass_shares(heatmap, [objects[own], objects[other]]))
+        return segmentation, shares, seconds
 
 
 def forward_bytes_per_image(model: onnx.ModelProto) -> int | None:
@@ -233,7 +426,8 @@ class Evaluation:
         methods: method names (see ``agf-onnx compile --method``).
         compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
-        explainer_options: preprocessing and provider, as for ``agf_onnx.Explainer``.
+        explainer_options: preprocessing and ``allow_tf32``, as for ``agf_onnx.Explainer`` (the
+            classifier's own session gets the same provider and ``allow_tf32``).
         modifiers: what a variant's bare ``+smooth`` means (its ``smooth`` copies when set, the noise, the
             seed) and the contrast of a bare ``+contrast``; methods may be variants such as
             ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
@@ -242,8 +436,6 @@ class Evaluation:
     def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
                  provider: str = "auto", batch_size: int = 16, modifiers: Modifiers = NO_MODIFIERS,
                  **explainer_options) -> None:
-        import onnxruntime as ort
-
         check_methods(methods, modifiers)
         self.modifier_defaults = modifiers
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
@@ -259,180 +451,61 @@ class Evaluation:
             raise EvaluateError(f"{model}: the class scores are not a graph output, so perturbed images cannot be "
                                 "classified")
         self.provider = self.reference.provider
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda" else \
-            ["CPUExecutionProvider"]
-        self.classifier = ort.InferenceSession(passes.load(model).SerializeToString(), providers=providers)
+        self.classifier = classifier_session(self.original(), self.provider,
+                                             allow_tf32=self.explainer_options.get("allow_tf32", False))
+
+    def original(self):
+        """The original classifier (an ``onnx.ModelProto``)."""
+        return passes.load(self.model)
+
+    def compiled(self, method: str):
+        """The model compiled with ``method`` (an ``onnx.ModelProto``), a method or a variant
+        ``method+modifier…`` (``modifiers.parse_variant``)."""
+        base, modifiers = parse_variant(method, self.modifier_defaults)
+        return compile(self.model, method=base, modifiers=modifiers, **self.compile_options)
 
     def explainer(self, method: str) -> Explainer:
-        """A session of the model compiled with ``method`` (a method or a variant ``method+modifier…``)."""
-        base, modifiers = parse_variant(method, self.modifier_defaults)
-        compiled = compile(self.model, method=base, modifiers=modifiers, **self.compile_options)
+        """A session of the model compiled with ``method``."""
+        compiled = self.compiled(method)
         self.run_sizes[method] = images_per_run(compiled, self.batch_size)
         return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, **self.explainer_options)
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
         """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""
-        explainer, tops = self.reference, []
-        for start in range(0, len(photos), self.batch_size * 8):
-            batch = explainer.to_tensor(photos[start:start + self.batch_size * 8])
-            scores = self.classifier.run([explainer.scores_output], {explainer.image_input: batch})[0]
-            tops.append(scores.reshape(len(batch), -1).argmax(1))
-        return np.concatenate(tops)
+        return MethodScorer(self.reference, self.classifier, self.batch_size).classify(photos)
 
-    def _prepare(self, samples: Sequence[Sample]) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        explainer = self.reference
-        photos, masks = [], []
-        for sample in samples:
-            photos.append(explainer.fit(load_image(sample.image, [])))  # an unreadable image: ExplainError
-            if sample.mask is None:
-                masks.append(None)
-                continue
-            masks.append(explainer.fit(_read_mask(sample.mask), nearest=True))
-        return np.stack(photos), masks
+    @staticmethod
+    def _heatmaps(explainer: Explainer, photos: np.ndarray, targets: np.ndarray, per_run: int) -> np.ndarray:
+        """The maps of ``photos`` for ``targets``, ``per_run`` images per session run (memory bound)."""
+        return chunked_outputs(explainer, photos, targets, per_run)[HEATMAP_OUTPUT][:, 0]
 
-    def run(self, samples: Sequence[Sample], progress: Callable[[int, str], None] | None = None) -> dict:
-        """The metrics per method over ``samples`` (a dict ready for ``results.json``). One method at a
-        time, so that only one compiled model is in memory; ``progress(images, method)`` after each batch."""
+    def check_labels(self, samples: Sequence[Sample]) -> None:
+        """Refuse, before a long run, a label the model has no class for."""
         classes = self.reference.classes
         bad = next((s for s in samples if classes is not None and max(s.labels) >= classes), None)
         if bad is not None:
             raise EvaluateError(f"{bad.image}: class {max(bad.labels)} is out of range: the model has {classes} "
                                 f"classes (0–{classes - 1})")
-        tallies = {method: _Tally() for method in self.methods}
-        predictions: list[np.ndarray] = []
-        clean, began = 0, time.perf_counter()
+
+    def run(self, samples: Sequence[Sample], progress: Callable[[int, str], None] | None = None) -> dict:
+        """The metrics per method over ``samples`` (a dict ready for ``results.json``). One method at a
+        time, so that only one compiled model is in memory; ``progress(images, method)`` after each batch."""
+        self.check_labels(samples)
+        tallies = {method: Tally() for method in self.methods}
+        began = time.perf_counter()
+        preprocessing = self.reference.preprocessing
         for index, method in enumerate(self.methods):
             explainer = self.reference if index == 0 else self.explainer(method)
-            for number, start in enumerate(range(0, len(samples), self.batch_size)):
+            scorer = MethodScorer(explainer, self.classifier, self.batch_size, self.run_sizes[method])
+            for start in range(0, len(samples), self.batch_size):
                 chunk = samples[start:start + self.batch_size]
-                photos, masks = self._prepare(chunk)
-                labels = [set(sample.labels) for sample in chunk]
-                if index == 0:
-                    predictions.append(self.classify(photos))
-                    clean += int(sum(int(c) in labels[n] for n, c in enumerate(predictions[-1])))
-                self._method_batch(explainer, tallies[method], chunk, photos, masks, labels, predictions[number],
-                                   self.run_sizes[method])
+                photos, masks = prepare_samples(preprocessing, chunk)
+                for scores in scorer.score(start, chunk, photos, masks):
+                    tallies[method].add(scores)
                 if progress is not None:
                     progress(len(chunk), method)
-            del explainer
-        return self._summary(tallies, len(samples), clean, time.perf_counter() - began)
-
-    @staticmethod
-    def _outputs(explainer: Explainer, photos: np.ndarray, targets: np.ndarray, per_run: int) -> dict[str, np.ndarray]:
-        """The compiled model's outputs for ``photos`` and ``targets``, ``per_run`` images per session
-        run (memory bound)."""
-        targets = np.broadcast_to(np.asarray(targets), (len(photos),))
-        runs = [explainer.run(explainer.to_tensor(photos[start:start + per_run]), targets[start:start + per_run])
-                for start in range(0, len(photos), per_run)]
-        return {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
-
-    @staticmethod
-    def _heatmaps(explainer: Explainer, photos: np.ndarray, targets: np.ndarray, per_run: int) -> np.ndarray:
-        """The maps of ``photos`` for ``targets``, ``per_run`` images per session run (memory bound)."""
-        return Evaluation._outputs(explainer, photos, targets, per_run)[HEATMAP_OUTPUT][:, 0]
-
-    def _method_batch(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample], photos: np.ndarray,
-                      masks: list, labels: list[set[int]], predicted: np.ndarray, per_run: int) -> None:
-        """One batch of one method: its maps for the predicted and the labelled class, then every metric."""
-        began = time.perf_counter()
-        target = np.array([s.label for s in chunk])
-        if explainer.ssl_mode is not None:  # Algorithm 2: the graph explains its own t, not the top class
-            outputs = self._outputs(explainer, photos, np.array([-1]), per_run)
-            explained = outputs[SSL_TARGET_OUTPUT].astype(np.int64)
-            maps = {"predicted": outputs[HEATMAP_OUTPUT][:, 0]}
-            tally.ssl_targets += explained.tolist()
-            tally.ssl_neighbours += outputs[SSL_NEIGHBOUR_OUTPUT].astype(np.int64).tolist()
-            tally.ssl_predicted += np.asarray(predicted).tolist()
-            tally.ssl_labels += [set(sample.labels) for sample in chunk]
-        else:
-            explained = predicted
-            maps = {"predicted": self._heatmaps(explainer, photos, predicted, per_run)}
-        # where the label is the explained class the two maps, and so their curves, are the same
-        differs = np.flatnonzero(target != explained)
-        maps["target"] = maps["predicted"].copy()
-        if len(differs):
-            maps["target"][differs] = self._heatmaps(explainer, photos[differs], target[differs], per_run)
-        tally.seconds += time.perf_counter() - began
-        self._perturbation(tally, photos, maps, labels, differs)
-        # a self-supervised model's explanation is the map of its own t: that one is segmented
-        self._segmentation_and_sensitivity(explainer, tally, chunk, photos, masks,
-                                           maps["predicted" if explainer.ssl_mode is not None else "target"], per_run)
-
-    def _perturbation(self, tally: _Tally, photos: np.ndarray, maps: dict, labels: list[set[int]],
-                      differs: np.ndarray) -> None:
-        for mode in ("negative", "positive"):
-            hits = metrics.perturbation_hits(photos, maps["predicted"], labels, self.classify,
-                                             highest_first=mode == "positive")
-            tally.perturbation[mode, "predicted"] += hits.sum(1)
-            if len(differs):
-                hits[:, differs] = metrics.perturbation_hits(photos[differs], maps["target"][differs],
-                                                             [labels[n] for n in differs], self.classify,
-                                                             highest_first=mode == "positive")
-            tally.perturbation[mode, "target"] += hits.sum(1)
-
-    def _segmentation_and_sensitivity(self, explainer: Explainer, tally: _Tally, chunk: Sequence[Sample],
-                                      photos: np.ndarray, masks: list, maps: np.ndarray, per_run: int) -> None:
-        """The labelled class's map against its object; for two class-coded objects, each class's map
-        against both (the second class is explained here)."""
-        pairs = []
-        for n, (sample, mask) in enumerate(zip(chunk, masks)):
-            if mask is None:
-                continue
-            objects = object_masks(mask, sample)
-            truth = objects.get(sample.label) if isinstance(objects, dict) else objects
-            if truth is not None and truth.any():
-                correct, total, ap = metrics.segmentation(maps[n], truth)
-                tally.correct_pixels += correct
-                tally.pixels += total
-                tally.precisions.append(ap)
-            if isinstance(objects, dict):
-                present = [k for k in sorted(sample.labels, key=lambda k: (k != sample.label, k)) if objects[k].any()]
-                if len(present) >= 2:
-                    pairs.append((n, objects, present[0], present[1]))
-        if not pairs:
-            return
-        began = time.perf_counter()
-        others = self._heatmaps(explainer, photos[[pair[0] for pair in pairs]], np.array([pair[3] for pair in pairs]),
-                                per_run)
-        tally.seconds += time.perf_counter() - began
-        for (n, objects, first, second), other_map in zip(pairs, others):
-            for heatmap, own, other in ((maps[n], first, second), (other_map, second, first)):
-                shares = metrics.mass_shares(heatmap, [objects[own], objects[other]])
-                tally.own.append(shares[0])
-                tally.other.append(shares[1])
-
-    def _summary(self, tallies: dict[str, _Tally], count: int, clean: int, seconds: float) -> dict:
-        results = {}
-        for method, tally in tallies.items():
-            entry = {"images": count, "explain_seconds": round(tally.seconds, 2), "perturbation": {}}
-            for (mode, which), hits in tally.perturbation.items():
-                curve = 100.0 * hits / max(count, 1)
-                entry["perturbation"].setdefault(mode, {})[which] = {
-                    "accuracy": [round(float(a), 2) for a in curve], "auc": round(metrics.area_under_curve(curve), 2)}
-            if tally.pixels:
-                entry["segmentation"] = {"images": len(tally.precisions),
-                                         "pixel_accuracy": round(100.0 * tally.correct_pixels / tally.pixels, 2),
-                                         "mAP": round(100.0 * float(np.mean(tally.precisions)), 2)}
-            if tally.ssl_targets:
-                entry["ssl"] = self._ssl_summary(tally)
-            if tally.own:
-                entry["sensitivity"] = {"maps": len(tally.own), "own": round(100.0 * float(np.mean(tally.own)), 2),
-                                        "other": round(100.0 * float(np.mean(tally.other)), 2)}
-            results[method] = entry
-        return {"images": count, "clean_accuracy": round(100.0 * clean / max(count, 1), 2),
-                "fractions": list(metrics.FRACTIONS), "seconds": round(seconds, 1), "methods": results}
-
-
-    def _ssl_summary(self, tally: _Tally) -> dict:
-        """How the self-supervised class t relates to the labels and the top class, and t and L_N per image."""
-        targets, count = tally.ssl_targets, len(tally.ssl_targets)
-        return {"mode": self.reference.ssl_mode,
-                "target_is_label": round(100.0 * sum(t in labels for t, labels in zip(targets, tally.ssl_labels))
-                                         / count, 2),
-                "target_is_prediction": round(100.0 * sum(t == p for t, p in zip(targets, tally.ssl_predicted))
-                                              / count, 2),
-                "neighbours_used": len(set(tally.ssl_neighbours) - {-1}),
-                "ssl_target": targets, "ssl_neighbour": tally.ssl_neighbours}
+            del explainer, scorer
+        return summary(tallies, len(samples), time.perf_counter() - began, self.reference.ssl_mode)
 
 
 def _read_mask(path: pathlib.Path) -> np.ndarray:
@@ -511,6 +584,7 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
 
 
 def progress_bar(total: int):
+    """A progress bar over images on stderr (explain and evaluate, either engine)."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="image", file=sys.stderr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ import onnx
 from . import passes
 from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT, compile
 from .errors import CompileError
+from .sessions import create_session, session_provider
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
 #: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
@@ -94,6 +95,10 @@ def label_index(target: int | str, labels: Sequence[str] | None) -> int:
     return int(target)
 
 
+#: The fields of an ``Explanation`` with one entry per image (first axis).
+_PER_IMAGE = ("photos", "heatmaps", "targets", "scores", "probabilities", "ssl_targets", "ssl_neighbours")
+
+
 def load_image(source: Any, notes: list[str]) -> np.ndarray:
     """An RGB uint8 array ``[H, W, 3]`` from a path, a PIL image or an array."""
     from PIL import Image, UnidentifiedImageError
@@ -129,79 +134,22 @@ def load_image(source: Any, notes: list[str]) -> np.ndarray:
     return array
 
 
-class Explainer:
-    """Runs a compiled model (or compiles an original one on the fly) on images.
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: fitted to the model's size (``fit``), then channel
+    order, normalisation and layout (``to_tensor``). Plain data, so that it travels to other
+    processes (the Ray engine's preprocessing tasks) without a session."""
 
-    Args:
-        model: path of a compiled model (``agf-onnx compile``) or of an original classifier.
-        provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
-        preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
-        mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
-        size: resize the shorter side to this, then centre-crop to the model's size.
-        crop: keep the aspect ratio: resize to cover the model's size, then centre-crop (implied
-            by ``size``); default: resize straight to the model's size.
-        bgr: feed channels in BGR order.
-        input_shapes: for compiling a model with dynamic height/width on the fly.
-        compile_original: compile a model without a ``heatmap`` output on the fly (False: run it as
-            it is, for its other outputs, as ``agf_onnx.bank`` does).
-    """
+    height: int
+    width: int
+    size: int | None = None  # resize the shorter side to this, then centre-crop
+    crop: bool = False
+    bgr: bool = False
+    mean: Sequence[float] | None = None  # on pixels scaled to [0, 1]; None: raw 0–255 values
+    std: Sequence[float] | None = None
+    integer_input: bool = False
+    channels_last: bool = False
 
-    def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
-                 preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 size: int | None = None, crop: bool = False, bgr: bool = False,
-                 labels: Sequence[str] | None = None,
-                 input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True) -> None:
-        import onnxruntime as ort
-
-        if preset not in (*PRESETS, "none"):
-            raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
-        proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
-        self.compiled_on_the_fly = compile_original and not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
-        if self.compiled_on_the_fly:
-            proto = compile(model, input_shapes=input_shapes)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if provider not in ("auto", "cuda", "cpu"):
-            raise ExplainError(f"unknown provider '{provider}' (auto, cuda, cpu)")
-        serialized = proto.SerializeToString()
-        self.session = None
-        if provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            # the GPU wheel lists CUDA even where its libraries are missing: try it, quietly for auto
-            ort.set_default_logger_severity(4 if provider == "auto" else 3)
-            self.session = ort.InferenceSession(serialized, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-            if "CUDAExecutionProvider" not in self.session.get_providers():
-                self.session = None
-        ort.set_default_logger_severity(3)
-        if self.session is None:
-            if provider == "cuda":
-                raise ExplainError("--provider cuda: ONNX Runtime cannot use CUDA here (no CUDA build or no GPU)")
-            self.session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
-        self.provider = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
-        info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
-        self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
-        dims = info.shape[1:3] if self.channels_last else info.shape[2:4]
-        if not all(isinstance(d, int) for d in dims):
-            raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
-        self.height, self.width = dims
-        self.integer_input = info.type != "tensor(float)"
-        self.scores_output = meta.get("agf_onnx.scores") or None
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
-        self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
-            isinstance(d, int) for d in scores_info.shape[1:]) else None
-        # a model compiled with --top-k K already returns the K best classes' maps in its one run
-        maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
-        self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
-            isinstance(maps_info.shape[1], int) else 0
-        #: a self-supervised model explains t = argmax head(L_I − L_N), not the top class, by default
-        self.ssl_mode = meta.get("agf_onnx.ssl_mode") if SSL_TARGET_OUTPUT in self.outputs else None
-        self.ssl_features = meta.get("agf_onnx.ssl_features") if self.ssl_mode else None
-        self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
-        if (mean is None) != (std is None):
-            raise ExplainError("--mean and --std go together")
-        self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
-
-    # -- preprocessing ------------------------------------------------------------------------
     def fit(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
         """An image (or, ``nearest``, a label mask) resized/cropped to the model's size, as ``--size``/``--crop`` say."""
         from PIL import Image
@@ -230,6 +178,123 @@ class Explainer:
             batch = ((pixels / 255.0 - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
         return np.ascontiguousarray(batch if self.channels_last else batch.transpose(0, 3, 1, 2))
 
+    def prepare(self, index: int, image: Any) -> PreparedImage:
+        """One image loaded and fitted, or the error that stopped it (never raised: one bad file
+        must not stop a run over many)."""
+        source = str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+        notes: list[str] = []
+        try:
+            return PreparedImage(index, source, self.fit(load_image(image, notes)), notes)
+        except ExplainError as error:
+            return PreparedImage(index, source, None, notes, str(error))
+
+
+@dataclass
+class PreparedImage:
+    """An image fitted to the model (``photo`` ``[H, W, 3]`` uint8), or why it could not be."""
+
+    index: int  # its place among the images of the run
+    source: str
+    photo: np.ndarray | None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class ImageExplanation:
+    """One image's outcome (``Explainer.explain_each``): its explanation (N = 1), or its error."""
+
+    index: int
+    source: str
+    explanation: Explanation | None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class Explainer:
+    """Runs a compiled model (or compiles an original one on the fly) on images.
+
+    Args:
+        model: path of a compiled model (``agf-onnx compile``) or of an original classifier.
+        provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
+        preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
+        mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
+        size: resize the shorter side to this, then centre-crop to the model's size.
+        crop: keep the aspect ratio: resize to cover the model's size, then centre-crop (implied
+            by ``size``); default: resize straight to the model's size.
+        bgr: feed channels in BGR order.
+        input_shapes: for compiling a model with dynamic height/width on the fly.
+        compile_original: compile a model without a ``heatmap`` output on the fly (False: run it as
+            it is, for its other outputs, as ``agf_onnx.bank`` does).
+        batch_size: images per session run.
+        allow_tf32: on CUDA, let convs/GEMMs round their operands to TF32 (faster; the maps then
+            diverge from the model's: see ``agf_onnx.sessions``). Default: exact float32.
+        cuda_graph: for low-latency serving on CUDA: capture the run as a CUDA graph and replay it
+            (``enable_cuda_graph=1``) with inputs and outputs bound to fixed GPU buffers. Every run
+            then has exactly ``batch_size`` samples (smaller batches are padded, the padding's maps
+            dropped) and the model must have static shapes apart from the batch. CUDA only: a
+            ``ProviderError`` elsewhere.
+        threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
+            engine runs one single-threaded session per CPU it is given.
+    """
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
+                 preset: str = "imagenet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 size: int | None = None, crop: bool = False, bgr: bool = False,
+                 labels: Sequence[str] | None = None,
+                 input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
+                 allow_tf32: bool = False, cuda_graph: bool = False, threads: int | None = None) -> None:
+        if preset not in (*PRESETS, "none"):
+            raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
+        proto, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if cuda_graph and batch_size < 1:
+            raise ExplainError(f"cuda_graph=True: batch_size {batch_size} must be at least 1 (the graph's fixed batch)")
+        self.session = create_session(proto, provider, allow_tf32=allow_tf32, cuda_graph=cuda_graph,
+                                      options=session_options(threads))
+        self.provider = session_provider(self.session)
+        self.allow_tf32, self.cuda_graph = allow_tf32, cuda_graph
+        self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
+        info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
+        self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
+        dims = info.shape[1:3] if self.channels_last else info.shape[2:4]
+        if not all(isinstance(d, int) for d in dims):
+            raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
+        self.height, self.width = dims
+        self.integer_input = info.type != "tensor(float)"
+        self.scores_output = meta.get("agf_onnx.scores") or None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
+        self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
+            isinstance(d, int) for d in scores_info.shape[1:]) else None
+        # a model compiled with --top-k K already returns the K best classes' maps in its one run
+        maps_info = next((o for o in self.session.get_outputs() if o.name == HEATMAPS_OUTPUT), None)
+        self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
+            isinstance(maps_info.shape[1], int) else 0
+        #: a self-supervised model explains t = argmax head(L_I − L_N), not the top class, by default
+        self.ssl_mode = meta.get("agf_onnx.ssl_mode") if SSL_TARGET_OUTPUT in self.outputs else None
+        self.ssl_features = meta.get("agf_onnx.ssl_features") if self.ssl_mode else None
+        self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
+        if (mean is None) != (std is None):
+            raise ExplainError("--mean and --std go together")
+        self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
+        self._graph_run = _CudaGraphRun(self.session, batch_size) if cuda_graph else None
+
+    # -- preprocessing ------------------------------------------------------------------------
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """This explainer's preprocessing as plain data (for other processes)."""
+        return Preprocessing(self.height, self.width, self.size, self.crop, self.bgr, self.mean, self.std,
+                             self.integer_input, self.channels_last)
+
+    def fit(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """An image (or, ``nearest``, a label mask) resized/cropped to the model's size, as ``--size``/``--crop`` say."""
+        return self.preprocessing.fit(image, nearest)
+
+    def to_tensor(self, photos: np.ndarray) -> np.ndarray:
+        """Prepared photos ``[N, H, W, 3]`` uint8 → the model's input (channel order, normalisation, layout)."""
+        return self.preprocessing.to_tensor(photos)
+
     def prepare(self, images: Sequence[Any], notes: list[str] | None = None) -> np.ndarray:
         """Load, convert to RGB and fit images to the model's size → ``[N, H, W, 3]`` uint8."""
         notes = [] if notes is None else notes
@@ -238,7 +303,10 @@ class Explainer:
     # -- running ------------------------------------------------------------------------------
     def run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of one session run on a model input ``batch`` and classes ``target`` ([N] or [1])."""
-        values = self.session.run(self.outputs, {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)})
+        feeds = {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)}
+        if self._graph_run is not None:
+            return self._graph_run.run(feeds)
+        values = self.session.run(self.outputs, feeds)
         return dict(zip(self.outputs, values))
 
     def class_index(self, target: int | str) -> int:
@@ -293,24 +361,97 @@ class Explainer:
         return Explanation(photos, heatmaps, chosen, scores, probabilities, self.labels, ssl_targets=ssl_targets,
                            ssl_neighbours=ssl_neighbours)
 
-    def explain(self, images: Sequence[Any] | Any, target: int | str | None = None,
-                top_k: int | None = None) -> Explanation:
-        """Explain images (paths, PIL images or arrays ``[H, W, 3]``), in batches."""
-        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
-            images = [images]
-        images = list(images)
-        parts = []
+    def explain_prepared(self, prepared: Sequence[PreparedImage], target: int | str | None = None,
+                         top_k: int | None = None) -> list[ImageExplanation]:
+        """Explain one batch of prepared images in one run (or one per class); the images that
+        failed to load keep their error."""
+        good = [item for item in prepared if item.error is None]
+        explanation = self.explain_photos(np.stack([item.photo for item in good]), target, top_k) if good else None
+        outcomes, position = [], 0
+        for item in prepared:
+            if item.error is not None:
+                outcomes.append(ImageExplanation(item.index, item.source, None, item.notes, item.error))
+                continue
+            single = Explanation(**{name: None if getattr(explanation, name) is None else
+                                    getattr(explanation, name)[position:position + 1] for name in _PER_IMAGE},
+                                 labels=self.labels, sources=[item.source])
+            outcomes.append(ImageExplanation(item.index, item.source, single, item.notes))
+            position += 1
+        return outcomes
+
+    def explain_each(self, images: Sequence[Any], target: int | str | None = None,
+                     top_k: int | None = None) -> Iterator[ImageExplanation]:
+        """Explain images in batches of ``batch_size``, yielding each image's explanation or error in
+        order: a bad file is reported, not raised. The local and the Ray engine both run this."""
+        preprocessing = self.preprocessing
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            parts.append(self.explain_photos(self.prepare(chunk), target, top_k))
+            prepared = [preprocessing.prepare(start + n, image) for n, image in enumerate(chunk)]
+            yield from self.explain_prepared(prepared, target, top_k)
+
+    def explain(self, images: Sequence[Any] | Any, target: int | str | None = None,
+                top_k: int | None = None) -> Explanation:
+        """Explain images (paths, PIL images or arrays ``[H, W, 3]``), in batches; a bad image raises."""
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
+            images = [images]
+        parts = []
+        for outcome in self.explain_each(list(images), target, top_k):
+            if outcome.error is not None:
+                raise ExplainError(outcome.error)
+            parts.append(outcome.explanation)
         explanation = Explanation(**{name: np.concatenate([getattr(p, name) for p in parts])
-                                     if getattr(parts[0], name) is not None else None
-                                     for name in ("photos", "heatmaps", "targets", "scores", "probabilities",
-                                                  "ssl_targets", "ssl_neighbours")},
+                                     if getattr(parts[0], name) is not None else None for name in _PER_IMAGE},
                                   labels=self.labels)
-        explanation.sources = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {n}"
-                               for n, i in enumerate(images)]
+        explanation.sources = [outcome.sources[0] for outcome in parts]
         return explanation
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+                "tensor(int8)": np.int8}
+
+
+class _CudaGraphRun:
+    """Runs a CUDA-graph session on fixed GPU buffers: every input and output bound once, at
+    ``batch`` samples, so that the captured graph's addresses and shapes never change."""
+
+    def __init__(self, session, batch: int) -> None:
+        import onnxruntime as ort
+
+        self.session, self.batch = session, batch
+        self.binding = session.io_binding()
+        self.inputs: dict[str, tuple] = {}
+        self.outputs = [info.name for info in session.get_outputs()]
+        # ``target`` is an overridable initializer (its default −1 = each top class), not an input
+        for info in [*session.get_inputs(), *session.get_overridable_initializers(), *session.get_outputs()]:
+            # the batch axis (symbolic in an exported model) becomes the fixed batch; nothing else may vary
+            shape = [batch if axis == 0 and not isinstance(d, int) else d for axis, d in enumerate(info.shape)]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or info.type not in _NUMPY_TYPES:
+                raise ExplainError(f"cuda_graph=True needs static shapes apart from the batch axis: '{info.name}' "
+                                   f"is {info.type} {info.shape}")
+            dtype = _NUMPY_TYPES[info.type]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+            if info.name in self.outputs:
+                self.binding.bind_ortvalue_output(info.name, value)
+            else:
+                self.binding.bind_ortvalue_input(info.name, value)
+                self.inputs[info.name] = (value, shape, dtype)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output for ``feeds`` of up to ``batch`` samples (padded with the last sample)."""
+        count = max(len(array) for array in feeds.values())
+        if count > min(shape[0] for _, shape, _ in self.inputs.values()):
+            raise ExplainError(f"cuda_graph=True: a batch of {count} exceeds the graph's fixed batch "
+                               f"{min(shape[0] for _, shape, _ in self.inputs.values())}")
+        if set(feeds) != set(self.inputs):
+            raise ExplainError(f"cuda_graph=True: the model's inputs are {sorted(self.inputs)}, fed {sorted(feeds)}")
+        for name, array in feeds.items():
+            value, shape, dtype = self.inputs[name]
+            array = np.broadcast_to(array, (count, *array.shape[1:])) if len(array) == 1 else array
+            padded = np.concatenate([array, np.repeat(array[-1:], shape[0] - count, 0)]) if shape[0] > count else array
+            value.update_inplace(np.ascontiguousarray(padded, dtype=dtype))
+        self.session.run_with_iobinding(self.binding)
+        return {name: value[:count] for name, value in zip(self.outputs, self.binding.copy_outputs_to_cpu())}
 
 
 def _as_probabilities(scores: np.ndarray) -> np.ndarray:
@@ -319,6 +460,26 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
         return scores
     shifted = np.exp(scores - scores.max(1, keepdims=True))
     return shifted / shifted.sum(1, keepdims=True)
+
+
+def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict | None = None,
+                   compile_original: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """The model with its explanation graph: as it is when it has a ``heatmap`` output (or when
+    not ``compile_original``), else compiled with AGF now; and whether it was compiled here."""
+    proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
+    if not compile_original or any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
+        return proto, False
+    return compile(model, input_shapes=input_shapes), True
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options: ``threads`` intra-op threads (None: its default, one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:

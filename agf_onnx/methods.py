@@ -17,8 +17,9 @@ from onnx import TensorProto
 
 from .builder import GraphBuilder
 from .errors import CompileError
-from .graph import GraphView
+from .graph import GraphView, NodeView
 from .maths import resize
+from .rules.normalization import batchnorm_shift
 from .tokens import attention_matrices, check_rollout, patch_grid
 
 if TYPE_CHECKING:
@@ -387,15 +388,11 @@ def _normalised_abs(b: GraphBuilder, x: str, rank: int) -> str:
     return b.Div(shifted, b.Add(b.ReduceMax(shifted, axes=axes, keepdims=1), b.const(1e-6)))
 
 
-def _bias(b: GraphBuilder, node) -> str | None:
+def _bias(b: GraphBuilder, node: NodeView) -> str | None:
     """The per-channel bias a Conv adds, or a BatchNormalization's effective one ``β − μγ/√(σ²+ε)``."""
-    if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
-        return node.input[2]
-    if node.op_type == "BatchNormalization":
-        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        scale = b.Div(node.input[1], b.Sqrt(b.Add(node.input[4], b.const(epsilon))))
-        return b.Sub(node.input[2], b.Mul(node.input[3], scale))
-    return None
+    if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2]:
+        return node.inputs[2]
+    return batchnorm_shift(b, node) if node.op_type == "BatchNormalization" else None
 
 
 def _fullgrad(b: GraphBuilder, plan: Plan, gradient_at: GradientAt, x: str) -> str:
@@ -405,7 +402,7 @@ def _fullgrad(b: GraphBuilder, plan: Plan, gradient_at: GradientAt, x: str) -> s
         input_term = b.Transpose(input_term, perm=[0, 3, 1, 2])
     total = b.ReduceSum(_normalised_abs(b, input_term, 4), b.ints([1]), keepdims=1)
     for node in plan.path:
-        bias = _bias(b, node)
+        bias = _bias(b, NodeView(node, plan.graph, frozenset()))
         out_shape = plan.graph.shape(node.output[0])
         gradient = gradient_at(node.output[0])
         if bias is None or gradient is None or len(out_shape) != 4:
@@ -488,9 +485,13 @@ FLAT_POLICIES = {
 
 def is_token_linear(graph: GraphView, node) -> bool:
     """A Gemm/MatMul with a constant 2-D weight applied to every token of a ``[N, T, C]`` (or
-    ``[N, H, W, C]``) tensor: a 1×1 conv over the tokens (spec "Token tensors")."""
-    return (node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and graph.is_constant(node.input[1])
-            and len(graph.shape(node.input[1])) == 2 and len(graph.shape(node.input[0])) >= 3)
+    ``[N, H, W, C]``, or ``[N·T, C]`` with the batch merged) tensor: a 1×1 conv over the tokens
+    (docs/algorithm.md, "Token models")."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or not graph.is_constant(node.input[1]) \
+            or len(graph.shape(node.input[1])) != 2:
+        return False
+    batch = graph.batch(node.input[0])
+    return len(graph.shape(node.input[0])) >= 3 or (batch is not None and batch[1] > 1)
 
 
 def _is_pointwise(graph: GraphView, node) -> bool:

@@ -107,6 +107,50 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     return model, changed
 
 
+def expand_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: no ``Gelu`` node (opset 20; torch's dynamo exporter writes it at its default opset): each
+    is written out as opset-17 ops, ``x · ½(1 + erf(x/√2))`` or, with ``approximate="tanh"``,
+    ``x · ½(1 + tanh(√(2/π)(x + 0.044715 x³)))`` — the forms TorchScript exports, which the
+    rules know (a gate ``x · s(x)``). ONNX has no earlier version of Gelu to convert it to."""
+    graph, changed = model.graph, False
+    constants: dict[str, float] = {}
+
+    def const(name: str, value: float) -> str:
+        constants[name] = value
+        return name
+
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        approximate = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "approximate"),
+                           b"none")
+        x, y, base = node.input[0], node.output[0], node.name or f"gelu_{len(nodes)}"
+
+        def named(op: str, inputs: list[str], output: str | None = None, base: str = base) -> str:
+            output = output or f"{base}/{op}_{len(nodes)}"
+            nodes.append(helper.make_node(op, inputs, [output], name=output))
+            return output
+
+        if approximate == b"tanh":
+            cube = named("Mul", [x, named("Mul", [x, x])])
+            inner = named("Add", [x, named("Mul", [cube, const("agf_onnx/gelu/0.044715", 0.044715)])])
+            gate = named("Tanh", [named("Mul", [inner, const("agf_onnx/gelu/sqrt(2/pi)", float(np.sqrt(2 / np.pi)))])])
+        else:
+            gate = named("Erf", [named("Div", [x, const("agf_onnx/gelu/sqrt(2)", float(np.sqrt(2.0)))])])
+        gate = named("Add", [gate, const("agf_onnx/gelu/1", 1.0)])
+        named("Mul", [named("Mul", [x, gate]), const("agf_onnx/gelu/0.5", 0.5)], y)
+        changed = True
+    if changed:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        known = {t.name for t in graph.initializer}
+        graph.initializer.extend(numpy_helper.from_array(np.array(value, np.float32), name)
+                                 for name, value in constants.items() if name not in known)
+    return model, changed
+
+
 def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """After: the model imports ``ai.onnx`` at TARGET_OPSET and is written with IR 8.
 
@@ -725,6 +769,7 @@ def canonicalise(model: onnx.ModelProto,
     """Run every pass in order; see each pass for what it guarantees."""
     model, _ = drop_initializer_inputs(model)
     model, _ = constants_to_initializers(model)
+    model, _ = expand_gelu(model)
     model, _ = convert_opset(model)
     model, _ = name_nodes(model)
     model, _ = fold_constants(model)

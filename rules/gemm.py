@@ -122,21 +122,26 @@ def flattened_map(node: NodeView) -> str | None:
     return source if len(node.graph.shape(source)) == 4 and len(node.shape(0)) == 2 else None
 
 
-def token_view(node: NodeView) -> tuple[int, int] | None:
-    """``(channels, tokens)`` of the sample view ``[N, C, tokens]`` when the layer reads a token tensor
-    (rank ≥ 3, or a batch merged with tokens); ``None`` for a plain ``[N, C]`` input."""
+def token_view(node: NodeView) -> tuple[int, int, int] | None:
+    """``(channels, tokens, batch axis)`` of the sample view ``[N, C, tokens]`` when the layer reads a
+    token tensor (rank ≥ 3, or a batch merged with tokens); ``None`` for a plain ``[N, C]`` input.
+    The batch may sit at any axis but the channels (``[T, N, C]`` in ``nn.MultiheadAttention``'s
+    exports), or be merged batch-major with tokens at axis 0."""
     shape = node.shape(0)
     found = batch(node, node.inputs[0])
     factor = found[1] if found is not None else 1
     if len(shape) < 3 and factor == 1:
         return None
-    if found is None or found[0] != 0:
+    if found is None or found[0] == len(shape) - 1 or (found[0] != 0 and factor != 1):
         raise node.refuse(f"the token tensor '{node.inputs[0]}' {list(shape)} carries the batch at axis "
-                          f"{None if found is None else found[0]}; the token form of the AGF rule needs it at axis 0")
-    return shape[-1], factor * math.prod(shape[1:-1])
+                          f"{None if found is None else found[0]}" + (f" merged with {factor} elements" if factor != 1
+                                                                         else "") +
+                          "; the token form of the AGF rule needs it before the channels, merged only at axis 0")
+    axis = found[0]
+    return shape[-1], factor * math.prod(d for i, d in enumerate(shape[:-1]) if i != axis), axis
 
 
-def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, tokens: int) -> str:
+def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, tokens: int, axis: int) -> str:
     """The conv rule (eq. 10–14) of a linear layer applied per token, a 1×1 conv over ``tokens``."""
     relevance_out, weight = node.relevance[0], layer.weight(b, node)
     mask = nonzero(b, relevance_out)
@@ -147,12 +152,19 @@ def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, 
     agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, b.Mul(ones_through, mask)), abs_weight)
     influence = layer.absolute_influence(b, node)
 
+    shape = static_shape(node, node.inputs[0])
+    batch_first = [axis] + [i for i in range(len(shape)) if i != axis]  # the batch to the front, if elsewhere
+
     def channel_first(tensor: str) -> str:  # [N(·P), T…, C] → [N, C, P·T]
-        return b.Transpose(b.Reshape(tensor, b.ints([-1, tokens, channels])), perm=[0, 2, 1])
+        moved = b.Transpose(tensor, perm=batch_first) if axis else tensor
+        return b.Transpose(b.Reshape(moved, b.ints([-1, tokens, channels])), perm=[0, 2, 1])
 
     views = [channel_first(t) for t in (node.inputs[0], node.input_gradients[0], masked_gradient, influence, agnostic)]
-    relevance_in = full_rule(b, *views, shape=(channels, tokens))
-    return b.Reshape(b.Transpose(relevance_in, perm=[0, 2, 1]), b.ints(static_shape(node, node.inputs[0])))
+    relevance_in = b.Transpose(full_rule(b, *views, shape=(channels, tokens)), perm=[0, 2, 1])
+    if not axis:
+        return b.Reshape(relevance_in, b.ints(shape))
+    moved = b.Reshape(relevance_in, b.ints([shape[i] for i in batch_first]))
+    return b.Transpose(moved, perm=[int(i) for i in np.argsort(batch_first)])
 
 
 def _agf(layer: Bilinear, b: GraphBuilder, node: NodeView) -> list[str | None]:

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import agf_onnx
 from agf_onnx.compiler import gradient_model
-from agf_onnx.methods import METHODS
+from agf_onnx.methods import METHODS, Kind
 
 from .runtime import run
 
@@ -373,12 +373,6 @@ def _feature_sizes(spec: Spec) -> list[int]:
     return sizes
 
 
-def _resize_rounds_down(spec: Spec) -> bool:
-    """Whether ONNX shape inference's ``floor(h · float32(H / h))`` (in double) falls short of ``H`` for a
-    feature map of height ``h``: FullGrad's upsampling by scales then disagrees with the image's size."""
-    return any(math.floor(h * float(np.float32(spec.size / h))) != spec.size for h in _feature_sizes(spec))
-
-
 def _images(spec: Spec) -> np.ndarray:
     shape = (2, 3, spec.size, spec.size) if spec.layout == "NCHW" else (2, spec.size, spec.size, 3)
     return np.random.default_rng(spec.size).random(shape).astype(np.float32)
@@ -400,23 +394,18 @@ def test_random_graphs_compile_keep_their_outputs_and_match_autograd(spec):
     # the gradient stream: ∂⟨logits, g⟩/∂image against torch.autograd in float64
     cotangent = np.random.default_rng(1).standard_normal(original.shape).astype(np.float32)
     (reference,) = torch.autograd.grad(expected, torch_input, torch.from_numpy(cotangent).double())
-    emitted = run(gradient_model(model, output="logits", input="image"),
+    emitted = run(gradient_model(model, output="logits", source="image"),
                   {"image": images, "gradient_in": cotangent}, optimize=False)["gradient_out"]
     scale = max(float(reference.abs().max()), 1e-3)
     np.testing.assert_allclose(emitted, reference.numpy(), rtol=1e-3, atol=1e-4 * scale)
 
     # every method compiles, keeps the original outputs bit for bit and gives finite maps
     for method in METHODS:
-        if method == "fullgrad" and spec.layout == "NHWC":  # known: its bias maps are added in the wrong layout
-            with pytest.raises(agf_onnx.CompileError, match="path_map"):  # (issue 14 report): strict, so a fix shows
+        if METHODS[method].kind is Kind.ATTENTION:  # a transformer method: refused on a CNN, by name
+            with pytest.raises(agf_onnx.CompileError, match="no attention"):
                 agf_onnx.compile(model, method=method)
             continue
-        try:
-            compiled = agf_onnx.compile(model, method=method, options={"steps": 3, "samples": 3})
-        except agf_onnx.CompileError as error:
-            if method == "fullgrad" and "path_map" in str(error) and _resize_rounds_down(spec):
-                continue  # known (issue 14 report): Resize by scales H/h gives H − 1 rows in shape inference
-            raise
+        compiled = agf_onnx.compile(model, method=method, options={"steps": 3, "samples": 3})
         outputs = run(compiled, {"image": images, "target": np.array([0, spec.classes - 1])}, optimize=False)
         np.testing.assert_array_equal(outputs["logits"], original, err_msg=method)
         heatmap = outputs["heatmap"]

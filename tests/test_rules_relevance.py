@@ -431,13 +431,20 @@ def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constant
         with pytest.raises(CompileError, match=f"{node.op_type} node 'mix'.*{message}.*carries the batch"):
             gradient_model(model, output="y", source="x")
         return
-    # a linear layer on [T, N, C]: its gradient is fine, the token form of AGF needs the batch first
+    # a linear layer on [T, N, C] (nn.MultiheadAttention's layout): the token form of AGF moves the
+    # batch to the front and back, so it equals the rule on [N, T, C] transposed
     x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
     relevance = RNG.standard_normal((4, 2, 2)).astype(np.float32)
-    with pytest.raises(CompileError, match="MatMul node 'mix'.*carries the batch at axis 1"):
-        relevance_of(model, "mix", "agf", x, relevance)
-    shares, _ = relevance_of(model, "mix", "flat", x, relevance)
-    assert shares["moved"].shape == (4, 2, 3)
+    gradient = RNG.standard_normal((4, 2, 2)).astype(np.float32)
+    batch_first = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"], name="mix")], "first",
+                                    [_info("x", (None, 4, 3))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                    [numpy_helper.from_array(np.asarray(constants["weight"]), "weight")])
+    batch_first = helper.make_model(batch_first, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for kind in ("agf", "flat"):
+        moved, _ = relevance_of(model, "mix", kind, x, relevance, gradient)
+        expected, _ = relevance_of(batch_first, "mix", kind, x, relevance.transpose(1, 0, 2), gradient.transpose(1, 0, 2))
+        assert moved["moved"].shape == (4, 2, 3)
+        np.testing.assert_allclose(moved["moved"].transpose(1, 0, 2), expected["x"], rtol=1e-5, atol=1e-6)
 
 
 def test_ops_along_other_axes_work_where_the_batch_is_moved():

@@ -174,3 +174,29 @@ def test_opset_18_pad_converts():
     image = RNG.random((2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(run(compiled, {"image": image})["heatmap"], run(reference, {"image": image})["heatmap"],
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opset_20_gelu_is_written_out(approximate):
+    # torch's dynamo exporter writes GELU as one Gelu node at its default opset; ONNX has no
+    # earlier version of it: it is written out in opset-17 ops, with the same values
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    d = rng.standard_normal((4, 5)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], kernel_shape=[3, 3]),
+             helper.make_node("Gelu", ["conv"], ["gelu"], approximate=approximate),
+             helper.make_node("GlobalAveragePool", ["gelu"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "d"], ["logits"])]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(d, "d")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    compiled = agf_onnx.compile(model)
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out = run(compiled, {"x": x})
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w))
+    expected = torch.nn.functional.gelu(conv, approximate=approximate).mean((2, 3)) @ torch.from_numpy(d)
+    np.testing.assert_allclose(out["logits"], expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert not any(n.op_type == "Gelu" for n in compiled.graph.node)
+    assert np.isfinite(out["heatmap"]).all() and np.ptp(out["heatmap"]) > 0

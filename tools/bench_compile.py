@@ -26,6 +26,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
 from agf_onnx.cli import save  # noqa: E402
+from agf_onnx.sessions import create_session  # noqa: E402
 from tests import models  # noqa: E402
 
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -77,7 +78,7 @@ def main() -> None:
             loads, times = [], []
             for path in (source, target):
                 began = time.perf_counter()
-                session = ort.InferenceSession(path, providers=providers)
+                session = create_session(path, args.provider)  # on CUDA: use_tf32=0, as agf_onnx runs it
                 loads.append(time.perf_counter() - began)
                 times.append(timed_runs(session, {"x": x}, args.runs))
             original, compiled = times
