@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import onnx
 
 from . import __version__, passes
-from .compiler import HEATMAP_OUTPUT, TARGET_INPUT, compile
+from .compiler import HEATMAP_OUTPUT, TARGET_INPUT
+from .compiler import compile as compile_model
 from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
@@ -79,6 +80,11 @@ def _given_modifiers(args: argparse.Namespace) -> Modifiers:
 
 def _given_method_options(args: argparse.Namespace) -> dict:
     return {k: v for k in ("steps", "samples", "noise", "seed") if (v := getattr(args, k)) is not None}
+
+
+def _input_shapes(args: argparse.Namespace) -> dict[str, list[int | str]]:
+    """``--input-shape NAME=d0,d1,...`` (repeatable) as ``{NAME: dims}``."""
+    return dict(passes.parse_input_shape(text) for text in args.input_shape)
 
 
 def _flat_options(parser: argparse.ArgumentParser) -> None:
@@ -373,7 +379,7 @@ def _named(error: CompileError, path: str) -> CompileError:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    shapes = _input_shapes(args)
     if args.top_k is not None and args.top_k < 1:
         raise CompileError(f"--top-k {args.top_k}: must be at least 1")
     check_model_file(args.model)
@@ -382,10 +388,10 @@ def _compile(args: argparse.Namespace) -> int:
     modifiers = _given_modifiers(args)
     modifiers.check(METHODS[args.method])  # an option error, not the model's: no file name in front
     try:
-        model = compile(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
-                        flat_policy=args.flat_policy, flat=args.flat, full=args.full, layer=args.layer,
-                        options=_given_method_options(args), top_k=args.top_k, check=not args.no_check,
-                        modifiers=modifiers, **_given_ssl_options(args))
+        model = compile_model(args.model, method=args.method, input_shapes=shapes, logits=args.logits,
+                              image=args.image, flat_policy=args.flat_policy, flat=args.flat, full=args.full,
+                              layer=args.layer, options=_given_method_options(args), top_k=args.top_k,
+                              check=not args.no_check, modifiers=modifiers, **_given_ssl_options(args))
     except CompileError as error:
         _named(error, args.model)
         raise
@@ -401,7 +407,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    shapes = _input_shapes(args)
     try:
         check_model_file(args.model)
         report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
@@ -429,12 +435,12 @@ def _explain(args: argparse.Namespace) -> int:
     import contextlib
     import pathlib
 
-    from .evaluate import progress_bar
     from .explain import Explainer, ExplainError, collect_images, compiled_model, label_index, read_labels
     from .outputs import ExplainOutputs
+    from .report import progress_bar
 
     labels = read_labels(args.labels) if args.labels else None
-    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    shapes = _input_shapes(args)
     # everything that can be refused without the model is, before a model is compiled on the fly
     if args.target is not None:
         label_index(args.target, labels)
@@ -495,8 +501,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import contextlib
     import pathlib
 
-    from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, progress_bar, write_outputs
+    from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, write_outputs
     from .explain import read_labels
+    from .report import progress_bar
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     variant_defaults = _given_modifiers(args)
@@ -509,7 +516,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = load_dataset(args.data, labels)[:args.limit]
     check_writable(args.output, folder=True)
     check_model_file(args.model)
-    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    shapes = _input_shapes(args)
     ssl_options = _given_ssl_options(args)
     engine = _ray_engine(args)
     # with Ray the sessions live in the workers: the driver's session only checks the model, on the CPU
@@ -564,7 +571,7 @@ def _bank(args: argparse.Namespace) -> int:
     if not images:
         raise ExplainError(f"no images found in {', '.join(args.images)}")
     began = time.perf_counter()
-    shapes = dict(passes.parse_input_shape(text) for text in args.input_shape)
+    shapes = _input_shapes(args)
     rows = bank(args.model, images, features=args.features, output=args.output, batch_size=args.batch_size,
                 provider=args.provider, input_shapes=shapes, progress=not args.quiet, preset=args.preset,
                 mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), size=args.size, crop=args.crop,

@@ -21,7 +21,6 @@ import csv
 import json
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ import numpy as np
 import onnx
 
 from . import metrics, passes
-from .compiler import HEATMAP_OUTPUT, compile
+from .compiler import HEATMAP_OUTPUT
+from .compiler import compile as compile_model
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
@@ -462,7 +462,7 @@ class Evaluation:
         """The model compiled with ``method`` (an ``onnx.ModelProto``), a method or a variant
         ``method+modifier…`` (``modifiers.parse_variant``)."""
         base, modifiers = parse_variant(method, self.modifier_defaults)
-        return compile(self.model, method=base, modifiers=modifiers, **self.compile_options)
+        return compile_model(self.model, method=base, modifiers=modifiers, **self.compile_options)
 
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""
@@ -581,10 +581,3 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
                              "map.\n" if settings.get("ssl_mode") else ""))
     perturbation_plot(results, title).save(written[2])
     return written
-
-
-def progress_bar(total: int):
-    """A progress bar over images on stderr (explain and evaluate, either engine)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="image", file=sys.stderr)

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 
 from . import passes
-from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT, compile
+from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
+from .compiler import compile as compile_model
 from .errors import CompileError
 from .sessions import create_session, session_provider
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
@@ -469,7 +470,7 @@ def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dic
     proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
     if not compile_original or any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
         return proto, False
-    return compile(model, input_shapes=input_shapes), True
+    return compile_model(model, input_shapes=input_shapes), True
 
 
 def session_options(threads: int | None = None):

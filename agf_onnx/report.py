@@ -1,5 +1,6 @@
-"""Files ``agf-onnx explain`` writes: overlay PNGs, raw heatmaps, ``results.json`` and an
-``index.html`` gallery that opens from disk."""
+"""What the user sees: the files ``agf-onnx explain`` writes (overlay PNGs, raw heatmaps,
+``results.json`` and an ``index.html`` gallery that opens from disk) and the progress bar of
+every long command."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import html
 import json
 import os
 import pathlib
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,3 +87,10 @@ def write_gallery(out: pathlib.Path, results: list[ImageResult], title: str) -> 
     path = out / "index.html"
     path.write_text(page)
     return path
+
+
+def progress_bar(total: int, description: str | None = None):
+    """A progress bar over ``total`` images on stderr (explain, evaluate and bank, either engine)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="image", file=sys.stderr, desc=description)

@@ -24,7 +24,6 @@ bank is not stored and ``ssl_neighbour`` is −1.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -235,11 +234,9 @@ def bank(model: onnx.ModelProto | str | os.PathLike, images: Sequence[Any], *, f
         raise ExplainError(f"--batch-size {batch_size}: must be at least 1")
     augmented, features = features_model(model, features, input_shapes=input_shapes)
     runner = Explainer(augmented, provider, compile_original=False, batch_size=batch_size, **preprocessing)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from .report import progress_bar  # report shows explanations: explain → ssl → report → explain
 
-        bar = tqdm(total=len(images), unit="image", file=sys.stderr, desc="bank")
+    bar = progress_bar(len(images), "bank") if progress else None
     rows = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]

@@ -298,7 +298,7 @@ def test_explain_rejects_a_bad_label_before_compiling(target, fragments, files, 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled before the label was checked")
 
-    monkeypatch.setattr("agf_onnx.explain.compile", no_compiling)
+    monkeypatch.setattr("agf_onnx.explain.compile_model", no_compiling)
     out = tmp_path / "out"
     code = main(["explain", str(files["good"]), str(images / "0.png"), "-o", str(out), "--labels",
                  str(images / "labels.txt"), "--target", target])
