@@ -20,6 +20,7 @@ from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
+from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
 
 #: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
@@ -42,9 +43,39 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, metavar="S", help="integrated-gradients: quadrature steps (50)")
     parser.add_argument("--samples", type=int, metavar="S", help="smoothgrad: noisy copies per image (25)")
     parser.add_argument("--noise", type=float, metavar="F",
-                        help="smoothgrad: noise std as a share of the image's value range (0.15)")
+                        help="smoothgrad and --smooth: noise std as a share of the image's value range (0.15)")
     parser.add_argument("--seed", type=int, metavar="N",
-                        help="smoothgrad: seed of the noise stored in the model (0; below 2**31 - 1)")
+                        help="smoothgrad and --smooth: seed of the noise stored in the model (0; below 2**31 - 1)")
+
+
+def _modifier_options(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """--smooth, --smooth-square, --contrast (compile, inspect; evaluate: the defaults of `+` variants)."""
+    if evaluate:
+        parser.add_argument("--smooth", type=int, metavar="S",
+                            help=f"copies per image of a variant named M+smooth or M+smooth-square "
+                                 f"(default {DEFAULT_SMOOTH}; M+smooth=S sets it per variant)")
+        return
+    parser.add_argument("--smooth", type=int, metavar="S",
+                        help="any method: its map averaged over S noisy copies of each image (noise std --noise × "
+                             "the image's value range, fixed by --seed; Captum's NoiseTunnel), in the same run; the "
+                             "run holds S copies of each image (S·K with --top-k K): memory and time grow with S·N "
+                             "(S·K·N), so lower the batch size to bound them")
+    parser.add_argument("--smooth-square", action="store_true",
+                        help="with --smooth: average the squared maps (NoiseTunnel's smoothgrad_sq)")
+    parser.add_argument("--contrast", choices=sorted(CONTRASTS),
+                        help="any method but clrp/sglrp: the target's map minus the other classes' map, one extra "
+                             "backward seed in the same run, normalised as CLRP (R_t − R_o·ΣR_t/ΣR_o); others: "
+                             "y_t/(K−1) on every other class (CLRP), softmax: p_t·p_j (SGLRP)")
+
+
+def _given_modifiers(args: argparse.Namespace) -> Modifiers:
+    smooth = getattr(args, "smooth", None)
+    square, contrast = getattr(args, "smooth_square", False), getattr(args, "contrast", None)
+    if smooth is not None and smooth < 1:
+        raise CompileError(f"--smooth {smooth}: must be at least 1")
+    noise, seed = getattr(args, "noise", None), getattr(args, "seed", None)
+    return Modifiers(smooth=smooth or 0, noise=DEFAULT_NOISE if noise is None else noise,
+                     seed=DEFAULT_SEED if seed is None else seed, square=square, contrast=contrast)
 
 
 def _given_method_options(args: argparse.Namespace) -> dict:
@@ -161,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="also output 'heatmaps' [N, K, H, W] for the K best classes and their indices "
                                "'classes' [N, K], in the same run")
     _method_options(compile_)
+    _modifier_options(compile_)
     _ssl_options(compile_)
     compile_.add_argument("--external-data", action="store_true",
                           help="store the weights in OUT.data beside OUT (automatic above 2 GiB or when "
@@ -177,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect_.add_argument("model", metavar="MODEL")
     inspect_.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect_.add_argument("--method", choices=sorted(METHODS), default="agf")
+    _modifier_options(inspect_)
     _model_options(inspect_)
 
     explain = commands.add_parser(
@@ -218,7 +251,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", metavar="DATA")
     evaluate.add_argument("-o", "--output", metavar="OUTDIR", required=True)
     evaluate.add_argument("--methods", default="all", metavar="M1,M2,...",
-                          help=f"methods to compare (default: all of {', '.join(METHODS)})")
+                          help=f"methods to compare (default: all of {', '.join(METHODS)}); each may carry "
+                               "modifiers: agf+smooth, agf+contrast, agf+smooth=8+contrast=softmax, "
+                               "gradcam+smooth-square (see compile --smooth/--contrast); the results list each by "
+                               "its full name")
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
@@ -227,6 +263,7 @@ def _parser() -> argparse.ArgumentParser:
                                "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
                                "SmoothGrad's copies included) would pass 2 GiB")
     _method_options(evaluate)
+    _modifier_options(evaluate, evaluate=True)
     _model_options(evaluate)
     _flat_options(evaluate)
     _ssl_options(evaluate)
@@ -350,11 +387,13 @@ def _compile(args: argparse.Namespace) -> int:
     check_model_file(args.model)
     check_writable(args.output)
     began = time.perf_counter()
+    modifiers = _given_modifiers(args)
+    modifiers.check(METHODS[args.method])  # an option error, not the model's: no file name in front
     try:
         model = compile_model(args.model, method=args.method, input_shapes=shapes, logits=args.logits,
                               image=args.image, flat_policy=args.flat_policy, flat=args.flat, full=args.full,
                               layer=args.layer, options=_given_method_options(args), top_k=args.top_k,
-                              check=not args.no_check, **_given_ssl_options(args))
+                              check=not args.no_check, modifiers=modifiers, **_given_ssl_options(args))
     except CompileError as error:
         _named(error, args.model)
         raise
@@ -362,7 +401,8 @@ def _compile(args: argparse.Namespace) -> int:
     if not args.quiet:
         before, after = _size_on_disk(args.model), _size_on_disk(args.output)
         added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
-        print(f"{args.model} → {args.output}: {args.method}, {added} explanation nodes, "
+        print(f"{args.model} → {args.output}: {args.method}" + (f" ({modifiers.describe()})" if modifiers else "") +
+              f", {added} explanation nodes, "
               f"{after / 2**20:.1f} MiB ({after / max(before, 1):.2f}× the input, external data counted), "
               f"{time.perf_counter() - began:.1f} s")
     return 0
@@ -372,7 +412,8 @@ def _inspect(args: argparse.Namespace) -> int:
     shapes = _input_shapes(args)
     try:
         check_model_file(args.model)
-        report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image)
+        report = inspect(args.model, method=args.method, input_shapes=shapes, logits=args.logits, image=args.image,
+                         modifiers=_given_modifiers(args))
     except CompileError as error:  # unreadable file: the model does not compile either
         print(f"agf-onnx: error: {_named(error, args.model)}", file=sys.stderr)
         return 2
@@ -467,7 +508,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .report import progress_bar
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    check_methods(methods)
+    variant_defaults = _given_modifiers(args)
+    check_methods(methods, variant_defaults)
     if args.limit is not None and args.limit < 1:
         raise EvaluateError(f"--limit {args.limit}: must be at least 1")
     if args.batch_size < 1:
@@ -486,7 +528,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                                   **ssl_options},
                             provider="cpu" if engine else args.provider, batch_size=args.batch_size,
                             preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
-                            size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32)
+                            size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32,
+                            modifiers=variant_defaults)
     provider = engine.provider if engine else evaluation.provider
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {provider}")
     with engine or contextlib.nullcontext():
@@ -508,6 +551,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "mean": evaluation.reference.mean,
                 "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
                 "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
+                "variants": {name: parse_variant(name, variant_defaults)[1].as_dict()
+                             for name in methods if "+" in name},
                 **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
                     "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {}),
                 "engine": args.engine}

@@ -8,9 +8,10 @@ streams with the registered rules, and append the explanation graph to the origi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -23,6 +24,8 @@ from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
 from .maths import max_per_sample, resize, safe_divide, sum_per_sample
 from .methods import Kind, Method, get_method
+from .modifiers import NONE as NO_MODIFIERS
+from .modifiers import Modifiers, average_copies, noisy_copies, others_method
 from .planning import Plan, head_chain, path_between, plan
 from .rules import REGISTRY
 from .tokens import as_grid
@@ -125,12 +128,12 @@ class ClonedPath(NamedTuple):
     data: set[str]
 
 
-def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> ClonedPath:
+def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: int | None = None) -> ClonedPath:
     """Emit a copy of the path from the image to the logits that reads ``source`` (a batch built
     from the image) instead of the image; returns a view of the graph with it, the cloned nodes of
     the path and the renaming of tensors. The shape computations that read the path's tensors
     (``Shape → … → Expand`` of a class token to the batch) are cloned with it, so that they see
-    the new batch."""
+    the new batch. ``dtype``: the element type of ``source`` (default float32)."""
     graph = plan.graph
     above, depends, cloned = graph.ancestors([plan.logits]), {plan.image}, []
     for node in graph.nodes:  # topological order
@@ -151,10 +154,19 @@ def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str) -> Cloned
         if node.name in on_path:
             path_clones.append(clone)
     b.nodes.extend(clones)
+    # the view sees ``source`` as an input with a batch of its own: inferred from the nodes that build
+    # it, its batch would be "N*k", which the rules read as k merged copies and would mix
     augmented = onnx.ModelProto()
     augmented.CopyFrom(graph.model)
-    augmented.graph.node.extend(b.nodes)
-    augmented.graph.initializer.extend(b.initializers)
+    present = {node.name for node in augmented.graph.node}
+    inputs = {tensor.name for tensor in augmented.graph.input} | {source}  # earlier clones' sources too
+    augmented.graph.node.extend(node for node in b.nodes
+                                if node.name not in present and not inputs.intersection(node.output))
+    present = {tensor.name for tensor in augmented.graph.initializer}
+    augmented.graph.initializer.extend(t for t in b.initializers if t.name not in present)
+    image_shape = graph.shape(plan.image)
+    augmented.graph.input.append(helper.make_tensor_value_info(
+        source, dtype or TensorProto.FLOAT, [passes.BATCH_DIM, *image_shape[1:]]))
     data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
     return ClonedPath(GraphView(passes.infer_shapes(augmented)[0]), path_clones, renamed, data)
 
@@ -167,8 +179,43 @@ class TopKMaps(NamedTuple):
     count: int
 
 
+class RawMap(NamedTuple):
+    """A method's map before its per-sample scaling: ``tensor`` ``[N, *shape]``, and ``finish``,
+    which turns such a tensor into the heatmap ``[N, 1, H, W]``. The modifiers (``modifiers.py``)
+    average and contrast raw maps; only the finished map is scaled."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    finish: Callable[[GraphBuilder, str], str]
+
+
+def _image_map(plan: Plan, relevance: str, per_channel: bool = True) -> RawMap:
+    """A per-channel map at the image, in the image's layout (or ``[N, 1, H, W]`` with
+    ``per_channel=False``), finished by ``Σ_c A / max A``."""
+    if not per_channel:
+        return RawMap(relevance, (1, *plan.image_size), lambda b, raw: _heatmap(b, raw, False))
+    channels_last = plan.channels_last
+    return RawMap(relevance, tuple(plan.graph.shape(plan.image)[1:]), lambda b, raw: _heatmap(b, raw, channels_last))
+
+
+def _coarse_map(plan: Plan, coarse: str, size: Sequence[int]) -> RawMap:
+    """A coarse ``[N, 1, h, w]`` map, finished by bilinear upsampling and division by its maximum."""
+    size = tuple(size)
+    return RawMap(coarse, (1, *size), lambda b, raw: _upsampled_heatmap(b, plan, raw, size))
+
+
+def _cloned_plan(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: int | None = None) -> Plan:
+    """``plan`` on a copy of the path that reads ``source`` (a batch built from the image)."""
+    view, clones, renamed, data = _clone_path(b, plan, source, suffix, dtype)
+    names = {node.name: f"{node.name}/{suffix}" for node in plan.path}  # as _clone_path names them
+    return Plan(view, source, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
+                data, {names[n]: k for n, k in plan.kinds.items()},
+                {names[n] for n in plan.first_layers}, plan.channels_last, {},
+                renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid)
+
+
 def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
-                top_k: int, scores: str | None = None) -> TopKMaps:
+                top_k: int, scores: str | None = None, modifiers: Modifiers = NO_MODIFIERS) -> TopKMaps:
     """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run:
     the path is cloned on the image repeated K times, each copy explaining one of the classes.
     ``scores`` (``[N, K]``, default: the logits) rank the classes (SSL: v)."""
@@ -182,39 +229,58 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
         repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
         repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
         targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
-    view, clones, renamed, data = _clone_path(b, plan, repeated, "topk")
-    names = {node.name: clone.name for node, clone in zip(plan.path, clones)}
-    cloned = Plan(view, repeated, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
-                  data, {names[n]: k for n, k in plan.kinds.items()},
-                  {names[n] for n in plan.first_layers}, plan.channels_last, {},
-                  renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid)
-    heatmap = _emit(b, cloned, method, options, target=targets)
+    cloned = _cloned_plan(b, plan, repeated, "topk", plan.graph.dtypes.get(plan.image))
+    heatmap = _emit(b, cloned, method, options, target=targets, modifiers=modifiers)
+    if modifiers.smooth:  # the K·N copy only fed the K·S·N noisy one: its own forward pass is never read
+        _drop_unread(b, [node for node in b.nodes if node.name.endswith("/topk")])
     height, width = plan.image_size
     with b.scope("topk"):
         heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, height, width])), perm=[1, 0, 2, 3])
     return TopKMaps(heatmaps, classes, top_k)
 
 
-def _emit_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+def _drop_unread(b: GraphBuilder, nodes: Sequence[onnx.NodeProto]) -> None:
+    """Remove those of ``nodes`` (emitted by ``b``, in topological order) whose outputs nothing else reads."""
+    candidates = {id(node) for node in nodes}
+    read = {i for node in b.nodes if id(node) not in candidates for i in node.input}
+    unread = set()
+    for node in reversed(nodes):
+        if any(o in read for o in node.output):
+            read.update(node.input)
+        else:
+            unread.add(id(node))
+    b.nodes[:] = [node for node in b.nodes if id(node) not in unread]
+
+
+def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
+                    others: Method | None = None) -> RawMap | tuple[RawMap, RawMap]:
     """Kind.REPLICATED (Integrated Gradients, SmoothGrad): the path from the image to the logits is
     cloned and run on a batch of ``count·N`` expanded inputs, built in the graph; the gradients
-    are combined per image."""
+    are combined per image. With ``others`` (contrast), a second gradient stream from its seed runs
+    through the same clone, and the pair of maps is returned."""
     image = _float_image(b, plan)
     with b.scope("replicas"):
         expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
     view, clones, renamed, data = _clone_path(b, plan, expanded, "replica")
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
-    streams = _Streams(b)
     with b.scope("start"):
         target = _target(b, as_scores(b, plan.logits, shape)) if target is None else target
         target = b.Tile(target, b.ints([count, 1]))
-        seed = method.start(b, as_scores(b, logits, shape), target, shape[1])
-        streams.gradients[logits].append(_as_logits(b, seed, shape))
-    _walk(b, view, clones, data, streams, {})
-    with b.scope("image_map"):
-        relevance = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count, options)
-    with b.scope("heatmap"):
-        return _heatmap(b, relevance, plan.channels_last)
+    maps = []
+    for seeded, scope in ((method, "target"), (others, "contrast")):
+        if seeded is None:
+            continue
+        with b.scope(scope):
+            streams = _Streams(b)
+            with b.scope("start"):
+                seed = seeded.start(b, as_scores(b, logits, shape), target, shape[1])
+                streams.gradients[logits].append(_as_logits(b, seed, shape))
+            _walk(b, view, clones, data, streams, {})
+            with b.scope("image_map"):
+                combined = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count,
+                                          options)
+        maps.append(_image_map(plan, combined))
+    return maps[0] if others is None else (maps[0], maps[1])
 
 
 def _gradient_streams(b: GraphBuilder, plan: Plan, method: Method, target: str | None,
@@ -230,41 +296,38 @@ def _gradient_streams(b: GraphBuilder, plan: Plan, method: Method, target: str |
     return streams
 
 
-def _emit_gradient(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+def _raw_gradient(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.GRADIENT: the map comes from ∇x at the image."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("image_map"):
-        relevance = method.map(b, _float_image(b, plan), streams.gradient(plan.image))
-    with b.scope("heatmap"):
-        return _heatmap(b, relevance, plan.channels_last)
+        return _image_map(plan, method.map(b, _float_image(b, plan), streams.gradient(plan.image)))
 
 
-def _emit_layer(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+def _raw_layer(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.LAYER: only the nodes above the layer are needed."""
     above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
     streams = _gradient_streams(b, plan, method, target, [n for n in plan.path if n.name in above])
     with b.scope("layer_map"):
-        return _layer_heatmap(b, method, plan, streams.gradient(plan.layer))
+        return _layer_map(b, method, plan, streams.gradient(plan.layer))
 
 
-def _emit_path(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+def _raw_path(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.PATH (FullGrad): the gradient stream read at every layer."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("path_map"):
         relevance = method.map(b, plan, streams.gradient, _float_image(b, plan))
-    with b.scope("heatmap"):
-        return _heatmap(b, relevance, False)  # the map is [N, 1, H, W] whatever the image's layout
+    return _image_map(plan, relevance, per_channel=False)  # the map is [N, 1, H, W] whatever the image's layout
 
 
-def _emit_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+def _raw_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.ATTENTION (Chefer et al.): the gradient stream read at the attention matrices."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("attention_map"):
         coarse, size = method.map(b, plan, streams.gradient)
-        return _upsampled_heatmap(b, plan, coarse, size)
+    return _coarse_map(plan, coarse, size)
 
 
-def _emit_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> str:
+def _raw_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.RELEVANCE: the relevance stream through the registered rules (and a contrastive second
     stream for CLRP/SGLRP)."""
     streams = _Streams(b)
@@ -286,24 +349,62 @@ def _emit_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
         with b.scope("contrast"):
             _walk(b, plan.graph, plan.path, plan.data, contrast, plan.kinds, plan.start, plan.first_layers,
                   gradients=False)
-            relevance = _contrastive(b, relevance, contrast.relevance(plan.image))
+            relevance = contrastive(b, relevance, contrast.relevance(plan.image), 4)
     if relevance is None and plan.start == plan.image:
         relevance = _start_relevance(b, streams, plan.image)
     if relevance is None:
         raise CompileError(f"no relevance reaches the image '{plan.image}'")
-    with b.scope("heatmap"):
-        return _heatmap(b, relevance, plan.channels_last)
+    return _image_map(plan, relevance)
 
 
-#: One emitter per method kind: (b, plan, method, options, target [N, 1] or None) → the heatmap.
-_EMITTERS = {Kind.RELEVANCE: _emit_relevance, Kind.GRADIENT: _emit_gradient, Kind.LAYER: _emit_layer,
-             Kind.REPLICATED: _emit_replicated, Kind.PATH: _emit_path, Kind.ATTENTION: _emit_attention}
+#: One emitter per method kind: (b, plan, method, options, target [N, 1] or None) → the map before its scaling.
+_EMITTERS = {Kind.RELEVANCE: _raw_relevance, Kind.GRADIENT: _raw_gradient, Kind.LAYER: _raw_layer,
+             Kind.REPLICATED: _raw_replicated, Kind.PATH: _raw_path, Kind.ATTENTION: _raw_attention}
 
 
-def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None) -> str:
-    """Emit the method's streams and the heatmap; returns the heatmap tensor's name. ``target``
-    (``[N, 1]``) replaces the ``target`` input (top-K, self-supervised targets)."""
+def _contrasted(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
+                contrast: str) -> RawMap:
+    """``A_t − A_o · ΣA_t / ΣA_o``: the others' map from a second stream through the same forward pass."""
+    others = others_method(method, contrast)
+    if target is None:  # both streams explain the same class
+        with b.scope("start"):
+            target = _target(b, as_scores(b, plan.logits, plan.graph.shape(plan.logits)))
+    if method.kind is Kind.REPLICATED:  # one clone of the path carries both gradient streams
+        own, theirs = _raw_replicated(b, plan, method, options, target, others)
+    else:
+        own = _EMITTERS[method.kind](b, plan, method, options, target)
+        with b.scope("contrast"):
+            theirs = _EMITTERS[method.kind](b, plan, others, options, target)
+    with b.scope("contrast"):
+        return own._replace(tensor=contrastive(b, own.tensor, theirs.tensor, 1 + len(own.shape)))
+
+
+def _modified(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
+              modifiers: Modifiers) -> RawMap:
+    """The method's map under ``modifiers`` (see ``modifiers.py``): the smoothing tunnel outside,
+    the contrast inside."""
+    if modifiers.smooth:
+        with b.scope("smooth"):
+            noisy = noisy_copies(b, _float_image(b, plan), plan.graph.shape(plan.image), modifiers)
+            if target is None:
+                target = _target(b, as_scores(b, plan.logits, plan.graph.shape(plan.logits)))
+            target = b.Tile(target, b.ints([modifiers.smooth, 1]))  # copy-major, as the noisy batch
+        copies = _cloned_plan(b, plan, noisy, "smooth")
+        raw = _modified(b, copies, method, options, target, dataclasses.replace(modifiers, smooth=0))
+        with b.scope("smooth"):
+            return raw._replace(tensor=average_copies(b, raw.tensor, modifiers.smooth, raw.shape, modifiers.square))
+    if modifiers.contrast:
+        return _contrasted(b, plan, method, options, target, modifiers.contrast)
     return _EMITTERS[method.kind](b, plan, method, options, target)
+
+
+def _emit(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None = None,
+          modifiers: Modifiers = NO_MODIFIERS) -> str:
+    """Emit the method's streams (under ``modifiers``) and the heatmap; returns the heatmap tensor's
+    name. ``target`` (``[N, 1]``) replaces the ``target`` input (top-K, self-supervised targets)."""
+    raw = _modified(b, plan, method, options, target, modifiers)
+    with b.scope("heatmap"):
+        return raw.finish(b, raw.tensor)
 
 
 def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | None = None,
@@ -343,7 +444,7 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     return canonical
 
 
-def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -> str:
+def _layer_map(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -> RawMap:
     """The method's map at the layer (a token layer's patch tokens laid out on their grid)."""
     activation = plan.layer
     if plan.layer_grid is not None:
@@ -353,7 +454,7 @@ def _layer_heatmap(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -
         size = (plan.layer_grid.height, plan.layer_grid.width)
     else:
         size = plan.graph.shape(activation)[2:]
-    return _upsampled_heatmap(b, plan, method.map(b, activation, gradient), size)
+    return _coarse_map(plan, method.map(b, activation, gradient), size)
 
 
 def _upsampled_heatmap(b: GraphBuilder, plan: Plan, coarse: str, coarse_size: Sequence[int]) -> str:
@@ -361,16 +462,22 @@ def _upsampled_heatmap(b: GraphBuilder, plan: Plan, coarse: str, coarse_size: Se
     ``interpolate(align_corners=False)``) to the image and divided by its per-sample maximum."""
     upsampled = resize(b, coarse, coarse_size, plan.image_size)
     peak = max_per_sample(b, b.Abs(upsampled), 4)
-    return b.Div(upsampled, b.Where(b.Greater(peak, b.const(0.0)), peak, b.const(1.0)))
+    return _finite(b, b.Div(upsampled, b.Where(b.Greater(peak, b.const(0.0)), peak, b.const(1.0))))
 
 
-def _contrastive(b: GraphBuilder, target: str, others: str) -> str:
-    """``R_t − R_o · ΣR_t / ΣR_o`` per sample (CLRP, Gu et al. 2018). A plain division, as in the
-    authors' code (``sdiv``'s +1e-9 would bias the ratio where ΣR_o is small, as SGLRP's is, and the
-    difference of two nearly equal maps amplifies that); 0 where ΣR_o = 0."""
-    total = sum_per_sample(b, others, 4)
+def _finite(b: GraphBuilder, heatmap: str) -> str:
+    """0 where float32 overflowed (a contrast's ratio can): the contract is a finite map."""
+    return b.Where(b.Not(b.Or(b.IsNaN(heatmap), b.IsInf(heatmap))), heatmap, b.const(0.0))
+
+
+def contrastive(b: GraphBuilder, target: str, others: str, rank: int) -> str:
+    """``R_t − R_o · ΣR_t / ΣR_o`` per sample (CLRP, Gu et al. 2018) of two maps of ``rank``. A plain
+    division, as in the authors' code (``sdiv``'s +1e-9 would bias the ratio where ΣR_o is small, as
+    SGLRP's is, and the difference of two nearly equal maps amplifies that); 0 where ΣR_o = 0."""
+    total = sum_per_sample(b, others, rank)
     nonzero = b.Not(b.Equal(total, b.const(0.0)))
-    scale = b.Where(nonzero, b.Div(sum_per_sample(b, target, 4), b.Where(nonzero, total, b.const(1.0))), b.const(0.0))
+    scale = b.Where(nonzero, b.Div(sum_per_sample(b, target, rank), b.Where(nonzero, total, b.const(1.0))),
+                    b.const(0.0))
     return b.Sub(target, b.Mul(others, scale))
 
 
@@ -395,10 +502,8 @@ def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
     zero = b.const(0.0)
     scale = b.Where(b.Greater(peak, zero), peak, max_per_sample(b, b.Abs(relevance), 4))
     scale = b.Where(b.Greater(scale, zero), scale, b.const(1.0))
-    heatmap = b.Div(channel_sum, scale)
     # float32 overflow is the one way left to a non-finite value; the contract is a finite map
-    finite = b.Not(b.Or(b.IsNaN(heatmap), b.IsInf(heatmap)))
-    return b.Where(finite, heatmap, zero)
+    return _finite(b, b.Div(channel_sum, scale))
 
 
 def _scores_output(plan: Plan) -> str:
@@ -408,7 +513,7 @@ def _scores_output(plan: Plan) -> str:
 
 
 def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str,
-              top_k: TopKMaps | None = None) -> onnx.ModelProto:
+              top_k: TopKMaps | None = None, modifiers: Modifiers = NO_MODIFIERS) -> onnx.ModelProto:
     graph = model.graph
     for name in (TARGET_INPUT, HEATMAP_OUTPUT, *((HEATMAPS_OUTPUT, CLASSES_OUTPUT) if top_k else ())):
         if name in plan.graph.producer or name in plan.graph.shapes:
@@ -438,7 +543,8 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
         raise CompileError(f"internal error: the compiled model's {error}") from error
     # what `agf-onnx explain` and other tools need to know about the compiled model
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        "agf_onnx.method": method, "agf_onnx.image": plan.image,
+                                        "agf_onnx.method": method, "agf_onnx.modifiers": modifiers.metadata(),
+                                        "agf_onnx.image": plan.image,
                                         "agf_onnx.layout": "NHWC" if plan.channels_last else "NCHW",
                                         "agf_onnx.logits": plan.logits, "agf_onnx.scores": _scores_output(plan)})
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
@@ -451,7 +557,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
             full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
             top_k: int | None = None, check: bool = True, ssl_bank: np.ndarray | str | os.PathLike | None = None,
-            features: str | None = None, ssl_mode: str | None = None) -> onnx.ModelProto:
+            features: str | None = None, ssl_mode: str | None = None,
+            modifiers: Modifiers | None = None) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
@@ -476,15 +583,19 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             also outputs ``ssl_target`` and ``ssl_neighbour`` (int64 ``[N]``); ``target`` still overrides t.
         features: the tensor that feeds the head (default: the data input of the op that makes the logits).
         ssl_mode: ``"diff"`` (default, Algorithm 2), ``"sum"`` (``head(L_I + L_N)``) or ``"none"`` (``head(L_I)``).
+        modifiers: ``agf_onnx.modifiers.Modifiers(smooth=S, noise=F, seed=N, square=…, contrast="others"|"softmax")``:
+            the method's map averaged over S noisy copies and/or contrasted with the other classes', in the
+            same run (``modifiers.py``); recorded in the metadata ``agf_onnx.modifiers``.
 
     Raises:
         UnsupportedOpsError: ops without a rule on the path from the image to the logits.
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
+    get_method(method)  # an unknown method is refused before the model is read
     canonical = passes.canonicalise(passes.load(model), input_shapes)
     return compile_canonical(canonical, method=method, logits=logits, image=image, flat_policy=flat_policy, flat=flat,
                              full=full, layer=layer, options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
-                             features=features, ssl_mode=ssl_mode)
+                             features=features, ssl_mode=ssl_mode, modifiers=modifiers)
 
 
 def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits: str | None = None,
@@ -492,10 +603,12 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
                       full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
                       top_k: int | None = None, check: bool = True,
                       ssl_bank: np.ndarray | str | os.PathLike | None = None, features: str | None = None,
-                      ssl_mode: str | None = None) -> onnx.ModelProto:
+                      ssl_mode: str | None = None, modifiers: Modifiers | None = None) -> onnx.ModelProto:
     """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
     place). ``inspect`` plans and compiles the same canonical model."""
     chosen = get_method(method)
+    modifiers = NO_MODIFIERS if modifiers is None else modifiers
+    modifiers.check(chosen)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph))
@@ -504,10 +617,10 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
     from . import ssl  # imports this module
     self_supervised = ssl.emit(b, found, ssl_bank, features, ssl_mode or "diff") if ssl_bank is not None else None
     explained = self_supervised.explained if self_supervised else None
-    heatmap = _emit(b, found, chosen, dict(options or {}), target=explained)
+    heatmap = _emit(b, found, chosen, dict(options or {}), target=explained, modifiers=modifiers)
     extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k),
-                        self_supervised.scores if self_supervised else None) if top_k else None
-    compiled = _assemble(canonical, b, found, heatmap, method, extra)
+                        self_supervised.scores if self_supervised else None, modifiers) if top_k else None
+    compiled = _assemble(canonical, b, found, heatmap, method, extra, modifiers)
     if self_supervised is not None:
         compiled = ssl.attach(compiled, self_supervised)
     if check:

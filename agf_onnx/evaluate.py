@@ -34,6 +34,8 @@ from .compiler import compile as compile_model
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
+from .modifiers import NONE as NO_MODIFIERS
+from .modifiers import Modifiers, parse_variant
 from .sessions import create_session
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
@@ -151,11 +153,18 @@ def object_masks(mask: np.ndarray, sample: Sample) -> dict[int, np.ndarray] | np
 
 # -- the run ----------------------------------------------------------------------------------
 
-def check_methods(methods: Sequence[str]) -> None:
-    unknown = [m for m in methods if m not in METHODS]
+def check_methods(methods: Sequence[str], defaults: Modifiers = NO_MODIFIERS) -> None:
+    """Every name is a method or a variant ``method+modifier+…`` (``modifiers.parse_variant``)."""
+    unknown = [m for m in methods if m.split("+")[0].strip() not in METHODS]
     if unknown or not methods:
         raise EvaluateError(f"--methods: unknown method {', '.join(unknown) or '(none given)'} "
-                            f"(available: {', '.join(METHODS)})")
+                            f"(available: {', '.join(METHODS)}, each with +smooth[=S], +smooth-square[=S], "
+                            f"+contrast[=others|softmax])")
+    for name in methods:
+        try:
+            parse_variant(name, defaults)
+        except CompileError as error:
+            raise EvaluateError(f"--methods: {error}") from None
 
 
 @dataclass
@@ -419,11 +428,16 @@ class Evaluation:
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
         explainer_options: preprocessing and ``allow_tf32``, as for ``agf_onnx.Explainer`` (the
             classifier's own session gets the same provider and ``allow_tf32``).
+        modifiers: what a variant's bare ``+smooth`` means (its ``smooth`` copies when set, the noise, the
+            seed) and the contrast of a bare ``+contrast``; methods may be variants such as
+            ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
     """
 
     def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
-                 provider: str = "auto", batch_size: int = 16, **explainer_options) -> None:
-        check_methods(methods)
+                 provider: str = "auto", batch_size: int = 16, modifiers: Modifiers = NO_MODIFIERS,
+                 **explainer_options) -> None:
+        check_methods(methods, modifiers)
+        self.modifier_defaults = modifiers
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
         self.compile_options, self.explainer_options = dict(compile_options or {}), dict(explainer_options)
         if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
@@ -445,8 +459,10 @@ class Evaluation:
         return passes.load(self.model)
 
     def compiled(self, method: str):
-        """The model compiled with ``method`` (an ``onnx.ModelProto``)."""
-        return compile_model(self.model, method=method, **self.compile_options)
+        """The model compiled with ``method`` (an ``onnx.ModelProto``), a method or a variant
+        ``method+modifier…`` (``modifiers.parse_variant``)."""
+        base, modifiers = parse_variant(method, self.modifier_defaults)
+        return compile_model(self.model, method=base, modifiers=modifiers, **self.compile_options)
 
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""

@@ -15,6 +15,7 @@ from . import passes
 from .compiler import compile_canonical
 from .errors import CompileError
 from .methods import get_method
+from .modifiers import NONE, Modifiers, from_metadata
 from .planning import plan
 from .rules import REGISTRY
 
@@ -38,6 +39,9 @@ class Report:
     ops: list[OpReport]
     compiles: bool
     error: str | None
+    method: str = "agf"
+    modifiers: str = "none"  # ``Modifiers.describe()`` of the modifiers checked, or those a compiled model records
+    compiled: bool = False  # MODEL is itself a compiled model (its metadata names method and modifiers)
 
     @property
     def share(self) -> float:
@@ -50,6 +54,7 @@ class Report:
         if self.image is None:  # the model could not even be planned: say why, and only that
             return "\n".join([f"model: {self.model}", f"compiles: no\n{self.error}"])
         lines = [f"model: {self.model}", f"image: {self.image}   logits: {self.logits}",
+                 f"{'compiled with' if self.compiled else 'method'}: {self.method}   modifiers: {self.modifiers}",
                  f"{self.covered}/{self.nodes} nodes on the explained path have rules ({self.share:.0%})", "",
                  f"{'op':<22}{'nodes':>6}  {'relevance':<22}gradient"]
         for op in self.ops:
@@ -63,15 +68,22 @@ class Report:
 
 def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
-            image: str | None = None) -> Report:
-    """Report the rule each op on the explained path gets and whether the model compiles."""
+            image: str | None = None, modifiers: Modifiers = NONE) -> Report:
+    """Report the rule each op on the explained path gets and whether the model compiles (with
+    ``modifiers``). A compiled model reports the method and modifiers its metadata records."""
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
     loaded = passes.load(model)  # an unreadable file is the caller's error, not a report
+    recorded = {p.key: p.value for p in loaded.metadata_props}
+    compiled = "agf_onnx.method" in recorded
+    if compiled:  # the explained path is the original one; method and modifiers are the recorded ones
+        method, modifiers = recorded["agf_onnx.method"], from_metadata(recorded.get("agf_onnx.modifiers"))
+        logits = logits or recorded.get("agf_onnx.logits")
+        image = image or recorded.get("agf_onnx.image")
     try:
         canonical = passes.canonicalise(loaded, input_shapes)
         found = plan(canonical, image=image, logits=logits, method=get_method(method), strict=False)
     except CompileError as error:
-        return Report(name, image, logits, 0, 0, [], False, str(error))
+        return Report(name, image, logits, 0, 0, [], False, str(error), method, modifiers.describe(), compiled)
     counts = Counter(node.op_type for node in found.path)
     kinds: dict[str, set[str]] = defaultdict(set)
     for node in found.path:
@@ -85,8 +97,10 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
                             sorted(kinds[op_type]), missing))
     covered = sum(counts.values()) - sum(len(v) for v in found.unsupported.values())
     error = None
-    try:
-        compile_canonical(canonical, method=method, logits=logits, image=image, check=False)
-    except CompileError as failure:
-        error = str(failure)
-    return Report(name, found.image, found.logits, sum(counts.values()), covered, ops, error is None, error)
+    if not compiled:  # a compiled model compiled once already; again, it would clash with its own outputs
+        try:
+            compile_canonical(canonical, method=method, logits=logits, image=image, check=False, modifiers=modifiers)
+        except CompileError as failure:
+            error = str(failure)
+    return Report(name, found.image, found.logits, sum(counts.values()), covered, ops, error is None, error, method,
+                  modifiers.describe(), compiled)
