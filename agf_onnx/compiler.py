@@ -286,14 +286,20 @@ def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
 def _gradient_streams(b: GraphBuilder, plan: Plan, method: Method, target: str | None,
                       path: Sequence[onnx.NodeProto] | None = None) -> _Streams:
     """The gradient stream of ``method.start`` at the logits, through ``path`` (default: the whole path)."""
-    streams = _Streams(b)
-    shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        scores = as_scores(b, plan.logits, shape)
-        seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
-        streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
+        streams, _, _ = _seeded(b, plan, method, target)
     _walk(b, plan.graph, plan.path if path is None else path, plan.data, streams, {})
     return streams
+
+
+def _seeded(b: GraphBuilder, plan: Plan, method: Method, target: str | None) -> tuple[_Streams, str, str]:
+    """Streams whose gradient at the logits is ``method.start``'s seed: (streams, scores ``[N, K]``, seed)."""
+    streams = _Streams(b)
+    shape = plan.graph.shape(plan.logits)
+    scores = as_scores(b, plan.logits, shape)
+    seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
+    streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
+    return streams, scores, seed
 
 
 def _raw_gradient(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
@@ -330,12 +336,9 @@ def _raw_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping
 def _raw_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.RELEVANCE: the relevance stream through the registered rules (and a contrastive second
     stream for CLRP/SGLRP)."""
-    streams = _Streams(b)
     shape = plan.graph.shape(plan.logits)
     with b.scope("start"):
-        scores = as_scores(b, plan.logits, shape)
-        seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
-        streams.gradients[plan.logits].append(_as_logits(b, seed, shape))
+        streams, scores, seed = _seeded(b, plan, method, target)
         if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
             streams.relevances[plan.logits].append(_as_logits(b, method.logit_relevance(b, scores, seed), shape))
         if method.contrast is not None:  # CLRP: a second stream from the other classes
