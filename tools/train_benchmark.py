@@ -179,32 +179,40 @@ def top1_accuracy(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> f
     return float(targets[torch.arange(len(x)), top].mean())
 
 
-def train(data: pathlib.Path, arch: str, epochs: int, seed: int, batch: int = 64, lr: float = 2e-3) -> nn.Module:
-    torch.manual_seed(seed)
-    classes = len((data / "train" / "classes.txt").read_text().split("\n")) - 1
-    x, y = load_split(data / "train", classes)
-    model = ARCHITECTURES[arch](x.shape[-1], classes)
+def fit(model: nn.Module, x: torch.Tensor, batch_loss, report, epochs: int, seed: int, batch: int,
+        lr: float) -> nn.Module:
+    """Adam with a one-cycle schedule over ``epochs`` seeded passes of ``x``, each batch flipped
+    horizontally at random (items keep their class, canvases their rotation); ``batch_loss(images,
+    index)`` is the loss of a batch, ``report(model)`` what each epoch prints after the loss."""
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * -(-len(x) // batch))
-    loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
         began, total = time.perf_counter(), 0.0
         for index in torch.randperm(len(x), generator=generator).split(batch):
             images = x[index]
-            flip = torch.rand(len(index), generator=generator) < 0.5  # horizontal flips: items keep their class
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            loss = loss_fn(model(images), y[index])
+            flip = torch.rand(len(index), generator=generator) < 0.5
+            loss = batch_loss(torch.where(flip[:, None, None, None], images.flip(-1), images), index)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             total += float(loss.detach()) * len(index)
         model.eval()
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, train top-1 "
-              f"{top1_accuracy(model, x[:1000], y[:1000]):.1%} ({time.perf_counter() - began:.0f} s)", flush=True)
+        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, {report(model)} "
+              f"({time.perf_counter() - began:.0f} s)", flush=True)
     return model.eval()
+
+
+def train(data: pathlib.Path, arch: str, epochs: int, seed: int, batch: int = 64, lr: float = 2e-3) -> nn.Module:
+    torch.manual_seed(seed)
+    classes = len((data / "train" / "classes.txt").read_text().split("\n")) - 1
+    x, y = load_split(data / "train", classes)
+    model = ARCHITECTURES[arch](x.shape[-1], classes)
+    loss_fn = nn.BCEWithLogitsLoss()
+    return fit(model, x, lambda images, index: loss_fn(model(images), y[index]),
+               lambda model: f"train top-1 {top1_accuracy(model, x[:1000], y[:1000]):.1%}", epochs, seed, batch, lr)
 
 
 def main(argv: list[str] | None = None) -> None:

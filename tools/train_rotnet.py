@@ -40,6 +40,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
 from tests.models import export  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from train_benchmark import fit  # noqa: E402 - the same seeded training loop
+
 ROTATIONS = ("0°", "90°", "180°", "270°")
 
 
@@ -89,27 +92,14 @@ def train(data: pathlib.Path, epochs: int, seed: int, limit: int | None, batch: 
     torch.manual_seed(seed)
     x, _ = load_canvases(data / "train", limit)
     model = RotNet(x.shape[-1])
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * -(-len(x) // batch))
     loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        model.train()
-        began, total = time.perf_counter(), 0.0
-        for index in torch.randperm(len(x), generator=generator).split(batch):
-            images = x[index]
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            images, labels = rotations(torch.where(flip[:, None, None, None], images.flip(-1), images))
-            loss = loss_fn(model(images), labels)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach()) * len(index)
-        model.eval()
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, train rotation accuracy "
-              f"{accuracy(model, x[:250]):.1%} ({time.perf_counter() - began:.0f} s)", flush=True)
-    return model.eval()
+
+    def batch_loss(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        images, labels = rotations(images)
+        return loss_fn(model(images), labels)
+
+    return fit(model, x, batch_loss, lambda model: f"train rotation accuracy {accuracy(model, x[:250]):.1%}", epochs,
+               seed, batch, lr)
 
 
 def write_rotated(data: pathlib.Path) -> pathlib.Path:
