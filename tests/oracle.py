@@ -79,8 +79,8 @@ def conv_op(conv):
     return lambda x, w: F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def conv_full(conv, x, gradient_out, relevance):
-    op, w = conv_op(conv), conv.weight.detach()
+def full_rule(op, w, x, gradient_out, relevance):
+    """The spec's full conv rule (eq. 10–14) for a linear ``op(x, w)`` on a channel-first ``x``."""
     c = absolute_influence(op, x, w, relevance)
     mask = (relevance != 0).to(x.dtype)
     g = vjp(lambda t: op(t, w), x, gradient_out)
@@ -93,6 +93,10 @@ def conv_full(conv, x, gradient_out, relevance):
     a = vjp(lambda t: op(t, w.abs()), x, sdiv(relevance, op(ones, w.abs()) * mask))
     r = (sdiv(fx + m, 1 + torch.exp(-c)) + fdx + a) * (c != 0)
     return delta_shift(c, r)
+
+
+def conv_full(conv, x, gradient_out, relevance):
+    return full_rule(conv_op(conv), conv.weight.detach(), x, gradient_out, relevance)
 
 
 def input_layer(op, x, w, relevance):

@@ -71,14 +71,11 @@ from .oracle import (
     absolute_influence,
     conv_full,
     conv_op,
-    delta_shift,
-    factorise,
     fan_out,
+    full_rule,
     heatmap,
     input_layer,
-    nmax,
     sdiv,
-    vjp,
     z_rule,
 )
 from .token_models import ConvNeXt, GroupNormCNN, TorchAttention, ViT
@@ -87,22 +84,6 @@ FLAT_POLICIES = ("authors", "pointwise", "none")
 
 
 # -- rules ---------------------------------------------------------------------------------------
-def full_rule(op, weight, x, gradient_out, relevance):
-    """The spec's full conv rule (eq. 10–14) for a linear ``op(x, weight)`` on a channel-first ``x``."""
-    c = absolute_influence(op, x, weight, relevance)
-    mask = (relevance != 0).to(x.dtype)
-    g = vjp(lambda t: op(t, weight), x, gradient_out)
-    m = nmax(torch.relu((x * g).mean(1, keepdim=True)).expand_as(x))
-    gm = vjp(lambda t: op(t, weight), x, gradient_out * mask)
-    phi = c.mean(1, keepdim=True)
-    fx = torch.relu(factorise(x, phi)).expand_as(x)
-    fdx = torch.relu(factorise(gm, phi)).expand_as(x)
-    ones = torch.ones_like(x[:1])
-    a = vjp(lambda t: op(t, weight.abs()), x, sdiv(relevance, op(ones, weight.abs()) * mask))
-    r = (sdiv(fx + m, 1 + torch.exp(-c)) + fdx + a) * (c != 0)
-    return delta_shift(c, r)
-
-
 def token_linear(weight, x, gradient_out, relevance, full: bool):
     """A Linear ``x Wᵀ`` on ``[N, *tokens, C]``: flat (eq. 9) or the full rule as a 1×1 conv over the tokens."""
     if not full:
