@@ -468,7 +468,9 @@ class Evaluation:
         """A session of the model compiled with ``method``."""
         compiled = self.compiled(method)
         self.run_sizes[method] = images_per_run(compiled, self.batch_size)
-        return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, **self.explainer_options)
+        # memory bound by design: runs of several chunk sizes must not each keep an arena block
+        return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, memory_pattern=False,
+                         **self.explainer_options)
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
         """Top-1 classes of prepared photos ``[M, H, W, 3]``, in batches."""

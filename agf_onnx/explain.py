@@ -237,6 +237,8 @@ class Explainer:
             ``ProviderError`` elsewhere.
         threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
             engine runs one single-threaded session per CPU it is given.
+        memory_pattern: ONNX Runtime's memory pattern (faster repeated runs of one shape); evaluate
+            turns it off, since it keeps an arena block per batch size (``session_options``).
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
@@ -244,7 +246,8 @@ class Explainer:
                  size: int | None = None, crop: bool = False, bgr: bool = False,
                  labels: Sequence[str] | None = None,
                  input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
-                 allow_tf32: bool = False, cuda_graph: bool = False, threads: int | None = None) -> None:
+                 allow_tf32: bool = False, cuda_graph: bool = False, threads: int | None = None,
+                 memory_pattern: bool = True) -> None:
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
         proto, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
@@ -252,7 +255,7 @@ class Explainer:
         if cuda_graph and batch_size < 1:
             raise ExplainError(f"cuda_graph=True: batch_size {batch_size} must be at least 1 (the graph's fixed batch)")
         self.session = create_session(proto, provider, allow_tf32=allow_tf32, cuda_graph=cuda_graph,
-                                      options=session_options(threads))
+                                      options=session_options(threads, memory_pattern))
         self.provider = session_provider(self.session)
         self.allow_tf32, self.cuda_graph = allow_tf32, cuda_graph
         self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
@@ -473,13 +476,18 @@ def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dic
     return compile_model(model, input_shapes=input_shapes), True
 
 
-def session_options(threads: int | None = None):
-    """ONNX Runtime session options: ``threads`` intra-op threads (None: its default, one per core)."""
+def session_options(threads: int | None = None, memory_pattern: bool = True):
+    """ONNX Runtime session options: ``threads`` intra-op threads (None: its default, one per core);
+    ``memory_pattern=False`` turns off ONNX Runtime's memory pattern, which plans one arena block per
+    input shape and keeps it — a session that runs batches of several sizes (evaluate's chunks)
+    would hold a block for each (Integrated Gradients on ResNet-50 at 224²: 6.4 GB with it, 4.0
+    GB without)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    options.enable_mem_pattern = memory_pattern
     return options
 
 

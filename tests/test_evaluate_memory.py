@@ -53,3 +53,29 @@ def test_chunked_runs_give_the_maps_of_one_run():
     np.testing.assert_allclose(evaluate.Evaluation._heatmaps(explainer, photos, targets, per_run=2), whole,
                                rtol=1e-6, atol=1e-7)
     assert whole.shape == (5, 8, 8) and np.isfinite(whole).all()
+
+
+def test_evaluate_sessions_keep_no_arena_block_per_batch_size(tmp_path, monkeypatch):
+    """Chunks of several sizes run through one session: ONNX Runtime's memory pattern would keep a
+    block for each, so evaluate's explainers turn it off (and plain explainers keep the default)."""
+    import onnxruntime as ort
+
+    seen = []
+    real = ort.InferenceSession
+
+    def recording(model, options=None, **kwargs):
+        seen.append(options.enable_mem_pattern if options is not None else None)
+        return real(model, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    path = tmp_path / "small.onnx"
+    import onnx
+
+    onnx.save(small_classifier(), path)
+    evaluation = evaluate.Evaluation(str(path), ["gradient"], provider="cpu", preset="unit")
+    seen.clear()
+    evaluation.explainer("gradient")
+    assert seen and not any(seen)
+    seen.clear()
+    Explainer(agf_onnx.compile(small_classifier()), "cpu", preset="unit")
+    assert seen == [True]
