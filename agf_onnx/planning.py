@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView
 from .methods import Kind, Method, flat_layers, is_token_linear
-from .rules import REGISTRY
+from .rules import REGISTRY, OpRules
 from .tokens import TokenGrid, attention_matrices, patch_grid
 
 #: Ops after the logits that the explanation starts below (spec "Start").
@@ -158,13 +158,22 @@ def _channels_last(graph: GraphView, image: str) -> bool:
     return False
 
 
+def _registered(node: onnx.NodeProto) -> OpRules | None:
+    """The rules of ``node``'s op, None where it has none (another domain, or no gradient rule)."""
+    entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    return entry if entry is not None and entry.gradient is not None else None
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.op_type if not node.domain else f"{node.domain}.{node.op_type}"
+
+
 def _without_rules(path: Sequence[onnx.NodeProto]) -> dict[str, list[str]]:
     """Op type → node names of the nodes on ``path`` that no rule covers."""
     missing: dict[str, list[str]] = defaultdict(list)
     for node in path:
-        entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if entry is None or entry.gradient is None:
-            missing[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
+        if _registered(node) is None:
+            missing[_label(node)].append(node.name)
     return dict(missing)
 
 
@@ -199,7 +208,7 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     kinds: dict[str, str] = {}
     unsupported: dict[str, list[str]] = defaultdict(list)
     for node in path:
-        entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        entry = _registered(node)
         kind = None
         if entry is not None and node.name in relevant:
             kind = method.kind_for(node.op_type, entry.relevance, first_layer=node.name in first_layers,
@@ -207,8 +216,8 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
             if method.top_layer and top is not None and node.name == top.name and kind != method.top_layer:
                 raise CompileError(f"--method {method.name} starts at a Gemm or MatMul that computes the logits; "
                                    f"the last linear layer here is {node.op_type} '{node.name}'")
-        if entry is None or entry.gradient is None or (node.name in relevant and kind is None):
-            unsupported[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"].append(node.name)
+        if entry is None or (node.name in relevant and kind is None):
+            unsupported[_label(node)].append(node.name)
         elif kind is not None:
             kinds[node.name] = kind
     if unsupported and strict:
