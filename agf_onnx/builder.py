@@ -2,7 +2,9 @@
 
 Rules emit the explanation graph through this class only; none of them touches protobuf.
 Values are plain tensor names (``str``), so a rule can mix tensors of the original graph
-(``node.inputs[0]``) with tensors it created.
+(``node.inputs[0]``) with tensors it created. A node asked for twice (same op, inputs and
+attributes) is emitted once: rules may recompute ``1[Φ≠0]`` or ``|X|`` freely, the graph holds
+each once (common-subexpression elimination at the source).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+#: Ops whose every node draws new values: never merged with an identical-looking one.
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 #: The one opset of ``ai.onnx`` every compiled model is written in (see README, "Opset").
 TARGET_OPSET = 17
@@ -34,6 +39,7 @@ class GraphBuilder:
         self._scopes: list[str] = ["agf"]
         self._constants: dict[tuple[str, tuple[int, ...], bytes], str] = {}
         self._counts: dict[str, int] = {}  # base name → the next suffix to try
+        self._emitted: dict[tuple, tuple[str, ...]] = {}  # (op, inputs, attributes, outputs) → names
 
     # -- naming -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -61,13 +67,28 @@ class GraphBuilder:
 
     # -- nodes --------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attributes: Any) -> Any:
-        """Emit one ``ai.onnx`` node and return its output name (a tuple if ``outputs > 1``)."""
-        node_name = self.fresh(op_type)
-        names = [node_name if i == 0 else f"{node_name}:{i}" for i in range(outputs)]
-        self._taken.update(names)
+        """Emit one ``ai.onnx`` node and return its output name (a tuple if ``outputs > 1``); the
+        names of an identical earlier node if there is one (random ops are always new)."""
         attributes = {k: v for k, v in attributes.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name, **attributes))
-        return names[0] if outputs == 1 else tuple(names)
+        node = helper.make_node(op_type, list(inputs), [], **attributes)
+        key = (op_type, tuple(inputs), outputs, tuple(a.SerializeToString(deterministic=True) for a in node.attribute))
+        if key in self._emitted and op_type not in _RANDOM:
+            names = self._emitted[key]
+        else:
+            node.name = self.fresh(op_type)
+            names = tuple(node.name if i == 0 else f"{node.name}:{i}" for i in range(outputs))
+            self._taken.update(names)
+            node.output.extend(names)
+            self.nodes.append(node)
+            self._emitted[key] = names
+        return names[0] if outputs == 1 else names
+
+    def remove(self, unwanted: Iterable[onnx.NodeProto]) -> None:
+        """Drop ``unwanted`` nodes; a later identical request emits them anew."""
+        drop = {id(node) for node in unwanted}
+        self.nodes[:] = [node for node in self.nodes if id(node) not in drop]
+        kept = {name for node in self.nodes for name in node.output}
+        self._emitted = {key: names for key, names in self._emitted.items() if names[0] in kept}
 
     def __getattr__(self, op_type: str) -> Any:
         if not op_type[:1].isupper():

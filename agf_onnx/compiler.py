@@ -36,8 +36,8 @@ HEATMAPS_OUTPUT, CLASSES_OUTPUT = "heatmaps", "classes"  # with top_k
 class _Streams:
     """Per-tensor contributions of the gradient and relevance streams, combined on first read."""
 
-    def __init__(self, b: GraphBuilder) -> None:
-        self.b = b
+    def __init__(self, b: GraphBuilder, graph: GraphView) -> None:
+        self.b, self.graph = b, graph
         self.gradients: dict[str, list[str]] = defaultdict(list)
         self.relevances: dict[str, list[str]] = defaultdict(list)
 
@@ -58,7 +58,9 @@ class _Streams:
         if len(parts) > 1:
             b = self.b
             with b.scope(f"{tensor}/fanout"):
-                self.relevances[tensor] = [b.Mul(tensor, b.Sum(*(safe_divide(b, part, tensor) for part in parts)))]
+                nonnegative = self.graph.nonnegative(tensor)
+                self.relevances[tensor] = [b.Mul(tensor, b.Sum(*(safe_divide(b, part, tensor, nonnegative)
+                                                                 for part in parts)))]
         return self.relevances[tensor][0]
 
 
@@ -249,7 +251,7 @@ def _drop_unread(b: GraphBuilder, nodes: Sequence[onnx.NodeProto]) -> None:
             read.update(node.input)
         else:
             unread.add(id(node))
-    b.nodes[:] = [node for node in b.nodes if id(node) not in unread]
+    b.remove(node for node in nodes if id(node) in unread)
 
 
 def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
@@ -271,7 +273,7 @@ def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
         if seeded is None:
             continue
         with b.scope(scope):
-            streams = _Streams(b)
+            streams = _Streams(b, view)
             with b.scope("start"):
                 seed = seeded.start(b, as_scores(b, logits, shape), target, shape[1])
                 streams.gradients[logits].append(_as_logits(b, seed, shape))
@@ -294,7 +296,7 @@ def _gradient_streams(b: GraphBuilder, plan: Plan, method: Method, target: str |
 
 def _seeded(b: GraphBuilder, plan: Plan, method: Method, target: str | None) -> tuple[_Streams, str, str]:
     """Streams whose gradient at the logits is ``method.start``'s seed: (streams, scores ``[N, K]``, seed)."""
-    streams = _Streams(b)
+    streams = _Streams(b, plan.graph)
     shape = plan.graph.shape(plan.logits)
     scores = as_scores(b, plan.logits, shape)
     seed = method.start(b, scores, _target(b, scores) if target is None else target, shape[1])
@@ -342,7 +344,7 @@ def _raw_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping
         if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
             streams.relevances[plan.logits].append(_as_logits(b, method.logit_relevance(b, scores, seed), shape))
         if method.contrast is not None:  # CLRP: a second stream from the other classes
-            contrast = _Streams(b)
+            contrast = _Streams(b, plan.graph)
             contrast.relevances[plan.logits].append(_as_logits(b, method.contrast(b, scores, seed), shape))
     # LRP's rules read no gradient: emitting the gradient stream would only cost run time
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers,
@@ -429,7 +431,7 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     if missing:
         raise UnsupportedOpsError(missing)
     b = GraphBuilder(reserved=_all_names(canonical.graph) | {"gradient_in", "gradient_out"})
-    streams = _Streams(b)
+    streams = _Streams(b, graph)
     streams.gradients[output].append("gradient_in")
     _walk(b, graph, path, data, streams, kinds={})
     result = streams.gradient(source)

@@ -96,6 +96,7 @@ class GraphView:
         self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.outputs = [o.name for o in graph.output]
         self.constants: set[str] = set(self.initializers)
+        self._nonnegative: dict[str, bool] = {}
         for node in self.nodes:
             if node.op_type in _NONDETERMINISTIC:
                 continue
@@ -117,6 +118,34 @@ class GraphView:
 
     def is_constant(self, name: str) -> bool:
         return name in self.constants
+
+    def nonnegative(self, name: str) -> bool:
+        """Whether tensor ``name`` is ``≥ 0`` by construction (a ReLU's output, a pool or reshape of
+        one, …); a cheaper ``sdiv`` holds for such denominators. False when unsure."""
+        known: dict[str, bool] = self._nonnegative
+        pending = [name]
+        while pending:  # iterative: deep graphs would overflow a recursive walk
+            tensor = pending[-1]
+            if tensor in known:
+                pending.pop()
+                continue
+            node = self.producer.get(tensor)
+            if tensor in self.initializers:
+                known[tensor] = bool(np.all(numpy_helper.to_array(self.initializers[tensor]) >= 0))
+            elif node is None or node.op_type not in _NONNEGATIVE_IF_INPUTS | _NONNEGATIVE:
+                known[tensor] = node is not None and node.op_type in _NONNEGATIVE
+            elif node.op_type in _NONNEGATIVE:
+                known[tensor] = True
+            else:
+                read = _NONNEGATIVE_IF_INPUTS_READ.get(node.op_type, range(len(node.input)))
+                inputs = [node.input[i] for i in read if i < len(node.input) and node.input[i]]
+                waiting = [i for i in inputs if i not in known]
+                if waiting:
+                    pending.extend(waiting)
+                    continue
+                known[tensor] = all(known[i] for i in inputs)
+            pending.pop()
+        return known[name]
 
     def value(self, name: str) -> np.ndarray:
         """The value of a constant tensor, evaluating the weight-only subgraph behind it."""
@@ -187,6 +216,15 @@ class GraphView:
 NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less", "GreaterOrEqual",
                       "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Round", "Floor", "Ceil",
                       "EyeLike", "ConstantOfShape"}
+#: Ops whose output is ≥ 0 whatever they read, and ops whose output is ≥ 0 when the inputs they
+#: read (those at the indices of ``_NONNEGATIVE_IF_INPUTS_READ``, else all) are.
+_NONNEGATIVE = {"Relu", "Abs", "Sigmoid", "Exp", "Softmax", "Softplus", "Sqrt", "HardSigmoid"}
+_NONNEGATIVE_IF_INPUTS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
+                          "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Concat", "Slice", "Gather",
+                          "Expand", "Tile", "Split", "Pad", "Resize", "Add", "Mul", "Sum", "Max", "Min", "Div"}
+_NONNEGATIVE_IF_INPUTS_READ = {**{op: (0,) for op in ("MaxPool", "AveragePool", "Reshape", "Squeeze", "Unsqueeze",
+                                                      "Dropout", "Slice", "Gather", "Expand", "Tile", "Split",
+                                                      "Resize")}, "Pad": (0, 2)}
 _INDICES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",

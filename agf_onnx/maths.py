@@ -29,23 +29,38 @@ def max_per_sample(b: GraphBuilder, x: str, rank: int) -> str:
     return b.ReduceMax(x, axes=_sample_axes(rank), keepdims=1)
 
 
+def is_zero(b: GraphBuilder, x: str) -> str:
+    """``x = 0`` as bool (one node per tensor: the builder emits identical nodes once)."""
+    return b.Equal(x, b.const(0.0))
+
+
 def nonzero(b: GraphBuilder, x: str) -> str:
     """``1[x ≠ 0]`` as float."""
-    return b.Cast(b.Not(b.Equal(x, b.const(0.0))), to=1)
+    return b.Sub(b.const(1.0), b.Cast(is_zero(b, x), to=1))
 
 
-def safe_divide(b: GraphBuilder, numerator: str, denominator: str) -> str:
-    """``sdiv``: ``a / (b + 1e-9)`` where ``b ≠ 0``, else 0; also 0 where ``b + 1e-9`` is 0."""
+def where_nonzero(b: GraphBuilder, value: str, x: str) -> str:
+    """``value ⊙ 1[x ≠ 0]``: ``value`` where ``x ≠ 0``, else 0."""
+    return b.Where(is_zero(b, x), b.const(0.0), value)
+
+
+def safe_divide(b: GraphBuilder, numerator: str, denominator: str, nonnegative: bool = False) -> str:
+    """``sdiv``: ``a / (b + 1e-9)`` where ``b ≠ 0``, else 0; also 0 where ``b + 1e-9`` is 0.
+
+    The guard sits in the denominator (∞ where undefined, and ``a / ∞ = 0``), so that a per-sample
+    or constant denominator costs one full-size Div. ``nonnegative``: ``b ≥ 0`` is known, so
+    ``b + 1e-9 > 0`` and the second test is left out. ``sdiv(Φ, Z ⊙ 1[Φ≠0]) = sdiv(Φ, Z)`` exactly
+    (where ``Φ = 0`` both are 0), which is why no rule masks its denominator."""
     shifted = b.Add(denominator, b.const(EPSILON))
-    zero = b.const(0.0)
-    undefined = b.Or(b.Equal(denominator, zero), b.Equal(shifted, zero))
-    safe = b.Where(undefined, b.const(1.0), shifted)
-    return b.Where(undefined, zero, b.Div(numerator, safe))
+    undefined = is_zero(b, denominator)
+    if not nonnegative:
+        undefined = b.Or(undefined, is_zero(b, shifted))
+    return b.Div(numerator, b.Where(undefined, b.const(np.inf), shifted))
 
 
-def normalise_by_max(b: GraphBuilder, x: str, rank: int) -> str:
-    """``nmax``: divide by the per-sample maximum."""
-    return safe_divide(b, x, max_per_sample(b, x, rank))
+def normalise_by_max(b: GraphBuilder, x: str, rank: int, nonnegative: bool = False) -> str:
+    """``nmax``: divide by the per-sample maximum (``nonnegative``: ``x ≥ 0`` is known)."""
+    return safe_divide(b, x, max_per_sample(b, x, rank), nonnegative)
 
 
 def delta_shift(b: GraphBuilder, absolute_influence: str, residual: str, rank: int) -> str:
@@ -61,41 +76,35 @@ def channel_mean(b: GraphBuilder, x: str) -> str:
     return b.ReduceMean(x, axes=[1], keepdims=1)
 
 
-def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...]) -> str:
+def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...],
+              nonnegative: bool = False) -> str:
     """The two-class sigmoid–Heaviside NMF ``F(Y, φ)`` (eq. 7, 11) → ``[N, 1, H, W]``.
 
-    ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)``, ``partition`` is ``φ``
-    ``[N, 1, H, W]`` (any number of spatial axes works the same way).
-    ``R = [R_b R_f]`` are the mean columns of ``H`` over the background (φ<0) and foreground
-    (φ>0) pixels; ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form.
+    ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)`` (``nonnegative``: ``Y ≥ 0``
+    is known), ``partition`` is ``φ`` ``[N, 1, H, W]`` (any number of spatial axes works the same
+    way). ``R = [R_b R_f]`` are the mean columns of ``H`` over the background (φ<0) and foreground
+    (φ>0) pixels; ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
+    ``[[a, c], [c, d]]⁻¹ = [[d, −c], [−c, a]] / (ad − c²)``. Sums over pixels and channels are MatMuls.
     """
     channels, *spatial = shape
-    heat = b.Sigmoid(b.Mul(normalise_by_max(b, activations, len(shape) + 1), b.const(10.0)))
-    heat = b.Reshape(heat, b.ints([0, channels, -1]))  # [N, C, HW]
-    partition = b.Reshape(partition, b.ints([0, 1, -1]))  # [N, 1, HW]
+    heat = b.Sigmoid(b.Mul(normalise_by_max(b, activations, len(shape) + 1, nonnegative), b.const(10.0)))
+    heat = b.Reshape(heat, b.ints([0, channels, -1]))  # H [N, C, HW]
+    partition = b.Reshape(partition, b.ints([0, -1, 1]))  # [N, HW, 1]
     zero = b.const(0.0)
-
-    def mean_column(pixels: str) -> str:  # [N, C, 1]; 0 when the set is empty
-        pixels = b.Cast(pixels, to=1)
-        total = b.ReduceSum(b.Mul(heat, pixels), b.ints([2]), keepdims=1)
-        count = b.ReduceSum(pixels, b.ints([2]), keepdims=1)
-        return b.Div(total, b.Max(count, b.const(1.0)))
-
-    background = mean_column(b.Less(partition, zero))
-    foreground = mean_column(b.Greater(partition, zero))
-
-    def dot(u: str, v: str) -> str:  # Σ_c u_c v_c → [N, 1, 1] or [N, 1, HW]
-        return b.ReduceSum(b.Mul(u, v), b.ints([1]), keepdims=1)
-
-    one = b.const(1.0)
-    gram_bb = b.Add(dot(background, background), one)
-    gram_bf = dot(background, foreground)
-    gram_ff = b.Add(dot(foreground, foreground), one)
-    determinant = b.Sub(b.Mul(gram_bb, gram_ff), b.Mul(gram_bf, gram_bf))  # ≥ 1
-    project_b, project_f = dot(background, heat), dot(foreground, heat)
-    weight_b = b.Relu(b.Div(b.Sub(b.Mul(gram_ff, project_b), b.Mul(gram_bf, project_f)), determinant))
-    weight_f = b.Relu(b.Div(b.Sub(b.Mul(gram_bb, project_f), b.Mul(gram_bf, project_b)), determinant))
-    return b.Reshape(b.Sub(weight_f, weight_b), b.ints([0, 1, *spatial]))
+    sides = b.Concat(b.Cast(b.Less(partition, zero), to=1), b.Cast(b.Greater(partition, zero), to=1), axis=2)
+    counts = b.Max(b.ReduceSum(sides, b.ints([1]), keepdims=1), b.const(1.0))  # [N, 1, 2]; empty sets give 0
+    columns = b.Div(b.MatMul(heat, sides), counts)  # R [N, C, 2]
+    rows = b.Transpose(columns, perm=[0, 2, 1])  # Rᵀ [N, 2, C]
+    identity = b.const(np.eye(2))
+    gram = b.Add(b.MatMul(rows, columns), identity)  # RᵀR + I₂ [N, 2, 2], diagonal ≥ 1
+    swap = b.const(np.eye(2)[::-1])
+    adjugate = b.Mul(b.MatMul(b.MatMul(swap, gram), swap), b.const([[1.0, -1.0], [-1.0, 1.0]]))  # exact
+    diagonal = b.ReduceSum(b.Mul(gram, identity), b.ints([2]), keepdims=1)  # [N, 2, 1]
+    twice_off = b.ReduceSum(b.Mul(gram, swap), b.ints([1, 2]), keepdims=1)  # 2·g_bf
+    determinant = b.Sub(b.ReduceProd(diagonal, axes=[1], keepdims=1),  # g_bb·g_ff − g_bf² ≥ 1
+                        b.Mul(b.Mul(twice_off, twice_off), b.const(0.25)))
+    weights = b.Relu(b.Div(b.MatMul(adjugate, b.MatMul(rows, heat)), determinant))  # Wt [N, 2, HW]
+    return b.Reshape(b.MatMul(b.const([[-1.0, 1.0]]), weights), b.ints([0, 1, *spatial]))  # Wt_f − Wt_b
 
 
 def resize(b: GraphBuilder, x: str, source: Sequence[int], target: Sequence[int], mode: str = "linear",

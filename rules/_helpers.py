@@ -32,12 +32,16 @@ def data_only(node: NodeView, values: dict[int, str]) -> list[str | None]:
     return [values.get(i) if node.is_data(i) else None for i in range(len(node.inputs))]
 
 
+def output_ratio(b: GraphBuilder, node: NodeView) -> str:
+    """The z-rule's ``S = sdiv(Φ, Y ⊙ 1[Φ≠0])`` at the node's output ``Y``, emitted as the equal
+    ``sdiv(Φ, Y)`` (the mask changes nothing where ``Φ = 0``)."""
+    output = node.outputs[0]
+    return safe_divide(b, node.relevance[0], output, nonnegative=node.graph.nonnegative(output))
+
+
 def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
     """z-rule for an op with one data input (input 0) and output ``Y``."""
-    relevance = node.relevance[0]
-    activation = b.Mul(node.outputs[0], nonzero(b, relevance))
-    ratio = safe_divide(b, relevance, activation)
-    return data_only(node, {0: b.Mul(node.inputs[0], vjp(b, node, ratio))})
+    return data_only(node, {0: b.Mul(node.inputs[0], vjp(b, node, output_ratio(b, node)))})
 
 
 def named(rule: Rule, name: str, doc: str, module: str) -> Rule:
@@ -169,10 +173,9 @@ class Bilinear:
 
     def absolute_influence(self, b: GraphBuilder, node: NodeView) -> str:
         """``C = |X| ⊙ VJP_{|W|}(sdiv(Φ, op(|X|, |W|) ⊙ 1[Φ≠0]))`` (eq. 9)."""
-        relevance = node.relevance[0]
         abs_x, abs_w = b.Abs(node.inputs[0]), self.absolute_weight(b, node)
-        activation = b.Mul(self.forward(b, node, abs_x, abs_w), nonzero(b, relevance))
-        return b.Mul(abs_x, self.vjp(b, node, safe_divide(b, relevance, activation), abs_w))
+        ratio = safe_divide(b, node.relevance[0], self.forward(b, node, abs_x, abs_w), nonnegative=True)
+        return b.Mul(abs_x, self.vjp(b, node, ratio, abs_w))
 
     def _signed_parts(self, b: GraphBuilder, node: NodeView) -> tuple[str, str, str, str]:
         """``x⁺, x⁻, W⁺, W⁻``."""

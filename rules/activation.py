@@ -23,26 +23,22 @@ from collections.abc import Callable
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-from agf_onnx.maths import nonzero
+from agf_onnx.maths import where_nonzero
 
-from ._helpers import data_only, named, proportional, refuse_batch_axes
+from ._helpers import data_only, named, output_ratio, refuse_batch_axes
 from ._registry import gradient, relevance
-
-
-def _relu_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
-    return b.Mul(g, b.Cast(b.Greater(node.inputs[0], b.const(0.0)), to=1))
 
 
 @gradient("Relu")
 def relu_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """G ⊙ 1[X > 0]."""
-    return data_only(node, {0: _relu_vjp(b, node, node.gradient[0])})
+    """G ⊙ 1[X > 0], read as G where Y ≠ 0 (the same set; the test is shared with the relevance rule)."""
+    return data_only(node, {0: where_nonzero(b, node.gradient[0], node.outputs[0])})
 
 
 @relevance("Relu", kind="z")
 def relu_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """z-rule: ΦX = X ⊙ 1[X>0] ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0])."""
-    return proportional(b, node, _relu_vjp)
+    """z-rule: ΦX = X ⊙ 1[X>0] ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0]), computed as the equal Y ⊙ sdiv(Φ, Y)."""
+    return data_only(node, {0: b.Mul(node.outputs[0], output_ratio(b, node))})
 
 
 # -- element-wise functions: G ⊙ f'(X), relevance where the unit is active ------------------------
@@ -80,7 +76,7 @@ def elementwise(op_type: str, summary: str) -> Callable[[Derivative], Derivative
 
 def activation_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """Passes relevance where the unit is active: ΦX = Φ ⊙ 1[Y ≠ 0]."""
-    return data_only(node, {0: b.Mul(node.relevance[0], nonzero(b, node.outputs[0]))})
+    return data_only(node, {0: where_nonzero(b, node.relevance[0], node.outputs[0])})
 
 
 @elementwise("Sigmoid", "G ⊙ Y(1 − Y).")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide
+from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide, where_nonzero
 
 from ._helpers import _ONE, Bilinear, data_only, explicit_pads
 from ._registry import gradient, relevance
@@ -79,17 +79,18 @@ def conv_input_layer(b: GraphBuilder, node: NodeView) -> list[str | None]:
 
 
 def full_rule(b: GraphBuilder, x: str, gradient_in: str, masked_gradient: str, influence: str, agnostic: str,
-              shape: tuple) -> str:
+              shape: tuple, x_nonnegative: bool = False) -> str:
     """Eq. 10–14 on channel-first tensors ``[N, C, *spatial]`` (``shape = (C, *spatial)``):
-    ``Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0])`` from ``X``, ``g = VJP(G)``,
-    ``gm = VJP(G ⊙ m)``, the absolute influence ``C`` and the input-agnostic ``A``. Shared by the
-    conv and the token form of a linear layer (``gemm.py``)."""
+    ``Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0])`` from ``X`` (``x_nonnegative``: ``X ≥ 0``
+    is known), ``g = VJP(G)``, ``gm = VJP(G ⊙ m)``, the absolute influence ``C`` and the
+    input-agnostic ``A``. Shared by the conv and the token form of a linear layer (``gemm.py``)."""
     rank = len(shape) + 1
-    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank)
+    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank, nonnegative=True)
     partition = channel_mean(b, influence)
-    input_factor = b.Relu(factorise(b, x, partition, shape))
+    input_factor = b.Relu(factorise(b, x, partition, shape, x_nonnegative))
     gradient_factor = b.Relu(factorise(b, masked_gradient, partition, shape))
-    sigmoid_weighted = safe_divide(b, b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
+    # sdiv by 1 + e^-C ≥ 1: never 0, and its +1e-9 is below float32's resolution there, so a plain Div
+    sigmoid_weighted = b.Div(b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
     residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
     return delta_shift(b, influence, residual, rank)
 
@@ -100,15 +101,13 @@ def conv_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
     x, weight = node.inputs[0], node.inputs[1]
     relevance_out, gradient_out = node.relevance[0], node.gradient[0]
     shape = tuple(node.shape(0)[1:])
-    mask = nonzero(b, relevance_out)
-    masked_gradient = CONV.vjp(b, node, b.Mul(gradient_out, mask), weight)
+    masked_gradient = CONV.vjp(b, node, where_nonzero(b, gradient_out, relevance_out), weight)
     abs_weight = CONV.absolute_weight(b, node)
-    # conv(1, |W|) is data-free: ONNX Runtime folds it once when it loads the model
+    # conv(1, |W|) is data-free: ONNX Runtime folds it (and sdiv's guard of it) once when it loads the model
     ones = b.ConstantOfShape(b.ints([1, *shape]), value=_ONE)
-    agnostic = CONV.vjp(b, node, safe_divide(b, relevance_out, b.Mul(_forward(b, node, ones, abs_weight), mask)),
-                        abs_weight)
+    ratio = safe_divide(b, relevance_out, _forward(b, node, ones, abs_weight), nonnegative=True)
     relevance_in = full_rule(b, x, node.input_gradients[0], masked_gradient, CONV.absolute_influence(b, node),
-                             agnostic, shape)
+                             CONV.vjp(b, node, ratio, abs_weight), shape, node.graph.nonnegative(x))
     return data_only(node, {0: relevance_in})
 
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import GraphView, NodeView
-from agf_onnx.maths import nonzero, safe_divide
 
-from ._helpers import data_only, pass_through, unbroadcast
+from ._helpers import data_only, output_ratio, pass_through, unbroadcast
 from ._registry import gradient, relevance
 from .product import elementwise_product_relevance
 
@@ -59,7 +58,7 @@ def _merge(b: GraphBuilder, node: NodeView, negated: int | None) -> list[str | N
     data, relevance_out = _data_inputs(node), node.relevance[0]
     if len(data) == 1:
         return data_only(node, {data[0]: _to_input(b, node, data[0], relevance_out)})
-    ratio = safe_divide(b, relevance_out, b.Mul(node.outputs[0], nonzero(b, relevance_out)))
+    ratio = output_ratio(b, node)
     shares = {}
     for i in data:
         share = b.Mul(node.inputs[i], ratio)

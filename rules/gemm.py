@@ -31,7 +31,7 @@ import numpy as np
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max, safe_divide
+from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max, safe_divide, where_nonzero
 
 from ._helpers import Bilinear, batch, data_only, named, refuse_batch_axes, static_shape
 from ._registry import gradient, relevance
@@ -144,12 +144,11 @@ def token_view(node: NodeView) -> tuple[int, int, int] | None:
 def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, tokens: int, axis: int) -> str:
     """The conv rule (eq. 10–14) of a linear layer applied per token, a 1×1 conv over ``tokens``."""
     relevance_out, weight = node.relevance[0], layer.weight(b, node)
-    mask = nonzero(b, relevance_out)
-    masked_gradient = layer.vjp(b, node, b.Mul(node.gradient[0], mask), weight)
+    masked_gradient = layer.vjp(b, node, where_nonzero(b, node.gradient[0], relevance_out), weight)
     abs_weight = layer.absolute_weight(b, node)
     # op(1, |W|) is data-free and the same for every token: ONNX Runtime folds it when it loads the model
     ones_through = layer.forward(b, node, b.const(np.ones((1, channels), np.float32)), abs_weight)
-    agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, b.Mul(ones_through, mask)), abs_weight)
+    agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, ones_through, nonnegative=True), abs_weight)
     influence = layer.absolute_influence(b, node)
 
     shape = static_shape(node, node.inputs[0])
@@ -160,7 +159,8 @@ def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, 
         return b.Transpose(b.Reshape(moved, b.ints([-1, tokens, channels])), perm=[0, 2, 1])
 
     views = [channel_first(t) for t in (node.inputs[0], node.input_gradients[0], masked_gradient, influence, agnostic)]
-    relevance_in = b.Transpose(full_rule(b, *views, shape=(channels, tokens)), perm=[0, 2, 1])
+    relevance_in = b.Transpose(full_rule(b, *views, shape=(channels, tokens),
+                                         x_nonnegative=node.graph.nonnegative(node.inputs[0])), perm=[0, 2, 1])
     if not axis:
         return b.Reshape(relevance_in, b.ints(shape))
     moved = b.Reshape(relevance_in, b.ints([shape[i] for i in batch_first]))

@@ -22,9 +22,8 @@ from collections.abc import Callable
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import GraphView, NodeView
-from agf_onnx.maths import nonzero, safe_divide
 
-from ._helpers import batch_axis, broadcast_shape, data_only, unbroadcast
+from ._helpers import batch_axis, broadcast_shape, data_only, output_ratio, unbroadcast
 from ._registry import gradient, relevance
 
 #: Ops between a Softmax and the product that leave it an attention matrix.
@@ -49,8 +48,7 @@ def _data_inputs(node: NodeView) -> list[int]:
 def product_relevance(b: GraphBuilder, node: NodeView, vjp: OperandVjp) -> list[str | None]:
     """The spec's rule for a product: all to the values of an attention product, else ½/½, each
     share ``X ⊙ VJP_X(sdiv(Φ, Y ⊙ 1[Φ≠0]))``."""
-    relevance_out = node.relevance[0]
-    ratio = safe_divide(b, relevance_out, b.Mul(node.outputs[0], nonzero(b, relevance_out)))
+    ratio = output_ratio(b, node)
     data = _data_inputs(node)
     attention = [i for i in data if is_attention(node.graph, node.inputs[i])]
     if len(data) == 2 and len(attention) == 1:
@@ -66,8 +64,7 @@ def product_relevance(b: GraphBuilder, node: NodeView, vjp: OperandVjp) -> list[
 
 def elementwise_product_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """½/½ (or all to the one data operand) of an element-wise product: ``X ⊙ VJP_X(S) = Y ⊙ S``."""
-    relevance_out = node.relevance[0]
-    ratio = safe_divide(b, relevance_out, b.Mul(node.outputs[0], nonzero(b, relevance_out)))
+    ratio = output_ratio(b, node)
     contribution = b.Mul(node.outputs[0], ratio)
     data = _data_inputs(node)
     if len(data) > 1:
