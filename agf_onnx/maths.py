@@ -76,33 +76,27 @@ def channel_mean(b: GraphBuilder, x: str) -> str:
     return b.ReduceMean(x, axes=[1], keepdims=1)
 
 
-def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...],
-              nonnegative: bool = False) -> str:
+def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...]) -> str:
     """The two-class sigmoid–Heaviside NMF ``F(Y, φ)`` (eq. 7, 11) → ``[N, 1, H, W]``.
 
-    ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)`` (``nonnegative``: ``Y ≥ 0``
-    is known), ``partition`` is ``φ`` ``[N, 1, H, W]`` (any number of spatial axes works the same
-    way). ``R = [R_b R_f]`` are the mean columns of ``H`` over the background (φ<0) and foreground
-    (φ>0) pixels; ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
+    ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)``, ``partition`` is ``φ``
+    ``[N, 1, H, W]`` (any number of spatial axes works the same way). ``R = [R_b R_f]`` are the mean
+    columns of ``H`` over the background (φ<0) and foreground (φ>0) pixels; ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
     ``[[a, c], [c, d]]⁻¹ = [[d, −c], [−c, a]] / (ad − c²)``. Sums over pixels and channels are MatMuls.
     """
     channels, *spatial = shape
-    heat = b.Sigmoid(b.Mul(normalise_by_max(b, activations, len(shape) + 1, nonnegative), b.const(10.0)))
+    heat = b.Sigmoid(b.Mul(normalise_by_max(b, activations, len(shape) + 1), b.const(10.0)))
     heat = b.Reshape(heat, b.ints([0, channels, -1]))  # H [N, C, HW]
     partition = b.Reshape(partition, b.ints([0, -1, 1]))  # [N, HW, 1]
-    zero = b.const(0.0)
-    sides = b.Concat(b.Cast(b.Less(partition, zero), to=1), b.Cast(b.Greater(partition, zero), to=1), axis=2)
+    sides = b.Relu(b.Mul(b.Sign(partition), b.const([-1.0, 1.0])))  # [N, HW, 2]: 1[φ<0], 1[φ>0]
     counts = b.Max(b.ReduceSum(sides, b.ints([1]), keepdims=1), b.const(1.0))  # [N, 1, 2]; empty sets give 0
     columns = b.Div(b.MatMul(heat, sides), counts)  # R [N, C, 2]
     rows = b.Transpose(columns, perm=[0, 2, 1])  # Rᵀ [N, 2, C]
-    identity = b.const(np.eye(2))
-    gram = b.Add(b.MatMul(rows, columns), identity)  # RᵀR + I₂ [N, 2, 2], diagonal ≥ 1
-    swap = b.const(np.eye(2)[::-1])
+    identity, swap = b.const(np.eye(2)), b.const(np.eye(2)[::-1])
+    gram = b.Add(b.MatMul(rows, columns), identity)  # RᵀR + I₂ [N, 2, 2]
     adjugate = b.Mul(b.MatMul(b.MatMul(swap, gram), swap), b.const([[1.0, -1.0], [-1.0, 1.0]]))  # exact
-    diagonal = b.ReduceSum(b.Mul(gram, identity), b.ints([2]), keepdims=1)  # [N, 2, 1]
-    twice_off = b.ReduceSum(b.Mul(gram, swap), b.ints([1, 2]), keepdims=1)  # 2·g_bf
-    determinant = b.Sub(b.ReduceProd(diagonal, axes=[1], keepdims=1),  # g_bb·g_ff − g_bf² ≥ 1
-                        b.Mul(b.Mul(twice_off, twice_off), b.const(0.25)))
+    # gram · adjugate = det · I₂: each row's diagonal entry is g_bb·g_ff − g_bf² (≥ 1)
+    determinant = b.ReduceSum(b.Mul(b.MatMul(gram, adjugate), identity), b.ints([2]), keepdims=1)  # [N, 2, 1]
     weights = b.Relu(b.Div(b.MatMul(adjugate, b.MatMul(rows, heat)), determinant))  # Wt [N, 2, HW]
     return b.Reshape(b.MatMul(b.const([[-1.0, 1.0]]), weights), b.ints([0, 1, *spatial]))  # Wt_f − Wt_b
 

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-from agf_onnx.maths import where_nonzero
+from agf_onnx.maths import EPSILON, is_zero, where_nonzero
 
-from ._helpers import data_only, named, output_ratio, refuse_batch_axes
+from ._helpers import data_only, named, refuse_batch_axes
 from ._registry import gradient, relevance
 
 
@@ -37,8 +37,9 @@ def relu_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
 
 @relevance("Relu", kind="z")
 def relu_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """z-rule: ΦX = X ⊙ 1[X>0] ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0]), computed as the equal Y ⊙ sdiv(Φ, Y)."""
-    return data_only(node, {0: b.Mul(node.outputs[0], output_ratio(b, node))})
+    """z-rule: ΦX = X ⊙ 1[X>0] ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0]), computed as the equal (Φ ⊙ Y) / (Y + 1e-9)."""
+    y = node.outputs[0]  # Y ≥ 0, and where Y = 0 the product is 0: no zero test needed
+    return data_only(node, {0: b.Div(b.Mul(node.relevance[0], y), b.Add(y, b.const(EPSILON)))})
 
 
 # -- element-wise functions: G ⊙ f'(X), relevance where the unit is active ------------------------
@@ -124,14 +125,27 @@ def _prelu(b: GraphBuilder, node: NodeView) -> str:
     return _leaky(b, node, node.inputs[1])
 
 
-@elementwise("Clip", "G ⊙ 1[min < X < max] (PyTorch's hardtanh/ReLU6).")
-def _clip(b: GraphBuilder, node: NodeView) -> str:
-    x, inside = node.inputs[0], b.const(1.0)
-    if len(node.inputs) > 1 and node.inputs[1]:
-        inside = b.Mul(inside, b.Cast(b.Greater(x, node.inputs[1]), to=1))
-    if len(node.inputs) > 2 and node.inputs[2]:
-        inside = b.Mul(inside, b.Cast(b.Less(x, node.inputs[2]), to=1))
-    return inside
+@gradient("Clip")
+def clip_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """G ⊙ 1[min < X < max] (PyTorch's hardtanh/ReLU6), read as G where Y is at neither bound."""
+    _constant_parameters(node)
+    bounds = [node.inputs[i] for i in (1, 2) if len(node.inputs) > i and node.inputs[i]]
+    gradient_out = node.gradient[0]
+    if not bounds:
+        return data_only(node, {0: gradient_out})
+    y = node.outputs[0]
+    at_bound = [is_zero(b, y) if node.graph.is_constant(bound) and _is_zero(node, bound) else b.Equal(y, bound)
+                for bound in bounds]
+    blocked = at_bound[0] if len(at_bound) == 1 else b.Or(*at_bound)
+    return data_only(node, {0: b.Where(blocked, b.const(0.0), gradient_out)})
+
+
+def _is_zero(node: NodeView, name: str) -> bool:
+    value = node.graph.value(name)
+    return value.size == 1 and float(value.reshape(-1)[0]) == 0.0
+
+
+relevance("Clip", kind="active")(activation_relevance)
 
 
 @elementwise("Erf", "G ⊙ 2/√π · exp(−X²).")

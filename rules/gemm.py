@@ -159,8 +159,7 @@ def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, 
         return b.Transpose(b.Reshape(moved, b.ints([-1, tokens, channels])), perm=[0, 2, 1])
 
     views = [channel_first(t) for t in (node.inputs[0], node.input_gradients[0], masked_gradient, influence, agnostic)]
-    relevance_in = b.Transpose(full_rule(b, *views, shape=(channels, tokens),
-                                         x_nonnegative=node.graph.nonnegative(node.inputs[0])), perm=[0, 2, 1])
+    relevance_in = b.Transpose(full_rule(b, *views, shape=(channels, tokens)), perm=[0, 2, 1])
     if not axis:
         return b.Reshape(relevance_in, b.ints(shape))
     moved = b.Reshape(relevance_in, b.ints([shape[i] for i in batch_first]))

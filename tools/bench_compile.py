@@ -1,12 +1,14 @@
-"""Compile-time, file-size and run-time benchmark on VGG-19 and ResNet-50 sized graphs (224×224).
+"""Compile-time, file-size, node-count and run-time benchmark at 224×224.
 
-The networks are the test suite's ``torch.nn`` builds at full size (torchvision does not import
-beside the CPU torch used here), seeded, exported with ``torch.onnx``. For each it prints the
-compile time, the compiled file's size against the input's, ONNX Runtime's session load time and
-time per batch for the original and the compiled model, measured side by side in one run, with
-the run-time ratio.
+``vgg19``, ``resnet50``, ``vgg11`` and ``resnet18`` are the test suite's ``torch.nn`` builds at full
+size (torchvision does not import beside the CPU torch used here), BatchNorm kept; ``mobilenetv2``
+and ``mnasnet`` are timm's ``mobilenetv2_100`` and ``mnasnet_100`` (depthwise convs); all seeded and
+exported with ``torch.onnx``. For each it prints the compile time, the compiled file's size and node
+count against the input's, ONNX Runtime's session load time and time per batch for the original and
+the compiled model, measured side by side in one run (the two sessions take turns), with the
+run-time ratio.
 
-    python tools/bench_compile.py [--models vgg19,resnet50] [--batch 1] [--runs 3] [--provider cpu]
+    python tools/bench_compile.py [--models vgg19,resnet50,mobilenetv2] [--method agf] [--batch 1] [--runs 5]
 """
 
 from __future__ import annotations
@@ -32,59 +34,78 @@ from tests import models  # noqa: E402
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
 
+VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+TIMM = {"mobilenetv2": "mobilenetv2_100", "mnasnet": "mnasnet_100"}
+
+
 def build(name: str):
-    if name == "vgg19":
-        return models.VGGish(widths=VGG19, image=224, classes=1000, hidden=4096)
-    if name == "resnet50":
-        return models.ResNetish(models.Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), stem=64, classes=1000,
-                                stem_kernel=7)
-    raise SystemExit(f"unknown model {name!r} (vgg19, resnet50)")
+    if name in ("vgg19", "vgg11"):
+        return models.VGGish(widths=VGG19 if name == "vgg19" else VGG11, image=224, classes=1000, hidden=4096)
+    if name in ("resnet50", "resnet18"):
+        block, layers = (models.Bottleneck, (3, 4, 6, 3)) if name == "resnet50" else (models.BasicBlock, (2, 2, 2, 2))
+        return models.ResNetish(block, layers, (64, 128, 256, 512), stem=64, classes=1000, stem_kernel=7)
+    raise SystemExit(f"unknown model {name!r} (vgg19, resnet50, vgg11, resnet18, {', '.join(TIMM)})")
 
 
-def timed_runs(session: ort.InferenceSession, feeds: dict, runs: int) -> float:
-    session.run(None, feeds)  # warm-up
-    times = []
+def export(name: str) -> onnx.ModelProto:
+    if name in TIMM:
+        from tests import timm_zoo
+
+        return timm_zoo.export(timm_zoo.Spec(TIMM[name], 224))
+    return models.export(models.seeded(build(name), image=224), 224, fold=False)
+
+
+def timed_runs(sessions: list[ort.InferenceSession], feeds: dict, runs: int) -> list[float]:
+    """Median seconds per run of each session, the sessions taking turns (a busy moment of the
+    machine slows both rather than one)."""
+    for session in sessions:
+        session.run(None, feeds)  # warm-up
+    times = [[] for _ in sessions]
     for _ in range(runs):
-        began = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for session, spent in zip(sessions, times):
+            began = time.perf_counter()
+            session.run(None, feeds)
+            spent.append(time.perf_counter() - began)
+    return [statistics.median(spent) for spent in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="vgg19,resnet50")
+    parser.add_argument("--models", default="vgg19,resnet50,mobilenetv2")
+    parser.add_argument("--method", default="agf")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     providers = ["CUDAExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__} ({providers[0]}), "
-          f"batch {args.batch}, median of {args.runs} runs")
-    print("| model | input MiB | compile s | compiled MiB | size ratio | load s (original / compiled) "
-          "| original s/batch | compiled s/batch | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"method {args.method}, batch {args.batch}, median of {args.runs} runs")
+    print("| model | input MiB | compile s | compiled MiB | size ratio | nodes (original / compiled) "
+          "| load s (original / compiled) | original s/batch | compiled s/batch | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            net = models.seeded(build(name), image=224)
             source, target = os.path.join(folder, f"{name}.onnx"), os.path.join(folder, f"{name}_agf.onnx")
-            onnx.save(models.export(net, 224, fold=False), source)
+            onnx.save(export(name), source)
             began = time.perf_counter()
-            save(agf_onnx.compile(source), target)
+            compiled_model = agf_onnx.compile(source, method=args.method)
+            save(compiled_model, target)
             compile_seconds = time.perf_counter() - began
             before, after = os.path.getsize(source), os.path.getsize(target)
+            nodes = len(onnx.load(source, load_external_data=False).graph.node), len(compiled_model.graph.node)
             x = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
-            loads, times = [], []
+            loads, sessions = [], []
             for path in (source, target):
                 began = time.perf_counter()
-                session = create_session(path, args.provider)  # on CUDA: use_tf32=0, as agf_onnx runs it
+                options = ort.SessionOptions()  # idle threads that spin after a run would slow the other session
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                sessions.append(create_session(path, args.provider, options=options))  # CUDA: use_tf32=0
                 loads.append(time.perf_counter() - began)
-                times.append(timed_runs(session, {"x": x}, args.runs))
-            original, compiled = times
+            original, compiled = timed_runs(sessions, {sessions[0].get_inputs()[0].name: x}, args.runs)
             print(f"| {name} | {before / 2**20:.1f} | {compile_seconds:.1f} | {after / 2**20:.1f} | "
-                  f"{after / before:.3f} | {loads[0]:.1f} / {loads[1]:.1f} | {original:.3f} | {compiled:.3f} | "
-                  f"{compiled / original:.1f}× |", flush=True)
+                  f"{after / before:.3f} | {nodes[0]} / {nodes[1]} | {loads[0]:.1f} / {loads[1]:.1f} | "
+                  f"{original:.3f} | {compiled:.3f} | {compiled / original:.1f}× |", flush=True)
 
 
 if __name__ == "__main__":
