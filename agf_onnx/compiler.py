@@ -628,12 +628,32 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
     compiled = _assemble(canonical, b, found, heatmap, method, extra, modifiers)
     if self_supervised is not None:
         compiled = ssl.attach(compiled, self_supervised)
+    _prune(compiled.graph, {node.name for node in b.nodes})
     if check:
         try:
             onnx.checker.check_model(passes.weightless(compiled), full_check=True)
         except Exception as error:  # a compiler bug, never the user's: say so plainly
             raise CompileError(f"internal error: the compiled model fails the ONNX checker: {error}") from error
     return compiled
+
+
+def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:
+    """Remove the emitted nodes (by name) that no output needs: the gradient stream below the last
+    layer whose rule reads it, a stream a method starts but never reads. ONNX Runtime would run them."""
+    needed = {output.name for output in graph.output}
+    dead = set()
+    for node in reversed(graph.node):
+        if node.name in emitted and not needed.intersection(node.output):
+            dead.add(node.name)
+        else:
+            needed.update(node.input)
+    kept = [node for node in graph.node if node.name not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    unread = [t for t in graph.initializer if t.name not in read and t.name != TARGET_INPUT]
+    for tensor in unread:  # ONNX Runtime warns about each
+        graph.initializer.remove(tensor)
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:

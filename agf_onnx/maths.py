@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from onnx import TensorProto
 
 from .builder import GraphBuilder
 
@@ -35,23 +36,30 @@ def is_zero(b: GraphBuilder, x: str) -> str:
 
 
 def nonzero(b: GraphBuilder, x: str) -> str:
-    """``1[x ≠ 0]`` as float."""
-    return b.Sub(b.const(1.0), b.Cast(is_zero(b, x), to=1))
+    """``1[x ≠ 0]`` as float: a float → bool Cast is exactly the test ``x ≠ 0``. Masks are
+    multiplied in rather than selected with ``Where``, which ONNX Runtime's CPU kernel runs at a
+    third of a ``Mul``'s speed."""
+    return b.Cast(b.Cast(x, to=TensorProto.BOOL), to=TensorProto.FLOAT)
 
 
 def where_nonzero(b: GraphBuilder, value: str, x: str) -> str:
     """``value ⊙ 1[x ≠ 0]``: ``value`` where ``x ≠ 0``, else 0."""
-    return b.Where(is_zero(b, x), b.const(0.0), value)
+    return b.Mul(value, nonzero(b, x))
 
 
-def safe_divide(b: GraphBuilder, numerator: str, denominator: str, nonnegative: bool = False) -> str:
+def safe_divide(b: GraphBuilder, numerator: str, denominator: str, nonnegative: bool = False,
+                once: bool = False) -> str:
     """``sdiv``: ``a / (b + 1e-9)`` where ``b ≠ 0``, else 0; also 0 where ``b + 1e-9`` is 0.
 
-    The guard sits in the denominator (∞ where undefined, and ``a / ∞ = 0``), so that a per-sample
-    or constant denominator costs one full-size Div. ``nonnegative``: ``b ≥ 0`` is known, so
-    ``b + 1e-9 > 0`` and the second test is left out. ``sdiv(Φ, Z ⊙ 1[Φ≠0]) = sdiv(Φ, Z)`` exactly
-    (where ``Φ = 0`` both are 0), which is why no rule masks its denominator."""
+    ``nonnegative``: ``b ≥ 0`` is known, so ``b + 1e-9 > 0``: the numerator is masked with
+    ``1[b ≠ 0]`` first (no overflow: ``a ⊙ 0 = 0``) and divided. ``once``: ``b`` is a per-sample
+    value or a constant, so its guard costs nothing at the numerator's size: it goes into the
+    denominator (∞ where undefined, ``a / ∞ = 0``) and the full-size work is one Div (ONNX Runtime
+    folds a constant's guard when it loads the model). ``sdiv(Φ, Z ⊙ 1[Φ≠0]) = sdiv(Φ, Z)``
+    exactly (where ``Φ = 0`` both are 0), which is why no rule masks its denominator."""
     shifted = b.Add(denominator, b.const(EPSILON))
+    if nonnegative and not once:
+        return b.Div(where_nonzero(b, numerator, denominator), shifted)
     undefined = is_zero(b, denominator)
     if not nonnegative:
         undefined = b.Or(undefined, is_zero(b, shifted))
@@ -60,7 +68,7 @@ def safe_divide(b: GraphBuilder, numerator: str, denominator: str, nonnegative: 
 
 def normalise_by_max(b: GraphBuilder, x: str, rank: int, nonnegative: bool = False) -> str:
     """``nmax``: divide by the per-sample maximum (``nonnegative``: ``x ≥ 0`` is known)."""
-    return safe_divide(b, x, max_per_sample(b, x, rank), nonnegative)
+    return safe_divide(b, x, max_per_sample(b, x, rank), nonnegative, once=True)
 
 
 def delta_shift(b: GraphBuilder, absolute_influence: str, residual: str, rank: int) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-from agf_onnx.maths import EPSILON, is_zero, where_nonzero
+from agf_onnx.maths import EPSILON, where_nonzero
 
 from ._helpers import data_only, named, refuse_batch_axes
 from ._registry import gradient, relevance
@@ -134,10 +134,10 @@ def clip_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
     if not bounds:
         return data_only(node, {0: gradient_out})
     y = node.outputs[0]
-    at_bound = [is_zero(b, y) if node.graph.is_constant(bound) and _is_zero(node, bound) else b.Equal(y, bound)
-                for bound in bounds]
-    blocked = at_bound[0] if len(at_bound) == 1 else b.Or(*at_bound)
-    return data_only(node, {0: b.Where(blocked, b.const(0.0), gradient_out)})
+    for bound in bounds:  # 1[Y ≠ 0] is the relevance rule's mask too
+        zero = node.graph.is_constant(bound) and _is_zero(node, bound)
+        gradient_out = where_nonzero(b, gradient_out, y if zero else b.Sub(y, bound))
+    return data_only(node, {0: gradient_out})
 
 
 def _is_zero(node: NodeView, name: str) -> bool:

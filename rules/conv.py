@@ -137,7 +137,7 @@ def conv_agf(b: GraphBuilder, node: NodeView) -> list[str | None]:
     abs_weight = CONV.absolute_weight(b, node)
     # conv(1, |W|) is data-free: ONNX Runtime folds it (and sdiv's guard of it) once when it loads the model
     ones = b.ConstantOfShape(b.ints([1, *shape]), value=_ONE)
-    ratio = safe_divide(b, relevance_out, _forward(b, node, ones, abs_weight), nonnegative=True)
+    ratio = safe_divide(b, relevance_out, _forward(b, node, ones, abs_weight), nonnegative=True, once=True)
     relevance_in = full_rule(b, x, node.input_gradients[0], masked_gradient, CONV.absolute_influence(b, node),
                              CONV.vjp(b, node, ratio, abs_weight), shape)
     return data_only(node, {0: relevance_in})

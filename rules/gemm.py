@@ -148,7 +148,7 @@ def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, 
     abs_weight = layer.absolute_weight(b, node)
     # op(1, |W|) is data-free and the same for every token: ONNX Runtime folds it when it loads the model
     ones_through = layer.forward(b, node, b.const(np.ones((1, channels), np.float32)), abs_weight)
-    agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, ones_through, nonnegative=True), abs_weight)
+    agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, ones_through, nonnegative=True, once=True), abs_weight)
     influence = layer.absolute_influence(b, node)
 
     shape = static_shape(node, node.inputs[0])
