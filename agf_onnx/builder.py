@@ -4,13 +4,14 @@ Rules emit the explanation graph through this class only; none of them touches p
 Values are plain tensor names (``str``), so a rule can mix tensors of the original graph
 (``node.inputs[0]``) with tensors it created. A node asked for twice (same op, inputs and
 attributes) is emitted once: rules may recompute ``1[Φ≠0]`` or ``|X|`` freely, the graph holds
-each once (common-subexpression elimination at the source).
+each once (common-subexpression elimination at the source). Arithmetic on small constants
+(BatchNorm's ``γ/√(σ² + ε)``) is computed here, in float32 as ONNX Runtime would, and stored.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,12 @@ from onnx import helper, numpy_helper
 
 #: Ops whose every node draws new values: never merged with an identical-looking one.
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+#: Element-wise ops (and Reshape) computed at compile time on constants of at most ``FOLD_LIMIT``
+#: elements: NumPy's float32 +, −, ×, ÷ and √ round exactly as ONNX Runtime's do.
+_FOLDABLE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Sqrt": np.sqrt,
+             "Abs": np.abs, "Neg": np.negative, "Reshape": None}
+FOLD_LIMIT = 4096
 
 #: The one opset of ``ai.onnx`` every compiled model is written in (see README, "Opset").
 TARGET_OPSET = 17
@@ -32,7 +39,8 @@ class GraphBuilder:
     builder and against ``reserved`` (the names of the original graph).
     """
 
-    def __init__(self, reserved: Iterable[str] = ()) -> None:
+    def __init__(self, reserved: Iterable[str] = (),
+                 constant: Callable[[str], np.ndarray | None] = lambda name: None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._taken: set[str] = set(reserved)
@@ -40,6 +48,8 @@ class GraphBuilder:
         self._constants: dict[tuple[str, tuple[int, ...], bytes], str] = {}
         self._counts: dict[str, int] = {}  # base name → the next suffix to try
         self._emitted: dict[tuple, tuple[str, ...]] = {}  # (op, inputs, attributes, outputs) → names
+        self._values: dict[str, np.ndarray] = {}  # this builder's small constants by name
+        self._constant = constant  # the value of a small constant of the original graph, else None
 
     # -- naming -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -70,6 +80,9 @@ class GraphBuilder:
         """Emit one ``ai.onnx`` node and return its output name (a tuple if ``outputs > 1``); the
         names of an identical earlier node if there is one (random ops are always new)."""
         attributes = {k: v for k, v in attributes.items() if v is not None}
+        folded = self._fold(op_type, inputs, outputs, attributes)
+        if folded is not None:
+            return self.const(folded, folded.dtype)
         node = helper.make_node(op_type, list(inputs), [], **attributes)
         key = (op_type, tuple(inputs), outputs, tuple(a.SerializeToString(deterministic=True) for a in node.attribute))
         if key in self._emitted and op_type not in _RANDOM:
@@ -82,6 +95,24 @@ class GraphBuilder:
             self.nodes.append(node)
             self._emitted[key] = names
         return names[0] if outputs == 1 else names
+
+    def _fold(self, op_type: str, inputs: tuple[str, ...], outputs: int, attributes: dict) -> np.ndarray | None:
+        """The value of ``op_type`` on small constant inputs, or None (not foldable here)."""
+        if op_type not in _FOLDABLE or outputs != 1 or attributes or not inputs:
+            return None
+        values = [self._values[i] if i in self._values else self._constant(i) for i in inputs]
+        if any(v is None for v in values):
+            return None
+        data = values[:1] if op_type == "Reshape" else values
+        if any(v.dtype != np.float32 for v in data):
+            return None
+        if op_type == "Reshape":
+            target = [d if d != 0 else values[0].shape[i] for i, d in enumerate(values[1].tolist())]
+            result = values[0].reshape(target)
+        else:
+            with np.errstate(all="ignore"):  # 1/0 is ∞ here as in ONNX Runtime
+                result = np.asarray(_FOLDABLE[op_type](*values), np.float32)
+        return result if result.size <= FOLD_LIMIT else None
 
     def remove(self, unwanted: Iterable[onnx.NodeProto]) -> None:
         """Drop ``unwanted`` nodes; a later identical request emits them anew."""
@@ -103,6 +134,8 @@ class GraphBuilder:
             name = self.fresh("const")
             self.initializers.append(numpy_helper.from_array(array, name))
             self._constants[key] = name
+            if array.size <= FOLD_LIMIT:
+                self._values[name] = array
         return self._constants[key]
 
     def ints(self, values: Iterable[int]) -> str:

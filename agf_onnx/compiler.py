@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import passes
-from .builder import GraphBuilder
+from .builder import FOLD_LIMIT, GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
 from .maths import max_per_sample, resize, safe_divide, sum_per_sample
@@ -430,7 +430,8 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
             missing[node.op_type].append(node.name)
     if missing:
         raise UnsupportedOpsError(missing)
-    b = GraphBuilder(reserved=_all_names(canonical.graph) | {"gradient_in", "gradient_out"})
+    b = GraphBuilder(reserved=_all_names(canonical.graph) | {"gradient_in", "gradient_out"},
+                     constant=lambda name: graph.small_constant(name, FOLD_LIMIT))
     streams = _Streams(b, graph)
     streams.gradients[output].append("gradient_in")
     _walk(b, graph, path, data, streams, kinds={})
@@ -616,7 +617,8 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
     modifiers.check(chosen)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
-    b = GraphBuilder(reserved=_all_names(canonical.graph))
+    b = GraphBuilder(reserved=_all_names(canonical.graph),
+                     constant=lambda name: found.graph.small_constant(name, FOLD_LIMIT))
     if ssl_bank is None and (features is not None or ssl_mode is not None):
         raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")
     from . import ssl  # imports this module

@@ -119,6 +119,13 @@ class GraphView:
     def is_constant(self, name: str) -> bool:
         return name in self.constants
 
+    def small_constant(self, name: str, limit: int) -> np.ndarray | None:
+        """The value of constant ``name`` if it has at most ``limit`` elements, else None."""
+        shape = self.shapes.get(name)
+        if name not in self.constants or shape is None or None in shape or int(np.prod(shape)) > limit:
+            return None
+        return self.value(name)
+
     def nonnegative(self, name: str) -> bool:
         """Whether tensor ``name`` is ``≥ 0`` by construction (a ReLU's output, a pool or reshape of
         one, …); a cheaper ``sdiv`` holds for such denominators. False when unsure."""

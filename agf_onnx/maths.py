@@ -103,8 +103,8 @@ def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[in
     identity, swap = b.const(np.eye(2)), b.const(np.eye(2)[::-1])
     gram = b.Add(b.MatMul(rows, columns), identity)  # RᵀR + I₂ [N, 2, 2]
     adjugate = b.Mul(b.MatMul(b.MatMul(swap, gram), swap), b.const([[1.0, -1.0], [-1.0, 1.0]]))  # exact
-    # gram · adjugate = det · I₂: each row's diagonal entry is g_bb·g_ff − g_bf² (≥ 1)
-    determinant = b.ReduceSum(b.Mul(b.MatMul(gram, adjugate), identity), b.ints([2]), keepdims=1)  # [N, 2, 1]
+    # each row of gram ⊙ adjugate sums to g_bb·g_ff − g_bf² (≥ 1)
+    determinant = b.ReduceSum(b.Mul(gram, adjugate), b.ints([2]), keepdims=1)  # [N, 2, 1]
     weights = b.Relu(b.Div(b.MatMul(adjugate, b.MatMul(rows, heat)), determinant))  # Wt [N, 2, HW]
     return b.Reshape(b.MatMul(b.const([[-1.0, 1.0]]), weights), b.ints([0, 1, *spatial]))  # Wt_f − Wt_b
 

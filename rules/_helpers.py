@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import numpy_helper
 
-from agf_onnx.maths import nonzero, safe_divide, sum_per_sample
+from agf_onnx.maths import EPSILON, nonzero, safe_divide, sum_per_sample
 
 from ._registry import Rule, gradient, relevance
 
@@ -44,22 +44,39 @@ def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
     return data_only(node, {0: b.Mul(node.inputs[0], vjp(b, node, output_ratio(b, node)))})
 
 
+def routed_share(b: GraphBuilder, node: NodeView) -> str:
+    """``(Φ ⊙ Y) / (Y + 1e-9)`` for ``Y ≥ 0``: ``Y ⊙ sdiv(Φ, Y)`` without a zero test (where ``Y = 0``
+    the product is 0, and ``Y + 1e-9 > 0``)."""
+    y = node.outputs[0]
+    return b.Div(b.Mul(node.relevance[0], y), b.Add(y, b.const(EPSILON)))
+
+
+def routing(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
+    """z-rule for an op that copies each output element from one input element (ReLU, max pooling:
+    ``X = Y`` wherever ``VJP`` puts a value), so that ``X ⊙ VJP(S) = VJP(Y ⊙ S)``: with ``Y ≥ 0``
+    that is ``VJP(routed_share)``, else the plain z-rule."""
+    if not node.graph.nonnegative(node.outputs[0]):
+        return proportional(b, node, vjp)
+    return data_only(node, {0: vjp(b, node, routed_share(b, node))})
+
+
 def named(rule: Rule, name: str, doc: str, module: str) -> Rule:
     """``rule`` with its own name and one-line description (what the coverage table prints)."""
     rule.__doc__, rule.__name__, rule.__qualname__, rule.__module__ = doc, name, name, module
     return rule
 
 
-def z_rule_op(op_type: str, gradient_doc: str, relevance_doc: str) -> Callable[[Vjp], Vjp]:
+def z_rule_op(op_type: str, gradient_doc: str, relevance_doc: str, routes: bool = False) -> Callable[[Vjp], Vjp]:
     """Register ``vjp`` (``VJP_op`` of any upstream) as ``op_type``'s gradient and its z-rule
-    ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``, each with its description."""
+    ``ΦX = X ⊙ VJP_op(sdiv(Φ, Y ⊙ 1[Φ≠0]))``, each with its description (``routes``: the op copies
+    each output element from one input element, see ``routing``)."""
 
     def register(vjp: Vjp) -> Vjp:
         def gradient_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
             return data_only(node, {0: vjp(b, node, node.gradient[0])})
 
         def relevance_rule(b: GraphBuilder, node: NodeView) -> list[str | None]:
-            return proportional(b, node, vjp)
+            return (routing if routes else proportional)(b, node, vjp)
 
         name = op_type.lower()
         gradient(op_type)(named(gradient_rule, f"{name}_gradient", gradient_doc, vjp.__module__))
@@ -166,10 +183,8 @@ class Bilinear:
         return data_only(node, {0: self.vjp(b, node, node.gradient[0], self.weight(b, node))})
 
     def absolute_weight(self, b: GraphBuilder, node: NodeView) -> str:
-        """``|W|``, emitted once per node (ONNX Runtime folds each copy into a new initializer)."""
-        if "abs_weight" not in node.cache:
-            node.cache["abs_weight"] = b.Abs(self.weight(b, node))
-        return node.cache["abs_weight"]
+        """``|W|`` (ONNX Runtime folds it into an initializer when it loads the model)."""
+        return b.Abs(self.weight(b, node))
 
     def absolute_influence(self, b: GraphBuilder, node: NodeView) -> str:
         """``C = |X| ⊙ VJP_{|W|}(sdiv(Φ, op(|X|, |W|) ⊙ 1[Φ≠0]))`` (eq. 9)."""

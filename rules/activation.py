@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-from agf_onnx.maths import EPSILON, where_nonzero
+from agf_onnx.maths import where_nonzero
 
-from ._helpers import data_only, named, refuse_batch_axes
+from ._helpers import data_only, named, refuse_batch_axes, routed_share
 from ._registry import gradient, relevance
 
 
@@ -38,8 +38,7 @@ def relu_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
 @relevance("Relu", kind="z")
 def relu_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """z-rule: ΦX = X ⊙ 1[X>0] ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0]), computed as the equal (Φ ⊙ Y) / (Y + 1e-9)."""
-    y = node.outputs[0]  # Y ≥ 0, and where Y = 0 the product is 0: no zero test needed
-    return data_only(node, {0: b.Div(b.Mul(node.relevance[0], y), b.Add(y, b.const(EPSILON)))})
+    return data_only(node, {0: routed_share(b, node)})
 
 
 # -- element-wise functions: G ⊙ f'(X), relevance where the unit is active ------------------------

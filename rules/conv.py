@@ -63,6 +63,8 @@ def _adjoint_kernel(b: GraphBuilder, node: NodeView, w: str) -> str:
     """The kernel of the VJP of a stride-1 conv as a conv: per group, in- and out-channels swapped
     (``[C_out, C_in/g, *k]`` → ``[C_in, C_out/g, *k]``) and every spatial axis reversed. Built in the
     graph from ``w``, which ONNX Runtime folds when it loads the model (the file stays as small)."""
+    if w == CONV.absolute_weight(b, node):  # |W|'s is |W's|: the swap and flip are shared
+        return b.Abs(_adjoint_kernel(b, node, node.inputs[1]))
     out_channels, group_channels, *kernel = node.shape(1)
     group = node.attr("group", 1)
     per_group = out_channels // group
@@ -121,8 +123,8 @@ def full_rule(b: GraphBuilder, x: str, gradient_in: str, masked_gradient: str, i
     stacked = b.Concat(x, masked_gradient, axis=0)
     factors = b.Relu(factorise(b, stacked, b.Concat(partition, partition, axis=0), shape))
     input_factor, gradient_factor = b.Split(factors, axis=0, outputs=2)
-    # sdiv by 1 + e^-C ≥ 1: never 0, and its +1e-9 is below float32's resolution there, so a plain Div
-    sigmoid_weighted = b.Div(b.Add(input_factor, gradient_map), b.Add(b.const(1.0), b.Exp(b.Neg(influence))))
+    # sdiv by 1 + e^-C ≥ 1 is never undefined and its +1e-9 is below float32's resolution there: a sigmoid
+    sigmoid_weighted = b.Mul(b.Add(input_factor, gradient_map), b.Sigmoid(influence))
     residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))
     return delta_shift(b, influence, residual, rank)
 

@@ -41,7 +41,8 @@ def _window(node: NodeView) -> dict:
 
 
 @z_rule_op("MaxPool", "Scatter-add of G at each window's arg-max (adds where windows overlap).",
-           "z-rule: ΦX = X ⊙ scatter(sdiv(Φ, Y ⊙ 1[Φ≠0])) at each window's arg-max (Φ follows the maximum).")
+           "z-rule: ΦX = X ⊙ scatter(sdiv(Φ, Y ⊙ 1[Φ≠0])) at each window's arg-max (Φ follows the maximum).",
+           routes=True)
 def _maxpool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     if node.attr("storage_order", 0):
         raise node.refuse("storage_order=1 (column-major indices) is not supported")
