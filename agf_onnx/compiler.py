@@ -22,7 +22,7 @@ from . import passes
 from .builder import FOLD_LIMIT, GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
-from .maths import max_per_sample, resize, safe_divide, sum_per_sample
+from .maths import max_per_sample, resize, retained, safe_divide, sum_per_sample
 from .methods import Kind, Method, get_method
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, average_copies, noisy_copies, others_method
@@ -51,16 +51,17 @@ class _Streams:
         return self.gradients[tensor][0]
 
     def relevance(self, tensor: str) -> str | None:
-        """Fan-out: ``ΦX = X ⊙ Σ_k sdiv(Φk, X)`` (impl); one consumer passes its Φ as it is."""
+        """Fan-out: ``ΦX = X ⊙ Σ_k sdiv(Φk, X)`` (impl), computed as ``X ⊙ sdiv(Σ_k Φk, X)`` (one
+        division; ``retained`` for ``X ≥ 0``); one consumer passes its Φ as it is."""
         parts = self.relevances.get(tensor)
         if not parts:
             return None
         if len(parts) > 1:
             b = self.b
             with b.scope(f"{tensor}/fanout"):
-                nonnegative = self.graph.nonnegative(tensor)
-                self.relevances[tensor] = [b.Mul(tensor, b.Sum(*(safe_divide(b, part, tensor, nonnegative)
-                                                                 for part in parts)))]
+                total = b.Sum(*parts)
+                self.relevances[tensor] = [retained(b, total, tensor) if self.graph.nonnegative(tensor)
+                                           else b.Mul(tensor, safe_divide(b, total, tensor))]
         return self.relevances[tensor][0]
 
 

@@ -66,6 +66,12 @@ def safe_divide(b: GraphBuilder, numerator: str, denominator: str, nonnegative: 
     return b.Div(numerator, b.Where(undefined, b.const(np.inf), shifted))
 
 
+def retained(b: GraphBuilder, relevance: str, x: str) -> str:
+    """``x ⊙ sdiv(Φ, x)`` for ``x ≥ 0``, as ``(Φ ⊙ x) / (x + 1e-9)``: no zero test (where ``x = 0`` the
+    product is 0, and ``x + 1e-9 > 0``)."""
+    return b.Div(b.Mul(relevance, x), b.Add(x, b.const(EPSILON)))
+
+
 def normalise_by_max(b: GraphBuilder, x: str, rank: int, nonnegative: bool = False) -> str:
     """``nmax``: divide by the per-sample maximum (``nonnegative``: ``x ≥ 0`` is known)."""
     return safe_divide(b, x, max_per_sample(b, x, rank), nonnegative, once=True)

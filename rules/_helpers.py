@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import numpy_helper
 
-from agf_onnx.maths import EPSILON, nonzero, safe_divide, sum_per_sample
+from agf_onnx.maths import nonzero, retained, safe_divide, sum_per_sample
 
 from ._registry import Rule, gradient, relevance
 
@@ -45,10 +45,8 @@ def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
 
 
 def routed_share(b: GraphBuilder, node: NodeView) -> str:
-    """``(Φ ⊙ Y) / (Y + 1e-9)`` for ``Y ≥ 0``: ``Y ⊙ sdiv(Φ, Y)`` without a zero test (where ``Y = 0``
-    the product is 0, and ``Y + 1e-9 > 0``)."""
-    y = node.outputs[0]
-    return b.Div(b.Mul(node.relevance[0], y), b.Add(y, b.const(EPSILON)))
+    """``Y ⊙ sdiv(Φ, Y)`` at the node's output ``Y ≥ 0`` (``maths.retained``)."""
+    return retained(b, node.relevance[0], node.outputs[0])
 
 
 def routing(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
@@ -298,10 +296,17 @@ class Bilinear:
         positive, negative = b.Max(w, b.const(0.0)), b.Min(w, b.const(0.0))
         ones = b.ConstantOfShape(b.ints([1, *node.shape(0)[1:]]), value=_ONE)
         # conv(l·1, W⁺) = l·conv(1, W⁺): conv(1, ·) is data-free, folded when the model loads
-        activation = b.Sub(b.Sub(self.forward(b, node, x, w), b.Mul(low, self.forward(b, node, ones, positive))),
+        activation = b.Sub(b.Sub(self._unbiased_output(b, node), b.Mul(low, self.forward(b, node, ones, positive))),
                            b.Mul(high, self.forward(b, node, ones, negative)))
         ratio = safe_divide(b, node.relevance[0], activation)
-        relevance = b.Sub(b.Sub(b.Mul(x, self.vjp(b, node, ratio, w)), b.Mul(low, self.vjp(b, node, ratio, positive))),
-                          b.Mul(high, self.vjp(b, node, ratio, negative)))
+        # X ⊙ VJP_W(S) − l ⊙ VJP_W⁺(S) − h ⊙ VJP_W⁻(S) with VJP_W = VJP_W⁺ + VJP_W⁻: two VJPs, not three
+        relevance = b.Add(b.Mul(b.Sub(x, low), self.vjp(b, node, ratio, positive)),
+                          b.Mul(b.Sub(x, high), self.vjp(b, node, ratio, negative)))
         return data_only(node, {0: relevance})
+
+    def _unbiased_output(self, b: GraphBuilder, node: NodeView) -> str:
+        """``op(X, W)`` without bias: a Conv's own output when it has none."""
+        if node.op_type == "Conv" and (len(node.inputs) < 3 or not node.inputs[2]):
+            return node.outputs[0]
+        return self.forward(b, node, node.inputs[0], self.weight(b, node))
 
