@@ -73,6 +73,12 @@ CASES = [
          attrs=dict(auto_pad="SAME_UPPER"), constants=[weights(2, 3, 2, 2)], id="stride1-same-upper"),
     Case("Conv", (2, 3, 6, 6), lambda x, w: F.conv2d(x, w, padding=1), attrs=dict(pads=[1, 1, 1, 1]),
          constants=[weights(2, 3, 1, 1)], id="pointwise-padded"),
+    # strided grouped convs: a conv over G spread with zeros
+    Case("Conv", (2, 4, 7, 7), lambda x, w: F.conv2d(x, w, stride=2, padding=1, groups=4),
+         attrs=dict(strides=[2, 2], pads=[1, 1, 1, 1], group=4), constants=[weights(4, 1, 3, 3)],
+         id="depthwise-stride2-odd"),
+    Case("Conv", (2, 4, 11, 9), lambda x, w: F.conv2d(x, w, stride=(3, 2), groups=2),
+         attrs=dict(strides=[3, 2], group=2), constants=[weights(6, 2, 3, 3)], id="grouped-stride3-uncovered"),
     Case("Conv", (2, 3, 11), lambda x, w: F.conv1d(x, w, padding=1), attrs=dict(pads=[1, 1]),
          constants=[weights(4, 3, 3)], id="stride1-1d"),
     Case("Gemm", (3, 5), lambda x, w, c: 0.5 * x @ w.T + 2.0 * c,
