@@ -57,13 +57,19 @@ def safe_divide(b: GraphBuilder, numerator: str, denominator: str, nonnegative: 
     denominator (∞ where undefined, ``a / ∞ = 0``) and the full-size work is one Div (ONNX Runtime
     folds a constant's guard when it loads the model). ``sdiv(Φ, Z ⊙ 1[Φ≠0]) = sdiv(Φ, Z)``
     exactly (where ``Φ = 0`` both are 0), which is why no rule masks its denominator."""
-    shifted = b.Add(denominator, b.const(EPSILON))
     if nonnegative and not once:
-        return b.Div(where_nonzero(b, numerator, denominator), shifted)
+        return b.Div(where_nonzero(b, numerator, denominator), b.Add(denominator, b.const(EPSILON)))
+    return b.Div(numerator, guarded_denominator(b, denominator, nonnegative))
+
+
+def guarded_denominator(b: GraphBuilder, denominator: str, nonnegative: bool = False) -> str:
+    """``b + 1e-9``, ∞ where ``b = 0`` or ``b + 1e-9 = 0`` (the second test left out when ``b ≥ 0``):
+    dividing by it is ``sdiv``."""
+    shifted = b.Add(denominator, b.const(EPSILON))
     undefined = is_zero(b, denominator)
     if not nonnegative:
         undefined = b.Or(undefined, is_zero(b, shifted))
-    return b.Div(numerator, b.Where(undefined, b.const(np.inf), shifted))
+    return b.Where(undefined, b.const(np.inf), shifted)
 
 
 def retained(b: GraphBuilder, relevance: str, x: str) -> str:
@@ -72,9 +78,11 @@ def retained(b: GraphBuilder, relevance: str, x: str) -> str:
     return b.Div(b.Mul(relevance, x), b.Add(x, b.const(EPSILON)))
 
 
-def normalise_by_max(b: GraphBuilder, x: str, rank: int, nonnegative: bool = False) -> str:
-    """``nmax``: divide by the per-sample maximum (``nonnegative``: ``x ≥ 0`` is known)."""
-    return safe_divide(b, x, max_per_sample(b, x, rank), nonnegative, once=True)
+def normalise_by_max(b: GraphBuilder, x: str, rank: int, nonnegative: bool = False, scale: float = 1.0) -> str:
+    """``nmax``: divide by the per-sample maximum (``nonnegative``: ``x ≥ 0`` is known); ``scale ·
+    nmax(x)`` with the scale taken into the per-sample divisor (one full-size pass, not two)."""
+    divisor = guarded_denominator(b, max_per_sample(b, x, rank), nonnegative)
+    return b.Div(x, divisor if scale == 1.0 else b.Mul(divisor, b.const(1.0 / scale)))
 
 
 def delta_shift(b: GraphBuilder, absolute_influence: str, residual: str, rank: int) -> str:
@@ -99,7 +107,7 @@ def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[in
     ``[[a, c], [c, d]]⁻¹ = [[d, −c], [−c, a]] / (ad − c²)``. Sums over pixels and channels are MatMuls.
     """
     channels, *spatial = shape
-    heat = b.Sigmoid(b.Mul(normalise_by_max(b, activations, len(shape) + 1), b.const(10.0)))
+    heat = b.Sigmoid(normalise_by_max(b, activations, len(shape) + 1, scale=10.0))
     heat = b.Reshape(heat, b.ints([0, channels, -1]))  # H [N, C, HW]
     partition = b.Reshape(partition, b.ints([0, -1, 1]))  # [N, HW, 1]
     sides = b.Relu(b.Mul(b.Sign(partition), b.const([-1.0, 1.0])))  # [N, HW, 2]: 1[φ<0], 1[φ>0]

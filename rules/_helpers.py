@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import numpy_helper
 
-from agf_onnx.maths import nonzero, retained, safe_divide, sum_per_sample
+from agf_onnx.maths import EPSILON, nonzero, retained, safe_divide, sum_per_sample
 
 from ._registry import Rule, gradient, relevance
 
@@ -185,9 +185,16 @@ class Bilinear:
         return b.Abs(self.weight(b, node))
 
     def absolute_influence(self, b: GraphBuilder, node: NodeView) -> str:
-        """``C = |X| ⊙ VJP_{|W|}(sdiv(Φ, op(|X|, |W|) ⊙ 1[Φ≠0]))`` (eq. 9)."""
-        abs_x, abs_w = b.Abs(node.inputs[0]), self.absolute_weight(b, node)
-        ratio = safe_divide(b, node.relevance[0], self.forward(b, node, abs_x, abs_w), nonnegative=True)
+        """``C = |X| ⊙ VJP_{|W|}(sdiv(Φ, op(|X|, |W|) ⊙ 1[Φ≠0]))`` (eq. 9).
+
+        Emitted as ``|X| ⊙ VJP_{|W|}(Φ / (Z + 1e-9))`` with ``Z = op(|X|, |W|)``: where ``Z = 0`` every
+        product ``|X_i|·|W_{oi}|`` of that output is 0, so its ratio meets either ``|W_{oi}| = 0`` in the
+        VJP or ``|X_i| = 0`` after it: ``C`` is the same without sdiv's zero test (while ``|Φ| / 1e-9``
+        stays finite: ``|Φ| < 3·10²⁹``). ``|X| = X`` where ``X ≥ 0`` (after a ReLU)."""
+        x = node.inputs[0]
+        abs_x = x if node.graph.nonnegative(x) else b.Abs(x)
+        abs_w = self.absolute_weight(b, node)
+        ratio = b.Div(node.relevance[0], b.Add(self.forward(b, node, abs_x, abs_w), b.const(EPSILON)))
         return b.Mul(abs_x, self.vjp(b, node, ratio, abs_w))
 
     def _signed_parts(self, b: GraphBuilder, node: NodeView) -> tuple[str, str, str, str]:
