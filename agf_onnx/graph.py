@@ -143,6 +143,8 @@ class GraphView:
                 known[tensor] = node is not None and node.op_type in _NONNEGATIVE
             elif node.op_type in _NONNEGATIVE:
                 known[tensor] = True
+            elif node.op_type == "Clip" and (len(node.input) < 2 or not node.input[1]):
+                known[tensor] = False  # no lower bound
             else:
                 read = _NONNEGATIVE_IF_INPUTS_READ.get(node.op_type, range(len(node.input)))
                 inputs = [node.input[i] for i in read if i < len(node.input) and node.input[i]]
@@ -224,14 +226,15 @@ NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "
                       "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Round", "Floor", "Ceil",
                       "EyeLike", "ConstantOfShape"}
 #: Ops whose output is ≥ 0 whatever they read, and ops whose output is ≥ 0 when the inputs they
-#: read (those at the indices of ``_NONNEGATIVE_IF_INPUTS_READ``, else all) are.
+#: read (those at the indices of ``_NONNEGATIVE_IF_INPUTS_READ``, else all) are (Clip: its minimum).
 _NONNEGATIVE = {"Relu", "Abs", "Sigmoid", "Exp", "Softmax", "Softplus", "Sqrt", "HardSigmoid"}
 _NONNEGATIVE_IF_INPUTS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
                           "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Concat", "Slice", "Gather",
-                          "Expand", "Tile", "Split", "Pad", "Resize", "Add", "Mul", "Sum", "Max", "Min", "Div"}
+                          "Expand", "Tile", "Split", "Pad", "Resize", "Add", "Mul", "Sum", "Max", "Min", "Div",
+                          "Clip"}
 _NONNEGATIVE_IF_INPUTS_READ = {**{op: (0,) for op in ("MaxPool", "AveragePool", "Reshape", "Squeeze", "Unsqueeze",
                                                       "Dropout", "Slice", "Gather", "Expand", "Tile", "Split",
-                                                      "Resize")}, "Pad": (0, 2)}
+                                                      "Resize")}, "Pad": (0, 2), "Clip": (1,)}
 _INDICES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",

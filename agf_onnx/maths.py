@@ -103,7 +103,8 @@ def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[in
 
     ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)``, ``partition`` is ``φ``
     ``[N, 1, H, W]`` (any number of spatial axes works the same way). ``R = [R_b R_f]`` are the mean
-    columns of ``H`` over the background (φ<0) and foreground (φ>0) pixels; ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
+    columns of ``H`` over the background (φ<0) and foreground (φ>0) pixels;
+    ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
     ``[[a, c], [c, d]]⁻¹ = [[d, −c], [−c, a]] / (ad − c²)``. Sums over pixels and channels are MatMuls.
     """
     channels, *spatial = shape

@@ -80,3 +80,33 @@ def test_factorisation_matches_the_least_squares_solve(partition):
     want = oracle.factorise(torch.from_numpy(y).double(), torch.from_numpy(phi).double()).numpy()
     assert got.shape == (2, 1, 6, 7)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("once", [False, True], ids=["full-size", "once"])
+def test_safe_divide_of_a_nonnegative_denominator(once):
+    a, b = sparse(2, 3, 4, 4), np.abs(sparse(2, 3, 4, 4))
+    b[0, 0, 0, :2] = [1e-38, 1e-45]  # tiny and subnormal denominators divide, they are not 0
+    got = evaluate(lambda g, a, b: maths.safe_divide(g, a, b, nonnegative=True, once=once), a, b)
+    want = oracle.sdiv(torch.from_numpy(a).double(), torch.from_numpy(b).double()).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[b == 0] == 0).all() and np.isfinite(got).all()
+
+
+def test_retained_is_x_times_the_safe_ratio():
+    phi, x = sparse(2, 3, 5, 5), np.abs(sparse(2, 3, 5, 5))
+    got = evaluate(maths.retained, phi, x)
+    x64 = torch.from_numpy(x).double()
+    np.testing.assert_allclose(got, (x64 * oracle.sdiv(torch.from_numpy(phi).double(), x64)).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    assert (got[x == 0] == 0).all()
+
+
+def test_scaled_normalise_by_max():
+    x = sparse(3, 2, 5, 5)
+    got = evaluate(lambda b, x: maths.normalise_by_max(b, x, 4, scale=10.0), x)
+    np.testing.assert_allclose(got, 10 * oracle.nmax(torch.from_numpy(x).double()).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_nonzero_is_the_test_x_not_0():
+    x = np.array([[0.0, -0.0, 1e-45, -3.0, np.inf]], np.float32)
+    np.testing.assert_array_equal(evaluate(maths.nonzero, x), [[0, 0, 1, 1, 1]])
