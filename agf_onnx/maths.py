@@ -93,17 +93,21 @@ def delta_shift(b: GraphBuilder, absolute_influence: str, residual: str, rank: i
     return b.Sub(b.Add(absolute_influence, residual), b.Mul(mean, support))
 
 
-def channel_mean(b: GraphBuilder, x: str) -> str:
-    """``mean_c``: average over axis 1, kept as size 1 (broadcasts back like ``expand_c``)."""
-    return b.ReduceMean(x, axes=[1], keepdims=1)
+def channel_mean(b: GraphBuilder, x: str, shape: Sequence[int], flat: bool = False) -> str:
+    """``mean_c``: average over axis 1 of ``x`` ``[N, *shape]``, kept as size 1 (broadcasts back like
+    ``expand_c``; ``flat``: as ``[N, 1, HW]``). A matrix product ``(1/C)·1ᵀ X`` over ``[N, C, HW]``:
+    ONNX Runtime's ReduceMean over the channel axis strides through memory, the product reads it once."""
+    channels, *spatial = shape
+    mean = b.MatMul(b.const(np.full((1, channels), 1.0 / channels)), b.Reshape(x, b.ints([0, channels, -1])))
+    return mean if flat else b.Reshape(mean, b.ints([0, 1, *spatial]))
 
 
 def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...]) -> str:
     """The two-class sigmoid–Heaviside NMF ``F(Y, φ)`` (eq. 7, 11) → ``[N, 1, H, W]``.
 
     ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)``, ``partition`` is ``φ``
-    ``[N, 1, H, W]`` (any number of spatial axes works the same way). ``R = [R_b R_f]`` are the mean
-    columns of ``H`` over the background (φ<0) and foreground (φ>0) pixels;
+    ``[N, 1, H, W]`` or flat ``[N, 1, HW]`` (any number of spatial axes works the same way).
+    ``R = [R_b R_f]`` are the mean columns of ``H`` over the background (φ<0) and foreground (φ>0) pixels;
     ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
     ``[[a, c], [c, d]]⁻¹ = [[d, −c], [−c, a]] / (ad − c²)``. Sums over pixels and channels are MatMuls.
     """

@@ -148,8 +148,8 @@ def full_rule(b: GraphBuilder, x: str, gradient_in: str, masked_gradient: str, i
     ``Δshift(C, (sdiv(Fx + M, 1 + e^-C) + Fdx + A) ⊙ 1[C≠0])`` from ``X``, ``g = VJP(G)``, ``gm = VJP(G ⊙ m)``, the absolute influence ``C`` and the
     input-agnostic ``A``. Shared by the conv and the token form of a linear layer (``gemm.py``)."""
     rank = len(shape) + 1
-    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in))), rank, nonnegative=True)
-    partition = channel_mean(b, influence)
+    gradient_map = normalise_by_max(b, b.Relu(channel_mean(b, b.Mul(x, gradient_in), shape)), rank, nonnegative=True)
+    partition = channel_mean(b, influence, shape, flat=True)
     # Fx and Fdx in one factorisation of X and gm stacked along the batch (half the nodes)
     stacked = b.Concat(x, masked_gradient, axis=0)
     factors = b.Relu(factorise(b, stacked, b.Concat(partition, partition, axis=0), shape))

@@ -176,7 +176,8 @@ def _agf(layer: Bilinear, b: GraphBuilder, node: NodeView) -> list[str | None]:
         return data_only(node, {0: influence})
     view = b.ints([0, *node.graph.shape(source)[1:]])
     flat = b.ints([0, -1])
-    gradient_map = b.Relu(channel_mean(b, b.Mul(source, b.Reshape(node.input_gradients[0], view))))
+    gradient_map = b.Relu(channel_mean(b, b.Mul(source, b.Reshape(node.input_gradients[0], view)),
+                                       node.graph.shape(source)[1:]))
     gradient_map = b.Reshape(b.Expand(gradient_map, b.ints([1, *node.graph.shape(source)[1:]])), flat)
     gradient_map = normalise_by_max(b, b.Mul(b.Relu(gradient_map), nonzero(b, influence)), 2)
     return data_only(node, {0: delta_shift(b, influence, gradient_map, 2)})
