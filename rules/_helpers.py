@@ -34,9 +34,14 @@ def data_only(node: NodeView, values: dict[int, str]) -> list[str | None]:
 
 def output_ratio(b: GraphBuilder, node: NodeView) -> str:
     """The z-rule's ``S = sdiv(Φ, Y ⊙ 1[Φ≠0])`` at the node's output ``Y``, emitted as the equal
-    ``sdiv(Φ, Y)`` (the mask changes nothing where ``Φ = 0``)."""
-    output = node.outputs[0]
-    return safe_divide(b, node.relevance[0], output, nonnegative=node.graph.nonnegative(output))
+    ``sdiv(Φ, Y)`` (the mask changes nothing where ``Φ = 0``). When a ReLU is ``Y``'s one reader
+    (a residual Add before its ReLU), ``Φ`` is that ReLU's ``Y⁺ ⊙ sdiv(Φ', Y⁺)``, 0 wherever
+    ``Y ≤ 0``: then ``sdiv(Φ, Y) = Φ / (Y⁺ + 1e-9)``, no zero test."""
+    output, graph = node.outputs[0], node.graph
+    readers = graph.consumers.get(output, [])
+    if len(readers) == 1 and readers[0].op_type == "Relu" and output not in graph.outputs:
+        return b.Div(node.relevance[0], b.Add(readers[0].output[0], b.const(EPSILON)))
+    return safe_divide(b, node.relevance[0], output, nonnegative=graph.nonnegative(output))
 
 
 def proportional(b: GraphBuilder, node: NodeView, vjp: Vjp) -> list[str | None]:
