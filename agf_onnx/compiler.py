@@ -540,10 +540,6 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
         graph.output.append(helper.make_tensor_value_info(HEATMAPS_OUTPUT, TensorProto.FLOAT,
                                                           [passes.BATCH_DIM, count, height, width]))
         graph.output.append(helper.make_tensor_value_info(CLASSES_OUTPUT, TensorProto.INT64, [passes.BATCH_DIM, count]))
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    unused = [t for t in graph.initializer if t.name not in used and t.name != TARGET_INPUT]
-    for tensor in unused:  # left over by opset conversion; ONNX Runtime warns about each
-        graph.initializer.remove(tensor)
     try:
         model, _ = passes.infer_shapes(model)
     except CompileError as error:
@@ -641,8 +637,10 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
 
 
 def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:
-    """Remove the emitted nodes (by name) that no output needs: the gradient stream below the last
-    layer whose rule reads it, a stream a method starts but never reads. ONNX Runtime would run them."""
+    """Remove the emitted nodes (by name) that no output needs (the gradient stream below the last
+    layer whose rule reads it, a stream a method starts but never reads: ONNX Runtime would run
+    them), then the initializers nothing reads (also those opset conversion left: ONNX Runtime
+    warns about each)."""
     needed = {output.name for output in graph.output}
     dead = set()
     for node in reversed(graph.node):
@@ -655,7 +653,7 @@ def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:
     graph.node.extend(kept)
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
     unread = [t for t in graph.initializer if t.name not in read and t.name != TARGET_INPUT]
-    for tensor in unread:  # ONNX Runtime warns about each
+    for tensor in unread:
         graph.initializer.remove(tensor)
 
 

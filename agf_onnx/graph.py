@@ -257,7 +257,6 @@ class NodeView:
     relevance: list[str | None] = field(default_factory=list)
     input_gradients: list[str | None] = field(default_factory=list)
     is_first_layer: bool = False
-    cache: dict = field(default_factory=dict)  # fragments a node's two rules share
 
     @property
     def name(self) -> str:

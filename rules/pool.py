@@ -46,11 +46,9 @@ def _window(node: NodeView) -> dict:
 def _maxpool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     if node.attr("storage_order", 0):
         raise node.refuse("storage_order=1 (column-major indices) is not supported")
-    if "indices" not in node.cache:
-        attributes = {k: v for k, v in node.attrs.items()}
-        node.cache["indices"] = b.MaxPool(node.inputs[0], outputs=2, **attributes)[1]
+    indices = b.MaxPool(node.inputs[0], outputs=2, **node.attrs)[1]  # emitted once for both rules
     zeros = b.Reshape(b.Mul(node.inputs[0], b.const(0.0)), b.ints([-1]))
-    flat = b.ScatterElements(zeros, b.Reshape(node.cache["indices"], b.ints([-1])), b.Reshape(g, b.ints([-1])),
+    flat = b.ScatterElements(zeros, b.Reshape(indices, b.ints([-1])), b.Reshape(g, b.ints([-1])),
                              axis=0, reduction="add")
     return b.Reshape(flat, b.ints([-1, *node.shape(0)[1:]]))
 
