@@ -181,6 +181,14 @@ class Bilinear:
     weight: Callable[["GraphBuilder", "NodeView"], str]
     forward: Callable[["GraphBuilder", "NodeView", str, str], str]
     vjp: Callable[["GraphBuilder", "NodeView", str, str], str]
+    #: ``op(x, w) + shift`` in one node where the op takes a bias (Conv): a full-size Add less
+    shifted: Callable[["GraphBuilder", "NodeView", str, str, float], str] | None = None
+
+    def shifted_forward(self, b: GraphBuilder, node: NodeView, x: str, w: str, shift: float) -> str:
+        """``op(x, w) + shift``."""
+        if self.shifted is not None:
+            return self.shifted(b, node, x, w, shift)
+        return b.Add(self.forward(b, node, x, w), b.const(shift))
 
     def gradient(self, b: GraphBuilder, node: NodeView) -> list[str | None]:
         return data_only(node, {0: self.vjp(b, node, node.gradient[0], self.weight(b, node))})
@@ -199,7 +207,7 @@ class Bilinear:
         x = node.inputs[0]
         abs_x = x if node.graph.nonnegative(x) else b.Abs(x)
         abs_w = self.absolute_weight(b, node)
-        ratio = b.Div(node.relevance[0], b.Add(self.forward(b, node, abs_x, abs_w), b.const(EPSILON)))
+        ratio = b.Div(node.relevance[0], self.shifted_forward(b, node, abs_x, abs_w, EPSILON))
         return b.Mul(abs_x, self.vjp(b, node, ratio, abs_w))
 
     def _signed_parts(self, b: GraphBuilder, node: NodeView) -> tuple[str, str, str, str]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide, where_nonzero
@@ -64,6 +66,13 @@ def _forward(b: GraphBuilder, node: NodeView, x: str, w: str) -> str:
         matrix = b.Reshape(w, b.ints([out_channels, in_channels]))
         return _channel_product(b, node, matrix, x, in_channels, out_channels)
     return b.Conv(x, w, **geometry(node))
+
+
+def _shifted_forward(b: GraphBuilder, node: NodeView, x: str, w: str, shift: float) -> str:
+    """``conv(x, w) + shift`` with the shift as the Conv's bias (the MatMul form adds it)."""
+    if _pointwise(node):
+        return b.Add(_forward(b, node, x, w), b.const(shift))
+    return b.Conv(x, w, b.const(np.full(node.shape(1)[0], shift, np.float32)), **geometry(node))
 
 
 def _vjp(b: GraphBuilder, node: NodeView, g: str, w: str) -> str:
@@ -115,7 +124,7 @@ def _adjoint_kernel(b: GraphBuilder, node: NodeView, w: str) -> str:
                    b.ints([-1] * len(axes)))
 
 
-CONV = Bilinear(weight=lambda b, node: node.inputs[1], forward=_forward, vjp=_vjp)
+CONV = Bilinear(weight=lambda b, node: node.inputs[1], forward=_forward, vjp=_vjp, shifted=_shifted_forward)
 
 
 def _check(node: NodeView) -> None:
