@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from onnx import TensorProto
+
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
 from agf_onnx.maths import where_nonzero
@@ -126,17 +128,23 @@ def _prelu(b: GraphBuilder, node: NodeView) -> str:
 
 @gradient("Clip")
 def clip_gradient(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """G ⊙ 1[min < X < max] (PyTorch's hardtanh/ReLU6), read as G where Y is at neither bound."""
+    """G ⊙ 1[min < X < max] (PyTorch's hardtanh/ReLU6), read as G where Y is at neither bound:
+    ``Y > min`` and ``Y < max``, tested as bools and cast once (a min of 0 tests ``Y ≠ 0``, the
+    relevance rule's mask)."""
     _constant_parameters(node)
-    bounds = [node.inputs[i] for i in (1, 2) if len(node.inputs) > i and node.inputs[i]]
-    gradient_out = node.gradient[0]
-    if not bounds:
-        return data_only(node, {0: gradient_out})
-    y = node.outputs[0]
-    for bound in bounds:  # 1[Y ≠ 0] is the relevance rule's mask too
-        zero = node.graph.is_constant(bound) and _is_zero(node, bound)
-        gradient_out = where_nonzero(b, gradient_out, y if zero else b.Sub(y, bound))
-    return data_only(node, {0: gradient_out})
+    y, inside = node.outputs[0], None
+    for index, compare in ((1, b.Greater), (2, b.Less)):
+        if len(node.inputs) <= index or not node.inputs[index]:
+            continue
+        bound = node.inputs[index]
+        if index == 1 and node.graph.is_constant(bound) and _is_zero(node, bound):
+            test = b.Cast(y, to=TensorProto.BOOL)  # Y ≥ 0: Y > 0 is Y ≠ 0
+        else:
+            test = compare(y, bound)
+        inside = test if inside is None else b.And(inside, test)
+    if inside is None:
+        return data_only(node, {0: node.gradient[0]})
+    return data_only(node, {0: b.Mul(node.gradient[0], b.Cast(inside, to=TensorProto.FLOAT))})
 
 
 def _is_zero(node: NodeView, name: str) -> bool:
