@@ -95,6 +95,9 @@ class GraphView:
             self.dtypes[name] = tensor.data_type
         self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.outputs = [o.name for o in graph.output]
+        #: tensor → how many elements precede each sample inside its merged batch axis (1: batch-major,
+        #: ``N·T``; ``T`` for ``T·N``; None where no reshape chain tells)
+        self.batch_outer: dict[str, int | None] = self._merge_orders()
         self.constants: set[str] = set(self.initializers)
         self._nonnegative: dict[str, bool] = {}
         for node in self.nodes:
@@ -115,6 +118,52 @@ class GraphView:
         """``(axis, factor)``: the axis of ``name`` that holds the batch, merged batch-major with
         ``factor`` other elements (1: the plain batch); None for tensors without a batch."""
         return self.batches.get(name)
+
+    def batch_major(self, name: str) -> bool:
+        """Whether the batch axis of ``name``, where merged with other elements, holds each sample's
+        elements together (``[N·T, C]``), rather than interleaved (``[T·N, C]``, how
+        ``nn.MultiheadAttention`` merges its tokens before ``out_proj``). True without a merge."""
+        batch = self.batches.get(name)
+        return batch is None or batch[1] == 1 or self.batch_outer.get(name) == 1
+
+    def merged_outer(self, name: str) -> int | None:
+        """The number of elements that precede the batch inside its merged axis (``T`` in ``[T·N, C]``),
+        1 where the batch is major or not merged, None where it cannot be told."""
+        batch = self.batches.get(name)
+        return 1 if batch is None or batch[1] == 1 else self.batch_outer.get(name)
+
+    def _merge_orders(self) -> dict[str, int | None]:
+        """Follows the batch through the graph (nodes in topological order): a Reshape or Flatten
+        merging it with axes before it puts those elements first; any other op keeps the order of
+        the input whose batch axis is merged the same way."""
+        outer: dict[str, int | None] = {name: 1 for name in self.inputs}
+        for node in self.nodes:
+            data = [name for name in node.input if name in self.batches]
+            for out in node.output:
+                batch = self.batches.get(out)
+                if batch is None:
+                    continue
+                if batch[1] == 1:
+                    outer[out] = 1
+                elif node.op_type in ("Reshape", "Flatten") and data:
+                    outer[out] = self._reshaped_outer(data[0], out, outer.get(data[0]))
+                else:
+                    same = [outer.get(name) for name in data if self.batches[name][1] == batch[1]]
+                    outer[out] = same[0] if same else None
+        return outer
+
+    def _reshaped_outer(self, source: str, target: str, outer: int | None) -> int | None:
+        """``outer`` of ``target``, a row-major reshape of ``source``: the elements before the batch in
+        flat order, less those of the whole axes before the target's batch axis."""
+        (axis_in, _), (axis_out, factor) = self.batches[source], self.batches[target]
+        before_in = self.shapes[source][:axis_in]
+        before_out = self.shapes[target][:axis_out]
+        if outer is None or None in before_in or None in before_out:
+            return None
+        elements, whole = int(np.prod(before_in, dtype=np.int64)) * outer, int(np.prod(before_out, dtype=np.int64))
+        if elements % whole or factor % (elements // whole):
+            return None
+        return elements // whole
 
     def is_constant(self, name: str) -> bool:
         return name in self.constants

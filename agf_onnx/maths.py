@@ -18,12 +18,13 @@ from .builder import GraphBuilder
 EPSILON = 1e-9
 
 
-def _sample_axes(rank: int) -> list[int]:
-    return list(range(1, rank))
+def _sample_axes(rank: int, batch_axis: int = 0) -> list[int]:
+    return [axis for axis in range(rank) if axis != batch_axis]
 
 
-def sum_per_sample(b: GraphBuilder, x: str, rank: int) -> str:
-    return b.ReduceSum(x, b.ints(_sample_axes(rank)), keepdims=1)
+def sum_per_sample(b: GraphBuilder, x: str, rank: int, batch_axis: int = 0) -> str:
+    """``Σ`` over every axis but the batch's (kept as size 1)."""
+    return b.ReduceSum(x, b.ints(_sample_axes(rank, batch_axis)), keepdims=1)
 
 
 def max_per_sample(b: GraphBuilder, x: str, rank: int) -> str:

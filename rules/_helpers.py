@@ -243,8 +243,9 @@ class Bilinear:
         x_pos, x_neg, w_pos, w_neg = self._signed_parts(b, node)
         zero, mask = b.const(0.0), nonzero(b, relevance)
         relevance_pos, relevance_neg = b.Max(relevance, zero), b.Min(relevance, zero)
-        rank_in = len(node.shape(0))
-        total_relevance = sum_per_sample(b, relevance, len(node.graph.shape(node.outputs[0])))
+        rank_in, axis_in = len(node.shape(0)), batch_axis(node, node.inputs[0]) or 0
+        total_relevance = sum_per_sample(b, relevance, len(node.graph.shape(node.outputs[0])),
+                                         batch_axis(node, node.outputs[0]) or 0)
 
         def signed(x: str, w: str, sign: float) -> tuple[str, Callable[[str], str]]:
             """``z = sign·op(x, w)·1[R≠0]`` and the VJP of ``⟨z, S⟩`` in ``x``."""
@@ -268,9 +269,9 @@ class Bilinear:
             else:
                 ratio1 = b.Add(ratio1, safe_divide(b, b.Mul(relevance_neg, active), z1))
             result = b.Mul(x, b.Add(vjp1(ratio1), vjp2(ratio2)))
-            excess = b.Sub(sum_per_sample(b, result, rank_in), total_relevance)  # shift_rel: Σ result = ΣR
+            excess = b.Sub(sum_per_sample(b, result, rank_in, axis_in), total_relevance)  # shift_rel: Σ result = ΣR
             support = nonzero(b, result)
-            return b.Sub(result, b.Mul(safe_divide(b, excess, sum_per_sample(b, support, rank_in)), support))
+            return b.Sub(result, b.Mul(safe_divide(b, excess, sum_per_sample(b, support, rank_in, axis_in)), support))
 
         positive = proportional_split(x_pos, signed(x_pos, w_pos, 1.0), signed(x_pos, w_neg, -1.0))
         negative = proportional_split(x_neg, signed(x_neg, w_pos, -1.0), signed(x_neg, w_neg, 1.0))
@@ -287,8 +288,9 @@ class Bilinear:
         z_pp, z_pn = self.forward(b, node, x_pos, w_pos), self.forward(b, node, x_pos, w_neg)
         z_np, z_nn = self.forward(b, node, x_neg, w_pos), self.forward(b, node, x_neg, w_neg)
         rank_out, rank_in = len(node.graph.shape(node.outputs[0])), len(node.shape(0))
-        positive_total = sum_per_sample(b, b.Mul(b.Add(z_pp, z_nn), one_hot), rank_out)
-        negative_total = sum_per_sample(b, b.Mul(b.Add(z_pn, z_np), one_hot), rank_out)
+        axis_out, axis_in = batch_axis(node, node.outputs[0]) or 0, batch_axis(node, node.inputs[0]) or 0
+        positive_total = sum_per_sample(b, b.Mul(b.Add(z_pp, z_nn), one_hot), rank_out, axis_out)
+        negative_total = sum_per_sample(b, b.Mul(b.Add(z_pn, z_np), one_hot), rank_out, axis_out)
         everything = b.Add(positive_total, negative_total)
 
         def share(z: str, seed: str, x: str, w: str) -> str:
@@ -302,8 +304,8 @@ class Bilinear:
                            share(z_pn, b.Mul(bias_seed, safe_divide(b, negative_total, everything)), x_pos, w_neg))
         zero = b.const(0.0)
         pos, neg = b.Max(result, zero), b.Min(result, zero)
-        magnitude = sum_per_sample(b, b.Sub(pos, neg), rank_in)
-        signed_total = sum_per_sample(b, result, rank_in)
+        magnitude = sum_per_sample(b, b.Sub(pos, neg), rank_in, axis_in)
+        signed_total = sum_per_sample(b, result, rank_in, axis_in)
         redistributed = b.Sub(b.Mul(safe_divide(b, pos, magnitude), signed_total),
                               b.Mul(safe_divide(b, neg, magnitude), signed_total))
         return data_only(node, {0: redistributed})

@@ -122,26 +122,33 @@ def flattened_map(node: NodeView) -> str | None:
     return source if len(node.graph.shape(source)) == 4 and len(node.shape(0)) == 2 else None
 
 
-def token_view(node: NodeView) -> tuple[int, int, int] | None:
-    """``(channels, tokens, batch axis)`` of the sample view ``[N, C, tokens]`` when the layer reads a
-    token tensor (rank ≥ 3, or a batch merged with tokens); ``None`` for a plain ``[N, C]`` input.
-    The batch may sit at any axis but the channels (``[T, N, C]`` in ``nn.MultiheadAttention``'s
-    exports), or be merged batch-major with tokens at axis 0."""
+def token_view(node: NodeView) -> tuple[int, int, int, int] | None:
+    """``(channels, tokens, batch axis, outer)`` of the sample view ``[N, C, tokens]`` when the layer
+    reads a token tensor (rank ≥ 3, or a batch merged with tokens); ``None`` for a plain ``[N, C]``
+    input. The batch may sit at any axis but the channels (``[T, N, C]`` in ``nn.MultiheadAttention``'s
+    exports), be merged batch-major with tokens at axis 0 (``[N·T, C]``), or follow ``outer`` tokens
+    inside its axis (``[T·N, C]``, MultiheadAttention's ``out_proj``): that axis is split into
+    ``[outer, rest]`` first, and the batch sits at the next axis."""
     shape = node.shape(0)
     found = batch(node, node.inputs[0])
     factor = found[1] if found is not None else 1
     if len(shape) < 3 and factor == 1:
         return None
-    if found is None or found[0] == len(shape) - 1 or (found[0] != 0 and factor != 1):
+    outer = node.graph.merged_outer(node.inputs[0]) if found is not None else 1
+    axis = None if found is None else found[0] + (outer != 1)
+    inner = factor // outer if outer else factor
+    if found is None or outer is None or found[0] == len(shape) - 1 or (axis != 0 and inner != 1):
+        order = "" if outer == 1 else f" after {outer} other elements" if outer else " in an order no reshape tells"
         raise node.refuse(f"the token tensor '{node.inputs[0]}' {list(shape)} carries the batch at axis "
                           f"{None if found is None else found[0]}" + (f" merged with {factor} elements" if factor != 1
-                                                                         else "") +
-                          "; the token form of the AGF rule needs it before the channels, merged only at axis 0")
-    axis = found[0]
-    return shape[-1], factor * math.prod(d for i, d in enumerate(shape[:-1]) if i != axis), axis
+                                                                         else "") + order +
+                          "; the token form of the AGF rule needs it before the channels, merged only at axis 0 "
+                          "or after whole tokens")
+    return shape[-1], factor * math.prod(d for i, d in enumerate(shape[:-1]) if i != found[0]), axis, outer
 
 
-def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, tokens: int, axis: int) -> str:
+def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, tokens: int, axis: int,
+               outer: int) -> str:
     """The conv rule (eq. 10–14) of a linear layer applied per token, a 1×1 conv over ``tokens``."""
     relevance_out, weight = node.relevance[0], layer.weight(b, node)
     masked_gradient = layer.vjp(b, node, where_nonzero(b, node.gradient[0], relevance_out), weight)
@@ -151,19 +158,26 @@ def _token_agf(b: GraphBuilder, node: NodeView, layer: Bilinear, channels: int, 
     agnostic = layer.vjp(b, node, safe_divide(b, relevance_out, ones_through, nonnegative=True, once=True), abs_weight)
     influence = layer.absolute_influence(b, node)
 
-    shape = static_shape(node, node.inputs[0])
+    original = static_shape(node, node.inputs[0])
+    shape = list(original)
+    if outer != 1:  # [T·N, C] → [T, N, C]
+        merged = axis - 1
+        shape[merged:merged + 1] = [outer, -1]
     batch_first = [axis] + [i for i in range(len(shape)) if i != axis]  # the batch to the front, if elsewhere
 
     def channel_first(tensor: str) -> str:  # [N(·P), T…, C] → [N, C, P·T]
+        if outer != 1:
+            tensor = b.Reshape(tensor, b.ints(shape))
         moved = b.Transpose(tensor, perm=batch_first) if axis else tensor
         return b.Transpose(b.Reshape(moved, b.ints([-1, tokens, channels])), perm=[0, 2, 1])
 
     views = [channel_first(t) for t in (node.inputs[0], node.input_gradients[0], masked_gradient, influence, agnostic)]
     relevance_in = b.Transpose(full_rule(b, *views, shape=(channels, tokens)), perm=[0, 2, 1])
     if not axis:
-        return b.Reshape(relevance_in, b.ints(shape))
+        return b.Reshape(relevance_in, b.ints(original))
     moved = b.Reshape(relevance_in, b.ints([shape[i] for i in batch_first]))
-    return b.Transpose(moved, perm=[int(i) for i in np.argsort(batch_first)])
+    restored = b.Transpose(moved, perm=[int(i) for i in np.argsort(batch_first)])
+    return b.Reshape(restored, b.ints(original)) if outer != 1 else restored
 
 
 def _agf(layer: Bilinear, b: GraphBuilder, node: NodeView) -> list[str | None]:
@@ -201,17 +215,6 @@ def _matmul_bias(b: GraphBuilder, node: NodeView) -> str | None:
     return None
 
 
-def _batch_first(node: NodeView) -> NodeView:
-    """``node``, refused where its input's batch is not axis 0: RAP's shift conserves ``ΣR`` over
-    all axes but the first, which would mix samples. (A batch merged with tokens at axis 0 is
-    shifted per group of tokens, each within one sample.)"""
-    for name in (node.inputs[0], node.outputs[0]):
-        axis = batch(node, name)
-        if axis is not None and axis[0] != 0:
-            raise node.refuse(f"RAP's per-sample shift needs the batch at axis 0; '{name}' carries it at axis {axis[0]}")
-    return node
-
-
 LayerRule = Callable[[Bilinear, GraphBuilder, NodeView], list]
 
 #: The relevance kinds of a linear layer: the rule (given the op's ``Bilinear``) and its description.
@@ -225,7 +228,7 @@ _KINDS: dict[str, tuple[LayerRule, str]] = {
                     "LRP-α1β0: positive contributions only, no bias"),
     "alpha2beta1": (lambda layer, b, node: layer.alpha_beta(b, node, 2.0, 1.0),
                     "LRP-α2β1: twice the positive contributions minus the negative ones, no bias"),
-    "rap": (lambda layer, b, node: layer.relative(b, _batch_first(node), negative_on_second=False),
+    "rap": (lambda layer, b, node: layer.relative(b, node, negative_on_second=False),
             "RAP: relevance split by sign over the positive and negative contributions, shifted to conserve ΣR"),
 }
 _RAP_FIRST = "RAP's first step at the logits layer (first_prop + redistribute), from the target's one-hot"
@@ -234,7 +237,7 @@ _RAP_FIRST = "RAP's first step at the logits layer (first_prop + redistribute), 
 def _register(op_type: str, layer: Bilinear, bias: Callable[[GraphBuilder, NodeView], str | None],
               tokens: str, products: bool) -> None:
     """Register the relevance kinds of one linear op; ``tokens``/``products`` complete the descriptions."""
-    kinds = {**_KINDS, "rap_first": (lambda layer, b, node: layer.relative_start(b, _batch_first(node), bias(b, node)),
+    kinds = {**_KINDS, "rap_first": (lambda layer, b, node: layer.relative_start(b, node, bias(b, node)),
                                       _RAP_FIRST)}
     for kind, (rule, description) in kinds.items():
         def bound(b: GraphBuilder, node: NodeView, rule: LayerRule = rule) -> list[str | None]:

@@ -432,7 +432,8 @@ def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constant
             gradient_model(model, output="y", source="x")
         return
     # a linear layer on [T, N, C] (nn.MultiheadAttention's layout): the token form of AGF moves the
-    # batch to the front and back, so it equals the rule on [N, T, C] transposed
+    # batch to the front and back, and RAP's shift sums over every axis but the batch's, so each
+    # equals the rule on [N, T, C] transposed
     x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
     relevance = RNG.standard_normal((4, 2, 2)).astype(np.float32)
     gradient = RNG.standard_normal((4, 2, 2)).astype(np.float32)
@@ -440,7 +441,7 @@ def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constant
                                     [_info("x", (None, 4, 3))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                                     [numpy_helper.from_array(np.asarray(constants["weight"]), "weight")])
     batch_first = helper.make_model(batch_first, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    for kind in ("agf", "flat"):
+    for kind in ("agf", "flat", "rap"):
         moved, _ = relevance_of(model, "mix", kind, x, relevance, gradient)
         expected, _ = relevance_of(batch_first, "mix", kind, x, relevance.transpose(1, 0, 2), gradient.transpose(1, 0, 2))
         assert moved["moved"].shape == (4, 2, 3)
@@ -459,13 +460,45 @@ def test_ops_along_other_axes_work_where_the_batch_is_moved():
     np.testing.assert_array_equal(shares["moved"], expected)
 
 
-def test_rap_refuses_a_moved_batch():
-    """RAP's shift conserves ΣR over every axis but the first: with the batch at axis 1 that would mix samples."""
-    moved = _moved_batch_model(helper.make_node("MatMul", ["moved", "weight"], ["y"], name="mix"),
-                               {"weight": np.ones((3, 2), np.float32)})
-    x, relevance = RNG.standard_normal((2, 4, 3)).astype(np.float32), RNG.standard_normal((4, 2, 2)).astype(np.float32)
-    with pytest.raises(CompileError, match="MatMul node 'mix'.*RAP's per-sample shift needs the batch at axis 0"):
-        relevance_of(moved, "mix", "rap", x, relevance)
+def _merged_model(token_major: bool, weight: np.ndarray) -> onnx.ModelProto:
+    """x [N, 4, 3] → [4·N, 3] (``token_major``: through [4, N, 3], as nn.MultiheadAttention merges its
+    tokens before ``out_proj``) or [N·4, 3] → MatMul 'mix' → y."""
+    nodes = [helper.make_node("Transpose", ["x"], ["moved"], perm=[1, 0, 2])] if token_major else []
+    nodes += [helper.make_node("Reshape", ["moved" if token_major else "x", "rows"], ["merged"]),
+              helper.make_node("MatMul", ["merged", "weight"], ["y"], name="mix")]
+    graph = helper.make_graph(nodes, "merged", [_info("x", (None, 4, 3))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([-1, 3], np.int64), "rows"),
+                               numpy_helper.from_array(weight, "weight")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_order_of_a_merged_batch_is_followed():
+    """[T·N, C] and [N·T, C] have the same sizes; only the reshape chain tells which one holds each
+    sample's tokens together."""
+    for token_major, outer in ((True, 4), (False, 1)):
+        graph = GraphView(passes.canonicalise(passes.load(_merged_model(token_major, np.ones((3, 2), np.float32)))))
+        assert graph.batch("merged") == (0, 4)
+        assert graph.merged_outer("merged") == outer and graph.batch_major("merged") == (not token_major)
+        assert graph.merged_outer("y") == outer  # a MatMul keeps the order
+        assert graph.batch_major("x")
+
+
+@pytest.mark.parametrize("kind", ["agf", "flat", "rap"])
+def test_a_batch_merged_after_the_tokens_keeps_samples_apart(kind):
+    """A linear layer on [T·N, C] (nn.MultiheadAttention's out_proj): AGF's token form splits the
+    axis into [T, N] before moving the batch to the front; the maps equal the rule on [N·T, C] with
+    the rows reordered, so no sample's relevance reaches another."""
+    weight = RNG.standard_normal((3, 2)).astype(np.float32)
+    x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+    relevance = RNG.standard_normal((2, 4, 2)).astype(np.float32)  # [N, T, 2]
+    gradient = RNG.standard_normal((2, 4, 2)).astype(np.float32)
+    token_rows = lambda a: a.transpose(1, 0, 2).reshape(8, -1)  # noqa: E731 - [N, T, c] → [T·N, c]
+    merged, _ = relevance_of(_merged_model(True, weight), "mix", kind, x, token_rows(relevance), token_rows(gradient))
+    expected, _ = relevance_of(_merged_model(False, weight), "mix", kind, x, relevance.reshape(8, 2),
+                               gradient.reshape(8, 2))
+    np.testing.assert_allclose(merged["merged"].reshape(4, 2, 3).transpose(1, 0, 2),
+                               expected["merged"].reshape(2, 4, 3), rtol=1e-5, atol=1e-6)
 
 
 def _layer_norm_written_out(variance_from_input: bool) -> onnx.ModelProto:
