@@ -387,3 +387,24 @@ def test_every_method_gives_class_dependent_maps(name):
         if not np.abs(top - low).max(axis=(1, 2, 3)).min() > 1e-3:
             failures.append(f"{method}: the top and the bottom class give the same map")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", ["vit-mha", slow("vit"), slow("vit-mean"), slow("convnext"), slow("groupnorm")])
+def test_every_method_explains_each_sample_as_if_alone(name):
+    """A batch's maps equal each sample's map computed alone, for every method and both flat policies:
+    a merged or moved batch axis (``[T, N, C]``, ``[T·N, C]``, ``[N·heads, T, d]``) must not let one
+    sample's relevance or per-sample statistics reach another."""
+    images = tm.images(3, seed=11)
+    failures = []
+    for method, flat_policy in [(m, "authors") for m in _methods()] + [("agf", "none")]:
+        if method == "chefer" and name not in VITS:
+            continue
+        model = compiled(name, "torchscript", method, flat_policy)
+        together = heatmaps(model, images)
+        for i in range(len(images)):
+            alone = heatmaps(model, images[i:i + 1])[0]
+            scale = max(float(np.abs(alone).max()), 1e-12)
+            if np.abs(together[i] - alone).max() > 1e-4 * scale:
+                failures.append(f"{method} ({flat_policy}) sample {i}: max|Δ| {np.abs(together[i] - alone).max():.2e} "
+                                f"of a map peaking at {scale:.2e}")
+    assert not failures, "\n".join(failures)
