@@ -16,7 +16,7 @@ import agf_onnx
 from agf_onnx.cli import main
 from agf_onnx.methods import METHODS, Kind
 
-from . import models, oracle, zoo
+from . import architectures, models, oracle, zoo
 from .runtime import run
 
 NETS = {"vgg": models.seeded(models.VGGish(), seed=41),
@@ -321,3 +321,27 @@ def test_rap_matches_its_definition():
 def test_rap_needs_a_dense_layer_at_the_logits():
     with pytest.raises(agf_onnx.CompileError, match="rap starts at a Gemm or MatMul .* Conv"):
         agf_onnx.compile(zoo.zoo_model("squeezenet"), method="rap")
+
+
+BATCH_NETS = {"shufflenet": architectures.ShuffleNetish, "resnet": lambda: models.ResNetish(models.BasicBlock, (2, 1), (8, 16)),
+              "densenet": architectures.DenseNetish, "mobilenetv3": architectures.MobileNetV3ish,
+              "inception": architectures.Inceptionish}
+
+
+@pytest.mark.parametrize("name", ["shufflenet", *(pytest.param(n, marks=pytest.mark.slow) for n in BATCH_NETS
+                                                   if n != "shufflenet")])
+def test_every_method_explains_each_sample_as_if_alone(name):
+    """A batch's maps equal each sample's map alone, for every method (the token models' version is in
+    test_tokens.py): channel shuffles, concatenations and squeeze-excite gates keep the batch apart."""
+    model = models.export(models.seeded(BATCH_NETS[name](), seed=5))
+    images = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    failures = []
+    for method in sorted(set(METHODS) - {"chefer"}):  # chefer: no attention in a CNN
+        compiled = agf_onnx.compile(model, method=method)
+        together = run(compiled, {"x": images})["heatmap"]
+        for i in range(len(images)):
+            alone = run(compiled, {"x": images[i:i + 1]})["heatmap"][0]
+            worst = float(np.abs(together[i] - alone).max())
+            if worst > 1e-4 * max(float(np.abs(alone).max()), 1e-12):
+                failures.append(f"{method} sample {i}: max|Δ| {worst:.2e}")
+    assert not failures, "\n".join(failures)
