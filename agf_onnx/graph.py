@@ -97,7 +97,7 @@ class GraphView:
         self.outputs = [o.name for o in graph.output]
         #: tensor → how many elements precede each sample inside its merged batch axis (1: batch-major,
         #: ``N·T``; ``T`` for ``T·N``; None where no reshape chain tells)
-        self.batch_outer: dict[str, int | None] = self._merge_orders()
+        self._batch_outer: dict[str, int | None] = self._merge_orders()
         self.constants: set[str] = set(self.initializers)
         self._nonnegative: dict[str, bool] = {}
         for node in self.nodes:
@@ -119,18 +119,11 @@ class GraphView:
         ``factor`` other elements (1: the plain batch); None for tensors without a batch."""
         return self.batches.get(name)
 
-    def batch_major(self, name: str) -> bool:
-        """Whether the batch axis of ``name``, where merged with other elements, holds each sample's
-        elements together (``[N·T, C]``), rather than interleaved (``[T·N, C]``, how
-        ``nn.MultiheadAttention`` merges its tokens before ``out_proj``). True without a merge."""
-        batch = self.batches.get(name)
-        return batch is None or batch[1] == 1 or self.batch_outer.get(name) == 1
-
     def merged_outer(self, name: str) -> int | None:
         """The number of elements that precede the batch inside its merged axis (``T`` in ``[T·N, C]``),
         1 where the batch is major or not merged, None where it cannot be told."""
         batch = self.batches.get(name)
-        return 1 if batch is None or batch[1] == 1 else self.batch_outer.get(name)
+        return 1 if batch is None or batch[1] == 1 else self._batch_outer.get(name)
 
     def _merge_orders(self) -> dict[str, int | None]:
         """Follows the batch through the graph (nodes in topological order): a Reshape or Flatten
