@@ -573,7 +573,8 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             trailing Softmax/LogSoftmax.
         image: the image input; default: the only 4-D input.
         flat_policy: which convs get the flat rule (``methods.FLAT_POLICIES``).
-        flat, full: Conv node names forced to the flat or the full AGF rule.
+        flat: Conv node names forced to the flat AGF rule.
+        full: Conv node names forced to the full AGF rule.
         layer: the node whose output a layer method (Grad-CAM) explains; default: the last Conv
             with a spatial output.
         top_k: also output ``heatmaps`` ``[N, K, H, W]`` for the K best classes and their indices

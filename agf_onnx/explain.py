@@ -219,7 +219,8 @@ class Explainer:
         model: path of a compiled model (``agf-onnx compile``) or of an original classifier.
         provider: ``"auto"`` (CUDA when ONNX Runtime offers it, else CPU), ``"cuda"`` or ``"cpu"``.
         preset: ``"imagenet"``, ``"symmetric"``, ``"unit"`` or ``"none"`` (raw 0–255 values).
-        mean, std: override the preset's per-channel normalisation (pixels scaled to [0, 1]).
+        mean: override the preset's per-channel mean (pixels scaled to [0, 1]).
+        std: override the preset's per-channel standard deviation (pixels scaled to [0, 1]).
         size: resize the shorter side to this, then centre-crop to the model's size.
         crop: keep the aspect ratio: resize to cover the model's size, then centre-crop (implied
             by ``size``); default: resize straight to the model's size.
