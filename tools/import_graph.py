@@ -245,12 +245,16 @@ def svg(graph: list[Edge]) -> str:
                 position[n] = i - (len(level) - 1) / 2
     box_w, box_h, gap_x, gap_y, margin = 112, 26, 34, 52, 20
     widest = max(len(level) for level in levels.values())
-    legend = [("module", "import at module level"), ("deferred", "import inside a function"),
-              ("typing", "import under TYPE_CHECKING")]
-    legend_w = 2 * margin + sum(60 + 7 * len(label) for _, label in legend) + 44 + 7 * len("part of an import cycle")
+    # the legend: the colours on one row, the four kinds of arrow two to a row
+    arrows = [("#8a8a8a", EDGE_STYLES["module"], "import at module level"),
+              ("#8a8a8a", EDGE_STYLES["deferred"], "import inside a function"),
+              ("#8a8a8a", EDGE_STYLES["typing"], "import under TYPE_CHECKING"),
+              ("#d62728", ' stroke-width="1.6"', "part of an import cycle")]
+    column = 80 + 7 * max(len(label) for *_, label in arrows)
+    legend_w = 2 * margin + max(sum(40 + 7 * len(name) for name in COLOURS), 2 * column)
     width = max(widest * (box_w + gap_x) - gap_x + 2 * margin, legend_w)
     top = max(levels)
-    legend_h = 64
+    legend_h = 88
     height = (top + 1) * (box_h + gap_y) - gap_y + 2 * margin + legend_h
     centre: dict[str, tuple[float, float]] = {}
     for level, members in levels.items():
@@ -290,14 +294,10 @@ def svg(graph: list[Edge]) -> str:
         out.append(f'<rect x="{x}" y="{y - 11}" width="14" height="14" fill="{colour}" stroke="#555555"/>'
                    f'<text x="{x + 20}" y="{y}">{name}</text>')
         x += 40 + 7 * len(name)
-    y += 24
-    x = margin
-    for kind, label in legend:
-        out.append(f'<path d="M{x},{y - 4} h36" stroke="#8a8a8a"{EDGE_STYLES[kind]} marker-end="url(#arrow)"/>'
-                   f'<text x="{x + 44}" y="{y}">{label}</text>')
-        x += 60 + 7 * len(label)
-    out.append(f'<path d="M{x},{y - 4} h36" stroke="#d62728" stroke-width="1.6" marker-end="url(#arrow)"/>'
-               f'<text x="{x + 44}" y="{y}">part of an import cycle</text>')
+    for i, (colour, style, label) in enumerate(arrows):
+        x, y_row = margin + (i % 2) * column, y + 24 * (1 + i // 2)
+        out.append(f'<path d="M{x},{y_row - 4} h36" stroke="{colour}"{style} marker-end="url(#arrow)"/>'
+                   f'<text x="{x + 44}" y="{y_row}">{label}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
