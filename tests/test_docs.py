@@ -16,9 +16,12 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
+
+import agf_onnx
 from agf_onnx import cli
 from agf_onnx.methods import METHODS
-from tests import zoo
+from . import models, zoo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -175,3 +178,13 @@ def test_layout_names_every_module():
         for path in sorted(folder.glob("*.py")):
             if path.name not in ("__init__.py", "__main__.py"):
                 assert f"`{path.name}`" in layout, f"docs/layout.md does not name {path.relative_to(ROOT)}"
+
+
+def test_compiled_model_page_lists_the_metadata_written():
+    model = models.export(models.seeded(models.VGGish(widths=(4, "M"), image=8, classes=3, hidden=8), image=8), image=8)
+    written = set()
+    for bank in (None, np.ones((2, 8), np.float32)):
+        written |= {p.key for p in agf_onnx.compile(model, ssl_bank=bank).metadata_props}
+    page = (ROOT / "docs" / "compiled-model.md").read_text()
+    documented = set(re.findall(r"^\| `(agf_onnx\.\w+)` \|", page, re.M))
+    assert documented == written
