@@ -83,6 +83,24 @@ def test_every_command_parses_with_the_cli():
         "README.md and docs/ should show every command"
 
 
+def test_cli_reference_lists_every_option_and_only_real_ones():
+    """docs/cli.md's synopsis: per command, every option the parser has, and none it lacks."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    (synopsis,) = [body for language, body in FENCE.findall(text) if body.startswith("agf-onnx compile")]
+    named: dict[str, set[str]] = {}
+    command = ""
+    for line in synopsis.splitlines():
+        if match := re.match(r"agf-onnx (\w+)", line):
+            command = match.group(1)
+        named.setdefault(command, set()).update(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line))
+    for command, parser in cli._parser()._subparsers._group_actions[0].choices.items():
+        actions = [a.option_strings for a in parser._actions if a.option_strings and "--help" not in a.option_strings]
+        missing = [options[-1] for options in actions if not set(options) & named.get(command, set())]
+        assert not missing, f"docs/cli.md: `agf-onnx {command}` does not list {missing}"
+        unknown = named.get(command, set()) - {o for options in actions for o in options}
+        assert not unknown, f"docs/cli.md: `agf-onnx {command}` has no {sorted(unknown)}"
+
+
 def _resolve(node: ast.expr, names: dict[str, object]) -> object | None:
     """The object an expression such as ``agf_onnx.compile`` or ``Explainer`` names, if known."""
     if isinstance(node, ast.Name):
