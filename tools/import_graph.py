@@ -34,7 +34,8 @@ SVG = ROOT / "docs" / "import_graph.svg"
 RULES = "rules"
 
 #: Which half of the library a module belongs to (issue 21's "two halves"); a module not listed is
-#: drawn grey, as "not assigned". After a split into sub-packages, the package name decides.
+#: drawn white, as "not assigned". A box is looked up by its first dotted part, so after a split
+#: into sub-packages (boxes ``subpackage.module``) listing the sub-package's name colours all of it.
 ROLES = {
     "compile time": ("passes", "graph", "planning", "methods", "modifiers", "tokens", "ssl", "compiler",
                      "builder", "maths", RULES, "coverage", "inspect"),
@@ -243,7 +244,8 @@ def svg(graph: list[Edge]) -> str:
                                       if neighbours[n] else position[n], n))
             for i, n in enumerate(level):
                 position[n] = i - (len(level) - 1) / 2
-    box_w, box_h, gap_x, gap_y, margin = 112, 26, 34, 52, 20
+    box_h, gap_x, gap_y, margin = 26, 34, 52, 20
+    box_w = max(112, 16 + 7 * max(len(n) for n in floor))  # about 7 px per character at 12 px
     widest = max(len(level) for level in levels.values())
     # the legend: the colours on one row, the four kinds of arrow two to a row
     arrows = [("#8a8a8a", EDGE_STYLES["module"], "import at module level"),
