@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import importlib.machinery
 import io
 import logging
 import os
@@ -89,6 +90,9 @@ def stand_in_torchvision() -> None:
             sys.modules[name] = _StandInModule(name)
         elif not isinstance(sys.modules[name], _StandInModule):
             sys.modules[name].__class__ = _StandInModule  # a plain stand-in module: give it placeholders
+    for name in names:  # importlib.util.find_spec (transformers asks it) needs a spec
+        if sys.modules[name].__spec__ is None:
+            sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
     for name in names[1:]:
         parent, _, child = name.rpartition(".")
         setattr(sys.modules[parent], child, sys.modules[name])

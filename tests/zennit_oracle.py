@@ -4,6 +4,7 @@ tests, so a stand-in module takes torchvision's place (installed with --no-deps,
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -15,6 +16,8 @@ def _stand_in_torchvision() -> None:
         return
     root, models, resnet = (types.ModuleType(n) for n in ("torchvision", "torchvision.models",
                                                            "torchvision.models.resnet"))
+    for module in (root, models, resnet):  # importlib.util.find_spec (transformers asks it) needs a spec
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
     resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
     root.models, models.resnet = models, resnet
