@@ -184,9 +184,11 @@ class RayEngine:
 
     # -- evaluate -----------------------------------------------------------------------------
     def evaluate(self, evaluation: Evaluation, samples: Sequence[Sample],
-                 progress: Callable[[int, str], None] | None = None) -> dict:
+                 progress: Callable[[int, str], None] | None = None,
+                 completed: Callable[[dict], None] | None = None) -> dict:
         """``Evaluation.run`` on the cluster: the same batches scored by the same code in the
-        workers, reduced on the driver by image index; the same dictionary."""
+        workers, reduced on the driver by image index; the same dictionary, and the same
+        ``completed(results so far)`` after each method but the last."""
         evaluation.check_labels(samples)
         began = time.perf_counter()
         preprocessing = evaluation.reference.preprocessing
@@ -214,6 +216,10 @@ class RayEngine:
                 if progress is not None and fresh:
                     progress(len(fresh), method)
             _check_complete(seen)
+            if completed is not None and method != evaluation.methods[-1]:
+                done = {name: tallies[name] for name in evaluation.methods[:evaluation.methods.index(method) + 1]}
+                completed(summary(done, len(samples), time.perf_counter() - began, evaluation.reference.ssl_mode,
+                                  complete=False))
         return summary(tallies, len(samples), time.perf_counter() - began, evaluation.reference.ssl_mode)
 
     # -- the pipeline's parts -------------------------------------------------------------------

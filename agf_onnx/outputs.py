@@ -77,22 +77,40 @@ class ExplainOutputs:
                 self._write_shard()
         return True
 
+    def open(self, settings: dict) -> pathlib.Path:
+        """A ``results.json`` that says the run is under way (``"complete": false``), written before
+        the first image: a folder whose run was killed says so even when nothing else could be written."""
+        return self._write_results(settings, complete=False)
+
+    def abandon(self, settings: dict, reason: str) -> pathlib.Path:
+        """``results.json`` for the images done so far, marked ``"complete": false`` with ``reason``
+        (an interrupted run: Ctrl-C, a failed engine)."""
+        if self.format != "files" and self.pending:
+            self._write_shard()
+        return self._write_results({**settings, "interrupted": reason}, complete=False)
+
     def close(self, settings: dict, title: str, gallery: bool = True) -> pathlib.Path:
-        """``results.json``, and in ``files`` format the ``index.html`` gallery when ``gallery``."""
+        """``results.json`` (``"complete": true``), and in ``files`` format the ``index.html`` gallery when ``gallery``."""
         missing = np.flatnonzero(~self.seen)
         if len(missing):  # an engine that lost images must not pass for a complete run
             raise ExplainError(f"{len(missing)} image(s) got no result, e.g. index {int(missing[0])}")
-        if self.format == "files":
-            path = write_results(self.out, self.results, settings)
-            if gallery:
-                write_gallery(self.out, self.results, title)
-            return path
-        if self.pending:
+        if self.format != "files" and self.pending:
             self._write_shard()
+        path = self._write_results(settings, complete=True)
+        if self.format == "files" and gallery:
+            write_gallery(self.out, self.results, title)
+        return path
+
+    def _write_results(self, settings: dict, complete: bool) -> pathlib.Path:
+        """``results.json``: in ``files`` format one entry per image seen so far (all of them when
+        complete), else the shards written so far and the failed images."""
+        if self.format == "files":
+            done = self.results if complete else [r for r, seen in zip(self.results, self.seen) if seen]
+            return write_results(self.out, done, settings, complete)
         path = self.out / "results.json"
-        path.write_text(json.dumps({"settings": settings, "format": self.format, "images": self.count,
-                                    "explained": self.explained, "shards": self.shards, "failed": self.failed},
-                                   indent=2))
+        path.write_text(json.dumps({"complete": complete, "settings": settings, "format": self.format,
+                                    "images": self.count, "explained": self.explained, "shards": self.shards,
+                                    "failed": self.failed}, indent=2))
         return path
 
     def _write_shard(self) -> None:

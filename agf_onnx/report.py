@@ -53,9 +53,11 @@ def write_image_outputs(explanation: Explanation, i: int, out: pathlib.Path, ste
                         for c in explanation.targets[i]]
 
 
-def write_results(out: pathlib.Path, results: list[ImageResult], settings: dict) -> pathlib.Path:
+def write_results(out: pathlib.Path, results: list[ImageResult], settings: dict, complete: bool = True) -> pathlib.Path:
+    """``results.json``; ``complete`` false marks a run under way or interrupted (the images listed are those done)."""
     path = out / "results.json"
-    path.write_text(json.dumps({"settings": settings, "images": [r.__dict__ for r in results]}, indent=2))
+    path.write_text(json.dumps({"complete": complete, "settings": settings, "images": [r.__dict__ for r in results]},
+                               indent=2))
     return path
 
 
@@ -94,3 +96,12 @@ def progress_bar(total: int, description: str | None = None):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="image", file=sys.stderr, desc=description)
+
+
+def warn(message: str, bar=None) -> None:
+    """``message`` on its own line of stderr, above the progress bar ``bar`` when one is drawn
+    (never inside the bar's line)."""
+    if bar is None:
+        print(message, file=sys.stderr)
+    else:
+        bar.write(message, file=sys.stderr)

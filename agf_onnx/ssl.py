@@ -66,9 +66,15 @@ def load_bank(bank: BankLike, argument: str = "--ssl-bank") -> np.ndarray:
         if not os.path.isfile(bank):
             raise CompileError(f"{where}: no such file")
         try:
+            with open(bank, "rb") as stream:
+                is_npy = stream.read(6) == b"\x93NUMPY"  # the .npy magic string
+            if not is_npy:  # NumPy would try a pickle and say so: not a useful message
+                raise CompileError(f"{where}: not a NumPy .npy file (`agf-onnx bank` writes one)")
             bank = np.load(bank, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise CompileError(f"{where}: not a NumPy .npy file ({error})") from error
+        except OSError as error:
+            raise CompileError(f"{where}: cannot read it ({error.strerror or error})") from error
+        except ValueError as error:  # an object array, or a truncated file
+            raise CompileError(f"{where}: not a bank of float vectors ({str(error).splitlines()[0]})") from error
     array = np.asarray(bank)
     if not np.issubdtype(array.dtype, np.floating):
         raise CompileError(f"{where}: the bank holds {array.dtype} values; expected floats (the feature vectors "

@@ -182,3 +182,107 @@ def test_size_and_crop_keep_the_aspect_ratio(compiled_path):
     assert stretched[:, 0].max() < 10 and stretched[:, 16].min() > 245  # the bands stay, squeezed
     resized = Explainer(compiled_path, provider="cpu", size=64).prepare([wide])[0]
     assert resized.shape == (32, 32, 3) and (resized > 250).all()
+
+
+# -- the rough edges a new user hits (issue 23) --------------------------------------------------
+
+def test_top_k_beyond_the_classes_is_refused_before_the_folder_exists(compiled_path, photos, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(["explain", str(compiled_path), str(photos / "astronaut.png"), "-o", str(out), "--top-k", "100000",
+                 "--provider", "cpu"])
+    assert code == 1 and not out.exists()
+    assert capsys.readouterr().err.strip() == ("agf-onnx: error: --top-k 100000: must be between 1 and the number of "
+                                               "classes (10)")
+
+
+def test_ctrl_c_leaves_a_folder_that_says_it_is_partial(compiled_path, photos, tmp_path, capsys, monkeypatch):
+    from agf_onnx.outputs import ExplainOutputs
+
+    add, added = ExplainOutputs.add, []
+
+    def interrupted_after_two(self, outcome):
+        if len(added) == 2:
+            raise KeyboardInterrupt
+        added.append(outcome.source)
+        return add(self, outcome)
+
+    monkeypatch.setattr(ExplainOutputs, "add", interrupted_after_two)
+    out = tmp_path / "out"
+    code = main(["explain", str(compiled_path), str(photos), "-o", str(out), "--provider", "cpu", "--batch-size", "1"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and results["settings"]["interrupted"] == "interrupted (Ctrl-C)"
+    assert [entry["image"] for entry in results["images"]] == added
+    assert all((out / entry["overlay"]).is_file() for entry in results["images"])
+    assert not (out / "index.html").exists()
+
+
+def test_results_json_says_incomplete_while_the_run_is_going(compiled_path, photos, tmp_path, monkeypatch):
+    from agf_onnx.outputs import ExplainOutputs
+
+    add, states = ExplainOutputs.add, []
+
+    def watching(self, outcome):  # what a reader of the folder sees during the run
+        states.append(json.loads((self.out / "results.json").read_text())["complete"])
+        return add(self, outcome)
+
+    monkeypatch.setattr(ExplainOutputs, "add", watching)
+    assert main(["explain", str(compiled_path), str(photos), "-o", str(tmp_path / "o"), "--provider", "cpu",
+                 "-q"]) == 0
+    assert states == [False, False, False]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["complete"] is True
+
+
+def test_quiet_prints_nothing_and_target_minus_one_is_the_top_class(compiled_path, photos, tmp_path, capsys):
+    assert main(["explain", str(compiled_path), str(photos), "-o", str(tmp_path / "top"), "--provider", "cpu",
+                 "--target", "-1", "-q", "--batch-size", "1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == ""
+    assert main(["explain", str(compiled_path), str(photos), "-o", str(tmp_path / "default"), "--provider", "cpu",
+                 "-q", "--batch-size", "1"]) == 0
+    for top, default in zip(*(json.loads((tmp_path / name / "results.json").read_text())["images"]
+                              for name in ("top", "default"))):
+        assert top["explained"] == default["explained"] == top["classes"][:1]
+        np.testing.assert_array_equal(np.load(tmp_path / "top" / top["heatmap"]),
+                                      np.load(tmp_path / "default" / default["heatmap"]))
+
+
+def test_a_benchmark_folder_is_explained_without_its_masks(compiled_path, tmp_path, capsys):
+    from agf_onnx.explain import collect_images
+    from tools import make_benchmark
+
+    make_benchmark.generate(tmp_path / "bench", 3, seed=0, size=32, source="digits")
+    found, folder = collect_images([tmp_path / "bench"])
+    assert folder and [p.parent.name for p in found] == ["images"] * 3
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    Image.new("RGB", (8, 8)).save(beside / "cat.png")
+    Image.new("L", (8, 8)).save(beside / "cat.mask.png")
+    assert collect_images([beside])[0] == [beside / "cat.png"]
+    assert collect_images([beside / "cat.mask.png"])[0] == [beside / "cat.mask.png"]  # named: taken
+
+
+@pytest.mark.parametrize("kind", ["png-16", "tiff-16", "tiff-float", "array-uint16", "array-float-range"])
+def test_deep_images_are_scaled_by_their_bit_depth_not_clipped_to_white(kind, tmp_path):
+    from agf_onnx.explain import load_image
+
+    ramp = np.linspace(0.0, 1.0, 64).reshape(8, 8)
+    expected = np.round(ramp * 255).astype(np.uint8)
+    if kind in ("png-16", "tiff-16"):
+        path = tmp_path / ("deep.png" if kind == "png-16" else "deep.tif")
+        Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(path)
+        assert Image.open(path).mode.startswith("I;16")
+        source = path
+    elif kind == "tiff-float":
+        source = tmp_path / "float.tif"
+        Image.fromarray(ramp.astype(np.float32)).save(source)
+        assert Image.open(source).mode == "F"
+    elif kind == "array-uint16":
+        source = np.stack([np.round(ramp * 65535).astype(np.uint16)] * 3, -1)
+    else:  # float values over an arbitrary range (a radiance map): stretched from min to max
+        source = np.stack([ramp * 1000.0 - 200.0] * 3, -1)
+    notes = []
+    pixels = load_image(source, notes)
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    np.testing.assert_allclose(pixels[..., 0].astype(int), expected.astype(int), atol=1)
+    assert (pixels[..., 0] == pixels[..., 2]).all()

@@ -449,15 +449,18 @@ def test_cli_errors_name_the_argument_and_write_nothing(vgg, tmp_path, capsys):
     onnx.save(vgg, model)
     np.save(tmp_path / "narrow.npy", np.zeros((3, 10), np.float32))
     (tmp_path / "text.npy").write_text("not numpy")
+    np.savetxt(tmp_path / "bank.csv", np.zeros((3, 64)), delimiter=",")
     cases = [(["--ssl-bank", str(tmp_path / "narrow.npy")], "has 64 per image"),
              (["--ssl-bank", str(tmp_path / "missing.npy")], "missing.npy: no such file"),
              (["--ssl-bank", str(tmp_path / "text.npy")], "not a NumPy .npy file"),
+             (["--ssl-bank", str(tmp_path / "bank.csv")], "bank.csv: not a NumPy .npy file (`agf-onnx bank` writes one)"),
              (["--ssl-mode", "sum"], "--features and --ssl-mode need --ssl-bank")]
     for extra, message in cases:
         out = tmp_path / "out.onnx"
         assert main(["compile", str(model), "-o", str(out), *extra]) == 1
         error = capsys.readouterr().err
         assert error.startswith("agf-onnx: error:") and message in error and "Traceback" not in error
+        assert "pickle" not in error and error.count("\n") == 1  # one line, none of NumPy's allow_pickle text
         assert not out.exists()
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
