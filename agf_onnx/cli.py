@@ -22,6 +22,7 @@ from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
+from .plots import COLOUR_MAPS, DEFAULT_COLOUR_MAP
 
 #: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -216,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="heatmaps, overlays and a gallery for image files",
         description="Explain every image (files, or folders searched recursively) with MODEL (a compiled model, "
                     "or an original classifier compiled on the fly). Writes per image an overlay PNG (the image, "
-                    "then one red/blue overlay per explained class) and the raw heatmaps (.npy), plus "
+                    "then one overlay per explained class titled with its name and probability, and a colour "
+                    "bar) and the raw heatmaps (.npy), plus "
                     "results.json and, for several images, index.html. Exit 0 when every image was explained, 1 "
                     "when some failed (listed in results.json), 2 when nothing could run.")
     explain.add_argument("model", metavar="MODEL")
@@ -235,6 +237,9 @@ def _parser() -> argparse.ArgumentParser:
                               "parquet: the maps in shards of 1024 images (maps-00000.npz / .parquet), for very "
                               "large runs")
     _engine_options(explain)
+    explain.add_argument("--cmap", choices=list(COLOUR_MAPS), default=DEFAULT_COLOUR_MAP,
+                         help=f"colour map of the overlays (default {DEFAULT_COLOUR_MAP}: warm = evidence for the "
+                              "class, blue = against, over the greyed photo; bwr: the plain red/blue map)")
     explain.add_argument("-q", "--quiet", action="store_true",
                          help="print only errors (no provider line, progress bar or summary)")
 
@@ -471,12 +476,12 @@ def _explain(args: argparse.Namespace) -> int:
     if args.top_k is not None and explainer.classes is not None and args.top_k > explainer.classes:
         raise ExplainError(f"--top-k {args.top_k}: must be between 1 and the number of classes ({explainer.classes})")
     out = pathlib.Path(args.output)
-    outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format)
+    outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format, cmap=args.cmap)
     settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
                 "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
                 "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
                 **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
-                "engine": args.engine, "output_format": args.output_format}
+                "engine": args.engine, "output_format": args.output_format, "cmap": args.cmap}
     if engine is not None:
         settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
     began = time.perf_counter()

@@ -17,6 +17,7 @@ from . import passes
 from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
 from .compiler import compile as compile_model
 from .errors import CompileError
+from .plots import DEFAULT_COLOUR_MAP, MIN_PANEL, blend, colour_map, overlay_figure  # noqa: F401 (blend: API)
 from .sessions import create_session, session_provider
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
@@ -35,18 +36,8 @@ class ExplainError(CompileError):
 
 def diverging(heatmap: np.ndarray) -> np.ndarray:
     """Signed map → RGB uint8: white at 0, red (204, 0, 0) at +1 (evidence for the class), blue
-    (0, 51, 204) at −1 (against); values beyond ±1 saturate."""
-    value = np.clip(heatmap, -1.0, 1.0)[..., None]
-    white, red, blue = np.ones(3), np.array([0.8, 0.0, 0.0]), np.array([0.0, 0.2, 0.8])
-    rgb = np.where(value >= 0, white + value * (red - white), white - value * (blue - white))
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def blend(photo: np.ndarray, heatmap: np.ndarray, opacity: float = 0.7) -> np.ndarray:
-    """The photo with the colour-mapped heatmap over it; the map's weight grows with |value|."""
-    weight = (np.clip(np.abs(heatmap), 0.0, 1.0) * opacity)[..., None]
-    mixed = (1 - weight) * photo.astype(np.float64) + weight * diverging(heatmap).astype(np.float64)
-    return mixed.round().astype(np.uint8)
+    (0, 51, 204) at −1 (against); values beyond ±1 saturate (the colour map ``bwr``)."""
+    return colour_map(heatmap, "bwr")
 
 
 @dataclass
@@ -67,16 +58,24 @@ class Explanation:
     def label(self, index: int) -> str:
         return self.labels[index] if self.labels and index < len(self.labels) else str(index)
 
-    def overlay(self, i: int, k: int | None = None):
-        """A PIL image: the photo, then one overlay per explained class (or only class ``k``)."""
-        from PIL import Image
-
-        columns = [self.photos[i]]
+    def overlay(self, i: int, k: int | None = None, cmap: str = DEFAULT_COLOUR_MAP, min_panel: int = MIN_PANEL):
+        """A PIL image (``plots.overlay_figure``): the photo, then one overlay per explained class (or
+        only rank ``k``), each titled with the class name, its probability and the map's range, and a
+        colour bar; panels smaller than ``min_panel`` pixels are enlarged."""
         ranks = range(self.heatmaps.shape[1]) if k is None else [k]
-        gap = np.full((self.photos.shape[1], 4, 3), 255, np.uint8)
-        for rank in ranks:
-            columns += [gap, blend(self.photos[i], self.heatmaps[i, rank])]
-        return Image.fromarray(np.concatenate(columns, axis=1))
+        return overlay_figure(self.photos[i], [self.heatmaps[i, rank] for rank in ranks],
+                              [self.title(i, rank) for rank in ranks], cmap, min_panel)
+
+    def title(self, i: int, rank: int) -> tuple[str, str]:
+        """The two title lines of image ``i``'s overlay for its ``rank``-th explained class: the class
+        (name and index), then its probability and the map's range."""
+        index = int(self.targets[i, rank])
+        heatmap = self.heatmaps[i, rank]
+        name = self.label(index) if index >= 0 else "top class"
+        first = name if name == str(index) or index < 0 else f"{name} ({index})"
+        probability = (f"p {self.probabilities[i, index]:.1%} · " if self.probabilities is not None and index >= 0
+                       else "")
+        return first, f"{probability}map {float(heatmap.min()):+.2f} to {float(heatmap.max()):+.2f}"
 
 
 def label_index(target: int | str, labels: Sequence[str] | None) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .explain import ExplainError, ImageExplanation
+from .plots import DEFAULT_COLOUR_MAP
 from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
 
 OUTPUT_FORMATS = ("files", "npz-shards", "parquet")
@@ -32,7 +33,7 @@ class ExplainOutputs:
     """Writes each image's outcome as it arrives; ``close`` writes ``results.json`` (and the gallery)."""
 
     def __init__(self, out: pathlib.Path, sources: Sequence[str], output_format: str = "files",
-                 shard_size: int = 1024) -> None:
+                 shard_size: int = 1024, cmap: str = DEFAULT_COLOUR_MAP) -> None:
         if output_format not in OUTPUT_FORMATS:
             raise ExplainError(f"--output-format {output_format}: expected one of {', '.join(OUTPUT_FORMATS)}")
         if output_format == "parquet":
@@ -41,6 +42,7 @@ class ExplainOutputs:
             except ImportError:
                 raise ExplainError("--output-format parquet needs pyarrow: pip install 'agf-onnx[ray]'") from None
         self.out, self.format, self.shard_size, self.count = out, output_format, shard_size, len(sources)
+        self.cmap = cmap
         self.seen = np.zeros(len(sources), bool)
         self.explained = 0
         self.failed: list[dict] = []
@@ -67,7 +69,7 @@ class ExplainOutputs:
             result.notes, result.error = outcome.notes, outcome.error
             explanation = outcome.explanation
             if explanation is not None:
-                write_image_outputs(explanation, 0, self.out, self.stems[outcome.index], result)
+                write_image_outputs(explanation, 0, self.out, self.stems[outcome.index], result, cmap=self.cmap)
                 if explanation.ssl_targets is not None:  # a self-supervised model (--ssl-bank): its t and L_N
                     result.ssl_target = int(explanation.ssl_targets[0])
                     result.ssl_neighbour = int(explanation.ssl_neighbours[0])
