@@ -47,6 +47,10 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
                         help="smoothgrad and --smooth: noise std as a share of the image's value range (0.15)")
     parser.add_argument("--seed", type=int, metavar="N",
                         help="smoothgrad and --smooth: seed of the noise stored in the model (0; below 2**31 - 1)")
+    parser.add_argument("--residual", choices=["magnitude", "signed"],
+                        help="rap: a residual sum Y = X1 + X2 splits Φ by magnitude, Φ|Xi|/(|X1|+|X2|+1e-9) "
+                             "(magnitude, default: stable where the branches cancel), or by the authors' signed "
+                             "ratio Φ·Xi/Y (signed, for parity with their code)")
 
 
 def _modifier_options(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -80,7 +84,7 @@ def _given_modifiers(args: argparse.Namespace) -> Modifiers:
 
 
 def _given_method_options(args: argparse.Namespace) -> dict:
-    return {k: v for k in ("steps", "samples", "noise", "seed") if (v := getattr(args, k)) is not None}
+    return {k: v for k in ("steps", "samples", "noise", "seed", "residual") if (v := getattr(args, k)) is not None}
 
 
 def _input_shapes(args: argparse.Namespace) -> dict[str, list[int | str]]:
