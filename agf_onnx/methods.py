@@ -382,7 +382,7 @@ RAP = Method(
     formula="the authors' RAP_relprop: first_prop + redistribute at the logits layer (needs a Gemm/MatMul "
             "there), the sign-split proportional rule with shift_rel on hidden Conv/Gemm/MatMul, z^B at the input, "
             "z-rule on pools (and on ReLU: their pass-through up to the 1e-9 stabiliser); residual sums split by "
-            "magnitude Φ|Xi|/(|X1|+|X2|+1e-9) (option residual=signed: the authors' Φ·Xi/Y); Σ_c R / max R",
+            "magnitude Φ·abs(Xi)/(abs(X1)+abs(X2)+1e-9) (option residual=signed: the authors' Φ·Xi/Y); Σ_c R / max R",
 )
 
 #: RAP's rule at a residual sum ``Y = X1 + X2`` (option ``residual``): the stable split by magnitude

@@ -78,7 +78,7 @@ def sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
 
 @relevance("Add", "Sum", kind="magnitude")
 def sum_magnitude_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
-    """split by magnitude across data inputs, Φ|Xi| / (Σ|Xj| + 1e-9) (RAP's residual sums); Φ passes through a bias."""
+    """split by magnitude across data inputs, Φ·abs(Xi) / (Σ abs(Xj) + 1e-9) (RAP's residual sums); Φ passes through a bias."""
     data, relevance_out = _data_inputs(node), node.relevance[0]
     if len(data) == 1:
         return data_only(node, {data[0]: _to_input(b, node, data[0], relevance_out)})
