@@ -145,8 +145,9 @@ class KnownLimit:
 
 
 #: (family, method) → the check its maps fail and why (README, "Token models on the built-in benchmark" and
-#: "Methods"): the full token rule's residual term and the class-token-free rollout can be class-independent,
-#: and RAP's first step needs a Gemm/MatMul head (BiT's is a 1×1 Conv)
+#: "Methods"): the full token rule's residual term, the class-token-free rollout and RAP on LeViT can be
+#: class-independent, and RAP's first step needs a Gemm/MatMul head (BiT's is a 1×1 Conv). EfficientFormer's
+#: RAP, listed until the residual sums were split by magnitude, now passes (`-m slow`)
 KNOWN_LIMITS = {
     ("vit", "agf-full"): KnownLimit("same-map", "the full token rule's residual term can dominate: same map for "
                                                 "every class on one image"),
@@ -154,6 +155,9 @@ KNOWN_LIMITS = {
                                                  "every class on one image"),
     ("efficientformer", CHEFER): KnownLimit("same-map", "no class token: the mean of the rollout's rows is dominated "
                                                         "by its identity"),
+    ("levit", "rap"): KnownLimit("same-map", "RAP's map of one image is the same for its top and lowest class "
+                                             "on LeViT-128S (max difference 4e-5), also with the magnitude split "
+                                             "at residual sums"),
     ("resnetv2", "rap"): KnownLimit("refused", "RAP's first step needs a Gemm/MatMul computing the logits; BiT's "
                                                "head is a 1×1 Conv", refusal="needs a Gemm or MatMul|starts at a"),
 }

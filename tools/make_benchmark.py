@@ -11,7 +11,11 @@ of class k) drawn from the same pixels the item paints, and multi-label targets.
                                        [--source auto|fashion|digits] [--quick]
 
 ``--quick`` (600 training and 50 test canvases) with ``train_benchmark.py --quick`` gives a first
-table in about a minute; its models and tables are labelled ``quick``, not the README's.
+table in about a minute (on two idle cores; 3 minutes measured on the project's shared 2-core
+machine at load 15): the pipeline end to end and the table's shape, not the README's numbers. Its
+models are named ``ARCH_quick.onnx`` (so is every table made from them) and marked in their
+metadata; in that time the networks learn little (test top-1 about 20 % on the digits source,
+where the README's models reach far more), so the methods' scores are close together.
 
 writes ``OUT/train`` and ``OUT/test``, each with ``images/*.png``, ``masks/*.png``,
 ``labels.csv`` (``file,label,labels,mask``: ``label`` is the class of the largest item,
