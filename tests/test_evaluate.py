@@ -358,3 +358,22 @@ def test_evaluate_a_pretrained_classifier_on_a_class_folder_of_photos(tmp_path):
     assert "segmentation" not in results["methods"]["agf"], "no masks, no segmentation scores"
     for entry in results["methods"].values():
         assert 0 <= entry["perturbation"]["negative"]["predicted"]["auc"] <= 80
+
+
+def test_the_quick_benchmark_preset_is_small_and_labelled(tmp_path, capsys):
+    """make_benchmark --quick: 600 training and 50 test canvases; train_benchmark --quick: 2 epochs, the
+    model named ARCH_quick.onnx and its metadata saying what it is (here on a 24-canvas set)."""
+    from tools import train_benchmark
+
+    make_benchmark.main([str(tmp_path / "quick"), "--quick", "--source", "digits"])
+    assert len(load_dataset(tmp_path / "quick" / "train" / "labels.csv")) == make_benchmark.QUICK["train"] == 600
+    assert len(load_dataset(tmp_path / "quick" / "test" / "labels.csv")) == make_benchmark.QUICK["test"] == 50
+    for split, count in (("train", 24), ("test", 6)):
+        make_benchmark.generate(tmp_path / "tiny" / split, count, seed=0, size=64, split=split, source="digits")
+    train_benchmark.main([str(tmp_path / "tiny"), "--arch", "vgg", "--quick", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert printed.count("epoch ") == train_benchmark.QUICK_EPOCHS == 2
+    model = onnx.load(tmp_path / "tiny" / "vgg_quick.onnx")
+    label = {p.key: p.value for p in model.metadata_props}["agf_onnx.benchmark"]
+    assert label.startswith("quick preset: 24 training canvases, 2 epochs") and "not the README's" in label
+    assert "(quick preset:" in printed
