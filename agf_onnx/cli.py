@@ -22,6 +22,7 @@ from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
+from .plots import COLOUR_MAPS, DEFAULT_COLOUR_MAP
 
 #: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -46,6 +47,10 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
                         help="smoothgrad and --smooth: noise std as a share of the image's value range (0.15)")
     parser.add_argument("--seed", type=int, metavar="N",
                         help="smoothgrad and --smooth: seed of the noise stored in the model (0; below 2**31 - 1)")
+    parser.add_argument("--residual", choices=["magnitude", "signed"],
+                        help="rap: a residual sum Y = X1 + X2 splits Φ by magnitude, Φ|Xi|/(|X1|+|X2|+1e-9) "
+                             "(magnitude, default: stable where the branches cancel), or by the authors' signed "
+                             "ratio Φ·Xi/Y (signed, for parity with their code)")
 
 
 def _modifier_options(parser: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -79,7 +84,7 @@ def _given_modifiers(args: argparse.Namespace) -> Modifiers:
 
 
 def _given_method_options(args: argparse.Namespace) -> dict:
-    return {k: v for k in ("steps", "samples", "noise", "seed") if (v := getattr(args, k)) is not None}
+    return {k: v for k in ("steps", "samples", "noise", "seed", "residual") if (v := getattr(args, k)) is not None}
 
 
 def _input_shapes(args: argparse.Namespace) -> dict[str, list[int | str]]:
@@ -216,7 +221,8 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="heatmaps, overlays and a gallery for image files",
         description="Explain every image (files, or folders searched recursively) with MODEL (a compiled model, "
                     "or an original classifier compiled on the fly). Writes per image an overlay PNG (the image, "
-                    "then one red/blue overlay per explained class) and the raw heatmaps (.npy), plus "
+                    "then one overlay per explained class titled with its name and probability, and a colour "
+                    "bar) and the raw heatmaps (.npy), plus "
                     "results.json and, for several images, index.html. Exit 0 when every image was explained, 1 "
                     "when some failed (listed in results.json), 2 when nothing could run.")
     explain.add_argument("model", metavar="MODEL")
@@ -235,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
                               "parquet: the maps in shards of 1024 images (maps-00000.npz / .parquet), for very "
                               "large runs")
     _engine_options(explain)
+    explain.add_argument("--cmap", choices=list(COLOUR_MAPS), default=DEFAULT_COLOUR_MAP,
+                         help=f"colour map of the overlays (default {DEFAULT_COLOUR_MAP}: warm = evidence for the "
+                              "class, blue = against, over the greyed photo; bwr: the plain red/blue map)")
+    explain.add_argument("-q", "--quiet", action="store_true",
+                         help="print only errors (no provider line, progress bar or summary)")
 
     evaluate = commands.add_parser(
         "evaluate", help="the paper's perturbation, segmentation and class-sensitivity benchmarks",
@@ -439,7 +450,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     from .explain import Explainer, ExplainError, collect_images, compiled_model, label_index, read_labels
     from .outputs import ExplainOutputs
-    from .report import progress_bar
+    from .report import progress_bar, warn
 
     labels = read_labels(args.labels) if args.labels else None
     shapes = _input_shapes(args)
@@ -462,40 +473,51 @@ def _explain(args: argparse.Namespace) -> int:
     # with Ray the sessions live in the workers: the driver's session only checks options, on the CPU
     explainer = Explainer(model, "cpu" if engine else args.provider, labels=labels, batch_size=args.batch_size,
                           **options)
-    if compiled_here:
+    if compiled_here and not args.quiet:
         print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
               f"`agf-onnx compile`)")
     target = explainer.class_index(args.target) if args.target is not None else None
+    if args.top_k is not None and explainer.classes is not None and args.top_k > explainer.classes:
+        raise ExplainError(f"--top-k {args.top_k}: must be between 1 and the number of classes ({explainer.classes})")
     out = pathlib.Path(args.output)
-    outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format)
+    outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format, cmap=args.cmap)
+    settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
+                "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
+                "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
+                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
+                "engine": args.engine, "output_format": args.output_format, "cmap": args.cmap}
+    if engine is not None:
+        settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
     began = time.perf_counter()
     with engine or contextlib.nullcontext():  # a cluster that cannot run the job fails here, before any output
-        print(engine.describe() if engine else f"provider: {explainer.provider}")
+        if not args.quiet:
+            print(engine.describe() if engine else f"provider: {explainer.provider}")
         out.mkdir(parents=True, exist_ok=True)
+        outputs.open(settings)  # says "complete": false until the last image is written
         if engine is None:
             outcomes = explainer.explain_each(images, target, args.top_k)
         else:
             outcomes = engine.explain(model, explainer.preprocessing, options, images, target, args.top_k,
                                       args.batch_size, labels)
-        progress = progress_bar(len(images)) if len(images) > args.batch_size else None
-        for outcome in outcomes:
-            if outputs.add(outcome) and outcome.error is not None:
-                print(f"agf-onnx: error: {outcome.error}", file=sys.stderr)
+        progress = progress_bar(len(images)) if len(images) > args.batch_size and not args.quiet else None
+        try:
+            for outcome in outcomes:
+                if outputs.add(outcome) and outcome.error is not None:
+                    warn(f"agf-onnx: error: {outcome.error}", progress)
+                if progress is not None:
+                    progress.update(1)
+        except BaseException as error:  # Ctrl-C or a failed engine: the folder says what it holds
+            reason = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else str(error)
+            outputs.abandon(settings, reason)
+            raise
+        finally:
             if progress is not None:
-                progress.update(1)
-        if progress is not None:
-            progress.close()
-    settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
-                "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
-                "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
-                **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
-                "engine": args.engine, "output_format": args.output_format}
-    if engine is not None:
-        settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
+                progress.close()
     outputs.close(settings, f"agf-onnx explain: {os.path.basename(str(args.model))}", folder or len(images) > 1)
     failed = len(outputs.failed)
-    print(f"explained {outputs.explained} of {len(images)} images in {time.perf_counter() - began:.1f} s "
-          f"→ {out}" + (f" ({failed} failed, see results.json)" if failed else ""))
+    if not args.quiet:
+        print(f"explained {outputs.explained} of {len(images)} images in {time.perf_counter() - began:.1f} s "
+              f"→ {out}" + (f" ({failed} failed, see results.json)" if failed else ""))
     return 1 if failed else 0
 
 
@@ -503,9 +525,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     import contextlib
     import pathlib
 
-    from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, write_outputs
+    from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, readable_samples, usable_methods, \
+        write_outputs
     from .explain import read_labels
-    from .report import progress_bar
+    from .report import progress_bar, warn
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     variant_defaults = _given_modifiers(args)
@@ -521,17 +544,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     shapes = _input_shapes(args)
     ssl_options = _given_ssl_options(args)
     engine = _ray_engine(args)
+    compile_options = {"input_shapes": shapes, "logits": args.logits, "image": args.image,
+                       "flat_policy": args.flat_policy, "options": _given_method_options(args), **ssl_options}
+    # a method that cannot explain this model is known before any work: named ones are refused, "all" skips them
+    methods, skipped_methods = usable_methods(args.model, methods, compile_options, variant_defaults,
+                                              explicit=args.methods != "all")
+    for name, reason in skipped_methods.items():
+        warn(f"agf-onnx: skipping {name}: {reason}")
+    samples, skipped_images = readable_samples(samples)
+    for message in skipped_images:
+        warn(f"agf-onnx: warning: {message}")
+    if not samples:
+        raise EvaluateError(f"{args.data}: no readable image")
     # with Ray the sessions live in the workers: the driver's session only checks the model, on the CPU
-    evaluation = Evaluation(args.model, methods, compile_options={"input_shapes": shapes, "logits": args.logits,
-                                                                  "image": args.image, "flat_policy": args.flat_policy,
-                                                                  "options": _given_method_options(args),
-                                                                  **ssl_options},
+    evaluation = Evaluation(args.model, methods, compile_options=compile_options,
                             provider="cpu" if engine else args.provider, batch_size=args.batch_size,
                             preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
                             size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32,
                             modifiers=variant_defaults)
     provider = engine.provider if engine else evaluation.provider
-    print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {provider}")
+    print(f"{len(samples)} images, {_count(len(methods), 'method')} ({', '.join(methods)}), provider {provider}")
+    settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
+                "provider": provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
+                "mean": evaluation.reference.mean,
+                "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
+                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
+                "variants": {name: parse_variant(name, variant_defaults)[1].as_dict()
+                             for name in methods if "+" in name},
+                **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
+                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {}),
+                "engine": args.engine, "skipped_methods": skipped_methods, "skipped_images": skipped_images}
+    if engine is not None:
+        settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
+    out = pathlib.Path(args.output)
+
+    def completed(results: dict) -> None:  # each method's results as it completes
+        write_outputs(out, results, settings)
+
     with engine or contextlib.nullcontext():
         if engine is not None:
             print(engine.describe())
@@ -542,27 +591,21 @@ def _evaluate(args: argparse.Namespace) -> int:
             bar.update(count)
 
         progress = None if bar is None else advance
-        results = evaluation.run(samples, progress) if engine is None else engine.evaluate(evaluation, samples,
-                                                                                            progress)
-        if bar is not None:
-            bar.close()
-    settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,
-                "provider": provider, "allow_tf32": args.allow_tf32, "preset": args.preset,
-                "mean": evaluation.reference.mean,
-                "std": evaluation.reference.std, "size": args.size, "crop": evaluation.reference.crop,
-                "bgr": args.bgr, "batch_size": args.batch_size, "method_options": _given_method_options(args),
-                "variants": {name: parse_variant(name, variant_defaults)[1].as_dict()
-                             for name in methods if "+" in name},
-                **({"ssl_bank": args.ssl_bank, "features": evaluation.reference.ssl_features,
-                    "ssl_mode": evaluation.reference.ssl_mode} if ssl_options else {}),
-                "engine": args.engine}
-    if engine is not None:
-        settings.update(workers=engine.workers, gpus_per_worker=engine.gpus_per_worker, ray_address=args.ray_address)
-    out = pathlib.Path(args.output)
+        try:
+            results = evaluation.run(samples, progress, completed) if engine is None else \
+                engine.evaluate(evaluation, samples, progress, completed)
+        finally:  # an error's message goes on a line of its own, not into the bar's
+            if bar is not None:
+                bar.close()
     write_outputs(out, results, settings)
     print((out / "results.md").read_text().split("\n\n")[1])
     print(f"{len(samples)} images in {results['seconds']:.0f} s → {out}/results.json, results.md, perturbation.png")
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 method``, ``2 methods``."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _bank(args: argparse.Namespace) -> int:

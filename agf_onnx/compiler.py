@@ -23,7 +23,7 @@ from .builder import FOLD_LIMIT, GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView
 from .maths import max_per_sample, resize, retained, safe_divide, sum_per_sample
-from .methods import Kind, Method, get_method
+from .methods import Kind, Method, get_method, with_options
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, average_copies, noisy_copies, others_method
 from .planning import Plan, head_chain, path_between, plan
@@ -610,7 +610,7 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
                       ssl_mode: str | None = None, modifiers: Modifiers | None = None) -> onnx.ModelProto:
     """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
     place). ``inspect`` plans and compiles the same canonical model."""
-    chosen = get_method(method)
+    chosen = with_options(get_method(method), options or {})  # RAP's residual rule
     modifiers = NO_MODIFIERS if modifiers is None else modifiers
     modifiers.check(chosen)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,

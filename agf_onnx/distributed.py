@@ -66,9 +66,6 @@ from .evaluate import (
 )
 from .explain import Explainer, ExplainError, ImageExplanation, Preprocessing
 
-#: Test hook: ``N:MARKER`` makes the first worker to have run N batches exit abruptly (as a killed
-#: process does), once per MARKER file; read on the driver and handed to the workers.
-CRASH_AFTER = "AGF_ONNX_RAY_CRASH_AFTER"
 #: Rows per block of the input data set: blocks are Ray Data's unit of work per task.
 _MAX_BATCHES_PER_BLOCK = 16
 
@@ -83,6 +80,11 @@ class RayEngine:
         gpus_per_worker: GPUs per actor; > 0 runs the sessions on CUDA (fractions share a GPU).
         provider: the ``--provider`` given: must agree with ``gpus_per_worker``.
     """
+
+    #: The actor classes of explain and evaluate (set below their definitions): a test substitutes a
+    #: subclass, such as a worker that dies mid-run, without a hook in this module.
+    explain_worker: type
+    evaluate_worker: type
 
     def __init__(self, address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0.0,
                  provider: str = "auto") -> None:
@@ -167,9 +169,9 @@ class RayEngine:
         ``Explainer`` keyword arguments for the workers' sessions (preprocessing)."""
         data = self._batches([str(image) for image in images], batch_size)
         data = data.map_batches(_prepare_explain, fn_kwargs={"preprocessing": preprocessing}, **self._task_options())
-        data = data.map_batches(_ExplainWorker, fn_constructor_kwargs={
+        data = data.map_batches(self.explain_worker, fn_constructor_kwargs={
             "model": model.SerializeToString(), "options": {**options, "batch_size": batch_size},
-            "provider": self.provider, "target": target, "top_k": top_k, "crash": os.environ.get(CRASH_AFTER)},
+            "provider": self.provider, "target": target, "top_k": top_k},
             **self._actor_options())
         seen = np.zeros(len(images), bool)
         for blob in self._stream(data, "outcomes"):
@@ -184,9 +186,11 @@ class RayEngine:
 
     # -- evaluate -----------------------------------------------------------------------------
     def evaluate(self, evaluation: Evaluation, samples: Sequence[Sample],
-                 progress: Callable[[int, str], None] | None = None) -> dict:
+                 progress: Callable[[int, str], None] | None = None,
+                 completed: Callable[[dict], None] | None = None) -> dict:
         """``Evaluation.run`` on the cluster: the same batches scored by the same code in the
-        workers, reduced on the driver by image index; the same dictionary."""
+        workers, reduced on the driver by image index; the same dictionary, and the same
+        ``completed(results so far)`` after each method but the last."""
         evaluation.check_labels(samples)
         began = time.perf_counter()
         preprocessing = evaluation.reference.preprocessing
@@ -197,11 +201,11 @@ class RayEngine:
             data = data.map_batches(_prepare_evaluate, fn_kwargs={"preprocessing": preprocessing},
                                     **self._task_options())
             compiled = evaluation.compiled(method)
-            data = data.map_batches(_EvaluateWorker, fn_constructor_kwargs={
+            data = data.map_batches(self.evaluate_worker, fn_constructor_kwargs={
                 "model": compiled.SerializeToString(), "classifier": original,
                 "options": evaluation.explainer_options, "provider": self.provider,
-                "batch_size": evaluation.batch_size, "per_run": images_per_run(compiled, evaluation.batch_size),
-                "crash": os.environ.get(CRASH_AFTER)}, **self._actor_options())
+                "batch_size": evaluation.batch_size, "per_run": images_per_run(compiled, evaluation.batch_size)},
+                **self._actor_options())
             seen = np.zeros(len(samples), bool)
             for blob in self._stream(data, "scores"):
                 scores = pickle.loads(blob)
@@ -214,6 +218,10 @@ class RayEngine:
                 if progress is not None and fresh:
                     progress(len(fresh), method)
             _check_complete(seen)
+            if completed is not None and method != evaluation.methods[-1]:
+                done = {name: tallies[name] for name in evaluation.methods[:evaluation.methods.index(method) + 1]}
+                completed(summary(done, len(samples), time.perf_counter() - began, evaluation.reference.ssl_mode,
+                                  complete=False))
         return summary(tallies, len(samples), time.perf_counter() - began, evaluation.reference.ssl_mode)
 
     # -- the pipeline's parts -------------------------------------------------------------------
@@ -285,19 +293,6 @@ def _objects(values: list) -> np.ndarray:
     return column
 
 
-def _crash_hook(spec: str | None, batches_done: int) -> None:
-    """The test hook ``CRASH_AFTER``: exit without cleanup, as a killed worker does."""
-    if not spec:
-        return
-    after, marker = spec.split(":", 1)
-    if batches_done == int(after):
-        try:
-            open(marker, "x").close()
-        except FileExistsError:  # this fault has happened already
-            return
-        os._exit(17)
-
-
 def _prepare_explain(batch: dict[str, np.ndarray], preprocessing: Preprocessing) -> dict[str, np.ndarray]:
     """Preprocessing task: each row's images loaded and fitted (``PreparedImage``, errors kept)."""
     prepared = []
@@ -311,18 +306,15 @@ def _prepare_explain(batch: dict[str, np.ndarray], preprocessing: Preprocessing)
 class _ExplainWorker:
     """Actor: one session of the compiled model; ``Explainer.explain_prepared`` per row."""
 
-    def __init__(self, model: bytes, options: dict, provider: str, target: int | None, top_k: int | None,
-                 crash: str | None) -> None:
+    def __init__(self, model: bytes, options: dict, provider: str, target: int | None, top_k: int | None) -> None:
         self.explainer = Explainer(onnx.load_from_string(model), provider, threads=1, **options)
-        self.target, self.top_k, self.crash, self.batches = target, top_k, crash, 0
+        self.target, self.top_k = target, top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outcomes = []
         for prepared in batch["prepared"]:
-            _crash_hook(self.crash, self.batches)
             results = self.explainer.explain_prepared(pickle.loads(prepared), self.target, self.top_k)
             outcomes.append(pickle.dumps(results, protocol=5))
-            self.batches += 1
         return {"start": batch["start"], "outcomes": _objects(outcomes)}
 
 
@@ -342,17 +334,14 @@ class _EvaluateWorker:
     """Actor: one method's session and the classifier's; ``MethodScorer.score`` per row."""
 
     def __init__(self, model: bytes, classifier: bytes, options: dict, provider: str, batch_size: int,
-                 per_run: int, crash: str | None) -> None:
+                 per_run: int) -> None:
         explainer = Explainer(onnx.load_from_string(model), provider, threads=1, batch_size=batch_size, **options)
         session = classifier_session(classifier, provider, allow_tf32=options.get("allow_tf32", False), threads=1)
-        self.scorer = MethodScorer(explainer, session, batch_size,
-                                   per_run)
-        self.crash, self.batches = crash, 0
+        self.scorer = MethodScorer(explainer, session, batch_size, per_run)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         scores = []
         for start, items, prepared in zip(batch["start"], batch["items"], batch["prepared"]):
-            _crash_hook(self.crash, self.batches)
             value = pickle.loads(prepared)
             if isinstance(value, CompileError):
                 scores.append(prepared)
@@ -360,5 +349,7 @@ class _EvaluateWorker:
                 photos, masks = value
                 scores.append(pickle.dumps(self.scorer.score(int(start), pickle.loads(items), photos, masks),
                                            protocol=5))
-            self.batches += 1
         return {"start": batch["start"], "scores": _objects(scores)}
+
+
+RayEngine.explain_worker, RayEngine.evaluate_worker = _ExplainWorker, _EvaluateWorker

@@ -31,6 +31,7 @@ import onnx
 from . import metrics, passes
 from .compiler import HEATMAP_OUTPUT
 from .compiler import compile as compile_model
+from .compiler import compile_canonical
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
@@ -52,6 +53,12 @@ PEAK_PER_FORWARD_BYTE = 3.0
 
 class EvaluateError(CompileError):
     """A bad data set, method or option: the message names the file, row or argument."""
+
+
+class MethodRefused(EvaluateError):
+    """A method asked for by name cannot explain the model (``chefer`` on a CNN): refused before any work."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,62 @@ def check_methods(methods: Sequence[str], defaults: Modifiers = NO_MODIFIERS) ->
             raise EvaluateError(f"--methods: {error}") from None
 
 
+def inapplicable_methods(model: str | os.PathLike, methods: Sequence[str], compile_options: dict | None = None,
+                         modifiers: Modifiers = NO_MODIFIERS) -> dict[str, CompileError]:
+    """The methods that cannot explain ``model``, each with the error that says why.
+
+    Each method is compiled once, without the ONNX checker, on a copy of the model canonicalised
+    once, and the result dropped: what a method needs (attention for ``chefer``, a spatial layer
+    for ``gradcam``) is known from the compiled graph only. An error of the model itself (a file
+    that is no model) is raised, not attributed to a method.
+    """
+    options = dict(compile_options or {})
+    canonical = passes.canonicalise(passes.load(model), options.pop("input_shapes", None))
+    refused = {}
+    for name in methods:
+        base, variant = parse_variant(name, modifiers)
+        attempt = onnx.ModelProto()
+        attempt.CopyFrom(canonical)  # compiling extends the model in place
+        try:
+            compile_canonical(attempt, method=base, modifiers=variant, check=False, **options)
+        except CompileError as error:
+            refused[name] = error
+    return refused
+
+
+def usable_methods(model: str | os.PathLike, methods: Sequence[str], compile_options: dict | None = None,
+                   modifiers: Modifiers = NO_MODIFIERS, explicit: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The methods to run and those skipped, each with the first line of why (``inapplicable_methods``).
+
+    Methods named by the user (``explicit``) must all apply: one that cannot is refused at once
+    (``MethodRefused``, exit 2); from the default set ("all") such methods are skipped. When no
+    method applies, the first one's own error is raised (unsupported ops: exit 2 with the list).
+    """
+    refused = inapplicable_methods(model, methods, compile_options, modifiers)
+    if len(refused) == len(methods):
+        raise next(iter(refused.values()))
+    reasons = {name: str(error).splitlines()[0] for name, error in refused.items()}
+    if explicit and refused:
+        raise MethodRefused("; ".join(f"--methods {name}: {reason}" for name, reason in reasons.items()))
+    return [m for m in methods if m not in refused], reasons
+
+
+def readable_samples(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """The samples whose image (and mask) can be read, and one message per sample that cannot (it is
+    skipped, as ``explain`` skips an unreadable image; every metric then counts the others only)."""
+    kept, skipped = [], []
+    for sample in samples:
+        try:
+            load_image(sample.image, [])
+            if sample.mask is not None:
+                _read_mask(sample.mask)
+        except CompileError as error:
+            skipped.append(f"{error} (skipped)")
+        else:
+            kept.append(sample)
+    return kept, skipped
+
+
 @dataclass
 class ImageScores:
     """One image's scores under one method: what ``Tally.add`` sums up, wherever it was computed."""
@@ -244,10 +307,12 @@ class Tally:
                 "ssl_target": targets, "ssl_neighbour": neighbours}
 
 
-def summary(tallies: dict[str, Tally], count: int, seconds: float, ssl_mode: str | None = None) -> dict:
-    """``results.json``'s numbers from each method's tally (the first method's counts the clean accuracy)."""
+def summary(tallies: dict[str, Tally], count: int, seconds: float, ssl_mode: str | None = None,
+            complete: bool = True) -> dict:
+    """``results.json``'s numbers from each method's tally (the first method's counts the clean accuracy);
+    ``complete`` false: the methods done so far of a run still going (or stopped)."""
     first = next(iter(tallies.values()))
-    return {"images": count, "clean_accuracy": round(100.0 * first.correct / max(count, 1), 2),
+    return {"complete": complete, "images": count, "clean_accuracy": round(100.0 * first.correct / max(count, 1), 2),
             "fractions": list(metrics.FRACTIONS), "seconds": round(seconds, 1),
             "methods": {method: tally.summary(count, ssl_mode) for method, tally in tallies.items()}}
 
@@ -489,9 +554,11 @@ class Evaluation:
             raise EvaluateError(f"{bad.image}: class {max(bad.labels)} is out of range: the model has {classes} "
                                 f"classes (0–{classes - 1})")
 
-    def run(self, samples: Sequence[Sample], progress: Callable[[int, str], None] | None = None) -> dict:
+    def run(self, samples: Sequence[Sample], progress: Callable[[int, str], None] | None = None,
+            completed: Callable[[dict], None] | None = None) -> dict:
         """The metrics per method over ``samples`` (a dict ready for ``results.json``). One method at a
-        time, so that only one compiled model is in memory; ``progress(images, method)`` after each batch."""
+        time, so that only one compiled model is in memory; ``progress(images, method)`` after each batch,
+        ``completed(results so far)`` after each method (a later failure leaves the finished ones)."""
         self.check_labels(samples)
         tallies = {method: Tally() for method in self.methods}
         began = time.perf_counter()
@@ -507,6 +574,10 @@ class Evaluation:
                 if progress is not None:
                     progress(len(chunk), method)
             del explainer, scorer
+            if completed is not None and index + 1 < len(self.methods):
+                done = {name: tallies[name] for name in self.methods[:index + 1]}
+                completed(summary(done, len(samples), time.perf_counter() - began, self.reference.ssl_mode,
+                                  complete=False))
         return summary(tallies, len(samples), time.perf_counter() - began, self.reference.ssl_mode)
 
 
@@ -571,8 +642,9 @@ def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[path
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md", out / "perturbation.png"]
     written[0].write_text(json.dumps({"settings": settings, **results}, indent=2, ensure_ascii=False))
+    done = f"{len(results['methods'])} of {len(settings['methods'])}" if not results.get("complete", True) else None
     title = (f"{os.path.basename(settings['model'])}: {results['images']} images, top-1 accuracy "
-             f"{results['clean_accuracy']:.1f} % before perturbation")
+             f"{results['clean_accuracy']:.1f} % before perturbation" + (f" (partial: {done} methods)" if done else ""))
     written[1].write_text(f"# {title}\n\n{markdown_table(results)}\n\n"
                           "Perturbation AUC: area under top-1 accuracy (%) against the share of pixels removed "
                           "(10 %…90 %); negative removes the least relevant pixels first, positive the most "

@@ -17,6 +17,7 @@ from . import passes
 from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
 from .compiler import compile as compile_model
 from .errors import CompileError
+from .plots import DEFAULT_COLOUR_MAP, MIN_PANEL, blend, colour_map, overlay_figure  # noqa: F401 (blend: API)
 from .sessions import create_session, session_provider
 from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
@@ -35,18 +36,8 @@ class ExplainError(CompileError):
 
 def diverging(heatmap: np.ndarray) -> np.ndarray:
     """Signed map → RGB uint8: white at 0, red (204, 0, 0) at +1 (evidence for the class), blue
-    (0, 51, 204) at −1 (against); values beyond ±1 saturate."""
-    value = np.clip(heatmap, -1.0, 1.0)[..., None]
-    white, red, blue = np.ones(3), np.array([0.8, 0.0, 0.0]), np.array([0.0, 0.2, 0.8])
-    rgb = np.where(value >= 0, white + value * (red - white), white - value * (blue - white))
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def blend(photo: np.ndarray, heatmap: np.ndarray, opacity: float = 0.7) -> np.ndarray:
-    """The photo with the colour-mapped heatmap over it; the map's weight grows with |value|."""
-    weight = (np.clip(np.abs(heatmap), 0.0, 1.0) * opacity)[..., None]
-    mixed = (1 - weight) * photo.astype(np.float64) + weight * diverging(heatmap).astype(np.float64)
-    return mixed.round().astype(np.uint8)
+    (0, 51, 204) at −1 (against); values beyond ±1 saturate (the colour map ``bwr``)."""
+    return colour_map(heatmap, "bwr")
 
 
 @dataclass
@@ -67,16 +58,24 @@ class Explanation:
     def label(self, index: int) -> str:
         return self.labels[index] if self.labels and index < len(self.labels) else str(index)
 
-    def overlay(self, i: int, k: int | None = None):
-        """A PIL image: the photo, then one overlay per explained class (or only class ``k``)."""
-        from PIL import Image
-
-        columns = [self.photos[i]]
+    def overlay(self, i: int, k: int | None = None, cmap: str = DEFAULT_COLOUR_MAP, min_panel: int = MIN_PANEL):
+        """A PIL image (``plots.overlay_figure``): the photo, then one overlay per explained class (or
+        only rank ``k``), each titled with the class name, its probability and the map's range, and a
+        colour bar; panels smaller than ``min_panel`` pixels are enlarged."""
         ranks = range(self.heatmaps.shape[1]) if k is None else [k]
-        gap = np.full((self.photos.shape[1], 4, 3), 255, np.uint8)
-        for rank in ranks:
-            columns += [gap, blend(self.photos[i], self.heatmaps[i, rank])]
-        return Image.fromarray(np.concatenate(columns, axis=1))
+        return overlay_figure(self.photos[i], [self.heatmaps[i, rank] for rank in ranks],
+                              [self.title(i, rank) for rank in ranks], cmap, min_panel)
+
+    def title(self, i: int, rank: int) -> tuple[str, str]:
+        """The two title lines of image ``i``'s overlay for its ``rank``-th explained class: the class
+        (name and index), then its probability and the map's range."""
+        index = int(self.targets[i, rank])
+        heatmap = self.heatmaps[i, rank]
+        name = self.label(index) if index >= 0 else "top class"
+        first = name if name == str(index) or index < 0 else f"{name} ({index})"
+        probability = (f"p {self.probabilities[i, index]:.1%} · " if self.probabilities is not None and index >= 0
+                       else "")
+        return first, f"{probability}map {float(heatmap.min()):+.2f} to {float(heatmap.max()):+.2f}"
 
 
 def label_index(target: int | str, labels: Sequence[str] | None) -> int:
@@ -115,11 +114,18 @@ def load_image(source: Any, notes: list[str]) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as error:
             raise ExplainError(f"{name}: not a readable image ({error})") from error
     if hasattr(source, "mode"):  # a PIL image
+        if source.mode.startswith(("I", "F")):  # 16/32-bit integer or float pixels: PIL's convert clips them
+            notes.append(f"{name}: {source.mode} image scaled to 8 bits and converted to RGB")
+            return _as_rgb8(np.asarray(source), name, notes)
         if source.mode not in ("RGB",):
             notes.append(f"{name}: {source.mode} image converted to RGB")
             source = source.convert("RGB")
         return np.asarray(source, dtype=np.uint8)
-    array = np.asarray(source)
+    return _as_rgb8(np.asarray(source), name, notes)
+
+
+def _as_rgb8(array: np.ndarray, name: str, notes: list[str]) -> np.ndarray:
+    """An image array (``[H, W]``, ``[H, W, 3|4]``; any integer or float type) as RGB uint8 ``[H, W, 3]``."""
     if array.ndim == 2:
         notes.append(f"{name}: grayscale image converted to RGB")
         array = np.stack([array] * 3, -1)
@@ -131,8 +137,32 @@ def load_image(source: Any, notes: list[str]) -> np.ndarray:
         notes.append(f"{name}: alpha channel dropped")
         array = array[..., :3]
     if array.dtype != np.uint8:
-        array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+        array = np.clip(to_eight_bits(array), 0, 255).round().astype(np.uint8)
     return array
+
+
+def to_eight_bits(array: np.ndarray) -> np.ndarray:
+    """Pixel values on the 0–255 scale, as float64. Integers are scaled by their bit depth: that of
+    the type (uint16: 65535 ↦ 255), or for wider types (PIL's 32-bit ``I`` mode) the smallest of 8
+    and 16 bits that holds the values. Floats in [0, 1] are scaled by 255, floats in [0, 255] kept,
+    any other range stretched from its minimum to its maximum (an image, not a measurement)."""
+    values = array.astype(np.float64)
+    if array.dtype == bool:
+        return values * 255.0
+    if array.dtype.kind in "ui":
+        bits = 8 * array.dtype.itemsize
+        if bits > 16:
+            top = int(array.max(initial=0))
+            bits = 8 if top <= 255 else 16 if top <= 65535 else bits - (array.dtype.kind == "i")
+        elif array.dtype.kind == "i":
+            bits -= 1
+        return values * (255.0 / (2**bits - 1))
+    low, high = values.min(initial=0.0), values.max(initial=0.0)
+    if low >= 0.0 and high <= 1.0:
+        return values * 255.0
+    if low >= 0.0 and high <= 255.0:
+        return values
+    return (values - low) * (255.0 / (high - low))
 
 
 @dataclass(frozen=True)
@@ -315,8 +345,11 @@ class Explainer:
         return dict(zip(self.outputs, values))
 
     def class_index(self, target: int | str) -> int:
-        """A class index from an index or a label name, checked against the number of classes."""
+        """A class index from an index or a label name, checked against the number of classes; a
+        negative index stays negative: the compiled model reads it as each sample's top class."""
         index = self._index(target)
+        if index < 0:
+            return -1
         if self.classes is not None and not 0 <= index < self.classes:
             raise ExplainError(f"class {target} is out of range: the model has {self.classes} classes "
                                f"(0–{self.classes - 1})")
@@ -328,6 +361,8 @@ class Explainer:
     def explain_photos(self, photos: np.ndarray, target: int | str | None = None,
                        top_k: int | None = None) -> Explanation:
         """Explain prepared photos (``prepare``): the predicted class, ``target``, or the ``top_k`` best."""
+        if target is not None and self.class_index(target) < 0:  # −1: the top class, as the compiled model reads it
+            target = None
         if target is not None and top_k:
             raise ExplainError("give a target or top-k, not both")
         if top_k is not None and not 1 <= top_k <= (self.classes or top_k):
@@ -507,12 +542,33 @@ def read_labels(path: str | os.PathLike) -> list[str]:
 
 
 def collect_images(paths: Sequence[str | os.PathLike]) -> tuple[list[pathlib.Path], bool]:
-    """Image files from files and folders (recursively, sorted); whether a folder was given."""
+    """Image files from files and folders (recursively, sorted); whether a folder was given.
+
+    In a folder, the masks of an evaluate data set are not images to explain: ``<stem>.mask.png``
+    files, and the files a ``labels.csv`` lists in its ``mask`` column (``tools/make_benchmark.py``
+    keeps them in ``masks/``). A file named on the command line is always taken.
+    """
     found, folder = [], False
     for path in map(pathlib.Path, paths):
         if path.is_dir():
             folder = True
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            masks = _listed_masks(path)
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                            and not p.name.endswith(".mask.png") and p.resolve() not in masks)
         else:
             found.append(path)
     return found, folder
+
+
+def _listed_masks(folder: pathlib.Path) -> set[pathlib.Path]:
+    """The mask files the ``labels.csv`` files under ``folder`` name (resolved paths)."""
+    import csv
+
+    masks = set()
+    for table in folder.rglob("labels.csv"):
+        try:
+            with open(table, newline="") as stream:
+                masks |= {(table.parent / row["mask"]).resolve() for row in csv.DictReader(stream) if row.get("mask")}
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue  # not an evaluate data set: its files are what they are
+    return masks

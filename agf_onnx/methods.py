@@ -8,7 +8,7 @@ at the logits starts. Ops it does not list use their only relevance rule.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -138,12 +138,17 @@ class Method:
     def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool,
                  top_layer: bool = False) -> str | None:
         """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
-        kinds = list(kinds)
+        kinds = [kind for kind in kinds if kind not in OPT_IN_KINDS or kind == self.relevance.get(op_type)]
         for wanted in ([self.first_layer] if first_layer else []) + ([self.top_layer] if top_layer else []) + \
                 ([self.flat] if flat else []) + [self.relevance.get(op_type)]:
             if wanted in kinds:
                 return wanted
         return kinds[0] if len(kinds) == 1 else None
+
+
+#: Relevance rule kinds only a method that names them for an op gets; other methods get that op's
+#: other rule (RAP's ``magnitude`` split of residual sums; every other method keeps ``merge``).
+OPT_IN_KINDS = frozenset({"magnitude"})
 
 
 AGF = Method(
@@ -370,14 +375,19 @@ RAP = Method(
             "propagated separately from the target's one-hot",
     kind=Kind.RELEVANCE,
     start=target_score_start,
-    relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap"},
+    relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap", "Add": "magnitude", "Sum": "magnitude"},
     first_layer="zB",
     top_layer="rap_first",
     logit_relevance=lambda b, scores, one_hot: one_hot,
     formula="the authors' RAP_relprop: first_prop + redistribute at the logits layer (needs a Gemm/MatMul "
             "there), the sign-split proportional rule with shift_rel on hidden Conv/Gemm/MatMul, z^B at the input, "
-            "z-rule on pools (and on ReLU: their pass-through up to the 1e-9 stabiliser); Σ_c R / max R",
+            "z-rule on pools (and on ReLU: their pass-through up to the 1e-9 stabiliser); residual sums split by "
+            "magnitude Φ·abs(Xi)/(abs(X1)+abs(X2)+1e-9) (option residual=signed: the authors' Φ·Xi/Y); Σ_c R / max R",
 )
+
+#: RAP's rule at a residual sum ``Y = X1 + X2`` (option ``residual``): the stable split by magnitude
+#: (default) or the authors' signed ratio ``Φ·Xi/Y`` (for parity with their code).
+RESIDUAL_RULES = {"magnitude": "magnitude", "signed": "merge"}
 
 
 def _normalised_abs(b: GraphBuilder, x: str, rank: int) -> str:
@@ -468,6 +478,20 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise CompileError(f"unknown method '{name}' (available: {', '.join(METHODS)})")
     return METHODS[name]
+
+
+def with_options(method: Method, options: Mapping) -> Method:
+    """The method as its options change its rules: RAP's ``residual`` (``RESIDUAL_RULES``) picks the
+    rule of Add/Sum nodes with several data inputs; other methods take no such option."""
+    residual = options.get("residual")
+    if residual is None:
+        return method
+    if method.relevance.get("Add") not in RESIDUAL_RULES.values():
+        raise CompileError(f"--residual {residual}: only RAP has a choice of residual-sum rule (--method rap)")
+    if residual not in RESIDUAL_RULES:
+        raise CompileError(f"--residual {residual}: expected one of {', '.join(RESIDUAL_RULES)}")
+    kind = RESIDUAL_RULES[residual]
+    return replace(method, relevance={**method.relevance, "Add": kind, "Sum": kind})
 
 
 # -- the flat layer policy ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .explain import ExplainError, ImageExplanation
+from .plots import DEFAULT_COLOUR_MAP
 from .report import ImageResult, unique_stem, write_gallery, write_image_outputs, write_results
 
 OUTPUT_FORMATS = ("files", "npz-shards", "parquet")
@@ -32,7 +33,7 @@ class ExplainOutputs:
     """Writes each image's outcome as it arrives; ``close`` writes ``results.json`` (and the gallery)."""
 
     def __init__(self, out: pathlib.Path, sources: Sequence[str], output_format: str = "files",
-                 shard_size: int = 1024) -> None:
+                 shard_size: int = 1024, cmap: str = DEFAULT_COLOUR_MAP) -> None:
         if output_format not in OUTPUT_FORMATS:
             raise ExplainError(f"--output-format {output_format}: expected one of {', '.join(OUTPUT_FORMATS)}")
         if output_format == "parquet":
@@ -41,6 +42,7 @@ class ExplainOutputs:
             except ImportError:
                 raise ExplainError("--output-format parquet needs pyarrow: pip install 'agf-onnx[ray]'") from None
         self.out, self.format, self.shard_size, self.count = out, output_format, shard_size, len(sources)
+        self.cmap = cmap
         self.seen = np.zeros(len(sources), bool)
         self.explained = 0
         self.failed: list[dict] = []
@@ -67,7 +69,7 @@ class ExplainOutputs:
             result.notes, result.error = outcome.notes, outcome.error
             explanation = outcome.explanation
             if explanation is not None:
-                write_image_outputs(explanation, 0, self.out, self.stems[outcome.index], result)
+                write_image_outputs(explanation, 0, self.out, self.stems[outcome.index], result, cmap=self.cmap)
                 if explanation.ssl_targets is not None:  # a self-supervised model (--ssl-bank): its t and L_N
                     result.ssl_target = int(explanation.ssl_targets[0])
                     result.ssl_neighbour = int(explanation.ssl_neighbours[0])
@@ -77,22 +79,40 @@ class ExplainOutputs:
                 self._write_shard()
         return True
 
+    def open(self, settings: dict) -> pathlib.Path:
+        """A ``results.json`` that says the run is under way (``"complete": false``), written before
+        the first image: a folder whose run was killed says so even when nothing else could be written."""
+        return self._write_results(settings, complete=False)
+
+    def abandon(self, settings: dict, reason: str) -> pathlib.Path:
+        """``results.json`` for the images done so far, marked ``"complete": false`` with ``reason``
+        (an interrupted run: Ctrl-C, a failed engine)."""
+        if self.format != "files" and self.pending:
+            self._write_shard()
+        return self._write_results({**settings, "interrupted": reason}, complete=False)
+
     def close(self, settings: dict, title: str, gallery: bool = True) -> pathlib.Path:
-        """``results.json``, and in ``files`` format the ``index.html`` gallery when ``gallery``."""
+        """``results.json`` (``"complete": true``), and in ``files`` format the ``index.html`` gallery when ``gallery``."""
         missing = np.flatnonzero(~self.seen)
         if len(missing):  # an engine that lost images must not pass for a complete run
             raise ExplainError(f"{len(missing)} image(s) got no result, e.g. index {int(missing[0])}")
-        if self.format == "files":
-            path = write_results(self.out, self.results, settings)
-            if gallery:
-                write_gallery(self.out, self.results, title)
-            return path
-        if self.pending:
+        if self.format != "files" and self.pending:
             self._write_shard()
+        path = self._write_results(settings, complete=True)
+        if self.format == "files" and gallery:
+            write_gallery(self.out, self.results, title)
+        return path
+
+    def _write_results(self, settings: dict, complete: bool) -> pathlib.Path:
+        """``results.json``: in ``files`` format one entry per image seen so far (all of them when
+        complete), else the shards written so far and the failed images."""
+        if self.format == "files":
+            done = self.results if complete else [r for r, seen in zip(self.results, self.seen) if seen]
+            return write_results(self.out, done, settings, complete)
         path = self.out / "results.json"
-        path.write_text(json.dumps({"settings": settings, "format": self.format, "images": self.count,
-                                    "explained": self.explained, "shards": self.shards, "failed": self.failed},
-                                   indent=2))
+        path.write_text(json.dumps({"complete": complete, "settings": settings, "format": self.format,
+                                    "images": self.count, "explained": self.explained, "shards": self.shards,
+                                    "failed": self.failed}, indent=2))
         return path
 
     def _write_shard(self) -> None:

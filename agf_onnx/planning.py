@@ -73,6 +73,10 @@ def find_logits(graph: GraphView, logits: str | None) -> str:
     if logits is not None:
         if logits not in graph.producer and logits not in graph.inputs:
             raise CompileError(f"--logits: the model has no tensor '{logits}'")
+        shape = graph.shapes.get(logits, ())
+        if shape and not _is_score_shape(shape):  # a segmentation map, features: no class per sample to explain
+            raise CompileError(f"--logits {logits}: shape {['N', *shape[1:]]} is not [N, classes] (nor [N, classes, "
+                               "1, 1]); the class scores to explain hold one score per class for each image")
     else:
         candidates = [name for name in graph.outputs if _is_score_shape(graph.shapes.get(name, ()))
                       and graph.dtypes.get(name) == TensorProto.FLOAT]

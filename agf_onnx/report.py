@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .explain import Explanation
+from .plots import DEFAULT_COLOUR_MAP
 
 
 @dataclass
@@ -37,10 +38,10 @@ def unique_stem(path: pathlib.Path, taken: set[str]) -> str:
 
 
 def write_image_outputs(explanation: Explanation, i: int, out: pathlib.Path, stem: str, result: ImageResult,
-                        top: int = 5) -> None:
-    """``<stem>_agf.png`` (photo + one overlay per explained class) and ``<stem>_heatmap.npy``."""
+                        top: int = 5, cmap: str = DEFAULT_COLOUR_MAP) -> None:
+    """``<stem>_agf.png`` (photo + one titled overlay per explained class, a colour bar) and ``<stem>_heatmap.npy``."""
     overlay, heatmap = out / f"{stem}_agf.png", out / f"{stem}_heatmap.npy"
-    explanation.overlay(i).save(overlay)
+    explanation.overlay(i, cmap=cmap).save(overlay)
     np.save(heatmap, explanation.heatmaps[i])
     result.overlay, result.heatmap = overlay.name, heatmap.name
     if explanation.probabilities is not None:
@@ -53,9 +54,11 @@ def write_image_outputs(explanation: Explanation, i: int, out: pathlib.Path, ste
                         for c in explanation.targets[i]]
 
 
-def write_results(out: pathlib.Path, results: list[ImageResult], settings: dict) -> pathlib.Path:
+def write_results(out: pathlib.Path, results: list[ImageResult], settings: dict, complete: bool = True) -> pathlib.Path:
+    """``results.json``; ``complete`` false marks a run under way or interrupted (the images listed are those done)."""
     path = out / "results.json"
-    path.write_text(json.dumps({"settings": settings, "images": [r.__dict__ for r in results]}, indent=2))
+    path.write_text(json.dumps({"complete": complete, "settings": settings, "images": [r.__dict__ for r in results]},
+                               indent=2))
     return path
 
 
@@ -80,7 +83,8 @@ def write_gallery(out: pathlib.Path, results: list[ImageResult], title: str) -> 
 .card{{display:inline-block;vertical-align:top;margin:.5em;padding:.5em;background:#fff;border:1px solid #ddd;max-width:48em}}
 .card img{{max-width:100%}} .error{{border-color:#c00;color:#c00}} ol{{margin:.2em 0}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>Red: evidence for the explained class; blue: evidence against. Left of each row: the image as the model saw it.</p>
+<p>Each overlay is titled with the explained class and its probability; its colour bar shows the scale (+1: the
+strongest evidence for the class, −1: as strong against). Left of each row: the image as the model saw it.</p>
 {"".join(cards)}
 </body></html>
 """
@@ -94,3 +98,12 @@ def progress_bar(total: int, description: str | None = None):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="image", file=sys.stderr, desc=description)
+
+
+def warn(message: str, bar=None) -> None:
+    """``message`` on its own line of stderr, above the progress bar ``bar`` when one is drawn
+    (never inside the bar's line)."""
+    if bar is None:
+        print(message, file=sys.stderr)
+    else:
+        bar.write(message, file=sys.stderr)

@@ -4,8 +4,10 @@ For a model ``M = head ∘ features`` trained without labels and a bank ``B`` (`
 feature vectors ``features(J)`` of reference images (``agf-onnx bank``):
 
     L_I = features(I)                          flattened per image, [N, D]
-    n   = argmin_r ‖L_I − B_r‖₂                the nearest bank row (first one on ties), ``ssl_neighbour``
-    L_N = B_n
+    n   = argmin_{r ∉ S} ‖L_I − B_r‖₂          the nearest bank row that is not the image itself
+                                               (first one on ties), ``ssl_neighbour``
+    S   = {r : ‖L_I − B_r‖² ≤ 1e-5 (‖L_I‖² + ‖B_r‖²)}   the rows at distance 0: the image itself
+    L_N = B_n                                  (0, and n = −1, where every row is in S)
     v   = head(L_I − L_N)                      diff: Algorithm 2
         | head(L_I + L_N)                      sum:  the paper's Σ ablation (Table 4)
         | head(L_I)                            none: no neighbour (v is the model's own logits)
@@ -15,7 +17,10 @@ and the chosen method explains class ``t`` of ``M``; a non-negative ``target`` i
 and ``top_k`` explains the K best classes of ``v``. The distances are ``‖B_r‖² − 2 L_I·B_r`` (one
 Gemm: a MatMul against the bank transposed in place, so the bank is stored once), which is
 ``‖L_I − B_r‖² − ‖L_I‖²``: the per-image constant ``‖L_I‖²`` does not move the argmin, and leaving it
-out spares the rounding that adding it would bring. ``head`` is the model's own subgraph from the
+out of the ranking spares the rounding that adding it would bring; it is added only to tell the
+image itself (distance 0) from the other rows. The paper's neighbour is another image: an image in
+its own bank would otherwise find itself (L_I − L_N = 0, v = head(0), the same class t for every
+such image). ``head`` is the model's own subgraph from the
 features tensor to the logits, cloned to read the shifted features: the weights are shared, so the
 compiled file grows by the bank (one float32 initializer) and a few small nodes. With ``none`` the
 bank is not stored and ``ssl_neighbour`` is −1.
@@ -66,9 +71,15 @@ def load_bank(bank: BankLike, argument: str = "--ssl-bank") -> np.ndarray:
         if not os.path.isfile(bank):
             raise CompileError(f"{where}: no such file")
         try:
+            with open(bank, "rb") as stream:
+                is_npy = stream.read(6) == b"\x93NUMPY"  # the .npy magic string
+            if not is_npy:  # NumPy would try a pickle and say so: not a useful message
+                raise CompileError(f"{where}: not a NumPy .npy file (`agf-onnx bank` writes one)")
             bank = np.load(bank, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise CompileError(f"{where}: not a NumPy .npy file ({error})") from error
+        except OSError as error:
+            raise CompileError(f"{where}: cannot read it ({error.strerror or error})") from error
+        except ValueError as error:  # an object array, or a truncated file
+            raise CompileError(f"{where}: not a bank of float vectors ({str(error).splitlines()[0]})") from error
     array = np.asarray(bank)
     if not np.issubdtype(array.dtype, np.floating):
         raise CompileError(f"{where}: the bank holds {array.dtype} values; expected floats (the feature vectors "
@@ -139,6 +150,38 @@ def _clone_head(b: GraphBuilder, head: Sequence[onnx.NodeProto], features: str, 
     return renamed
 
 
+#: A bank row counts as the image itself when ‖L_I − B_r‖² ≤ SELF_MATCH · (‖L_I‖² + ‖B_r‖²). The
+#: distance is formed as ‖B_r‖² − 2 L_I·B_r + ‖L_I‖² in float32, whose cancellation leaves about
+#: 1e-7 × the norms of a true 0 (and the same image run in another batch differs by rounding):
+#: 1e-5 stays 100× above that, while two different images' features are much farther apart.
+SELF_MATCH = 1e-5
+#: The distance given to excluded rows: no true distance reaches it.
+_EXCLUDED = float(np.finfo(np.float32).max)
+
+
+def _nearest_other(b: GraphBuilder, own: str, bank: np.ndarray) -> tuple[str, str]:
+    """The nearest bank row to each ``own`` row [N, D] that is not the image itself, and that row
+    (L_N). The paper's neighbour is another image: an image found in the bank would be its own
+    neighbour (L_I − L_N = 0, v = the head's bias, one class for every such image), so rows at
+    distance 0 (``SELF_MATCH``) are excluded. Where every row is the image itself the neighbour
+    is −1 and L_N = 0 (v = head(L_I), as ``none``)."""
+    squared_norms = (bank.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    # ‖B_r‖² − 2 L_I·B_r: ‖L_I − B_r‖² − ‖L_I‖², one Gemm against the bank stored once
+    rows, norms = b.const(bank), b.const(squared_norms)  # stored once, read twice
+    shifted_distances = b.Gemm(own, rows, norms, alpha=-2.0, beta=1.0, transB=1)
+    own_norms = b.ReduceSumSquare(own, axes=[1], keepdims=1)  # [N, 1]
+    distances = b.Add(shifted_distances, own_norms)
+    tolerance = b.Mul(b.Add(own_norms, norms), b.const(SELF_MATCH))
+    itself = b.LessOrEqual(distances, tolerance)
+    candidates = b.Where(itself, b.const(_EXCLUDED), shifted_distances)
+    closest = b.ArgMin(candidates, axis=1, keepdims=0, select_last_index=0)
+    found = b.Less(b.ReduceMin(candidates, axes=[1], keepdims=0), b.const(_EXCLUDED))  # [N] bool
+    neighbour = b.Where(found, closest, b.const(-1, np.int64))
+    nearest = b.Mul(b.Gather(rows, closest, axis=0),
+                    b.Cast(b.Unsqueeze(found, b.ints([1])), to=TensorProto.FLOAT))  # L_N [N, D], 0 when none
+    return neighbour, nearest
+
+
 def emit(b: GraphBuilder, plan: Plan, bank: BankLike, features: str | None = None, mode: str = "diff") -> SSLGraph:
     """Emit L_I, the nearest bank row, v and t (module docstring) for the model in ``plan``."""
     if mode not in MODES:
@@ -160,10 +203,7 @@ def emit(b: GraphBuilder, plan: Plan, bank: BankLike, features: str | None = Non
                                                                                     [1], [-1]))
         else:
             own = b.Reshape(features, b.ints([0, width]))  # L_I [N, D]
-            squared_norms = (bank.astype(np.float64) ** 2).sum(1).astype(np.float32)
-            distances = b.Gemm(own, b.const(bank), b.const(squared_norms), alpha=-2.0, beta=1.0, transB=1)
-            neighbour = b.ArgMin(distances, axis=1, keepdims=0, select_last_index=0)
-            nearest = b.Gather(b.const(bank), neighbour, axis=0)  # L_N [N, D]
+            neighbour, nearest = _nearest_other(b, own, bank)
             shifted = b.Sub(own, nearest) if mode == "diff" else b.Add(own, nearest)
             renamed = _clone_head(b, head, features, b.Reshape(shifted, b.ints([0, *dims[1:]])))
             scores = as_scores(b, renamed[plan.logits], logits_shape)

@@ -8,6 +8,10 @@ Relevance:
   ``ΦXi = ±Xi ⊙ sdiv(Φ, Y ⊙ 1[Φ≠0])``; with one data input and constants (a bias, a mean
   subtracted in preprocessing, BatchNorm written out) ``ΦX = Φ``, as a linear layer's bias
   takes no relevance in the authors' rules.
+- ``magnitude`` (Add, Sum; RAP's residual sums, spec "RAP at a residual sum"): the split by
+  magnitude ``ΦXi = Φ ⊙ |Xi| / (Σj |Xj| + 1e-9)``: the shares have Φ's sign and sum to Φ, and
+  never exceed it where the branches nearly cancel (``Y ≈ 0``), where the signed ratio ``Xi/Y`` of
+  ``merge`` amplifies round-off (CUDA against CPU r 0.27–0.49 on ResNet-50). One data input: ``ΦX = Φ``.
 - ``gate`` (Mul): a gate ``x ⊙ s(x)`` (SiLU, HardSwish written out, squeeze-excitation, GELU's
   ``x · ½(1 + erf(x/√2))``) gives all relevance to the signal ``x``, the input the other one is
   computed from; a constant scale passes relevance through; a product of two independent data
@@ -70,6 +74,20 @@ def _merge(b: GraphBuilder, node: NodeView, negated: int | None) -> list[str | N
 def sum_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
     """z-rule across data inputs (residual merge); Φ passes through a constant bias."""
     return _merge(b, node, negated=None)
+
+
+@relevance("Add", "Sum", kind="magnitude")
+def sum_magnitude_relevance(b: GraphBuilder, node: NodeView) -> list[str | None]:
+    """split by magnitude across data inputs, Φ·abs(Xi) / (Σ abs(Xj) + 1e-9) (RAP's residual sums); Φ passes through a bias."""
+    data, relevance_out = _data_inputs(node), node.relevance[0]
+    if len(data) == 1:
+        return data_only(node, {data[0]: _to_input(b, node, data[0], relevance_out)})
+    magnitudes = {i: b.Abs(node.inputs[i]) for i in data}
+    total = magnitudes[data[0]]
+    for i in data[1:]:
+        total = b.Add(total, magnitudes[i])
+    ratio = b.Div(relevance_out, b.Add(total, b.const(1e-9)))
+    return data_only(node, {i: _to_input(b, node, i, b.Mul(magnitudes[i], ratio)) for i in data})
 
 
 def centred(graph: GraphView, tensor: str) -> str | None:

@@ -153,16 +153,27 @@ class Tape:
 
 def explain(model: nn.Module, images: torch.Tensor, target=None, dtype=torch.float64, flat_policy="authors"):
     """The AGF heatmap ``[N, 1, H, W]`` of ``model`` (a ``VGGish`` or ``ResNetish``)."""
+    return heatmap(relevance_at_image(model, images, target, dtype, flat_policy))
+
+
+def relevance_at_image(model: nn.Module, images: torch.Tensor, target=None, dtype=torch.float64,
+                       flat_policy="authors", seed=None) -> torch.Tensor:
+    """AGF's relevance Φ₀ ``[N, C, H, W]`` at the image, before the heatmap's scaling. ``seed``: a
+    function of (logits, targets) giving the gradient that starts the stream at the logits in place
+    of the spec's ŷ_t start (a contrast's others' seed, ``--contrast``)."""
     model = copy.deepcopy(model).to(dtype).eval()
     x = images.to(dtype).detach().requires_grad_(True)
     walk = _vgg if isinstance(model, VGGish) else _resnet
-    return heatmap(walk(model, x, target, flat_policy)).detach()
+    return walk(model, x, target, flat_policy, seed).detach()
 
 
-def _start(logits, target):
+def _start(logits, target, seed=None):
     target = logits.argmax(1) if target is None else torch.as_tensor(target).expand(logits.shape[0])
     target = torch.where(target < 0, logits.argmax(1), target)
-    target_score(logits, target).backward()
+    if seed is None:
+        target_score(logits, target).backward()
+    else:
+        logits.backward(seed(logits.detach(), target))
 
 
 def _conv(conv, x, gradient_out, relevance, first, flat):
@@ -177,7 +188,7 @@ def _is_pointwise(conv):
     return conv.kernel_size == (1, 1)
 
 
-def _vgg(model, x, target, flat_policy):
+def _vgg(model, x, target, flat_policy, seed=None):
     tape = Tape()
     h = x
     for module in model.features:
@@ -186,7 +197,7 @@ def _vgg(model, x, target, flat_policy):
     h = tape(None, features, lambda t: torch.flatten(t, 1))
     for module in model.classifier:
         h = tape(module, h)
-    _start(h, target)
+    _start(h, target, seed)
     records = tape.records
     *below, (_, top_input, _) = records
     relevance = top_input * top_input.grad
@@ -237,7 +248,7 @@ def _block_forward(block, x, tape):
     return out, record
 
 
-def _resnet(model, x, target, flat_policy):
+def _resnet(model, x, target, flat_policy, seed=None):
     tape = Tape()
     stem = tape(model.conv1, x)
     stem_bn = tape(model.bn1, stem)
@@ -252,7 +263,7 @@ def _resnet(model, x, target, flat_policy):
     gap = tape(model.avgpool, h)
     flat = tape(None, gap, lambda t: torch.flatten(t, 1))
     logits = tape(model.fc, flat)
-    _start(logits, target)
+    _start(logits, target, seed)
 
     relevance = (flat * flat.grad).detach().reshape(gap.shape)
     relevance = z_rule(model.avgpool, h.detach(), relevance)

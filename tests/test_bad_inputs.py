@@ -412,3 +412,28 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class _Segmenter(torch.nn.Module):
+    """A per-pixel classifier: scores [N, 5, H, W], no class per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 5, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_logits_that_are_a_segmentation_map_are_named_not_an_internal_error(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "seg.onnx"
+    torch.onnx.export(_Segmenter().eval(), (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"],
+                      output_names=["map"], dynamic_axes={"x": {0: "N"}, "map": {0: "N"}}, dynamo=False)
+    out = tmp_path / "seg_agf.onnx"
+    assert main(["compile", str(path), "-o", str(out), "--logits", "map"]) == 1
+    error = capsys.readouterr().err
+    assert error == (f"agf-onnx: error: {path}: --logits map: shape ['N', 5, 16, 16] is not [N, classes] (nor "
+                     "[N, classes, 1, 1]); the class scores to explain hold one score per class for each image\n")
+    assert not out.exists()

@@ -4,6 +4,7 @@ exit code and no output file."""
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+import agf_onnx
 from agf_onnx.cli import main
 
 from . import models
@@ -97,3 +99,37 @@ def test_rules_prints_the_coverage_table(capsys):
     assert main(["rules"]) == 0
     table = capsys.readouterr().out
     assert "| Conv | `conv.py` |" in table and "`zB`" in table and "Softmax" in table
+
+
+class _Wide(torch.nn.Module):
+    """A 224×224 classifier with 300 classes, its input named as the README's example names it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+        self.fc = torch.nn.Linear(8, 300)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_the_readmes_onnx_runtime_example_runs_and_loads_cuda_only_where_it_can(tmp_path):
+    """The README's Python example, verbatim but for the file name, in a fresh process: on a machine
+    where the GPU wheel cannot load CUDA (CI) it prints no 'Failed to load' error and runs on the CPU."""
+    import re
+
+    torch.manual_seed(0)
+    original = tmp_path / "model.onnx"
+    torch.onnx.export(_Wide().eval(), (torch.randn(1, 3, 224, 224),), str(original), input_names=["input"],
+                      output_names=["scores"], dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}}, dynamo=False)
+    onnx.save(agf_onnx.compile(str(original)), tmp_path / "model_agf.onnx")
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(import numpy as np\nimport onnxruntime as ort\n.*?)```", readme, re.S).group(1)
+    assert "get_providers()" in example and "set_default_logger_severity(4)" in example
+    done = subprocess.run([sys.executable, "-c", example + "\nprint(heatmap.shape)\n"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Failed to load" not in done.stderr and "libcublas" not in done.stderr
+    providers, shape = done.stdout.splitlines()[:2]
+    assert providers in ("['CPUExecutionProvider']", "['CUDAExecutionProvider', 'CPUExecutionProvider']")
+    assert shape == "(2, 1, 224, 224)"

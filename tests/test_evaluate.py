@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import agf_onnx
-from agf_onnx import cli, metrics
+from agf_onnx import cli, evaluate, metrics
 from agf_onnx.evaluate import EvaluateError, Evaluation, Sample, load_dataset, object_masks
+from agf_onnx.methods import METHODS
 from tools import make_benchmark
 
 from . import models
@@ -248,11 +249,79 @@ def test_evaluate_refuses_bad_input_with_exit_1_and_no_output(tmp_path, capsys):
                      "--methods", "gradient", "-q"])
     assert code == 1 and "seen.png: class 12 is out of range: the model has 10 classes" in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data.csv").write_text("file,label\nbroken.png,2\n")
+    code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
+                     "--methods", "gradient", "-q"])
+    assert code == 1 and "no readable image" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_skips_an_unreadable_image_with_a_warning_as_explain_does(tmp_path, capsys):
+    onnx.save(models.export(models.seeded(models.VGGish(), image=32), 32), tmp_path / "vgg.onnx")
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(tmp_path / "seen.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "data.csv").write_text("file,label\nseen.png,1\nbroken.png,2\n")
     code = cli.main(["evaluate", str(tmp_path / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
                      "--methods", "gradient", "-q"])
-    assert code == 1 and "broken.png: not a readable image" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    printed = capsys.readouterr()
+    assert code == 0
+    warning = [line for line in printed.err.splitlines() if "broken.png" in line]
+    assert len(warning) == 1 and "not a readable image" in warning[0] and "skipped" in warning[0]
+    assert "1 images, 1 method (gradient)" in printed.out  # and never "1 methods"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["images"] == 1 and results["complete"] is True
+    assert results["settings"]["skipped_images"] == [warning[0].split("warning: ", 1)[1]]
+
+
+@pytest.fixture(scope="module")
+def cnn_and_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cnn")
+    make_benchmark.generate(folder / "data", 3, seed=3, size=32, source="digits")
+    onnx.save(models.export(models.seeded(models.VGGish(), image=32), 32), folder / "vgg.onnx")
+    return folder / "vgg.onnx", folder / "data"
+
+
+def test_a_method_named_that_cannot_apply_is_refused_before_any_work(cnn_and_data, tmp_path, capsys, monkeypatch):
+    model, data = cnn_and_data
+    scored = []
+    monkeypatch.setattr(evaluate.Evaluation, "run", lambda *args, **kwargs: scored.append(1))
+    code = cli.main(["evaluate", str(model), str(data), "-o", str(tmp_path / "out"), "--methods", "agf,chefer"])
+    printed = capsys.readouterr()
+    assert code == 2 and not scored and not (tmp_path / "out").exists()
+    errors = [line for line in printed.err.splitlines() if line.strip()]
+    assert errors == ["agf-onnx: error: --methods chefer: --method chefer: no attention (a Softmax whose output "
+                      "multiplies the values in a MatMul) on the path from the image to the logits"]
+
+
+def test_the_default_set_skips_what_cannot_apply_and_says_so(cnn_and_data):
+    model, _ = cnn_and_data
+    kept, skipped = evaluate.usable_methods(model, list(METHODS), explicit=False)
+    assert list(skipped) == ["chefer"] and "no attention" in skipped["chefer"]
+    assert kept == [m for m in METHODS if m != "chefer"]
+    with pytest.raises(evaluate.MethodRefused, match="--methods chefer: --method chefer: no attention"):
+        evaluate.usable_methods(model, ["chefer", "agf"], explicit=True)
+
+
+def test_each_method_is_written_as_it_completes(cnn_and_data, tmp_path, capsys, monkeypatch):
+    """A failure in the third method leaves the first two on disk (results.json marked partial), and
+    the message is a line of its own, not part of the progress bar's."""
+    model, data = cnn_and_data
+    make_explainer = evaluate.Evaluation.explainer
+
+    def failing_third(self, method):
+        if method == "lrp":
+            raise evaluate.EvaluateError("lrp: disk full (injected)")
+        return make_explainer(self, method)
+
+    monkeypatch.setattr(evaluate.Evaluation, "explainer", failing_third)
+    code = cli.main(["evaluate", str(model), str(data), "-o", str(tmp_path / "out"), "--methods",
+                     "gradient,gradcam,lrp", "--preset", "symmetric", "--batch-size", "1"])
+    printed = capsys.readouterr()
+    assert code == 1
+    assert "agf-onnx: error: lrp: disk full (injected)" in printed.err.splitlines()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] is False and list(results["methods"]) == ["gradient", "gradcam"]
+    assert "(partial: 2 of 3 methods)" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_evaluate_passes_the_method_options_on(tmp_path):
@@ -289,3 +358,22 @@ def test_evaluate_a_pretrained_classifier_on_a_class_folder_of_photos(tmp_path):
     assert "segmentation" not in results["methods"]["agf"], "no masks, no segmentation scores"
     for entry in results["methods"].values():
         assert 0 <= entry["perturbation"]["negative"]["predicted"]["auc"] <= 80
+
+
+def test_the_quick_benchmark_preset_is_small_and_labelled(tmp_path, capsys):
+    """make_benchmark --quick: 600 training and 50 test canvases; train_benchmark --quick: 2 epochs, the
+    model named ARCH_quick.onnx and its metadata saying what it is (here on a 24-canvas set)."""
+    from tools import train_benchmark
+
+    make_benchmark.main([str(tmp_path / "quick"), "--quick", "--source", "digits"])
+    assert len(load_dataset(tmp_path / "quick" / "train" / "labels.csv")) == make_benchmark.QUICK["train"] == 600
+    assert len(load_dataset(tmp_path / "quick" / "test" / "labels.csv")) == make_benchmark.QUICK["test"] == 50
+    for split, count in (("train", 24), ("test", 6)):
+        make_benchmark.generate(tmp_path / "tiny" / split, count, seed=0, size=64, split=split, source="digits")
+    train_benchmark.main([str(tmp_path / "tiny"), "--arch", "vgg", "--quick", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert printed.count("epoch ") == train_benchmark.QUICK_EPOCHS == 2
+    model = onnx.load(tmp_path / "tiny" / "vgg_quick.onnx")
+    label = {p.key: p.value for p in model.metadata_props}["agf_onnx.benchmark"]
+    assert label.startswith("quick preset: 24 training canvases, 2 epochs") and "not the README's" in label
+    assert "(quick preset:" in printed

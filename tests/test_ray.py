@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from agf_onnx import cli
-from agf_onnx.distributed import CRASH_AFTER, RayEngine
+from agf_onnx.distributed import RayEngine
 from agf_onnx.evaluate import ImageScores, Tally, summary
 from agf_onnx.outputs import read_shard
 from tools import make_benchmark
@@ -59,6 +59,30 @@ def bench(tmp_path_factory):
     return folder
 
 
+def dying_after_one_batch(monkeypatch, marker) -> None:
+    """Make the first Ray worker to start its second batch exit abruptly (as a killed process does),
+    once (the ``marker`` file records it): the engine's actor classes replaced by subclasses made
+    here, which cloudpickle ships to the workers by value, so no hook lives in the package."""
+
+    def dying(worker: type) -> type:
+        class Dying(worker):
+            def __call__(self, batch):
+                self.batches = getattr(self, "batches", 0) + 1
+                if self.batches == 2:
+                    try:
+                        open(marker, "x").close()
+                    except FileExistsError:  # this fault has happened already
+                        pass
+                    else:
+                        os._exit(17)
+                return super().__call__(batch)
+
+        return Dying
+
+    monkeypatch.setattr(RayEngine, "explain_worker", dying(RayEngine.explain_worker))
+    monkeypatch.setattr(RayEngine, "evaluate_worker", dying(RayEngine.evaluate_worker))
+
+
 def _numbers(path) -> dict:
     """results.json without the timings and the settings that name the engine."""
     results = json.loads(path.read_text())
@@ -74,7 +98,7 @@ def test_evaluate_on_ray_gives_the_local_numbers_even_when_a_worker_dies(engine,
     assert cli.main([*common, "-o", str(tmp_path / "local")]) == 0
     # the first worker to start its second batch dies (4 batches on 2 workers: one of them has a second);
     # Ray reruns that batch on a fresh worker
-    monkeypatch.setenv(CRASH_AFTER, f"1:{tmp_path / 'crashed'}")
+    dying_after_one_batch(monkeypatch, str(tmp_path / "crashed"))
     assert cli.main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"]) == 0
     assert (tmp_path / "crashed").exists(), "the fault was injected"
     local, distributed = _numbers(tmp_path / "local" / "results.json"), _numbers(tmp_path / "ray" / "results.json")
@@ -137,7 +161,7 @@ def test_explain_on_ray_writes_the_local_files(engine, bench, tmp_path, capsys):
 
 def test_a_killed_worker_loses_and_repeats_no_image_in_the_shards(engine, bench, tmp_path, monkeypatch):
     assert _explain(bench, tmp_path / "files") == 1
-    monkeypatch.setenv(CRASH_AFTER, f"1:{tmp_path / 'crashed'}")  # 4 batches on 2 workers: one gets a second
+    dying_after_one_batch(monkeypatch, str(tmp_path / "crashed"))  # 4 batches on 2 workers: one gets a second
     assert _explain(bench, tmp_path / "shards", "--engine", "ray", "--output-format", "npz-shards") == 1
     assert (tmp_path / "crashed").exists(), "the fault was injected"
     results = json.loads((tmp_path / "shards" / "results.json").read_text())

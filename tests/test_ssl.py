@@ -158,15 +158,61 @@ def test_bank_of_one_row(vgg):
     np.testing.assert_array_equal(outputs["ssl_target"][ok], v.argmax(1)[ok])
 
 
-def test_bank_holding_the_images_own_features(vgg):
-    """Distance 0: each image finds itself, so v = head(0) and t = argmax of the head's bias path."""
-    x = images(8, seed=8)
+def nearest_other(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """The nearest bank row per image that is not the image itself (float64 distance exactly 0 up to
+    float32 rounding of the same features), −1 where there is none: the paper's neighbour."""
+    flat = features.reshape(len(features), -1).astype(np.float64)
+    distances = ((flat[:, None, :] - bank.astype(np.float64)[None]) ** 2).sum(-1)
+    itself = distances <= 1e-9 * ((flat ** 2).sum(1)[:, None] + (bank.astype(np.float64) ** 2).sum(1)[None])
+    nearest = np.where(itself, np.inf, distances).argmin(1)
+    return np.where(itself.all(1), -1, nearest)
+
+
+def test_images_in_the_bank_find_another_image_not_themselves(vgg):
+    """Eight images whose own features are bank rows (shuffled, among others) and four that are not:
+    each finds the nearest other row; before the fix each of the eight found itself, so v = head(0)
+    and t was the same class for all of them."""
+    x = images(12, seed=8)
     features = vgg_features(x, VGG_LAST)
-    order = np.random.default_rng(9).permutation(8)
-    outputs = run(agf_onnx.compile(vgg, ssl_bank=features[order]), {"x": x})
-    np.testing.assert_array_equal(order[outputs["ssl_neighbour"]], np.arange(8))
-    expected = vgg_head(np.zeros((1, features.shape[1])), VGG_LAST).argmax(1)[0]
-    np.testing.assert_array_equal(outputs["ssl_target"], np.full(8, expected))
+    rng = np.random.default_rng(9)
+    others = features[8:] + 0.3 * float(features.std()) * rng.standard_normal(features[8:].shape).astype(np.float32)
+    bank = np.concatenate([features[:8], others, far_apart_bank(rng, 3, features.shape[1], float(features.std()))])
+    order = rng.permutation(len(bank))
+    bank = bank[order]
+    outputs = run(agf_onnx.compile(vgg, ssl_bank=bank), {"x": x, "target": np.full(12, -1, np.int64)})
+    own_row = np.argsort(order)[:8]  # where each of the first eight images' features went
+    assert (outputs["ssl_neighbour"][:8] != own_row).all(), "an image in the bank is not its own neighbour"
+    expected = nearest_other(features, bank)
+    assert (expected >= 0).all()
+    np.testing.assert_array_equal(outputs["ssl_neighbour"], expected)
+    v = vgg_head(features - bank[expected], VGG_LAST)
+    ok = decided(v)
+    assert ok.sum() >= 10
+    np.testing.assert_array_equal(outputs["ssl_target"][ok], v.argmax(1)[ok])
+    assert len(set(outputs["ssl_target"][:8].tolist())) > 1, "no longer one class for every image in the bank"
+
+
+def test_the_same_image_in_another_batch_is_still_itself(vgg):
+    """The bank written by ``agf-onnx bank`` (batches of 16) against the images explained one at a
+    time: features that differ by float rounding only are still the image itself."""
+    x = images(5, seed=13)
+    compiled = agf_onnx.compile(vgg, ssl_bank=vgg_features(x, VGG_LAST))
+    for n in range(5):
+        single = run(compiled, {"x": x[n:n + 1], "target": np.array([-1])})
+        assert single["ssl_neighbour"][0] != n
+    rows = vgg_features(x, VGG_LAST)
+    np.testing.assert_array_equal(run(compiled, {"x": x, "target": np.full(5, -1)})["ssl_neighbour"],
+                                  nearest_other(rows, rows))
+
+
+def test_a_bank_of_only_the_image_itself_has_no_neighbour(vgg):
+    """Every row is the image: no other image to compare with, so n = −1 and v = head(L_I)."""
+    x = images(1, seed=14)
+    features = vgg_features(x, VGG_LAST)
+    outputs = run(agf_onnx.compile(vgg, ssl_bank=np.concatenate([features, features])),
+                  {"x": x, "target": np.array([-1])})
+    assert outputs["ssl_neighbour"].tolist() == [-1]
+    assert outputs["ssl_target"].tolist() == vgg_head(features, VGG_LAST).argmax(1).tolist()
 
 
 def test_none_mode_explains_the_top_class_and_stores_no_bank(vgg):
@@ -321,11 +367,13 @@ def test_cli_bank_compile_explain(vgg, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["settings"]["ssl_mode"] == "sum"
     x = np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(4)]).astype(np.float32) / 255.0
-    outputs = run(onnx.load(compiled), {"x": x.transpose(0, 3, 1, 2)})
+    outputs = run(onnx.load(compiled), {"x": x.transpose(0, 3, 1, 2), "target": np.full(4, -1)})
+    bank = np.load(tmp_path / "bank.npy")
+    others = nearest_other(bank, bank)  # the bank holds these very images: each finds another one
     for i, entry in enumerate(results["images"]):
         assert entry["ssl_target"] == outputs["ssl_target"][i] and entry["ssl_neighbour"] == outputs["ssl_neighbour"][i]
         assert entry["explained"][0]["class"] == outputs["ssl_target"][i]
-        assert entry["ssl_neighbour"] == i  # the bank holds these very images
+        assert entry["ssl_neighbour"] == others[i] != i
 
 
 def test_evaluate_reports_ssl_target(vgg, tmp_path):
@@ -346,11 +394,13 @@ def test_evaluate_reports_ssl_target(vgg, tmp_path):
                  "--preset", "unit", "--ssl-bank", str(tmp_path / "bank.npy"), "-q"]) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     x = np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(4)]).astype(np.float32) / 255.0
-    outputs = run(agf_onnx.compile(vgg, ssl_bank=bank), {"x": x.transpose(0, 3, 1, 2)})
+    outputs = run(agf_onnx.compile(vgg, ssl_bank=bank), {"x": x.transpose(0, 3, 1, 2), "target": np.full(4, -1)})
+    others = nearest_other(bank, bank)  # the bank holds these very images: each finds another one
+    assert (others != np.arange(4)).all()
     for method in ("agf", "gradient"):
         entry = results["methods"][method]["ssl"]
         assert entry["mode"] == "diff" and entry["ssl_target"] == outputs["ssl_target"].tolist()
-        assert entry["ssl_neighbour"] == [0, 1, 2, 3]
+        assert entry["ssl_neighbour"] == others.tolist()
     assert results["settings"]["ssl_mode"] == "diff" and results["settings"]["features"] == VGG_LAST
     assert "'predicted' is the class t" in (tmp_path / "eval" / "results.md").read_text()
     # segmentation scores t's map (the explanation Algorithm 2 gives), not the label's
@@ -449,15 +499,18 @@ def test_cli_errors_name_the_argument_and_write_nothing(vgg, tmp_path, capsys):
     onnx.save(vgg, model)
     np.save(tmp_path / "narrow.npy", np.zeros((3, 10), np.float32))
     (tmp_path / "text.npy").write_text("not numpy")
+    np.savetxt(tmp_path / "bank.csv", np.zeros((3, 64)), delimiter=",")
     cases = [(["--ssl-bank", str(tmp_path / "narrow.npy")], "has 64 per image"),
              (["--ssl-bank", str(tmp_path / "missing.npy")], "missing.npy: no such file"),
              (["--ssl-bank", str(tmp_path / "text.npy")], "not a NumPy .npy file"),
+             (["--ssl-bank", str(tmp_path / "bank.csv")], "bank.csv: not a NumPy .npy file (`agf-onnx bank` writes one)"),
              (["--ssl-mode", "sum"], "--features and --ssl-mode need --ssl-bank")]
     for extra, message in cases:
         out = tmp_path / "out.onnx"
         assert main(["compile", str(model), "-o", str(out), *extra]) == 1
         error = capsys.readouterr().err
         assert error.startswith("agf-onnx: error:") and message in error and "Traceback" not in error
+        assert "pickle" not in error and error.count("\n") == 1  # one line, none of NumPy's allow_pickle text
         assert not out.exists()
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
@@ -471,9 +524,11 @@ def test_explainer_reads_t_and_refuses_top_k_it_cannot_rank(vgg):
     bank = agf_onnx.bank(vgg, list(x[::-1]), preset="unit")
     explainer = agf_onnx.Explainer(agf_onnx.compile(vgg, ssl_bank=bank), "cpu", preset="unit")
     explanation = explainer.explain(list(x))
-    outputs = run(agf_onnx.compile(vgg, ssl_bank=bank), {"x": explainer.to_tensor(x)})
+    outputs = run(agf_onnx.compile(vgg, ssl_bank=bank), {"x": explainer.to_tensor(x), "target": np.full(3, -1)})
     np.testing.assert_array_equal(explanation.targets[:, 0], outputs["ssl_target"])
-    np.testing.assert_array_equal(explanation.ssl_neighbours, [2, 1, 0])  # the bank holds them in reverse
+    # the bank holds them in reverse: each image's row (2, 1, 0) is itself, never its neighbour
+    np.testing.assert_array_equal(explanation.ssl_neighbours, nearest_other(bank[::-1], bank))
+    assert (explanation.ssl_neighbours != [2, 1, 0]).all()
     np.testing.assert_allclose(explanation.heatmaps, outputs["heatmap"], rtol=0, atol=1e-6)
     with pytest.raises(agf_onnx.CompileError, match="compile it with --top-k 2"):
         explainer.explain(list(x), top_k=2)

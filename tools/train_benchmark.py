@@ -6,6 +6,10 @@
     python tools/train_benchmark.py bench --arch vit --epochs 20 --threads 1
     python tools/train_benchmark.py bench --arch convnext --threads 1
 
+    python tools/make_benchmark.py quick --quick && python tools/train_benchmark.py quick --arch vgg --quick
+    agf-onnx evaluate quick/vgg_quick.onnx quick/test -o quick/eval --preset symmetric --methods agf,gradcam,lrp
+                                                           # a first table in about a minute, labelled quick
+
 A small VGG-style network (seven 3×3 conv/ReLU layers, four max pools, a three-layer classifier
 on the flattened 4×4 map)
 and a small ResNet-style one (stem, three BasicBlock stages with BatchNorm, global average pool),
@@ -205,6 +209,10 @@ def fit(model: nn.Module, x: torch.Tensor, batch_loss, report, epochs: int, seed
     return model.eval()
 
 
+#: Training epochs: the README's benchmark, and ``--quick``'s first look.
+EPOCHS, QUICK_EPOCHS = 12, 2
+
+
 def train(data: pathlib.Path, arch: str, epochs: int, seed: int, batch: int = 64, lr: float = 2e-3) -> nn.Module:
     torch.manual_seed(seed)
     classes = len((data / "train" / "classes.txt").read_text().split("\n")) - 1
@@ -219,21 +227,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=pathlib.Path, help="the folder make_benchmark.py wrote (with train/ and test/)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), required=True)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, help=f"default {EPOCHS}; --quick {QUICK_EPOCHS}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads (default: all); on a busy machine one thread is often faster")
-    parser.add_argument("-o", "--output", type=pathlib.Path, help="default: DATA/ARCH.onnx")
+    parser.add_argument("-o", "--output", type=pathlib.Path, help="default: DATA/ARCH.onnx (--quick: DATA/ARCH_quick.onnx)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_EPOCHS} epochs, the model named ARCH_quick.onnx and marked quick in its metadata: "
+                             "with make_benchmark.py --quick, a first table in about a minute (not the README's)")
     args = parser.parse_args(argv)
+    epochs = args.epochs if args.epochs is not None else QUICK_EPOCHS if args.quick else EPOCHS
     torch.set_num_threads(max(1, args.threads))
     began = time.perf_counter()
-    model = train(args.data, args.arch, args.epochs, args.seed)
+    model = train(args.data, args.arch, epochs, args.seed)
     classes = len((args.data / "train" / "classes.txt").read_text().split("\n")) - 1
     x, y = load_split(args.data / "test", classes)
-    output = args.output or args.data / f"{args.arch}.onnx"
-    onnx.save(export(model, x.shape[-1]), output)
+    output = args.output or args.data / f"{args.arch}{'_quick' if args.quick else ''}.onnx"
+    exported = export(model, x.shape[-1])
+    training = len((args.data / "train" / "labels.csv").read_text().splitlines()) - 1
+    preset = f"quick preset: {training} training canvases, {epochs} epochs (a first look, not the README's table)" \
+        if args.quick else f"{training} training canvases, {epochs} epochs"
+    onnx.helper.set_model_props(exported, {"agf_onnx.benchmark": preset})
+    onnx.save(exported, output)
     print(f"{output}: test top-1 {top1_accuracy(model, x, y):.1%} on {len(x)} canvases, "
-          f"trained in {time.perf_counter() - began:.0f} s")
+          f"trained in {time.perf_counter() - began:.0f} s ({preset})")
 
 
 if __name__ == "__main__":
