@@ -152,21 +152,19 @@ class _Adapter:
         self.model, self.version = model, version
         self.initializers: list[onnx.TensorProto] = []
         self._ranks: dict[str, int] | None = None
+        self.rank("")  # before any node changes
 
     def ints(self, name: str, values) -> str:
         self.initializers.append(numpy_helper.from_array(np.asarray(values, np.int64).reshape(-1), name))
         return name
 
     def rank(self, tensor: str) -> int | None:
-        """The rank ONNX's shape inference gives ``tensor`` in the original model, if it tells."""
+        """The rank of ``tensor`` in the original model, where shape inference tells it."""
         if self._ranks is None:
-            try:
-                inferred = shape_inference.infer_shapes(weightless(self.model))
-            except Exception:  # noqa: BLE001 - ranks stay unknown: the adapters take the general form
-                inferred = self.model
-            self._ranks = {info.name: len(info.type.tensor_type.shape.dim)
-                           for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-                           if info.type.tensor_type.HasField("shape")}
+            probes = _BatchProbes(self.model)  # follows Shape → Gather → Concat → Reshape by value
+            for node in self.model.graph.node:
+                probes.infer(node)
+            self._ranks = {name: len(dims) for name, dims in probes.dims[0].items()}
         return self._ranks.get(tensor)
 
     def adapt(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:

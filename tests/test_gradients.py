@@ -43,6 +43,7 @@ class Case:
     operands: list = field(default_factory=list)
     order: str = ""  # the node's inputs as data 'x' and constants 'c' (default: all data first)
     positive: bool = False  # x drawn from |N(0, 1)| + 0.5 (Sqrt, Pow by a fraction, a divisor)
+    opset: int = 17  # of the one-node model: the op in that opset's form
 
 
 def _pad(x, pads):  # ONNX begin/end pads (2-D) → F.pad order
@@ -147,6 +148,14 @@ CASES = [
     Case("Slice", (2, 6, 5, 5), lambda x, *_: x[:, 1:4, :, 2:], constants=[
         np.array([1, 2], np.int64), np.array([4, 100], np.int64), np.array([1, 3], np.int64)]),
     Case("Pad", (2, 3, 4, 4), lambda x, p: F.pad(x, (1, 2, 0, 3)), constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)]),
+    Case("Pad", (2, 3, 4, 5), lambda x, p: F.pad(x, (1, 2, 0, 3), mode="replicate"), attrs=dict(mode="edge"),
+         constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)], id="edge"),
+    Case("Pad", (2, 3, 4, 5), lambda x, p: F.pad(x, (1, 3, 2, 1), mode="reflect"), attrs=dict(mode="reflect"),
+         constants=[np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64)], id="reflect"),
+    Case("Pad", (2, 3, 4, 5), lambda x, p: F.pad(x, (1, 2, 0, 3), mode="circular"), attrs=dict(mode="wrap"),
+         constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)], opset=19, id="wrap"),
+    Case("Pad", (2, 3, 4, 5), lambda x, p, v, a: F.pad(x, (2, 1, 1, 3)), opset=18, id="axes-input",
+         constants=[np.array([1, 2, 3, 1], np.int64), np.float32(0), np.array([2, -1], np.int64)]),
     Case("Squeeze", (2, 1, 4), lambda x, a: x.squeeze(1), constants=[np.array([1], np.int64)]),
     Case("Unsqueeze", (2, 4), lambda x, a: x[:, None], constants=[np.array([1], np.int64)]),
     Case("LRN", (2, 7, 3, 3), lambda x: F.local_response_norm(x, 5, 1e-2, 0.75, 2.0),
@@ -260,7 +269,8 @@ def one_node_model(case: Case) -> onnx.ModelProto:
     graph = helper.make_graph([*prelude, node], "case",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape(case)[1:]])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)],
+                             ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", case.opset)]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" if c.id else c.op for c in CASES])
