@@ -352,8 +352,8 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 
     Results at batch ``B`` are unchanged (only shapes are rewritten; Expand copies). Each node's
     output shapes are inferred at batches ``B`` and ``2B``: the axis that doubles holds the batch.
-    A node that cannot take another batch and is none of the above raises ``FixedBatchError``
-    (``compile`` then compiles at the file's batch)."""
+    A node of a fixed-batch file that cannot take another batch and is none of the above is
+    refused by name."""
     graph = model.graph
     probes = _BatchProbes(model)
     if not probes.inputs:
@@ -374,7 +374,36 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         probes.infer(node)
         position += 1
     graph.initializer.extend(probes.added)
+    fixed = [i for i in graph.input if i.name in probes.inputs and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if fixed and probes.blocked:
+        _refuse_unsupported_ops(model, probes.inputs)  # the file's first refusal, if it has one
+        node = probes.blocked[0]
+        raise CompileError(f"the model was exported with a fixed batch of {probes.batch} (input '{fixed[0].name}'), and "
+                           f"{node.op_type} node '{node.name}' cannot take another batch; export it again with a "
+                           "dynamic batch (torch.onnx.export(..., dynamic_axes={'x': {0: 'N'}}) or dynamic_shapes)")
     return model, changed
+
+
+def _refuse_unsupported_ops(model: onnx.ModelProto, inputs: Sequence[str]) -> None:
+    """Raise ``UnsupportedOpsError`` for the nodes between ``inputs`` and the outputs that no rule
+    covers (what ``planning.plan`` says first of such a file), if there are any."""
+    from .errors import UnsupportedOpsError
+    from .planning import _without_rules
+
+    data, downstream = set(inputs), []
+    for node in model.graph.node:
+        if any(i in data for i in node.input):
+            data.update(o for o in node.output if o)
+            downstream.append(node)
+    needed = {o.name for o in model.graph.output}
+    path = []
+    for node in reversed(downstream):
+        if needed.intersection(node.output):
+            path.append(node)
+            needed.update(node.input)
+    missing = _without_rules(path[::-1])
+    if missing:
+        raise UnsupportedOpsError(missing)
 
 
 class _BatchProbes:
@@ -668,11 +697,28 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         first = lines[0] + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else "") if lines else ""
         raise CompileError(f"shape inference failed at batch sizes {' and '.join(map(str, PROBE_BATCHES))}: "
                            f"{first}") from error
+    declared = {info.name: info for info in model.graph.output}
+    for info in inferred.graph.output:  # what inference cannot tell (behind a custom-domain op): as the file says
+        _keep_declared_shape(info, declared.get(info.name))
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model, True
+
+
+def _keep_declared_shape(info: onnx.ValueInfoProto, declared: onnx.ValueInfoProto | None) -> None:
+    """Give an output whose shape inference left it unknown the file's declared shape, its first
+    dim (the batch of a classifier's scores) named ``N``."""
+    if declared is None or info.type.tensor_type.HasField("shape") or \
+            not declared.type.tensor_type.HasField("shape") or not declared.type.tensor_type.shape.dim:
+        return
+    info.type.tensor_type.shape.CopyFrom(declared.type.tensor_type.shape)
+    if not info.type.tensor_type.elem_type:
+        info.type.tensor_type.elem_type = declared.type.tensor_type.elem_type
+    batch = info.type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_param = BATCH_DIM
 
 
 #: Ops a shape computation is made of (TorchScript's and TensorFlow converters' arithmetic on
@@ -981,9 +1027,6 @@ def canonicalise(model: onnx.ModelProto,
 
 
 def _infer_input_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``infer_shapes`` of the model as given, where a failure is the input's, not the compiler's."""
-    try:
-        return infer_shapes(model)[0]
-    except CompileError as error:
-        raise CompileError(f"{error}; a model exported with a fixed batch size (a traced len(x) or x.shape[0]) "
-                           "fails here: export it again with a dynamic batch") from error
+    """``infer_shapes`` of the model as given, where a failure is the input's, not the compiler's (a
+    fixed batch that ``free_batch`` could not free is refused there, by name)."""
+    return infer_shapes(model)[0]

@@ -193,14 +193,16 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     path, data = path_between(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
+    missing = _without_rules(path)  # the one refusal of a file, the same for every method: said first
+    if missing and strict:
+        raise UnsupportedOpsError(missing)
     try:
         top = top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
-    except CompileError:  # no linear layer we know of: an unsupported one (QLinearConv…) is the reason to give
-        missing = _without_rules(path)
-        if missing:
-            raise UnsupportedOpsError(missing) from None
-        raise
-    start = logits if method.logit_relevance is not None else top.input[0]
+    except CompileError:
+        if not missing:
+            raise
+        top = None  # inspect: the unsupported ops (QLinearConv…) are the reason, reported in the plan
+    start = top.input[0] if method.logit_relevance is None and top is not None else logits
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
     layers = [n for n in path if n.name in relevant and (n.op_type == "Conv" or is_token_linear(graph, n))]
