@@ -920,7 +920,9 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
             if value is None:
                 rewritten.extend(_rewrite_batch_expression(shape_values, node, index, values))
                 continue
-            name = f"{node.name}/folded_shape" if node.op_type == "Reshape" else f"{tensor}/folded"
+            # a Reshape target gets its own name (it may differ from the tensor's value: 0 and -1 entries);
+            # its data input, when computed from shapes too (BEiT's relative position index), is the value
+            name = f"{node.name}/folded_shape" if node.op_type == "Reshape" and index == 1 else f"{tensor}/folded"
             if name not in shape_values.initializers:
                 graph.initializer.append(numpy_helper.from_array(np.asarray(value, values[0].dtype), name))
                 shape_values.initializers[name] = graph.initializer[-1]
