@@ -1012,6 +1012,7 @@ def canonicalise(model: onnx.ModelProto,
     model, _ = drop_initializer_inputs(model)
     model, _ = constants_to_initializers(model)
     model, _ = upgrade_opset(model)
+    model, _ = constants_to_initializers(model)  # the version converter's own Constant nodes (opset < 11)
     model, _ = name_nodes(model)
     model, _ = fold_constants(model)
     model, _ = free_batch(model)
