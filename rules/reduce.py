@@ -95,7 +95,7 @@ _norm_reduction(
                                                             nonnegative=True), mean=False)))
 _norm_reduction(
     "ReduceL1", "G broadcast back ⊙ sign(X).",
-    "z-rule over the magnitudes: ΦX = |X| ⊙ broadcast(sdiv(Φ, Y)) (Y = Σ |X|).",
+    "z-rule over the magnitudes: ΦX = abs(X) ⊙ broadcast(sdiv(Φ, Y)) (Y = Σ abs(X)).",
     lambda b, node: b.Sign(node.inputs[0]),
     lambda b, node, phi: b.Mul(b.Abs(node.inputs[0]),
                                _spread(b, node, safe_divide(b, phi, node.outputs[0], nonnegative=True), mean=False)))
