@@ -27,8 +27,14 @@ _FOLDABLE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.di
              "Abs": np.abs, "Neg": np.negative, "Reshape": None}
 FOLD_LIMIT = 4096
 
-#: The one opset of ``ai.onnx`` every compiled model is written in (see README, "Opset").
+#: The lowest opset of ``ai.onnx`` a compiled model is written in: older models are upgraded to it
+#: (``passes.upgrade_opset``); newer ones keep theirs, and the explanation is emitted at it
+#: (docs/opsets-and-batch.md).
 TARGET_OPSET = 17
+
+#: Reductions whose ``axes`` became an input at opset 18 (ReduceSum's did at 13).
+_AXES_INPUT_FROM_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                       "ReduceLogSumExp", "ReduceSumSquare"}
 
 
 class GraphBuilder:
@@ -40,7 +46,7 @@ class GraphBuilder:
     """
 
     def __init__(self, reserved: Iterable[str] = (),
-                 constant: Callable[[str], np.ndarray | None] = lambda name: None) -> None:
+                 constant: Callable[[str], np.ndarray | None] = lambda name: None, opset: int = TARGET_OPSET) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._taken: set[str] = set(reserved)
@@ -50,6 +56,8 @@ class GraphBuilder:
         self._emitted: dict[tuple, tuple[str, ...]] = {}  # (op, inputs, attributes, outputs) → names
         self._values: dict[str, np.ndarray] = {}  # this builder's small constants by name
         self._constant = constant  # the value of a small constant of the original graph, else None
+        #: the ``ai.onnx`` opset the nodes are written at (the model's own, at least TARGET_OPSET)
+        self.opset = opset
 
     # -- naming -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -80,6 +88,7 @@ class GraphBuilder:
         """Emit one ``ai.onnx`` node and return its output name (a tuple if ``outputs > 1``); the
         names of an identical earlier node if there is one (random ops are always new)."""
         attributes = {k: v for k, v in attributes.items() if v is not None}
+        inputs, attributes = self._at_opset(op_type, inputs, outputs, attributes)
         folded = self._fold(op_type, inputs, outputs, attributes)
         if folded is not None:
             return self.const(folded, folded.dtype)
@@ -95,6 +104,20 @@ class GraphBuilder:
             self.nodes.append(node)
             self._emitted[key] = names
         return names[0] if outputs == 1 else names
+
+    def _at_opset(self, op_type: str, inputs: tuple[str, ...], outputs: int,
+                  attributes: dict) -> tuple[tuple[str, ...], dict]:
+        """Rules write ops in their opset-17 form; this is the same op at ``self.opset``: from 18 the
+        ``axes`` of ReduceMean/Max/Min… is an input, and a Split without sizes names its number of
+        outputs (``num_outputs``)."""
+        if self.opset < 18:
+            return inputs, attributes
+        if op_type in _AXES_INPUT_FROM_18 and "axes" in attributes:
+            attributes = dict(attributes)
+            inputs = (inputs[0], self.ints(attributes.pop("axes")))
+        elif op_type == "Split" and (len(inputs) < 2 or not inputs[1]) and "num_outputs" not in attributes:
+            attributes = {**attributes, "num_outputs": outputs}
+        return inputs, attributes
 
     def _fold(self, op_type: str, inputs: tuple[str, ...], outputs: int, attributes: dict) -> np.ndarray | None:
         """The value of ``op_type`` on small constant inputs, or None (not foldable here)."""

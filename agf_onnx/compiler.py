@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import passes
 from .builder import FOLD_LIMIT, GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
-from .graph import GraphView, NodeView
+from .graph import GraphView, NodeView, ai_onnx_opset
 from .maths import max_per_sample, resize, retained, safe_divide, sum_per_sample
 from .methods import Kind, Method, get_method, with_options
 from .modifiers import NONE as NO_MODIFIERS
@@ -432,7 +432,7 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     if missing:
         raise UnsupportedOpsError(missing)
     b = GraphBuilder(reserved=_all_names(canonical.graph) | {"gradient_in", "gradient_out"},
-                     constant=lambda name: graph.small_constant(name, FOLD_LIMIT))
+                     constant=lambda name: graph.small_constant(name, FOLD_LIMIT), opset=ai_onnx_opset(canonical))
     streams = _Streams(b, graph)
     streams.gradients[output].append("gradient_in")
     _walk(b, graph, path, data, streams, kinds={})
@@ -616,7 +616,7 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph),
-                     constant=lambda name: found.graph.small_constant(name, FOLD_LIMIT))
+                     constant=lambda name: found.graph.small_constant(name, FOLD_LIMIT), opset=ai_onnx_opset(canonical))
     if ssl_bank is None and (features is not None or ssl_mode is not None):
         raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")
     from . import ssl  # imports this module

@@ -49,6 +49,14 @@ def _batch_of(value_info: onnx.ValueInfoProto) -> tuple[int, int] | None:
     return found[0] if len(found) == 1 else None
 
 
+def ai_onnx_opset(model: onnx.ModelProto) -> int:
+    """The version of the ``ai.onnx`` opset ``model`` imports."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        raise CompileError("the model imports no ai.onnx opset")
+    return version
+
+
 def evaluator(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str], initializers: Mapping[str, onnx.TensorProto],
               opset_import, inputs: Sequence[onnx.ValueInfoProto] = ()):
     """``onnx.reference`` evaluator of ``nodes`` alone, with the initializers they read."""

@@ -14,10 +14,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from .builder import TARGET_OPSET
 from .errors import CompileError
-from .graph import BATCH_DIM, batch_dim, batch_factor, evaluator
-
-#: IR version written with TARGET_OPSET (opset 17 came with IR 8).
-TARGET_IR_VERSION = 8
+from .graph import BATCH_DIM, ai_onnx_opset, batch_dim, batch_factor, evaluator
 
 #: Ops whose folded output can be far larger than their inputs (the onnx zoo stores weights
 #: as ConstantOfShape): folding them would bloat the file, so their outputs stay computed.
@@ -107,143 +104,127 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     return model, changed
 
 
-def expand_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: no ``Gelu`` node (opset 20; torch's dynamo exporter writes it at its default opset): each
-    is written out as opset-17 ops, ``x · ½(1 + erf(x/√2))`` or, with ``approximate="tanh"``,
-    ``x · ½(1 + tanh(√(2/π)(x + 0.044715 x³)))`` — the forms TorchScript exports, which the
-    rules know (a gate ``x · s(x)``). ONNX has no earlier version of Gelu to convert it to."""
-    graph, changed = model.graph, False
-    constants: dict[str, float] = {}
+def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """After: the model imports ``ai.onnx`` at TARGET_OPSET (17) or newer, with an IR version that
+    allows it. A model at 17 or newer keeps its opset and every node as it is (the explanation is
+    emitted at its opset: ``GraphBuilder.opset``); one at 11–16 (TorchScript's ``opset_version``)
+    is upgraded to 17 by the project's own adapters (``_ADAPTERS``: the ops whose form or meaning
+    changed in between; every other op means the same at 17, its newer versions having added
+    types or attributes whose default is the old behaviour), so that ONNX Runtime computes the
+    same bits. Older models (opset < 11, which no current exporter writes) go through
+    ``onnx.version_converter``."""
+    version = ai_onnx_opset(model)
+    changed = False
+    if version < 11:
+        model, changed = _convert_with_onnx(model, version), True
+    elif version < TARGET_OPSET:
+        _adapt_to_target(model, version)
+        changed = True
+    needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if model.ir_version < needed:
+        model.ir_version, changed = needed, True
+    return model, changed
 
-    def const(name: str, value: float) -> str:
-        constants[name] = value
+
+def _convert_with_onnx(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    weights = {t.name: t for t in model.graph.initializer}
+    skeleton = weightless(model)  # converted without its large weights: the converter serialises what it gets
+    try:
+        converted = version_converter.convert_version(skeleton, TARGET_OPSET)
+    except Exception as error:
+        raise CompileError(f"cannot convert the model from opset {version} to {TARGET_OPSET}: {error}") from error
+    graph = converted.graph
+    moved = [i for i in graph.input if i.name in weights and i.name not in {t.name for t in graph.initializer}]
+    for info in moved:
+        graph.input.remove(info)
+        graph.initializer.append(weights[info.name])
+    converted.ir_version = max(model.ir_version, 8)
+    converted.producer_name, converted.producer_version = model.producer_name, model.producer_version
+    converted.doc_string = model.doc_string
+    converted.metadata_props.extend(model.metadata_props)
+    return converted
+
+
+class _Adapter:
+    """Rewrites of the nodes of an opset 11–16 model into their opset-17 form (see ``upgrade_opset``)."""
+
+    def __init__(self, model: onnx.ModelProto, version: int) -> None:
+        self.model, self.version = model, version
+        self.initializers: list[onnx.TensorProto] = []
+        self._ranks: dict[str, int] | None = None
+        self.rank("")  # before any node changes
+
+    def ints(self, name: str, values) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, np.int64).reshape(-1), name))
         return name
 
-    nodes = []
-    for node in graph.node:
-        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
-            nodes.append(node)
-            continue
-        approximate = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "approximate"),
-                           b"none")
-        x, y, base = node.input[0], node.output[0], node.name or f"gelu_{len(nodes)}"
+    def rank(self, tensor: str) -> int | None:
+        """The rank of ``tensor`` in the original model, where shape inference tells it."""
+        if self._ranks is None:
+            probes = _BatchProbes(self.model)  # follows Shape → Gather → Concat → Reshape by value
+            for node in self.model.graph.node:
+                probes.infer(node)
+            self._ranks = {name: len(dims) for name, dims in probes.dims[0].items()}
+        return self._ranks.get(tensor)
 
-        def named(op: str, inputs: list[str], output: str | None = None, base: str = base) -> str:
-            output = output or f"{base}/{op}_{len(nodes)}"
-            nodes.append(helper.make_node(op, inputs, [output], name=output))
-            return output
+    def adapt(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """``node`` at opset 17: itself, changed in place, or the nodes that compute the same."""
+        attributes = {a.name: a for a in node.attribute}
+        moved_to_input = {"Split": "split", "Squeeze": "axes", "Unsqueeze": "axes", "ReduceSum": "axes"}
+        if self.version < 13 and moved_to_input.get(node.op_type) in attributes:
+            name = moved_to_input[node.op_type]
+            values = helper.get_attribute_value(attributes[name])
+            node.attribute.remove(attributes[name])
+            node.input.append(self.ints(f"{node.name}/{name}", values))
+        elif self.version < 12 and node.op_type == "Dropout" and "ratio" in attributes:
+            node.attribute.remove(attributes["ratio"])  # inference: the identity at any ratio
+        elif self.version < 16 and node.op_type == "RoiAlign" and "coordinate_transformation_mode" not in attributes:
+            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "output_half_pixel"))
+        elif self.version < 13 and node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+            return self._softmax(node, attributes)
+        return [node]
 
-        if approximate == b"tanh":
-            cube = named("Mul", [x, named("Mul", [x, x])])
-            inner = named("Add", [x, named("Mul", [cube, const("agf_onnx/gelu/0.044715", 0.044715)])])
-            gate = named("Tanh", [named("Mul", [inner, const("agf_onnx/gelu/sqrt(2/pi)", float(np.sqrt(2 / np.pi)))])])
+    def _softmax(self, node: onnx.NodeProto, attributes: dict) -> list[onnx.NodeProto]:
+        """Before 13 these ops normalise the input flattened to 2-D at ``axis`` (default 1) over the
+        whole second part; from 13 over ``axis`` alone. Equal where ``axis`` is the last; elsewhere
+        ``Reshape(op(Flatten(x, axis), axis=1), Shape(x))``, exactly the old computation."""
+        axis = helper.get_attribute_value(attributes["axis"]) if "axis" in attributes else 1
+        rank = self.rank(node.input[0])
+        if rank is not None and axis % rank == rank - 1:
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("axis", -1))
+            return [node]
+        base, x, y = node.name, node.input[0], node.output[0]
+        return [helper.make_node("Shape", [x], [f"{base}/shape"], name=f"{base}/shape"),
+                helper.make_node("Flatten", [x], [f"{base}/flat"], name=f"{base}/flat", axis=axis),
+                helper.make_node(node.op_type, [f"{base}/flat"], [f"{base}/normalised"], name=base, axis=1),
+                helper.make_node("Reshape", [f"{base}/normalised", f"{base}/shape"], [y], name=f"{base}/reshape")]
+
+
+def _adapt_to_target(model: onnx.ModelProto, version: int) -> None:
+    graph = model.graph
+    adapter = _Adapter(model, version)
+    nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+        if node.domain in ("", "ai.onnx"):
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise CompileError(f"{node.op_type} node '{node.name}': subgraphs at opset {version} are not "
+                                   f"upgraded; export the model at opset {TARGET_OPSET} or newer")
+            try:
+                onnx.defs.get_schema(node.op_type, TARGET_OPSET)
+            except onnx.defs.SchemaError as error:
+                raise CompileError(f"{node.op_type} node '{node.name}': no such op at opset {TARGET_OPSET}") from error
+            nodes.extend(adapter.adapt(node))
         else:
-            gate = named("Erf", [named("Div", [x, const("agf_onnx/gelu/sqrt(2)", float(np.sqrt(2.0)))])])
-        gate = named("Add", [gate, const("agf_onnx/gelu/1", 1.0)])
-        named("Mul", [named("Mul", [x, gate]), const("agf_onnx/gelu/0.5", 0.5)], y)
-        changed = True
-    if changed:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        known = {t.name for t in graph.initializer}
-        graph.initializer.extend(numpy_helper.from_array(np.array(value, np.float32), name)
-                                 for name, value in constants.items() if name not in known)
-    return model, changed
-
-
-def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: the model imports ``ai.onnx`` at TARGET_OPSET and is written with IR 8.
-
-    Older models are upgraded and newer ones downgraded: ONNX Runtime registers several CUDA
-    kernels only up to opset 17/18 (README, "Opset").
-    """
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if version is None:
-        raise CompileError("the model imports no ai.onnx opset")
-    changed = version != TARGET_OPSET
-    if changed:
-        weights = {t.name: t for t in model.graph.initializer}
-        skeleton = weightless(model)  # converted without its large weights: the converter serialises what it gets
-        unchanged = version > TARGET_OPSET and _hide_unchanged_ops(skeleton)
-        try:
-            converted = version_converter.convert_version(skeleton, TARGET_OPSET)
-        except Exception as error:
-            raise CompileError(f"cannot convert the model from opset {version} to {TARGET_OPSET}: "
-                               f"{error}") from error
-        _restore_hidden_ops(converted, unchanged)
-        graph = converted.graph
-        moved = [i for i in graph.input if i.name in weights and i.name not in
-                 {t.name for t in graph.initializer}]
-        for info in moved:
-            graph.input.remove(info)
-            graph.initializer.append(weights[info.name])
-        converted.ir_version = model.ir_version
-        converted.producer_name, converted.producer_version = model.producer_name, model.producer_version
-        converted.doc_string = model.doc_string
-        converted.metadata_props.extend(model.metadata_props)
-        model = converted
-        if version > TARGET_OPSET:
-            _drop_newer_default_attributes(model, version)
-    if model.ir_version != TARGET_IR_VERSION:
-        model.ir_version, changed = TARGET_IR_VERSION, True
-    return model, changed
-
-
-#: A domain the version converter leaves alone, for ops it has no down-conversion for although
-#: the node means the same at TARGET_OPSET.
-_HIDDEN_DOMAIN = "agf_onnx.unchanged"
-
-
-def _means_the_same_at_target(node: onnx.NodeProto) -> bool:
-    """Pad 18+ without ``axes`` and without the ``wrap`` mode (19) is Pad 13 (torch's dynamo
-    exports write Pad at opset 18; ONNX's converter has no 18 → 17 step for it)."""
-    if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
-        return False
-    mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
-    return (len(node.input) < 4 or not node.input[3]) and mode != b"wrap"
-
-
-def _hide_unchanged_ops(model: onnx.ModelProto) -> bool:
-    hidden = [node for node in model.graph.node if _means_the_same_at_target(node)]
-    for node in hidden:
-        node.domain = _HIDDEN_DOMAIN
-    if hidden:
-        model.opset_import.append(helper.make_opsetid(_HIDDEN_DOMAIN, 1))
-    return bool(hidden)
-
-
-def _restore_hidden_ops(model: onnx.ModelProto, hidden: bool) -> None:
-    if not hidden:
-        return
-    for node in model.graph.node:
-        if node.domain == _HIDDEN_DOMAIN:
-            node.domain = ""
-    kept = [o for o in model.opset_import if o.domain != _HIDDEN_DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
-
-
-def _drop_newer_default_attributes(model: onnx.ModelProto, source: int) -> None:
-    """The converter's downgrades keep attributes that newer op versions added (ReduceMean 18's
-    ``noop_with_empty_axes``); one holding its default is dropped, any other value refused."""
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        try:
-            known = onnx.defs.get_schema(node.op_type, TARGET_OPSET).attributes
-            newer = onnx.defs.get_schema(node.op_type, source).attributes
-        except onnx.defs.SchemaError:
-            continue
-        for attribute in list(node.attribute):
-            if attribute.name in known:
-                continue
-            default = newer.get(attribute.name)
-            if default is not None and default.default_value.ByteSize() and \
-                    helper.get_attribute_value(default.default_value) == helper.get_attribute_value(attribute):
-                node.attribute.remove(attribute)
-            else:
-                raise CompileError(f"{node.op_type} node '{node.name}': attribute '{attribute.name}' has no "
-                                   f"equivalent at opset {TARGET_OPSET}")
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(adapter.initializers)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = TARGET_OPSET
 
 
 #: Ops that move or pick values without arithmetic: folding them gives the same bits that
@@ -360,31 +341,267 @@ def set_input_shapes(model: onnx.ModelProto,
 
 
 def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """After: no ``Reshape`` of input-dependent data hard-codes a batch of 1 (older exports write
-    ``[1, -1]`` where they mean ``[0, -1]``); it copies the batch instead, so the model takes
-    any batch size. Results for a batch of 1 are unchanged."""
+    """After: the model takes any batch size where its graph allows it, including a model exported
+    with a fixed batch ``B`` (TorchScript and dynamo write batch-dependent shapes as constants then):
+
+    - a ``Reshape`` of data whose constant target holds the batch (``[1, 197, 3, 4, 16]``, older
+      exports' ``[1, -1]``) reads a target with ``0`` (copy the input's batch axis) or ``-1`` there;
+      ``allowzero=1`` is respected (a ``0`` there would be a literal zero: ``-1`` is written);
+    - a constant concatenated with data along another axis (timm's class token, folded from
+      ``expand(B, -1, -1)`` to ``[1, 1, C]``) is first expanded to the data's batch.
+
+    Results at batch ``B`` are unchanged (only shapes are rewritten; Expand copies). Each node's
+    output shapes are inferred at batches ``B`` and ``2B``: the axis that doubles holds the batch.
+    A node of a fixed-batch file that cannot take another batch and is none of the above is
+    refused by name."""
     graph = model.graph
-    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
-    initializers = {t.name: t for t in graph.initializer}
-    data, changed = set(inputs), False
-    for node in graph.node:
-        if not any(i in data for i in node.input):
-            continue
-        data.update(node.output)
-        if node.op_type != "Reshape" or node.input[0] not in data or node.input[1] not in initializers:
-            continue
-        shape = numpy_helper.to_array(initializers[node.input[1]])
-        if shape.ndim != 1 or len(shape) < 2 or shape[0] != 1:
-            continue
-        freed = shape.copy()
-        freed[0] = 0
-        name = f"{node.input[1]}/batch_free"
-        if name not in initializers:
-            initializers[name] = numpy_helper.from_array(freed, name)
-            graph.initializer.append(initializers[name])
-        node.input[1] = name
-        changed = True
+    probes = _BatchProbes(model)
+    if not probes.inputs:
+        return model, False
+    changed = False
+    position = 0
+    while position < len(graph.node):
+        node = graph.node[position]
+        if node.op_type == "Reshape" and _free_reshape(node, probes):
+            changed = True
+        elif node.op_type == "Concat" and not node.domain:
+            added = _expand_concatenated_constants(node, probes)
+            for offset, extra in enumerate(added):
+                graph.node.insert(position + offset, extra)
+                probes.infer(extra)
+            position += len(added)
+            changed |= bool(added)
+        probes.infer(node)
+        position += 1
+    graph.initializer.extend(probes.added)
+    fixed = [i for i in graph.input if i.name in probes.inputs and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if fixed and probes.blocked:
+        _refuse_unsupported_ops(model, probes.inputs)  # the file's first refusal, if it has one
+        node = probes.blocked[0]
+        raise CompileError(f"the model was exported with a fixed batch of {probes.batch} (input '{fixed[0].name}'), and "
+                           f"{node.op_type} node '{node.name}' cannot take another batch; export it again with a "
+                           "dynamic batch (torch.onnx.export(..., dynamic_axes={'x': {0: 'N'}}) or dynamic_shapes)")
     return model, changed
+
+
+def _refuse_unsupported_ops(model: onnx.ModelProto, inputs: Sequence[str]) -> None:
+    """Raise ``UnsupportedOpsError`` for the nodes between ``inputs`` and the outputs that no rule
+    covers (what ``planning.plan`` says first of such a file), if there are any."""
+    from .errors import UnsupportedOpsError
+    from .planning import _without_rules
+
+    data, downstream = set(inputs), []
+    for node in model.graph.node:
+        if any(i in data for i in node.input):
+            data.update(o for o in node.output if o)
+            downstream.append(node)
+    needed = {o.name for o in model.graph.output}
+    path = []
+    for node in reversed(downstream):
+        if needed.intersection(node.output):
+            path.append(node)
+            needed.update(node.input)
+    missing = _without_rules(path[::-1])
+    if missing:
+        raise UnsupportedOpsError(missing)
+
+
+class _BatchProbes:
+    """Every tensor's dims at the file's batch ``B`` and at ``2B``, inferred node by node (nodes are
+    fed to ``infer`` in order); a tensor whose dims are not all known at both is left out."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.opsets = {o.domain: o.version for o in model.opset_import}
+        self.opset_import = list(model.opset_import)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.dims: tuple[dict[str, list[int]], dict[str, list[int]]] = ({}, {})
+        self.types: dict[str, int] = {}
+        self.values: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
+        for tensor in graph.initializer:
+            self._set(tensor.name, tensor.data_type, list(tensor.dims), list(tensor.dims))
+        self.inputs: list[str] = []
+        self.batch = 1
+        for info in graph.input:
+            tensor = info.type.tensor_type
+            if info.name in self.initializers or tensor.elem_type not in _IMAGE_TYPES or \
+                    not tensor.HasField("shape") or len(tensor.shape.dim) < 2:
+                continue
+            first, *rest = tensor.shape.dim
+            if not all(d.HasField("dim_value") for d in rest):
+                continue
+            if not self.inputs and first.HasField("dim_value") and first.dim_value > 0:
+                self.batch = first.dim_value
+            self.inputs.append(info.name)
+            sizes = [d.dim_value for d in rest]
+            self._set(info.name, tensor.elem_type, [self.batch, *sizes], [2 * self.batch, *sizes])
+        #: nodes whose outputs are inferred at batch B but not at 2B: they fix the batch
+        self.blocked: list[onnx.NodeProto] = []
+        #: initializers made for the rewritten nodes
+        self.added: list[onnx.TensorProto] = []
+
+    def _set(self, name: str, elem_type: int, small: list[int], large: list[int]) -> None:
+        self.dims[0][name], self.dims[1][name], self.types[name] = small, large, elem_type
+
+    def known(self, name: str) -> bool:
+        return name in self.dims[0]
+
+    def batch_axis(self, name: str) -> tuple[int, int] | None:
+        """``(axis, factor)``: the one axis of ``name`` that doubles with the batch, holding the batch
+        merged with ``factor`` other elements; None for tensors that do not hold it."""
+        if not self.known(name):
+            return None
+        small, large = self.dims[0][name], self.dims[1][name]
+        varying = [axis for axis, (a, c) in enumerate(zip(small, large)) if a != c]
+        if len(varying) != 1 or large[varying[0]] != 2 * small[varying[0]] or small[varying[0]] % self.batch:
+            return None
+        return varying[0], small[varying[0]] // self.batch
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> str:
+        """Record ``tensor`` as a new initializer of the model (``added``)."""
+        if tensor.name not in self.initializers:
+            self.added.append(tensor)
+        self.initializers[tensor.name] = tensor
+        self._set(tensor.name, tensor.data_type, list(tensor.dims), list(tensor.dims))
+        return tensor.name
+
+    def infer(self, node: onnx.NodeProto) -> None:
+        """Record ``node``'s output dims at both batches, where ONNX's shape inference tells them."""
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute) or \
+                not all(not name or self.known(name) for name in node.input):
+            return
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.opsets.get(node.domain, 1), node.domain)
+        except onnx.defs.SchemaError:
+            return
+        small = {name: self.initializers[name] for name in node.input
+                 if name in self.initializers and np.prod(self.initializers[name].dims) <= _SHAPE_VALUE_SIZE}
+        values = [self._shape_values(node, dims, small) for dims in self.dims]
+        results = []
+        for dims, data in zip(self.dims, values):
+            types = {name: helper.make_tensor_type_proto(self.types[name], dims[name]) for name in node.input if name}
+            data = {**small, **{name: numpy_helper.from_array(value, name) for name, value in data.items()}}
+            try:
+                results.append(shape_inference.infer_node_outputs(schema, node, types, data,
+                                                                  opset_imports=self.opset_import))
+            except Exception:  # noqa: BLE001 - an op ONNX cannot infer here: its outputs stay unknown
+                if results:
+                    self.blocked.append(node)
+                return
+        for name in node.output:
+            shapes = [result.get(name) for result in results]
+            if not name or any(t is None or not t.tensor_type.HasField("shape") for t in shapes):
+                continue
+            small, large = ([d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
+                            for t in shapes)
+            if None not in small and None not in large:
+                self._set(name, shapes[0].tensor_type.elem_type, small, large)
+
+    def _shape_values(self, node: onnx.NodeProto, dims: dict[str, list[int]],
+                      constants: Mapping[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
+        """The values of ``node``'s inputs that are shape values at this batch (``Shape`` outputs and
+        arithmetic on them and on constants: TorchScript's ``flatten`` and ``expand`` targets), after
+        recording its own outputs' where it computes one."""
+        known = self.values[0] if dims is self.dims[0] else self.values[1]
+        inputs = {name: known[name] for name in node.input if name in known}
+        if node.op_type == "Shape" and not node.domain:
+            attributes = {a.name: a.i for a in node.attribute}
+            shape = dims[node.input[0]]
+            known[node.output[0]] = np.array(shape[attributes.get("start", 0):attributes.get("end", len(shape))],
+                                             np.int64)
+        elif node.op_type in _SHAPE_ARITHMETIC and not node.domain and node.input and \
+                all(not name or name in inputs or name in constants for name in node.input):
+            feeds = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+                     for name, value in inputs.items()]
+            try:
+                results = evaluator([node], list(node.output), dict(constants), self.opset_import, feeds).run(None, inputs)
+            except Exception:  # noqa: BLE001 - not evaluable here: the outputs' values stay unknown
+                return inputs
+            for name, value in zip(node.output, results):
+                if np.asarray(value).size <= _SHAPE_VALUE_SIZE:
+                    known[name] = np.asarray(value)
+        return inputs
+
+
+def _allowzero(node: onnx.NodeProto) -> bool:
+    """Whether a Reshape's ``0`` entries are literal zeros (``allowzero=1``, opset 14+) rather than copies."""
+    return any(a.name == "allowzero" and a.i for a in node.attribute)
+
+
+def _free_reshape(node: onnx.NodeProto, probes: _BatchProbes) -> bool:
+    """Point a Reshape whose constant target holds the batch at one that follows it (see ``free_batch``).
+
+    A target that still fits the input at batch ``2B`` is kept, unless it holds the batch as a
+    literal ``B`` where the plain batch belongs (older exports' ``[1, -1]``). Otherwise the batch block
+    of the input (after ``P = ∏ dims[:axis]`` outer elements) becomes the first target axis ``j``
+    with ``∏ target[:j] = P``: row-major order keeps each sample's elements together there, as
+    at batch ``B``."""
+    data, shape = node.input[0], node.input[1] if len(node.input) > 1 else ""
+    batch = probes.batch_axis(data)
+    if batch is None or shape not in probes.initializers:
+        return False
+    allowzero = _allowzero(node)
+    target = numpy_helper.to_array(probes.initializers[shape]).astype(np.int64)
+    small, large = probes.dims[0][data], probes.dims[1][data]
+    explicit = _explicit_target(target, small, allowzero)
+    if target.ndim != 1 or (explicit < 0).any() or int(np.prod(explicit)) != int(np.prod(small)):
+        return False
+    outer = int(np.prod(small[:batch[0]]))
+    axes = [j for j in range(len(explicit)) if int(np.prod(explicit[:j])) == outer
+            and explicit[j] > 0 and explicit[j] % probes.batch == 0]
+    if not axes:
+        return False
+    axis = axes[0]
+    resolved = _explicit_target(target, large, allowzero)
+    follows = (resolved >= 0).all() and int(np.prod(resolved)) == int(np.prod(large))
+    literal_batch = batch[1] == 1 and target[axis] == explicit[axis] == probes.batch
+    if follows and not (literal_batch and resolved[axis] == explicit[axis]):
+        # the target already takes the batch: kept, even where the batch merges after other
+        # elements (``[T·N, C]`` of torch's MultiheadAttention), which batch 1 alone cannot tell
+        return False
+    freed = explicit.copy()
+    copies = axis == batch[0] and explicit[axis] == small[axis] and not allowzero
+    freed[axis] = 0 if copies else -1
+    node.input[1] = probes.add_initializer(numpy_helper.from_array(freed, f"{node.name}/batch_free"))
+    return True
+
+
+def _expand_concatenated_constants(node: onnx.NodeProto, probes: _BatchProbes) -> list[onnx.NodeProto]:
+    """Nodes that expand each batch-less input of a Concat to the batch of its data inputs (see
+    ``free_batch``), the inputs pointed at them; none where nothing needs it."""
+    held = [(name, probes.batch_axis(name)) for name in node.input]
+    data = [(name, batch) for name, batch in held if batch is not None]
+    if not data:
+        return []
+    reference, (batch_axis, _) = data[0]
+    rank = len(probes.dims[0][reference])
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % rank
+    if axis == batch_axis:
+        return []
+    size = probes.dims[0][reference][batch_axis]
+    added: list[onnx.NodeProto] = []
+    for index, (name, batch) in enumerate(held):
+        dims = probes.dims[0].get(name)
+        if batch is not None or dims is None or len(dims) != rank or dims[batch_axis] != size:
+            continue
+        prefix = f"{node.name}/batch_expand_{index}"
+
+        def ints(key: str, values: list[int], prefix: str = prefix) -> str:
+            return probes.add_initializer(numpy_helper.from_array(np.array(values, np.int64), f"{prefix}/{key}"))
+
+        pieces = [ints("before", dims[:batch_axis])] if batch_axis else []
+        pieces.append(f"{prefix}/batch")
+        pieces += [ints("after", dims[batch_axis + 1:])] if batch_axis + 1 < rank else []
+        added += [helper.make_node("Shape", [reference], [f"{prefix}/shape"], name=f"{prefix}/shape"),
+                  helper.make_node("Slice", [f"{prefix}/shape", ints("start", [batch_axis]),
+                                             ints("end", [batch_axis + 1])], [f"{prefix}/batch"], name=f"{prefix}/batch"),
+                  helper.make_node("Concat", pieces, [f"{prefix}/dims"], name=f"{prefix}/dims", axis=0),
+                  helper.make_node("Expand", [name, f"{prefix}/dims"], [f"{prefix}/value"], name=f"{prefix}/value")]
+        large = list(dims)
+        large[batch_axis] *= 2
+        probes._set(f"{prefix}/value", probes.types[name], list(dims), large)
+        node.input[index] = f"{prefix}/value"
+    return added
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -480,11 +697,28 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         first = lines[0] + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else "") if lines else ""
         raise CompileError(f"shape inference failed at batch sizes {' and '.join(map(str, PROBE_BATCHES))}: "
                            f"{first}") from error
+    declared = {info.name: info for info in model.graph.output}
+    for info in inferred.graph.output:  # what inference cannot tell (behind a custom-domain op): as the file says
+        _keep_declared_shape(info, declared.get(info.name))
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model, True
+
+
+def _keep_declared_shape(info: onnx.ValueInfoProto, declared: onnx.ValueInfoProto | None) -> None:
+    """Give an output whose shape inference left it unknown the file's declared shape, its first
+    dim (the batch of a classifier's scores) named ``N``."""
+    if declared is None or info.type.tensor_type.HasField("shape") or \
+            not declared.type.tensor_type.HasField("shape") or not declared.type.tensor_type.shape.dim:
+        return
+    info.type.tensor_type.shape.CopyFrom(declared.type.tensor_type.shape)
+    if not info.type.tensor_type.elem_type:
+        info.type.tensor_type.elem_type = declared.type.tensor_type.elem_type
+    batch = info.type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_param = BATCH_DIM
 
 
 #: Ops a shape computation is made of (TorchScript's and TensorFlow converters' arithmetic on
@@ -615,12 +849,13 @@ class _ShapeValues:
         return None
 
 
-def _explicit_target(target: np.ndarray, source: list[int] | None) -> np.ndarray:
-    """A Reshape target with its ``0`` (copy) and ``-1`` (infer) entries resolved against the
-    input's dims ``source``, where they are known."""
+def _explicit_target(target: np.ndarray, source: list[int] | None, allowzero: bool = False) -> np.ndarray:
+    """A Reshape target with its ``0`` (copy, unless ``allowzero``: then a literal zero) and ``-1``
+    (infer) entries resolved against the input's dims ``source``, where they are known."""
     if source is None:
         return target
-    explicit = np.array([source[i] if d == 0 and i < len(source) else d for i, d in enumerate(target)], np.int64)
+    explicit = np.array([source[i] if d == 0 and i < len(source) and not allowzero else d
+                         for i, d in enumerate(target)], np.int64)
     if (explicit == -1).sum() == 1:
         known = int(np.prod(explicit[explicit != -1]))
         if known and np.prod(source) % known == 0:
@@ -628,13 +863,15 @@ def _explicit_target(target: np.ndarray, source: list[int] | None) -> np.ndarray
     return explicit
 
 
-def _reshape_target(values: list[np.ndarray], source: onnx.ValueInfoProto | None) -> np.ndarray | None:
+def _reshape_target(values: list[np.ndarray], source: onnx.ValueInfoProto | None,
+                    allowzero: bool = False) -> np.ndarray | None:
     """A constant Reshape target equivalent to ``values`` (the target at each probe batch), where
     at most one entry depends on the batch: ``0`` there when it copies the input's own dim (the
     same batch at the same axis), else ``-1``; None when no constant target says the same."""
     if values[0].ndim != 1 or values[0].shape != values[1].shape:
         return None
-    small, large = (_explicit_target(value, _dims_at(source, batch)) for value, batch in zip(values, PROBE_BATCHES))
+    small, large = (_explicit_target(value, _dims_at(source, batch), allowzero)
+                    for value, batch in zip(values, PROBE_BATCHES))
     varying = np.flatnonzero(small != large).tolist()
     if not varying:
         return values[0]
@@ -646,7 +883,7 @@ def _reshape_target(values: list[np.ndarray], source: onnx.ValueInfoProto | None
         return None  # not the batch times a constant
     factor = small[axis] // first
     source_dims = source.type.tensor_type.shape.dim if source is not None else []
-    if axis < len(source_dims) and source_dims[axis].dim_param == batch_dim(factor):
+    if axis < len(source_dims) and source_dims[axis].dim_param == batch_dim(factor) and not allowzero:
         target = values[0].copy()
         target[axis] = 0
         return target if (target == -1).sum() <= 1 else None
@@ -677,13 +914,15 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
             if values is None:
                 continue
             if node.op_type == "Reshape" and index == 1:
-                value = _reshape_target(values, shape_values.infos.get(node.input[0]))
+                value = _reshape_target(values, shape_values.infos.get(node.input[0]), _allowzero(node))
             else:
                 value = values[0] if np.array_equal(values[0], values[1]) else None
             if value is None:
                 rewritten.extend(_rewrite_batch_expression(shape_values, node, index, values))
                 continue
-            name = f"{node.name}/folded_shape" if node.op_type == "Reshape" else f"{tensor}/folded"
+            # a Reshape target gets its own name (it may differ from the tensor's value: 0 and -1 entries);
+            # its data input, when computed from shapes too (BEiT's relative position index), is the value
+            name = f"{node.name}/folded_shape" if node.op_type == "Reshape" and index == 1 else f"{tensor}/folded"
             if name not in shape_values.initializers:
                 graph.initializer.append(numpy_helper.from_array(np.asarray(value, values[0].dtype), name))
                 shape_values.initializers[name] = graph.initializer[-1]
@@ -772,8 +1011,8 @@ def canonicalise(model: onnx.ModelProto,
     """Run every pass in order; see each pass for what it guarantees."""
     model, _ = drop_initializer_inputs(model)
     model, _ = constants_to_initializers(model)
-    model, _ = expand_gelu(model)
-    model, _ = convert_opset(model)
+    model, _ = upgrade_opset(model)
+    model, _ = constants_to_initializers(model)  # the version converter's own Constant nodes (opset < 11)
     model, _ = name_nodes(model)
     model, _ = fold_constants(model)
     model, _ = free_batch(model)
@@ -791,9 +1030,6 @@ def canonicalise(model: onnx.ModelProto,
 
 
 def _infer_input_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``infer_shapes`` of the model as given, where a failure is the input's, not the compiler's."""
-    try:
-        return infer_shapes(model)[0]
-    except CompileError as error:
-        raise CompileError(f"{error}; a model exported with a fixed batch size (a traced len(x) or x.shape[0]) "
-                           "fails here: export it again with a dynamic batch") from error
+    """``infer_shapes`` of the model as given, where a failure is the input's, not the compiler's (a
+    fixed batch that ``free_batch`` could not free is refused there, by name)."""
+    return infer_shapes(model)[0]

@@ -197,14 +197,16 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     path, data = path_between(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
+    missing = _without_rules(path)  # the one refusal of a file, the same for every method: said first
+    if missing and strict:
+        raise UnsupportedOpsError(missing)
     try:
         top = top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
-    except CompileError:  # no linear layer we know of: an unsupported one (QLinearConv…) is the reason to give
-        missing = _without_rules(path)
-        if missing:
-            raise UnsupportedOpsError(missing) from None
-        raise
-    start = logits if method.logit_relevance is not None else top.input[0]
+    except CompileError:
+        if not missing:
+            raise
+        top = None  # inspect: the unsupported ops (QLinearConv…) are the reason, reported in the plan
+    start = top.input[0] if method.logit_relevance is None and top is not None else logits
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
     layers = [n for n in path if n.name in relevant and (n.op_type == "Conv" or is_token_linear(graph, n))]
@@ -256,6 +258,33 @@ def _check_static(graph: GraphView, image: str, tensors: Iterable[str]) -> None:
                                "its size, and every axis but the batch must be static")
 
 
+#: Ops that carry a conv's output on to an attention's q, k or v without mixing it with other data.
+_PROJECTION_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split", "Identity",
+                   "BatchNormalization", "MatMul", "Gemm", "Add", "Mul", "Div", "Cast", "Einsum")
+
+
+def _projects_attention(plan: Plan, conv: onnx.NodeProto, depth: int = 16) -> bool:
+    """Whether ``conv`` computes queries, keys or values of an attention (CvT's convolutional
+    projections): its output reaches a product of two data tensors (the scores ``q·kᵀ`` or ``A·V``)
+    through reshapes, concatenations and linear maps by constants only. Such a conv is no layer for
+    Grad-CAM: with class-token pooling, the last block's patch queries do not reach the logits, and
+    its gradient is exactly 0 for every class."""
+    graph, frontier, seen = plan.graph, [conv.output[0]], set()
+    for _ in range(depth):
+        following = []
+        for tensor in frontier:
+            for reader in graph.consumers.get(tensor, []):
+                data = [i for i in reader.input if i in plan.data]
+                if reader.op_type in ("MatMul", "Einsum") and len(data) == 2:
+                    return True
+                if reader.op_type in _PROJECTION_OPS and reader.name not in seen and \
+                        (len(data) == 1 or reader.op_type == "Concat"):
+                    seen.add(reader.name)
+                    following.extend(o for o in reader.output if o)
+        frontier = following
+    return False
+
+
 def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
     """The output of ``layer`` (a node name) and, for a token tensor ``[N, T, C]``, the grid of its
     patch tokens. Default: the last Conv with a spatial output or the last transformer block's
@@ -274,7 +303,7 @@ def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
         shape = graph.shape(node.output[0])
         return len(shape) == 4 and any(d > 1 for d in shape[2:])
 
-    candidates = [n for n in path if (n.op_type == "Conv" and spatial(n)) or
+    candidates = [n for n in path if (n.op_type == "Conv" and spatial(n) and not _projects_attention(plan, n)) or
                   (n.op_type == "Add" and sum(i in plan.data for i in n.input) == 2 and grid_of(n) is not None)]
     if layer is None:
         if not candidates:

@@ -63,9 +63,28 @@ def as_grid(b: GraphBuilder, tokens: str, grid: TokenGrid, channels: int) -> str
     return b.Reshape(b.Transpose(patches, perm=[0, 2, 1]), b.ints([0, channels, grid.height, grid.width]))
 
 
+def _weights_values(reader: onnx.NodeProto, tensor: str) -> bool:
+    """Whether ``reader`` computes ``A·V`` with ``tensor`` as ``A``: a MatMul with it on the left, or
+    a two-operand Einsum that contracts its last index (the keys) and keeps the others (batch,
+    heads, queries), as Chefer et al.'s reference ViT writes it: ``bhij,bhjd->bhid``."""
+    if reader.op_type == "MatMul":
+        return reader.input[0] == tensor
+    if reader.op_type != "Einsum" or len(reader.input) != 2 or tensor not in reader.input:
+        return False
+    equation = next((a.s.decode() for a in reader.attribute if a.name == "equation"), "").replace(" ", "")
+    terms, _, output = equation.partition("->")
+    operands = terms.split(",")
+    if len(operands) != 2 or not output or "." in equation:
+        return False
+    position = list(reader.input).index(tensor)
+    weights, values = operands[position], operands[1 - position]
+    keys = weights[-1:]
+    return bool(keys) and keys in values and keys not in output and all(i in output for i in weights[:-1])
+
+
 def attention_matrices(graph: GraphView, path: Sequence[onnx.NodeProto]) -> list[str]:
-    """The outputs of the Softmax nodes whose result multiplies the values (``A`` in ``A·V``), in
-    forward order."""
+    """The outputs of the Softmax nodes whose result multiplies the values (``A`` in ``A·V``, a
+    MatMul or an Einsum), in forward order."""
     found = []
     for node in path:
         if node.op_type != "Softmax":
@@ -73,7 +92,7 @@ def attention_matrices(graph: GraphView, path: Sequence[onnx.NodeProto]) -> list
         tensor, readers = node.output[0], graph.consumers.get(node.output[0], [])
         while len(readers) == 1 and readers[0].op_type in _TRANSPARENT:
             tensor, readers = readers[0].output[0], graph.consumers.get(readers[0].output[0], [])
-        if any(r.op_type == "MatMul" and r.input[0] == tensor for r in readers):
+        if any(_weights_values(r, tensor) for r in readers):
             found.append(node.output[0])
     return found
 
@@ -83,7 +102,7 @@ def check_rollout(graph: GraphView, attentions: Sequence[str]) -> int:
     has no standard meaning."""
     if not attentions:
         raise CompileError("--method chefer: no attention (a Softmax whose output multiplies the values in a "
-                           "MatMul) on the path from the image to the logits")
+                           "MatMul or Einsum) on the path from the image to the logits")
     counts = set()
     for attention in attentions:
         shape, batch = graph.shape(attention), graph.batch(attention)

@@ -5,7 +5,7 @@ Relu: ``VJP(G) = G ⊙ 1[X > 0]`` (PyTorch's convention at 0); relevance by the 
 (the spec's proportional rule, as the authors' ReLU layer does).
 
 Every other element-wise op ``Y = f(X)`` (Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, PRelu,
-Clip, Erf, Exp, Sqrt, Reciprocal, Pow by a constant, Softplus, Max/Min with constants):
+Clip, Erf, Gelu (opset 20: the same relevance as its written-out form's gate), Exp, Sqrt, Reciprocal, Pow by a constant, Softplus, Max/Min with constants):
 ``VJP(G) = G ⊙ f'(X)``; relevance ``ΦX = Φ ⊙ 1[Y ≠ 0]`` (``active``): the spec's rule for
 activations the authors never met — relevance passes where the unit's output is non-zero (a gate
 ``x ⊙ s(x)`` such as GELU's ``x · ½(1 + erf(x/√2))`` is the Mul's rule: all relevance to ``x``).
@@ -159,6 +159,21 @@ relevance("Clip", kind="active")(activation_relevance)
 def _erf(b: GraphBuilder, node: NodeView) -> str:
     x = node.inputs[0]
     return b.Mul(b.Exp(b.Neg(b.Mul(x, x))), b.const(2.0 / math.sqrt(math.pi)))
+
+
+@elementwise("Gelu", "G ⊙ (Φ(X) + X·φ(X)), or the derivative of the tanh form with approximate='tanh' (opset 20).")
+def _gelu(b: GraphBuilder, node: NodeView) -> str:
+    x = node.inputs[0]
+    if node.attr("approximate", "none") == "tanh":  # ½(1 + t) + ½X(1 − t²)·√(2/π)(1 + 3c·X²), t = tanh(u)
+        c, root = 0.044715, math.sqrt(2.0 / math.pi)
+        squared = b.Mul(x, x)
+        t = b.Tanh(b.Mul(b.Mul(x, b.Add(b.Mul(squared, b.const(c)), b.const(1.0))), b.const(root)))
+        inner = b.Mul(b.Add(b.Mul(squared, b.const(3.0 * c)), b.const(1.0)), b.const(root))
+        slope = b.Mul(b.Mul(x, b.Sub(b.const(1.0), b.Mul(t, t))), inner)
+        return b.Mul(b.Add(b.Add(t, b.const(1.0)), slope), b.const(0.5))
+    cdf = b.Mul(b.Add(b.Erf(b.Mul(x, b.const(1.0 / math.sqrt(2.0)))), b.const(1.0)), b.const(0.5))
+    density = b.Mul(b.Exp(b.Mul(b.Mul(x, x), b.const(-0.5))), b.const(1.0 / math.sqrt(2.0 * math.pi)))
+    return b.Add(cdf, b.Mul(x, density))
 
 
 @elementwise("Exp", "G ⊙ Y.")

@@ -1,5 +1,5 @@
 """Ops that move data without changing it: Flatten, Reshape, Squeeze, Unsqueeze, Transpose,
-Concat, Split, Slice (any step), Pad, Gather and GatherElements with constant indices, Expand,
+Concat, Split, Slice (any step), Pad (constant, edge, reflect, wrap; opset 18's axes), Gather and GatherElements with constant indices, Expand,
 Tile, Where; and Identity, Dropout, Cast.
 
 Gradient: the adjoint move (reshape back, inverse permutation, split ↔ concat, slice ↔ pad,
@@ -149,22 +149,76 @@ def _slice_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | Non
     return data_only(node, {0: b.Pad(value, b.ints(pads)) if any(pads) else value})
 
 
-@moves("Pad", "G with the padding cut off (constant padding).")
-def _pad_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
-    if node.attr("mode", "constant") != "constant":
-        raise node.refuse(f"mode '{node.attr('mode')}' is not supported (constant padding only)")
-    pads = [int(p) for p in node.value(1)]
-    rank = len(pads) // 2
+def _full_pads(node: NodeView) -> list[int]:
+    """The node's pads as ``[begin_0 … begin_r-1, end_0 … end_r-1]`` over every axis (opset 18's
+    ``axes`` input lists the padded axes; the others get 0)."""
+    if not node.graph.is_constant(node.inputs[1]):
+        raise node.refuse("the pads are computed from the input; constant pads are needed")
+    pads = [int(p) for p in node.value(1).reshape(-1)]
+    rank = len(node.shape(0))
+    if len(node.inputs) > 3 and node.inputs[3]:
+        axes = [int(a) % rank for a in node.value(3).reshape(-1)]
+        full = [0] * 2 * rank
+        for i, axis in enumerate(axes):
+            full[axis], full[axis + rank] = pads[i], pads[i + len(axes)]
+        pads = full
     if any(p < 0 for p in pads):
         raise node.refuse(f"pads {pads}: only non-negative padding is supported")
+    return pads
+
+
+def _source_indices(mode: str, size: int, begin: int, end: int) -> np.ndarray:
+    """For each position along a padded axis, the input entry it holds (``edge``: the nearest end;
+    ``reflect``: mirrored without repeating the end; ``wrap``: periodic)."""
+    positions = np.arange(-begin, size + end)
+    if mode == "edge":
+        return np.clip(positions, 0, size - 1)
+    if mode == "wrap":
+        return positions % size
+    period = 2 * (size - 1)  # reflect: …, 2, 1, [0, 1, …, n−1], n−2, …
+    folded = np.abs(positions) % period if period else np.zeros_like(positions)
+    return np.where(folded >= size, period - folded, folded)
+
+
+def contract_axis(b: GraphBuilder, value: str, rank: int, axis: int, one_hot: np.ndarray) -> str:
+    """``value`` with its ``axis`` (of length ``one_hot.shape[0]``) contracted with ``one_hot`` [k, n]: entry
+    ``j`` of the result is the sum of the entries ``i`` with ``one_hot[i, j] = 1`` (a scatter-add as MatMul)."""
+    if axis == rank - 1:
+        return b.MatMul(value, b.const(one_hot))
+    if axis == rank - 2:
+        return b.MatMul(b.const(np.ascontiguousarray(one_hot.T)), value)
+    last = [*[a for a in range(rank) if a != axis], axis]
+    spread = b.MatMul(b.Transpose(value, perm=last), b.const(one_hot))
+    return b.Transpose(spread, perm=[int(i) for i in np.argsort(last)])
+
+
+@moves("Pad", "G with the padding cut off (constant mode); edge, reflect and wrap modes: also the padded "
+              "entries' G added back onto the entries they copy (the adjoint of the copy, per axis).")
+def _pad_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | None]:
+    mode = node.attr("mode", "constant")
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        raise node.refuse(f"mode '{mode}' is not supported")
+    pads = _full_pads(node)
+    rank = len(pads) // 2
     padded = [a for a in range(rank) if pads[a] or pads[a + rank]]
     refuse_batch_axes(node, node.inputs[0], padded, "pads")
     if not padded:
         return data_only(node, {0: values[0]})
     shape = node.shape(0)
-    starts = [pads[a] for a in padded]
-    ends = [pads[a] + shape[a] for a in padded]
-    return data_only(node, {0: b.Slice(values[0], b.ints(starts), b.ints(ends), b.ints(padded))})
+    if mode == "constant":
+        starts = [pads[a] for a in padded]
+        ends = [pads[a] + shape[a] for a in padded]
+        return data_only(node, {0: b.Slice(values[0], b.ints(starts), b.ints(ends), b.ints(padded))})
+    sizes = static_sizes(node, node.inputs[0], padded)
+    value = values[0]
+    for axis, size in zip(padded, sizes):  # the copies along each axis are independent: undone one by one
+        if mode == "reflect" and max(pads[axis], pads[axis + rank]) >= size:
+            raise node.refuse(f"reflect pads of {max(pads[axis], pads[axis + rank])} along an axis of {size}")
+        sources = _source_indices(mode, size, pads[axis], pads[axis + rank])
+        one_hot = np.zeros((sources.size, size), np.float32)
+        one_hot[np.arange(sources.size), sources] = 1.0
+        value = contract_axis(b, value, rank, axis, one_hot)
+    return data_only(node, {0: value})
 
 
 def _constant_indices(node: NodeView) -> np.ndarray:
@@ -191,13 +245,7 @@ def _gather_back(b: GraphBuilder, node: NodeView, values: list) -> list[str | No
         merged[axis] = flat.size
         value = b.Reshape(value, b.ints(merged))
     # value: X's shape with the gathered entries along `axis`; contract them with the one-hot rows
-    if axis == rank - 1:
-        return data_only(node, {0: b.MatMul(value, b.const(one_hot))})
-    if axis == rank - 2:
-        return data_only(node, {0: b.MatMul(b.const(np.ascontiguousarray(one_hot.T)), value)})
-    last = [*[a for a in range(rank) if a != axis], axis]
-    spread = b.MatMul(b.Transpose(value, perm=last), b.const(one_hot))
-    return data_only(node, {0: b.Transpose(spread, perm=[int(i) for i in np.argsort(last)])})
+    return data_only(node, {0: contract_axis(b, value, rank, axis, one_hot)})
 
 
 @moves("GatherElements", "G scatter-added back at the indices (ScatterElements, reduction add).")

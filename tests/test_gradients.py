@@ -43,6 +43,7 @@ class Case:
     operands: list = field(default_factory=list)
     order: str = ""  # the node's inputs as data 'x' and constants 'c' (default: all data first)
     positive: bool = False  # x drawn from |N(0, 1)| + 0.5 (Sqrt, Pow by a fraction, a divisor)
+    opset: int = 17  # of the one-node model: the op in that opset's form
 
 
 def _pad(x, pads):  # ONNX begin/end pads (2-D) → F.pad order
@@ -147,6 +148,14 @@ CASES = [
     Case("Slice", (2, 6, 5, 5), lambda x, *_: x[:, 1:4, :, 2:], constants=[
         np.array([1, 2], np.int64), np.array([4, 100], np.int64), np.array([1, 3], np.int64)]),
     Case("Pad", (2, 3, 4, 4), lambda x, p: F.pad(x, (1, 2, 0, 3)), constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)]),
+    Case("Pad", (2, 3, 4, 5), lambda x, p: F.pad(x, (1, 2, 0, 3), mode="replicate"), attrs=dict(mode="edge"),
+         constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)], id="edge"),
+    Case("Pad", (2, 3, 4, 5), lambda x, p: F.pad(x, (1, 3, 2, 1), mode="reflect"), attrs=dict(mode="reflect"),
+         constants=[np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64)], id="reflect"),
+    Case("Pad", (2, 3, 4, 5), lambda x, p: F.pad(x, (1, 2, 0, 3), mode="circular"), attrs=dict(mode="wrap"),
+         constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)], opset=19, id="wrap"),
+    Case("Pad", (2, 3, 4, 5), lambda x, p, v, a: F.pad(x, (2, 1, 1, 3)), opset=18, id="axes-input",
+         constants=[np.array([1, 2, 3, 1], np.int64), np.float32(0), np.array([2, -1], np.int64)]),
     Case("Squeeze", (2, 1, 4), lambda x, a: x.squeeze(1), constants=[np.array([1], np.int64)]),
     Case("Unsqueeze", (2, 4), lambda x, a: x[:, None], constants=[np.array([1], np.int64)]),
     Case("LRN", (2, 7, 3, 3), lambda x: F.local_response_norm(x, 5, 1e-2, 0.75, 2.0),
@@ -202,6 +211,18 @@ CASES = [
          id="keepdims"),
     Case("ReduceMean", (2, 3, 4, 5), lambda x: x.mean((1, 2)), attrs=dict(axes=[-3, 2], keepdims=0),
          id="negative-axes"),
+    Case("ReduceL2", (2, 3, 4, 5), lambda x: torch.linalg.vector_norm(x, 2, (2, 3)), attrs=dict(axes=[2, 3], keepdims=0),
+         id="opset17-attribute"),
+    Case("ReduceL2", (2, 3, 5), lambda x, a: torch.linalg.vector_norm(x, 2, -1, keepdim=True),
+         constants=[np.array([-1], np.int64)], opset=18, id="opset18-axes-input"),
+    Case("ReduceL1", (2, 3, 5), lambda x: x.abs().sum(1), attrs=dict(axes=[1], keepdims=0)),
+    Case("ReduceLogSumExp", (2, 3, 5), lambda x, a: torch.logsumexp(x, (1, 2), keepdim=True),
+         constants=[np.array([1, 2], np.int64)], opset=18),
+    Case("LpNormalization", (2, 3, 5), lambda x: F.normalize(x, 2, -1), attrs=dict(axis=-1, p=2), id="p2"),
+    Case("LpNormalization", (2, 4, 3), lambda x: F.normalize(x, 1, 1), attrs=dict(axis=1, p=1), id="p1"),
+    Case("Gelu", (2, 3, 4), F.gelu, opset=20, id="erf"),
+    Case("Gelu", (2, 3, 4), lambda x: F.gelu(x, approximate="tanh"), attrs=dict(approximate="tanh"), opset=20,
+         id="tanh"),
     Case("Div", (), lambda a, c: a / c, operands=[(2, 3, 4), (2, 3, 1)], positive=True, id="data-divisor"),
     Case("Mul", (), lambda a, c: a * c, operands=[(2, 3, 4), (2, 1, 4)], id="two-data-broadcast"),
     Case("Slice", (2, 6, 7, 5), lambda x, *_: x[:, 0::2, 1::3], constants=[
@@ -260,7 +281,8 @@ def one_node_model(case: Case) -> onnx.ModelProto:
     graph = helper.make_graph([*prelude, node], "case",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape(case)[1:]])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)],
+                             ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", case.opset)]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" if c.id else c.op for c in CASES])

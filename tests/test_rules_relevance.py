@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from agf_onnx.rules import REGISTRY
 from onnx import TensorProto, helper, numpy_helper
 
@@ -97,6 +98,7 @@ PASS_THROUGH = [
     (Case("InstanceNormalization", (2, 3, 4, 5), None, constants=[RNG.standard_normal(3).astype(np.float32)] * 2),
      "pass"),
     (Case("Neg", (2, 3, 4), None), "pass"),
+    (Case("LpNormalization", (2, 3, 5), None, attrs=dict(axis=-1, p=2)), "pass"),
 ]
 
 
@@ -106,7 +108,7 @@ def test_normalisations_and_neg_pass_relevance_through(case, kind):
     np.testing.assert_array_equal(shares["x"], relevance)
 
 
-ACTIVE = [Case("Erf", (2, 3, 4), None), Case("Exp", (2, 3, 4), None), Case("Sqrt", (2, 3, 4), None),
+ACTIVE = [Case("Erf", (2, 3, 4), None), Case("Gelu", (2, 3, 4), None, opset=20), Case("Exp", (2, 3, 4), None), Case("Sqrt", (2, 3, 4), None),
           Case("Reciprocal", (2, 3, 4), None), Case("Softplus", (2, 3, 4), None),
           Case("Pow", (2, 3, 4), None, constants=[np.float32(2)]),
           Case("Max", (2, 3, 4), None, constants=[np.float32(0.0)]),
@@ -260,6 +262,12 @@ MOVES = [
     Case("Slice", (2, 6, 7), lambda x: x[:, 0::2, 1::3], constants=[np.array([0, 1], np.int64),
          np.array([100, 100], np.int64), np.array([1, 2], np.int64), np.array([2, 3], np.int64)]),
     Case("Expand", (2, 1, 4), lambda x: x.expand(-1, 3, 4), constants=[np.array([1, 3, 4], np.int64)]),
+    Case("Pad", (2, 3, 4, 5), lambda x: F.pad(x, (1, 2, 0, 3), mode="replicate"), attrs=dict(mode="edge"),
+         constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)], id="edge"),
+    Case("Pad", (2, 3, 4, 5), lambda x: F.pad(x, (1, 3, 2, 1), mode="reflect"), attrs=dict(mode="reflect"),
+         constants=[np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64)], id="reflect"),
+    Case("Pad", (2, 3, 4, 5), lambda x: F.pad(x, (1, 2, 0, 3), mode="circular"), attrs=dict(mode="wrap"),
+         constants=[np.array([0, 0, 0, 1, 0, 0, 3, 2], np.int64)], opset=19, id="wrap"),
     Case("Tile", (2, 3, 4), lambda x: x.repeat(1, 2, 3), constants=[np.array([1, 2, 3], np.int64)]),
     Case("Where", (2, 3, 4), lambda x: torch.where(torch.from_numpy(_CONDITION), x, torch.zeros(())),
          constants=[_CONDITION := RNG.random((3, 4)) > 0.5, np.float32(1.0)], order="cxc"),
@@ -292,6 +300,25 @@ def test_reductions_follow_the_z_rule(op):
     expected = x64 / np.where(total != 0, total + 1e-9, 1) * relevance[:, None, :, None]  # Φ shared ∝ x_i
     np.testing.assert_allclose(shares["x"], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(shares["x"].sum((1, 2, 3)), relevance.sum(1), rtol=1e-4, atol=1e-5)
+
+
+NORM_REDUCTIONS = {  # op → (contribution c of each element, Σ c from the reduced value Y)
+    "ReduceL2": (lambda x, y: x * x, lambda y: y * y),
+    "ReduceL1": (lambda x, y: np.abs(x), lambda y: y),
+    "ReduceLogSumExp": (lambda x, y: np.exp(x - y), lambda y: np.ones_like(y)),
+}
+
+
+@pytest.mark.parametrize("op", list(NORM_REDUCTIONS))
+def test_norm_reductions_share_relevance_by_contribution(op):
+    """ΦX = c ⊙ Φ / Σ c, c the element's share of the reduced value; relevance is conserved."""
+    case = Case(op, (2, 3, 4, 5), None, attrs=dict(axes=[1, -1], keepdims=1))
+    shares, values, x, relevance = _case_run(case, "z")
+    contribution, total = NORM_REDUCTIONS[op]
+    x64, y64 = x.astype(np.float64), values["y"].astype(np.float64)
+    expected = contribution(x64, y64) * sdiv(relevance, total(y64))
+    np.testing.assert_allclose(shares["x"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(shares["x"].sum((1, 3), keepdims=True), relevance, rtol=1e-4, atol=1e-5)
 
 
 # -- refused: what would mix samples or is not covered -------------------------------------------------

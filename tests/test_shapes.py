@@ -163,12 +163,13 @@ def test_fullgrad_on_mtcnn_onet():
     assert np.ptp(out["heatmap"]) > 0
 
 
-def test_opset_18_pad_converts():
-    # torch's dynamo exporter writes opset 18; ONNX's converter has no 18 → 17 step for Pad
+def test_opset_18_pad_keeps_its_opset():
+    # torch's dynamo exporter writes opset 18; the model keeps it (ONNX's converter has no 18 → 17
+    # step for Pad), the explanation is written at 18
     model = _same_padding_model(computed=False)
     model.opset_import[0].version = 18
     compiled = agf_onnx.compile(model)
-    assert [o.version for o in compiled.opset_import if o.domain == ""] == [17]
+    assert [o.version for o in compiled.opset_import if o.domain == ""] == [18]
     assert {o.domain for o in compiled.opset_import} == {""}
     reference = agf_onnx.compile(_same_padding_model(computed=False))
     image = RNG.random((2, 16, 16, 3)).astype(np.float32)
@@ -177,9 +178,9 @@ def test_opset_18_pad_converts():
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_opset_20_gelu_is_written_out(approximate):
-    # torch's dynamo exporter writes GELU as one Gelu node at its default opset; ONNX has no
-    # earlier version of it: it is written out in opset-17 ops, with the same values
+def test_opset_20_gelu_keeps_its_node(approximate):
+    # torch's dynamo exporter writes GELU as one Gelu node at its default opset: the node stays (the
+    # original outputs bit-identical), its rule gives the map of GELU written out in opset-17 ops
     rng = np.random.default_rng(9)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     d = rng.standard_normal((4, 5)).astype(np.float32)
@@ -198,5 +199,32 @@ def test_opset_20_gelu_is_written_out(approximate):
     conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w))
     expected = torch.nn.functional.gelu(conv, approximate=approximate).mean((2, 3)) @ torch.from_numpy(d)
     np.testing.assert_allclose(out["logits"], expected.numpy(), rtol=1e-5, atol=1e-5)
-    assert not any(n.op_type == "Gelu" for n in compiled.graph.node)
+    assert np.array_equal(run(model, {"x": x}, optimize=False)["logits"],
+                          run(compiled, {"x": x}, optimize=False)["logits"])
     assert np.isfinite(out["heatmap"]).all() and np.ptp(out["heatmap"]) > 0
+    written_out = _gelu_written_out(model, approximate)
+    reference = run(agf_onnx.compile(written_out), {"x": x})["heatmap"]
+    np.testing.assert_allclose(out["heatmap"], reference, rtol=1e-4, atol=1e-5)
+
+
+def _gelu_written_out(model: onnx.ModelProto, approximate: str) -> onnx.ModelProto:
+    """The model at opset 17 with its Gelu in the form TorchScript exports."""
+    nodes, constants = [], {"half": 0.5, "one": 1.0, "root2": float(np.sqrt(2.0)), "c": 0.044715,
+                            "root2pi": float(np.sqrt(2 / np.pi))}
+    for node in model.graph.node:
+        if node.op_type != "Gelu":
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        if approximate == "tanh":
+            nodes += [helper.make_node("Mul", [x, x], ["sq"]), helper.make_node("Mul", [x, "sq"], ["cube"]),
+                      helper.make_node("Mul", ["cube", "c"], ["cc"]), helper.make_node("Add", [x, "cc"], ["inner"]),
+                      helper.make_node("Mul", ["inner", "root2pi"], ["u"]), helper.make_node("Tanh", ["u"], ["gate0"])]
+        else:
+            nodes += [helper.make_node("Div", [x, "root2"], ["u"]), helper.make_node("Erf", ["u"], ["gate0"])]
+        nodes += [helper.make_node("Add", ["gate0", "one"], ["gate"]), helper.make_node("Mul", [x, "gate"], ["xg"]),
+                  helper.make_node("Mul", ["xg", "half"], [y])]
+    graph = helper.make_graph(nodes, "gelu17", list(model.graph.input), list(model.graph.output),
+                              [*model.graph.initializer,
+                               *(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in constants.items())])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
