@@ -86,6 +86,9 @@ QUANTISED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 _VALUE_MOVING = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity",
                  "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "GlobalMaxPool"}
 
+#: Ops whose output is never negative: a range starting at 0 after them absorbed no ReLU.
+_NONNEGATIVE_OPS = {"Relu", "Softmax", "Sigmoid", "Clip", "Abs", "Exp", "HardSigmoid", "Sqrt"}
+
 #: Integer ranges of quantised types.
 _RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
            TensorProto.INT16: (-32768, 32767)}
@@ -144,6 +147,7 @@ class _Translator:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
         self.inputs = {i.name for i in model.graph.input}
+        self.producers = {o: node for node in model.graph.node for o in node.output if o}
         self.outputs = {o.name for o in model.graph.output}
         self.aliases: dict[str, str] = {}  # a dequantized activation of the original → its view tensor
         self.unsupported: dict[str, list[str]] = {}
@@ -191,18 +195,21 @@ class _Translator:
         return self.float_of(name, reader)
 
     def quantised_output(self, node: onnx.NodeProto, output: str, scale: str, zero: str, float_output: str,
-                         clip: bool = True) -> None:
+                         producer: str | None) -> None:
         """Declare ``output`` (an integer tensor of the original) as the view tensor
-        ``output/dequantized``: the straight-through clip of ``float_output`` to its range, bridged
-        from the original by ``DequantizeLinear(output, scale, zero)``."""
+        ``output/dequantized``, bridged from the original by ``DequantizeLinear(output, scale, zero)``:
+        the straight-through estimator of the quantisation of ``float_output`` (computed by an op of
+        type ``producer``; None: no clip). It is the identity, except where the range starts at
+        exactly 0 after an op that can output negative values: there ORT's quantiser absorbed a ReLU
+        (or ReLU6) into the range, and ``Clip`` to the range keeps its mask."""
         name = f"{output}/dequantized"
-        bounds = self.range(scale, zero, node) if clip else None
-        if bounds is None:
-            self.emit("Identity", [float_output], [name], f"{node.name}/straight_through")
+        bounds = self.range(scale, zero, node) if producer is not None else None
+        if bounds is None or bounds[0] != 0.0 or producer in _NONNEGATIVE_OPS:
+            self.emit("Identity", [float_output], [name], f"{output}/straight_through")
         else:
             low = self.add_constant(f"{output}/range_min", np.array(bounds[0], np.float32))
             high = self.add_constant(f"{output}/range_max", np.array(bounds[1], np.float32))
-            self.emit("Clip", [float_output, low, high], [name], f"{node.name}/straight_through")
+            self.emit("Clip", [float_output, low, high], [name], f"{output}/straight_through")
         self.dequantized[output] = name
         self.scales[output] = (scale, zero)
         inputs = [output, scale] + ([zero] if zero else [])
@@ -261,14 +268,15 @@ class _Translator:
                                 **_copy_attributes(node))
         self.nodes.append(copy)
         for output, value in zip(outputs[:len(copy.output)], copy.output):
-            self.quantised_output(node, output, scale, zero, value, clip=False)
+            self.quantised_output(node, output, scale, zero, value, None)
 
 
 def _quantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
     x, scale, zero = node.input[0], node.input[1], node.input[2] if len(node.input) > 2 else ""
     if t.value(scale) is not None and t.value(scale).size > 1:
         raise CompileError(f"QuantizeLinear node '{node.name}': a per-channel activation scale")
-    t.quantised_output(node, node.output[0], scale, zero, x, clip=x not in t.inputs)
+    producer = t.producers.get(x)
+    t.quantised_output(node, node.output[0], scale, zero, x, None if producer is None else producer.op_type)
 
 
 def _dequantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
@@ -287,7 +295,7 @@ def _dequantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
 
 def _dynamic_quantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
     quantised, scale, zero = node.output
-    t.quantised_output(node, quantised, scale, zero, node.input[0], clip=False)
+    t.quantised_output(node, quantised, scale, zero, node.input[0], None)
 
 
 def _float_op(op_type: str, operands: Callable[[_Translator, onnx.NodeProto], list[str]],
@@ -303,7 +311,7 @@ def _float_op(op_type: str, operands: Callable[[_Translator, onnx.NodeProto], li
         t.emit(op_type, operands(t, node), [result], node.name, **{**_copy_attributes(node, drop), **fixed})
         if requantised:
             scale, zero = node.input[output_scale[0]], node.input[output_scale[1]] if len(node.input) > output_scale[1] else ""
-            t.quantised_output(node, output, scale, zero, result)
+            t.quantised_output(node, output, scale, zero, result, op_type)
 
     return handle
 
