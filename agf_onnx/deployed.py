@@ -76,6 +76,8 @@ NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _FLOAT_TYPES = (TensorProto.FLOAT, *NARROW_FLOATS, TensorProto.DOUBLE)
 _STANDARD = ("", "ai.onnx")
 _MICROSOFT = "com.microsoft"
+#: ONNX Runtime's contrib ops registered in the ai.onnx domain (no standard op has the name).
+_CONTRIB_IN_ONNX_DOMAIN = {"SimplifiedLayerNormalization"}
 
 #: Standard ops whose presence makes a file quantised.
 QUANTISED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -104,7 +106,7 @@ def needs_view(model: onnx.ModelProto) -> bool:
     if any(t.data_type in NARROW_FLOATS for t in graph.initializer):
         return True
     for node in graph.node:
-        if node.domain not in _STANDARD or node.op_type in QUANTISED_OPS:
+        if node.domain not in _STANDARD or node.op_type in QUANTISED_OPS | _CONTRIB_IN_ONNX_DOMAIN:
             return True
         if node.op_type == "Cast" and _attribute(node, "to") in NARROW_FLOATS:
             return True
@@ -445,8 +447,7 @@ def _widen(model: onnx.ModelProto) -> None:
 
 def _decompose_contrib(model: onnx.ModelProto) -> onnx.ModelProto:
     """``contrib.decompose`` (exact standard-op forms of ONNX Runtime's com.microsoft ops)."""
-    left = sorted({n.op_type for n in model.graph.node if n.domain not in _STANDARD})
-    if not left:
+    if not any(n.domain not in _STANDARD or n.op_type in _CONTRIB_IN_ONNX_DOMAIN for n in model.graph.node):
         return model
     try:
         from . import contrib
