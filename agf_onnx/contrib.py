@@ -221,9 +221,12 @@ def _reduce_mean_last(b: GraphBuilder, node: _Node, x: str) -> str:
 
 
 def _skip_sum(b: GraphBuilder, node: _Node, bias_index: int) -> str:
-    """input + skip (+ bias), in ONNX Runtime's order."""
-    total = b.Add(node.input(0), node.input(1))
-    return b.Add(total, node.input(bias_index)) if node.input(bias_index) else total
+    """(input + bias) + skip: the optimiser takes ``input`` from the branch's MatMul and its bias
+    from the branch's Add, so this is the order of the unoptimised graph, ``skip + (x·W + b)``.
+    The order matters to relevance rules (a z-rule shares Φ between the residual merge's operands
+    in proportion to their values, a bias added after the merge would shift the shares)."""
+    branch = b.Add(node.input(0), node.input(bias_index)) if node.input(bias_index) else node.input(0)
+    return b.Add(branch, node.input(1))
 
 
 def _layer_norm(b: GraphBuilder, node: _Node, x: str, gamma: str, beta: str) -> tuple[str, str, str]:
@@ -248,7 +251,7 @@ def _rms_norm(b: GraphBuilder, node: _Node, x: str, gamma: str) -> tuple[str, st
 
 @decomposes("SkipLayerNormalization")
 def skip_layer_norm(b: GraphBuilder, node: _Node) -> dict[int, str]:
-    """S = input + skip + bias; output = LayerNorm(S)·γ + β; mean, 1/σ and S as optional outputs."""
+    """S = (input + bias) + skip; output = LayerNorm(S)·γ + β; mean, 1/σ and S as optional outputs."""
     total = _skip_sum(b, node, 4)
     y, mean, inv_std = _layer_norm(b, node, total, node.input(2), node.input(3))
     return {0: y, 1: mean, 2: inv_std, 3: total}
@@ -256,7 +259,7 @@ def skip_layer_norm(b: GraphBuilder, node: _Node) -> dict[int, str]:
 
 @decomposes("SkipSimplifiedLayerNormalization")
 def skip_simplified_layer_norm(b: GraphBuilder, node: _Node) -> dict[int, str]:
-    """S = input + skip + bias; output = S / √(mean(S²) + ε) · γ; 1/rms and S as optional outputs."""
+    """S = (input + bias) + skip; output = S / √(mean(S²) + ε) · γ; 1/rms and S as optional outputs."""
     if node.output(1):
         raise CompileError(f"SkipSimplifiedLayerNormalization node '{node.name}': its 'mean' output is "
                            "not defined for an RMS norm and is not written out")
@@ -390,6 +393,7 @@ def decompose(model: onnx.ModelProto) -> onnx.ModelProto:
         with b.scope(f"{node.name or node.op_type}/decomposed"):
             produced = _decomposer(node)(b, _Node(node, facts))
         _give_names(b, node, produced)
+        _keep_node_name(b, node)
         taken |= b._taken
         nodes.extend(b.nodes)
         graph.initializer.extend(b.initializers)
@@ -440,6 +444,18 @@ def _give_names(b: GraphBuilder, node: onnx.NodeProto, produced: dict[int, str])
             producers[wanted] = producers.pop(tensor)
         else:
             b.nodes.append(helper.make_node("Identity", [tensor], [wanted], name=b.fresh("Identity")))
+
+
+#: The standard op a fused op is built around: its node keeps the fused node's name, so that a
+#: layer named on the unoptimised file (``--layer`` of Grad-CAM) names the same op here.
+_CORE = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
+
+
+def _keep_node_name(b: GraphBuilder, node: onnx.NodeProto) -> None:
+    core = _CORE.get(node.op_type)
+    emitted = next((n for n in b.nodes if n.op_type == core), None)
+    if emitted is not None and node.name:
+        emitted.name = node.name
 
 
 class _ModelFacts:
