@@ -279,11 +279,6 @@ def simplified_layer_norm(b: GraphBuilder, node: _Node) -> dict[int, str]:
 
 
 # -- attention and embeddings ------------------------------------------------------------------
-def _heads(b: GraphBuilder, x: str, heads: int, size: int) -> str:
-    """[B, S, heads·size] → [B, heads, S, size] (timm's reshape + permute)."""
-    return b.Transpose(b.Reshape(x, b.ints([0, 0, heads, size])), perm=[0, 2, 1, 3])
-
-
 def _attention_mask(b: GraphBuilder, node: _Node, mask: str, keys: str) -> str:
     """The additive mask [B, 1, 1|S, T] from ``mask_index``: a raw 0/1 mask [B, T] or [B, S, T]
     (0 → mask_filter_value), or right-padding lengths [B] (keys at or past the length masked)."""
@@ -299,36 +294,74 @@ def _attention_mask(b: GraphBuilder, node: _Node, mask: str, keys: str) -> str:
         masked = b.Not(b.Greater(mask, b.const(0, node.model.numpy_type(mask))))
         additive = b.Mul(b.Cast(masked, to=_onnx_type(node.dtype)), filter_value)
         return b.Unsqueeze(additive, b.ints([1, 2] if rank == 2 else [1]))
-    raise CompileError(f"Attention node '{node.name}': mask_index of rank {rank} is not written out "
+    raise CompileError(f"{node.op_type} node '{node.name}': a mask of rank {rank} is not written out "
                        "(raw masks [B, T] and [B, S, T] and lengths [B] are)")
+
+
+def _scaled_dot_product(b: GraphBuilder, node: _Node, q: str, k: str, v: str, heads: int, head_size: int,
+                        mask: str, attention_bias: str) -> str:
+    """concat_h(softmax(q_h k_hᵀ · s + mask + attention_bias) v_h) of [B, S, ·] projections, as
+    timm writes it: heads split by Reshape/Transpose, ``MatMul(Softmax(·), V)``, merged back."""
+    q, k, v = (b.Transpose(b.Reshape(t, b.ints([0, 0, heads, -1])), perm=[0, 2, 1, 3]) for t in (q, k, v))
+    scale = node.attr("scale", None) or 1.0 / np.sqrt(head_size)
+    scores = b.Mul(b.MatMul(q, b.Transpose(k, perm=[0, 1, 3, 2])), node.scalar(b, scale))
+    if mask:
+        scores = b.Add(scores, _attention_mask(b, node, mask, k))
+    if attention_bias:
+        scores = b.Add(scores, attention_bias)
+    context = b.MatMul(b.Softmax(scores, axis=-1), v)
+    return b.Reshape(b.Transpose(context, perm=[0, 2, 1, 3]), b.ints([0, 0, -1]))
+
+
+def _refuse_decoder_inputs(node: _Node, inputs: Sequence[tuple[int, str]], outputs: Sequence[tuple[int, str]]) -> None:
+    """Past/present key-value caches, causal masks and rotary embeddings are decoder machinery
+    an image classifier does not have: refused by name."""
+    used = [name for index, name in inputs if node.input(index)] + [name for index, name in outputs
+                                                                      if node.output(index)]
+    used += [name for name in ("unidirectional", "do_rotary", "past_present_share_buffer") if node.attr(name, 0)]
+    if used:
+        raise CompileError(f"{node.op_type} node '{node.name}': {', '.join(used)} is not written out (encoder "
+                           "attention without caches is)")
 
 
 @decomposes("Attention")
 def attention(b: GraphBuilder, node: _Node) -> dict[int, str]:
-    """Y = concat_h(softmax(q_h k_hᵀ · s + mask) v_h), [q k v] = X·W + bias, s = scale or 1/√d."""
-    unsupported = [name for index, name in ((4, "past"), (5, "attention_bias"), (6, "past_sequence_length"))
-                   if node.input(index)] + (["present"] if node.output(1) else [])
-    if unsupported or node.attr("unidirectional", 0) or node.attr("do_rotary", 0):
-        raise CompileError(f"Attention node '{node.name}': {', '.join(unsupported) or 'unidirectional/rotary'} "
-                           "is not written out (encoder self-attention is)")
+    """Y = concat_h(softmax(q_h k_hᵀ · s + mask + bias_attn) v_h), [q k v] = X·W + bias, s = scale or 1/√d."""
+    _refuse_decoder_inputs(node, [(4, "past"), (6, "past_sequence_length")], [(1, "present")])
     heads = int(node.attr("num_heads"))
     weights = node.model.initializer(node.input(1))
     if weights is None:
         raise CompileError(f"Attention node '{node.name}': its packed QKV weight '{node.input(1)}' is not an "
                            "initializer")
-    hidden = weights.shape[-1]
-    sizes = list(node.attr("qkv_hidden_sizes", [])) or [hidden // 3] * 3
+    sizes = list(node.attr("qkv_hidden_sizes", [])) or [weights.shape[-1] // 3] * 3
     projected = b.MatMul(node.input(0), node.input(1))
     if node.input(2):
         projected = b.Add(projected, node.input(2))
     q, k, v = b.Split(projected, b.ints(sizes), axis=-1, outputs=3)
-    q, k, v = (_heads(b, t, heads, size // heads) for t, size in zip((q, k, v), sizes))
-    scale = node.attr("scale", None) or 1.0 / np.sqrt(sizes[0] // heads)
-    scores = b.Mul(b.MatMul(q, b.Transpose(k, perm=[0, 1, 3, 2])), node.scalar(b, scale))
+    return {0: _scaled_dot_product(b, node, q, k, v, heads, sizes[0] // heads, node.input(3), node.input(5))}
+
+
+@decomposes("MultiHeadAttention")
+def multi_head_attention(b: GraphBuilder, node: _Node) -> dict[int, str]:
+    """Y = concat_h(softmax(q_h k_hᵀ · s + mask + bias_attn) v_h), q, k, v = query, key, value
+    (each [B, ·, hidden]) plus their parts of ``bias``, s = scale or 1/√(hidden/heads)."""
+    _refuse_decoder_inputs(node, [(6, "past_key"), (7, "past_value"), (8, "past_sequence_length")],
+                           [(1, "present_key"), (2, "present_value"), (3, "qk")])
+    ranks = [node.model.rank(node.input(i)) if node.input(i) else 0 for i in range(3)]
+    if ranks != [3, 3, 3]:
+        raise CompileError(f"MultiHeadAttention node '{node.name}': query, key and value of ranks {ranks}; only "
+                           "separate [B, S, hidden] query, key and value are written out (not packed QKV/KV or "
+                           "per-head key/value)")
+    heads, hidden = int(node.attr("num_heads")), node.model.last_dim(node.input(0))
+    if not hidden and not node.attr("scale", None):
+        raise CompileError(f"MultiHeadAttention node '{node.name}': the hidden size of its query is unknown")
+    q, k, v = node.input(0), node.input(1), node.input(2)
     if node.input(3):
-        scores = b.Add(scores, _attention_mask(b, node, node.input(3), k))
-    context = b.MatMul(b.Softmax(scores, axis=-1), v)
-    return {0: b.Reshape(b.Transpose(context, perm=[0, 2, 1, 3]), b.ints([0, 0, sizes[2]]))}
+        sizes = [node.model.last_dim(name) for name in (q, k, v)]
+        q_bias, k_bias, v_bias = b.Split(node.input(3), b.ints(sizes), axis=0, outputs=3)
+        q, k, v = b.Add(q, q_bias), b.Add(k, k_bias), b.Add(v, v_bias)
+    return {0: _scaled_dot_product(b, node, q, k, v, heads, hidden // heads if hidden else 1, node.input(4),
+                                   node.input(5))}
 
 
 @decomposes("EmbedLayerNormalization")
@@ -508,6 +541,14 @@ class _ModelFacts:
         info = self._info(name)
         shaped = info is not None and info.type.tensor_type.HasField("shape")
         return len(info.type.tensor_type.shape.dim) if shaped else 0
+
+    def last_dim(self, name: str) -> int:
+        """The size of the last axis of ``name``; 0 where the file does not state it."""
+        if name in self._weights:
+            return int(self._weights[name].dims[-1])
+        info = self._info(name)
+        dims = info.type.tensor_type.shape.dim if info is not None else []
+        return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
 
     def float_type(self, node: onnx.NodeProto) -> np.dtype:
         """The float type ``node`` computes in: that of its first weight (initializer) that is

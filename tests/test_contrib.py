@@ -261,9 +261,10 @@ def test_decomposition_equals_onnxruntime_on_cnns(net, dynamo):
 
 # -- nodes built from ONNX Runtime's schema (forms its CPU optimisers do not write) --------------------
 def one_node_model(node: onnx.NodeProto, inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray],
-                   outputs: list[str], opset: int = 17) -> onnx.ModelProto:
+                   outputs: list[str], opset: int = 17,
+                   shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """SCHEMA-BUILT: a model of the single contrib ``node`` (per ONNX Runtime's schema), its
-    output shapes as ONNX Runtime computes them on ``inputs``."""
+    output shapes ``shapes``, else as ONNX Runtime computes them on ``inputs``."""
 
     def build(shapes: dict[str, list[int] | None]) -> onnx.ModelProto:
         graph = helper.make_graph(
@@ -275,22 +276,45 @@ def one_node_model(node: onnx.NodeProto, inputs: dict[str, np.ndarray], weights:
         return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", opset),
                                                        helper.make_opsetid("com.microsoft", 1)])
 
-    computed = run_plain(build(dict.fromkeys(outputs)), inputs)
-    return build({name: list(computed[name].shape) for name in outputs})
+    if shapes is None:
+        computed = run_plain(build(dict.fromkeys(outputs)), inputs)
+        shapes = {name: list(computed[name].shape) for name in outputs}
+    return build(shapes)
 
 
 def _rand(*shape: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _attention_case(mask: np.ndarray | None, **attributes) -> tuple[onnx.ModelProto, dict]:
+def _attention_case(mask: np.ndarray | None, attention_bias: bool = False, **attributes) -> tuple[onnx.ModelProto, dict]:
     hidden_sizes = attributes.get("qkv_hidden_sizes", [16, 16, 16])
     inputs = {"x": _rand(2, 5, 16)}
+    names = ["x", "w", "b", "mask" if mask is not None else ""]
     if mask is not None:
         inputs["mask"] = mask
-    node = helper.make_node("Attention", ["x", "w", "b"] + (["mask"] if mask is not None else []), ["y"],
-                            domain="com.microsoft", name="attention", num_heads=2, **attributes)
+    if attention_bias:
+        inputs["attention_bias"] = _rand(2, 1, 5, 5, seed=4)
+        names += ["", "attention_bias"]
+    node = helper.make_node("Attention", names, ["y"], domain="com.microsoft", name="attention", num_heads=2,
+                            **attributes)
     weights = {"w": _rand(16, sum(hidden_sizes), seed=1) * 0.3, "b": _rand(sum(hidden_sizes), seed=2) * 0.1}
+    return one_node_model(node, inputs, weights, ["y"]), inputs
+
+
+def _mha_case(mask: np.ndarray | None = None, attention_bias: bool = False, bias: bool = True,
+              **attributes) -> tuple[onnx.ModelProto, dict]:
+    """MultiHeadAttention with separate query [2, 5, 16], key and value [2, 5, 16] / [2, 5, 12]."""
+    inputs = {"q": _rand(2, 5, 16), "k": _rand(2, 5, 16, seed=1), "v": _rand(2, 5, 12, seed=2)}
+    names = ["q", "k", "v", "bias" if bias else ""]
+    weights = {"bias": _rand(44, seed=3) * 0.1} if bias else {}
+    if mask is not None:
+        inputs["mask"] = mask
+    names.append("mask" if mask is not None else "")
+    if attention_bias:
+        inputs["attention_bias"] = _rand(1, 2, 5, 5, seed=4)
+        names.append("attention_bias")
+    node = helper.make_node("MultiHeadAttention", names, ["y"], domain="com.microsoft", name="mha", num_heads=2,
+                            **attributes)
     return one_node_model(node, inputs, weights, ["y"]), inputs
 
 
@@ -337,6 +361,12 @@ SCHEMA_BUILT = {
     "Attention-raw-mask-2d": lambda: _attention_case(_padding_mask(2), scale=0.3, mask_filter_value=-1000.0),
     "Attention-raw-mask-3d": lambda: _attention_case(_padding_mask(3)),
     "Attention-qkv-sizes": lambda: _attention_case(None, qkv_hidden_sizes=[8, 8, 12]),
+    "Attention-attention-bias": lambda: _attention_case(_padding_mask(2), attention_bias=True),
+    "MultiHeadAttention-bias": lambda: _mha_case(),
+    "MultiHeadAttention-no-bias-scale": lambda: _mha_case(bias=False, scale=0.2),
+    "MultiHeadAttention-lengths": lambda: _mha_case(_padding_mask(1)),
+    "MultiHeadAttention-raw-mask-2d": lambda: _mha_case(_padding_mask(2), mask_filter_value=-500.0),
+    "MultiHeadAttention-attention-bias": lambda: _mha_case(attention_bias=True),
 }
 
 
@@ -372,13 +402,26 @@ def test_every_decomposer_is_checked_against_onnxruntime():
 
 # -- refusals -------------------------------------------------------------------------------------------------
 def test_contrib_op_without_decomposition_is_refused_by_name():
-    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", name="mha_0",
-                            num_heads=2)
-    model = one_node_model(node, {"q": _rand(1, 4, 8), "k": _rand(1, 4, 8), "v": _rand(1, 4, 8)}, {}, ["y"])
+    nodes = [helper.make_node("Rfft", ["x"], ["f"], domain="com.microsoft", name="spectrum", signal_ndim=1),
+             helper.make_node("QuickGelu", ["x"], ["g"], domain="com.microsoft", name="gate"),
+             helper.make_node("Rfft", ["x"], ["h"], domain="com.microsoft", name="spectrum_2", signal_ndim=1)]
+    graph = helper.make_graph(nodes, "unsupported", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "fgh"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     with pytest.raises(UnsupportedOpsError) as error:
         contrib.decompose(model)
-    assert error.value.unsupported == {"MultiHeadAttention (com.microsoft)": ["mha_0"]}
+    assert error.value.unsupported == {"Rfft (com.microsoft)": ["spectrum", "spectrum_2"]}
     assert error.value.exit_code == 2
+
+
+def test_packed_qkv_multi_head_attention_is_refused_naming_the_node():
+    """SCHEMA-BUILT: MultiHeadAttention's packed-QKV form (query [B, S, heads, 3, d]; ONNX Runtime
+    has no CPU kernel for it)."""
+    node = helper.make_node("MultiHeadAttention", ["qkv"], ["y"], domain="com.microsoft", name="packed_mha",
+                            num_heads=2)
+    model = one_node_model(node, {"qkv": _rand(1, 4, 2, 3, 4)}, {}, ["y"], shapes={"y": [1, 4, 8]})
+    with pytest.raises(CompileError, match="packed_mha.*ranks \\[5, 0, 0\\]"):
+        contrib.decompose(model)
 
 
 def test_level_all_nchwc_file_is_refused_with_the_advice_to_save_at_extended():
