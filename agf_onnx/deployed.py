@@ -1,61 +1,61 @@
 """Deployed forms (fp16, int8, ONNX Runtime's fused ops): explain the file a service runs.
 
 A deployed file computes the same function as its float32 source up to rounding (spec "Deployed
-forms"); the explanation is that of the function, computed in float32. The compiler's rules
-know float32 standard ops, so a deployed file is explained through its **explained view**: a
-float32 standard-op network that ``passes.canonicalise``, ``planning.plan`` and
-``compiler.compile_canonical`` consume unchanged, plus a **splice** that puts the original
-graph back under the explanation::
+forms"); the explanation is that of the function, computed in float32. The rules know float32
+standard ops, so a deployed file is explained through its **explained view**: a float32
+standard-op network that ``passes.canonicalise``, ``planning.plan`` and
+``compiler.compile_canonical`` consume unchanged, plus a **splice** that puts the original graph
+back under the explanation (docs/deployed-formats.md draws it)::
 
-    deployed.onnx ──explained_view──▶ float32 standard-op view ──canonicalise, plan, emit──▶ view + explanation
-         │                                                                                       │
-         └──────────────── original nodes, untouched ◀──splice: the explanation's reads ◀────────┘
+    deployed.onnx ─explained_view─▶ float32 view ─canonicalise, plan, emit─▶ view + explanation
+         └──── original nodes, untouched ◀── splice: what the explanation reads ◀──┘
 
 The view is built node by node from the original:
 
 - **fp16** (``onnxconverter_common.float16``, either ``keep_io_types``): every float16 (or
-  bfloat16) initializer, input, output and ``Cast`` target becomes float32: the view is the
-  float32 network with the fp16 weights, exactly widened.
+  bfloat16) initializer, ``Constant``, input, output and ``Cast`` target becomes float32: the
+  float32 network with the file's weights, exactly widened.
 - **Quantised weights**: ``DequantizeLinear`` of a constant (per tensor or per channel) is
   folded to a float32 constant; so are the int8 weights and int32 biases of ``QLinearConv``,
   ``QLinearMatMul``, ``QGemm``, ``ConvInteger`` and ``MatMulInteger``.
-- **Quantised activations**: each integer activation ``t`` of the original has a float view
-  tensor ``t/dequantized``. ``QuantizeLinear`` is the straight-through estimator, written as
-  ``Clip`` to the representable range ``[(q_min − z)·s, (q_max − z)·s]`` (the identity inside it:
-  ORT's quantiser drops a ReLU or ReLU6 into that range, and the clip keeps its mask); on a graph
-  input, and for ``DynamicQuantizeLinear`` (whose range always covers its input), it is the
-  identity. ``DequantizeLinear`` of an activation is the identity. A QLinear op
-  (``QLinearConv``, ``QLinearMatMul``, ``QGemm``, ``QLinearAdd``, ``QLinearMul``,
-  ``QLinearGlobalAveragePool``, ``QLinearAveragePool``, ``QLinearConcat``, ``QLinearSoftmax``,
-  ``QLinearSigmoid``, ``QLinearLeakyRelu``) is its float op on the dequantized operands, then the
-  straight-through clip of its output's range; ``ConvInteger``/``MatMulInteger → Cast → Mul(s_a·s_b)``
-  (``quantize_dynamic``) is the float ``Conv``/``MatMul``. Ops that only move values (``MaxPool``,
-  ``Reshape``, ``Flatten``, ``Transpose``…) act on the dequantized tensor, keeping its scale.
+- **Quantised activations**: each integer activation ``t`` has a float view tensor
+  ``t/dequantized``. ``QuantizeLinear`` is the straight-through estimator: the identity, or
+  ``Clip`` to the representable range where that range starts at exactly 0 after an op that can
+  be negative (ORT's quantiser absorbed a ReLU/ReLU6 there; the clip keeps its mask);
+  ``DynamicQuantizeLinear`` (whose range covers its input) and the image's quantisation are the
+  identity. ``DequantizeLinear`` of an activation is the identity. A QLinear op is its float op on
+  the dequantized operands, then the straight-through estimator of its output's quantisation;
+  ``ConvInteger``/``MatMulInteger → Cast → Mul(s_a·s_b)`` (``quantize_dynamic``) is the float
+  ``Conv``/``MatMul``. Ops that only move values (``MaxPool``, ``Reshape``, ``Transpose``…) act on
+  the dequantized tensor, keeping its scale.
 - **Contrib ops** (``com.microsoft``: FusedConv, SkipLayerNormalization, Attention…) are replaced by
   ``contrib.decompose``'s exact standard-op decompositions.
 
 **Names carry the meaning.** A tensor name the view shares with the original denotes the same
-quantity (in float32); tensors the view computes differently get new names (``t/dequantized``,
+quantity (in float32); what the view computes differently gets a new name (``t/dequantized``,
 ``y/float``). The splice keeps every original node as it is and satisfies each tensor the
-explanation reads, in this order of preference:
+explanation reads, in this order:
 
-1. a *bridge* the view declares: ``t/dequantized`` is ``DequantizeLinear(t, s, z)`` of the
-   original's own quantised activation (one cheap node; the original's DequantizeLinear nodes keep
-   their single reader, so ONNX Runtime still fuses its QDQ groups);
-2. an initializer of the view (float32 weights, folded at compile time), under a new name where
-   the original holds another tensor by that name;
-3. the original's tensor of that name: read as it is when float32 (or integer), through a
-   ``Cast`` to float32 when float16 ("every activation the two streams read is cast to float32");
-4. else the view node that computes it, kept and run in float32 (a QLinear op's float output before
-   its requantisation, the inner tensors of a contrib op's decomposition), its inputs satisfied
-   the same way.
+1. a *bridge* the view declares: a QOperator file's ``t/dequantized`` is ``DequantizeLinear(t, s,
+   z)`` of the original's own int8 ``t`` (one cheap node of its own);
+2. an initializer of the view (float32 weights, made at compile time), under a new name where the
+   original holds another tensor by that name;
+3. the original's tensor of that name: as it is when float32 or integer, through a ``Cast`` to
+   float32 when it is a float16 input or output — unless the view marks it ``unread``;
+4. else the view node that computes it, kept and run in float32, its inputs satisfied the same way.
 
-So the original outputs stay bit-identical (the original nodes are untouched), and the target
-(``-1`` = top class) is taken from the original model's scores (the logits tensor is read from the
-original). Cost: fp16 adds one ``Cast`` per activation the explanation reads; QDQ one
-``DequantizeLinear`` per read activation; QOperator recomputes each QLinear op's float output that
-a rule reads (one float op per layer, as in the float32 model); contrib decompositions recompute
-the fused ops' inner tensors that rules read.
+Two kinds of tensors are never read (rule 3 skips them, the view recomputes them), both measured
+with ONNX Runtime 1.31.1: **float16 activations** (its CPU provider runs fp16 ops in float32
+behind Casts it removes only where nothing else reads the fp16 tensor: one extra reader moved an
+fp16 ResNet's logits by 4e-4, with optimisations off), and a **QDQ file's Q/DQ tensors** (ORT fuses
+``DQ → op → Q`` into int8 kernels only where each keeps its one reader: a reader at a QDQ ViT's
+attention moved its logits by 0.18, optimisations on). So the original outputs stay bit-identical
+(optimisations off, and on for every fp16 and int8 form the tests build), and the target
+(``-1`` = top class) is taken from the original's scores (the logits are read from it).
+
+Cost of the explained run beyond the explanation itself: fp16 and QDQ, one float32 forward pass;
+QOperator, a ``DequantizeLinear`` per read activation and the float op of each layer whose float
+output a rule reads; dynamic, nothing; contrib, the inner tensors of fused ops that rules read.
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ from .graph import evaluator
 
 #: Float types the view widens to float32.
 NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
-_FLOAT_TYPES = (TensorProto.FLOAT, *NARROW_FLOATS, TensorProto.DOUBLE)
 _STANDARD = ("", "ai.onnx")
 _MICROSOFT = "com.microsoft"
 #: ONNX Runtime's contrib ops registered in the ai.onnx domain (no standard op has the name).
@@ -327,7 +326,8 @@ def _float_op(op_type: str, operands: Callable[[_Translator, onnx.NodeProto], li
         result = f"{output}/float" if requantised else output
         t.emit(op_type, operands(t, node), [result], node.name, **{**_copy_attributes(node, drop), **fixed})
         if requantised:
-            scale, zero = node.input[output_scale[0]], node.input[output_scale[1]] if len(node.input) > output_scale[1] else ""
+            scale = node.input[output_scale[0]]
+            zero = node.input[output_scale[1]] if len(node.input) > output_scale[1] else ""
             t.quantised_output(node, output, scale, zero, result, op_type)
 
     return handle
@@ -439,6 +439,10 @@ _HANDLERS: dict[tuple[str, str], Callable[[_Translator, onnx.NodeProto], None]] 
 
 
 # -- fp16 ------------------------------------------------------------------------------------
+#: Ops whose ``to``/``dtype`` attribute names the element type they produce.
+_TYPED_OPS = ("Cast", "EyeLike", "RandomNormal", "RandomUniform")
+
+
 def _widen(model: onnx.ModelProto) -> None:
     """Every float16/bfloat16 initializer, input, output, Cast target and tensor attribute as float32."""
     graph = model.graph
@@ -452,8 +456,7 @@ def _widen(model: onnx.ModelProto) -> None:
     del graph.value_info[:]
     for node in graph.node:
         for attribute in node.attribute:
-            if node.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform") and attribute.name in ("to", "dtype") \
-                    and attribute.i in NARROW_FLOATS:
+            if node.op_type in _TYPED_OPS and attribute.name in ("to", "dtype") and attribute.i in NARROW_FLOATS:
                 attribute.i = TensorProto.FLOAT
             elif attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in NARROW_FLOATS:
                 attribute.t.CopyFrom(numpy_helper.from_array(

@@ -133,7 +133,8 @@ def test_per_channel_weights_fold_as_onnx_dequantizes_them():
         quantize_static(source, target, forms._Calibration("x"), quant_format=QuantFormat.QDQ, per_channel=True)
 
     model = forms._through_files(write, forms.fp32("mobilenetv2"))
-    view = {t.name: numpy_helper.to_array(t) for t in deployed.explained_view(passes.load(model)).model.graph.initializer}
+    view_model = deployed.explained_view(passes.load(model)).model
+    view = {t.name: numpy_helper.to_array(t) for t in view_model.graph.initializer}
     weights = {t.name for t in model.graph.initializer}
     folded = [node for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in weights]
     per_channel = [node for node in folded if numpy_helper.to_array(
@@ -142,7 +143,8 @@ def test_per_channel_weights_fold_as_onnx_dequantizes_them():
     for node in folded:
         single = onnx.helper.make_model(onnx.helper.make_graph(
             [node], "dq", [], [onnx.helper.make_value_info(node.output[0], onnx.TypeProto())],
-            [t for t in model.graph.initializer if t.name in node.input]), opset_imports=[onnx.helper.make_opsetid("", 19)])
+            [t for t in model.graph.initializer if t.name in node.input]),
+            opset_imports=[onnx.helper.make_opsetid("", 19)])  # the reference has DequantizeLinear 19, the same for int8
         expected = ReferenceEvaluator(single).run(None, {})[0]
         np.testing.assert_array_equal(view[node.output[0]], expected)
 
