@@ -185,3 +185,17 @@ def test_cli_compiles_a_dynamically_quantised_file(tmp_path):
     assert main(["compile", str(path), "-o", str(out)]) == 0
     outputs = run(onnx.load(out), {"x": forms.images(2), "target": np.array([1, 2])})
     assert outputs["heatmap"].shape == (2, 1, 32, 32) and np.isfinite(outputs["heatmap"]).all()
+
+
+def test_explainer_runs_a_float16_io_model(tmp_path):
+    """``agf-onnx explain`` feeds a float16 image input as float16 (the map stays float32) and
+    explains the class the fp16 file scores highest."""
+    from agf_onnx.explain import Explainer
+
+    path = tmp_path / "fp16.onnx"
+    onnx.save(agf_onnx.compile(forms.build("fp16", "mobilenetv2"), method="lrp"), path)
+    photo = (np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8)
+    explanation = Explainer(path, provider="cpu", preset="symmetric").explain(photo)
+    assert explanation.heatmaps.dtype == np.float32 and np.isfinite(explanation.heatmaps).all()
+    assert explanation.heatmaps.shape[-2:] == (32, 32) and np.abs(explanation.heatmaps).max() > 0
+    assert explanation.targets[0] == np.argmax(explanation.scores[0])
