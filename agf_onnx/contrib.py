@@ -401,17 +401,18 @@ def decompose(model: onnx.ModelProto) -> onnx.ModelProto:
     ``SimplifiedLayerNormalization``) replaced, in place, by standard ops computing the same
     outputs under the same names. A model without contrib ops is returned as an equal copy.
 
-    Raises ``UnsupportedOpsError`` naming every contrib op type (with its domain and node names)
-    that has no decomposition, ``LayoutSpecificOpsError`` for ``com.microsoft.nchwc`` ops, and
+    Raises ``UnsupportedOpsError`` naming every contrib op type that has no decomposition as
+    ``domain.op_type`` (as the planner names ops of other domains) with its node names,
+    ``LayoutSpecificOpsError`` for ``com.microsoft.nchwc`` ops, and
     ``CompileError`` for an attribute form of a known op that is not written out."""
     model = _copy(model)
     graph = model.graph
     nchwc = _by_op(n for n in graph.node if n.domain == NCHWC)
     if nchwc:
-        raise LayoutSpecificOpsError({f"{op} ({NCHWC})": names for op, names in nchwc.items()})
+        raise LayoutSpecificOpsError({f"{NCHWC}.{op}": names for op, names in nchwc.items()})
     missing = _by_op(n for n in graph.node if _is_contrib(n) and _decomposer(n) is None)
     if missing:
-        raise UnsupportedOpsError({f"{op} ({MICROSOFT})": names for op, names in missing.items()})
+        raise UnsupportedOpsError({f"{MICROSOFT}.{op}": names for op, names in missing.items()})
     if not any(_is_contrib(n) for n in graph.node):
         return model
     facts = _ModelFacts(model)
