@@ -120,9 +120,9 @@ class ExplainedView:
 
     model: onnx.ModelProto
     bridges: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    #: tensors of the original the explanation must not read (it recomputes them): the float input
-    #: of a QuantizeLinear. A second reader there stops ONNX Runtime from fusing the op before it
-    #: with the quantisation into its int8 kernel (measured on a QDQ ViT: logits off by 0.18).
+    #: tensors of the original the explanation must not read (the view recomputes them): the float
+    #: input of a QuantizeLinear, and the quantised tensor of a QDQ pair. A second reader there stops
+    #: ONNX Runtime from fusing the ops around it into its int8 kernels (a QDQ ViT's logits moved by 0.18).
     unread: set[str] = field(default_factory=set)
 
 
@@ -151,7 +151,6 @@ class _Translator:
         for node in model.graph.node:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
-        self.inputs = {i.name for i in model.graph.input}
         self.producers = {o: node for node in model.graph.node for o in node.output if o}
         self.outputs = {o.name for o in model.graph.output}
         self.aliases: dict[str, str] = {}  # a dequantized activation of the original → its view tensor
@@ -185,14 +184,15 @@ class _Translator:
 
     # -- activations ----------------------------------------------------------------------
     def float_of(self, name: str, reader: onnx.NodeProto) -> str:
-        """The float view tensor of a quantised operand: its dequantized activation, or a constant
-        dequantized at compile time (by the scale and zero point the op gives it)."""
+        """The float view tensor of a quantised activation ``name`` that ``reader`` reads."""
         if name in self.dequantized:
             return self.dequantized[name]
         raise CompileError(f"{reader.op_type} node '{reader.name}': its quantised input '{name}' comes from no "
                            "QuantizeLinear or QLinear op agf-onnx can follow")
 
     def operand(self, name: str, scale: str, zero: str, reader: onnx.NodeProto, axis: int | None = None) -> str:
+        """A QLinear op's operand as a float view tensor: its dequantized activation, or a constant
+        dequantized at compile time by the scale and zero point the op gives it (along ``axis``)."""
         if name in self.dequantized:
             return self.dequantized[name]
         if name in self.constants:
