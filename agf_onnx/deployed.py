@@ -210,7 +210,7 @@ class _Translator:
         explanation never reads ``output`` from the original, the view recomputes it."""
         name = f"{output}/dequantized"
         bounds = self.range(scale, zero, node) if producer is not None else None
-        if bounds is None or bounds[0] != 0.0 or producer in _NONNEGATIVE_OPS:
+        if bounds is None or bounds[0] != 0.0 or producer in _NONNEGATIVE_OPS or self.nonnegative(float_output):
             self.emit("Identity", [float_output], [name], f"{output}/straight_through")
         else:
             low = self.add_constant(f"{output}/range_min", np.array(bounds[0], np.float32))
@@ -223,6 +223,22 @@ class _Translator:
             return
         inputs = [output, scale] + ([zero] if zero else [])
         self.bridges[name] = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}/bridge")
+
+    def nonnegative(self, tensor: str) -> bool:
+        """Whether the original's ``tensor`` is ``≥ 0`` by construction: a non-negative op's output,
+        a pool or reshape of such tensors, or the dequantized value of a range that starts at 0."""
+        node = self.producers.get(tensor)
+        if node is None:
+            return False
+        if node.op_type in _NONNEGATIVE_OPS:
+            return True
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear") and len(node.input) > 2:
+            bounds = self.range(node.input[1], node.input[2], node)
+            return bounds is not None and bounds[0] >= 0.0
+        if node.op_type in _VALUE_MOVING | {"AveragePool", "GlobalAveragePool", "Concat"}:
+            data = [i for i in node.input[:1 if node.op_type != "Concat" else None] if i]
+            return all(self.nonnegative(i) for i in data)
+        return False
 
     def range(self, scale: str, zero: str, node: onnx.NodeProto) -> tuple[float, float] | None:
         """``[(q_min − z)·s, (q_max − z)·s]``, or None where scale or zero point is not a constant."""

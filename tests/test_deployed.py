@@ -199,3 +199,17 @@ def test_explainer_runs_a_float16_io_model(tmp_path):
     assert explanation.heatmaps.dtype == np.float32 and np.isfinite(explanation.heatmaps).all()
     assert explanation.heatmaps.shape[-2:] == (32, 32) and np.abs(explanation.heatmaps).max() > 0
     assert explanation.targets[0] == np.argmax(explanation.scores[0])
+
+
+def test_absorbed_relus_come_back_as_clips_of_the_range():
+    """ORT's QDQ quantiser drops each ReLU before a QuantizeLinear whose range starts at 0; the
+    view's straight-through estimator there is ``Clip(x, 0, (q_max − z)·s)``, so the ReLU's mask is
+    back (one clip per ReLU of the float32 export), and nowhere else a clip."""
+    fp32_relus = sum(node.op_type == "Relu" for node in forms.fp32("resnet").graph.node)
+    quantised = forms.build("int8-qdq", "resnet")
+    assert not any(node.op_type == "Relu" for node in quantised.graph.node)
+    view = deployed.explained_view(passes.load(quantised)).model
+    values = {t.name: numpy_helper.to_array(t) for t in view.graph.initializer}
+    clips = [node for node in view.graph.node if node.op_type == "Clip"]
+    assert len(clips) == fp32_relus
+    assert all(values[node.input[1]] == 0 and values[node.input[2]] > 0 for node in clips)
