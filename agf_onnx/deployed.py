@@ -34,34 +34,34 @@ The view is built node by node from the original:
 **Names carry the meaning.** A tensor name the view shares with the original denotes the same
 quantity (in float32); what the view computes differently gets a new name (``t/dequantized``,
 ``y/float``). The splice keeps every original node as it is and satisfies each tensor the
-explanation reads, in this order:
+explanation reads:
 
-1. a *bridge* the view declares: a QOperator file's ``t/dequantized`` is ``DequantizeLinear(t, s,
-   z)`` of the original's own int8 ``t`` (one cheap node of its own);
-2. an initializer of the view (float32 weights, made at compile time), under a new name where the
-   original holds another tensor by that name;
-3. the original's tensor of that name: as it is when float32 or integer, through a ``Cast`` to
-   float32 when it is a float16 input or output — unless the view marks it ``unread``;
-4. else the view node that computes it, kept and run in float32, its inputs satisfied the same way.
+1. an initializer of the view (float32 weights, made at compile time) under its name, or a new
+   one where the original holds another tensor by that name;
+2. the original's tensor of that name, through a ``Cast`` to float32 where it is float16 — the
+   image and the scores always (the target ``-1`` is the top class of the **original**'s scores),
+   any other activation only where the view ``reads_activations``;
+3. else the view node that computes it, kept and run in float32, its inputs satisfied the same way.
 
-Two kinds of tensors are never read (rule 3 skips them, the view recomputes them), both measured
-with ONNX Runtime 1.31.1: **float16 activations** (its CPU provider runs fp16 ops in float32
-behind Casts it removes only where nothing else reads the fp16 tensor: one extra reader moved an
-fp16 ResNet's logits by 4e-4, with optimisations off), and a **QDQ file's Q/DQ tensors** (ORT fuses
-``DQ → op → Q`` into int8 kernels only where each keeps its one reader: a reader at a QDQ ViT's
-attention moved its logits by 0.18, optimisations on). So the original outputs stay bit-identical
-(optimisations off, and on for every fp16 and int8 form the tests build), and the target
-(``-1`` = top class) is taken from the original's scores (the logits are read from it).
+The view reads the original's activations only for a float32 file with fused ops (their outputs
+are the same float32 quantities). For fp16 and quantised files it recomputes them, for two reasons
+measured with ONNX Runtime 1.31.1: one extra reader of an fp16 activation moved an fp16 ResNet's
+logits by 4e-4 (optimisations off: the CPU provider runs fp16 ops behind Casts it drops only
+where nothing else reads the fp16 tensor), and a reader at a QDQ ViT's attention moved its logits
+by 0.18 (optimisations on: ORT fuses ``DQ → op → Q`` into int8 kernels only where each keeps its
+one reader). So the original outputs stay bit-identical, with optimisations off and on; and the
+explanation of a quantised file is that of its dequantized network evaluated in float32, for every
+method alike (``--top-k`` and the modifiers clone the view); a QDQ file and a QOperator file that
+quantise the same ops give the same map.
 
-Cost of the explained run beyond the explanation itself: fp16 and QDQ, one float32 forward pass;
-QOperator, a ``DequantizeLinear`` per read activation and the float op of each layer whose float
-output a rule reads; dynamic, nothing; contrib, the inner tensors of fused ops that rules read.
+Cost of the explained run beyond the explanation itself: fp16 and int8, one float32 forward pass
+of the view; a float32 file with fused ops, the inner tensors of fused ops that rules read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -95,35 +95,31 @@ _RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorPro
            TensorProto.INT16: (-32768, 32767)}
 
 
+def _narrow(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` holds float16 or bfloat16 tensors (an fp16 file)."""
+    graph = model.graph
+    infos = [*graph.input, *graph.output, *graph.value_info]
+    return any(info.type.tensor_type.elem_type in NARROW_FLOATS for info in infos) or \
+        any(t.data_type in NARROW_FLOATS for t in graph.initializer) or \
+        any(n.op_type == "Cast" and _attribute(n, "to") in NARROW_FLOATS for n in graph.node)
+
+
 def needs_view(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is a deployed form (fp16, quantised, or with non-standard-domain ops)
     that is explained through its float32 standard-op view."""
-    graph = model.graph
-    infos = [*graph.input, *graph.output, *graph.value_info]
-    if any(info.type.tensor_type.elem_type in NARROW_FLOATS for info in infos):
-        return True
-    if any(t.data_type in NARROW_FLOATS for t in graph.initializer):
-        return True
-    for node in graph.node:
-        if node.domain not in _STANDARD or node.op_type in QUANTISED_OPS | _CONTRIB_IN_ONNX_DOMAIN:
-            return True
-        if node.op_type == "Cast" and _attribute(node, "to") in NARROW_FLOATS:
-            return True
-    return False
+    return _narrow(model) or any(node.domain not in _STANDARD or node.op_type in QUANTISED_OPS |
+                                 _CONTRIB_IN_ONNX_DOMAIN for node in model.graph.node)
 
 
 @dataclass
 class ExplainedView:
-    """A float32 standard-op network with the original's inputs and outputs, and ``bridges``:
-    view tensors computed by one node from the original's own tensors (``t/dequantized`` =
-    ``DequantizeLinear`` of the original's quantised ``t``)."""
+    """A float32 standard-op network with the original's inputs and outputs. ``reads_activations``:
+    whether the explanation may read the original's activations (a float32 file with fused ops,
+    whose fused outputs are the same float32 quantities), or recomputes them in the view (fp16 and
+    quantised files: see the module docstring)."""
 
     model: onnx.ModelProto
-    bridges: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    #: tensors of the original the explanation must not read (the view recomputes them): the float
-    #: input of a QuantizeLinear, and the quantised tensor of a QDQ pair. A second reader there stops
-    #: ONNX Runtime from fusing the ops around it into its int8 kernels (a QDQ ViT's logits moved by 0.18).
-    unread: set[str] = field(default_factory=set)
+    reads_activations: bool
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
@@ -143,7 +139,6 @@ class _Translator:
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
         self.constants = dict(self.initializers)  # also constant node outputs, as found
         self.nodes: list[onnx.NodeProto] = []
-        self.bridges: dict[str, onnx.NodeProto] = {}
         self.dequantized: dict[str, str] = {}  # quantised activation → its float view tensor
         self.scales: dict[str, tuple[str, str]] = {}  # quantised activation → (scale, zero point) of the original
         self.consumed: set[int] = set()  # ids of nodes a pattern already translated
@@ -154,7 +149,7 @@ class _Translator:
         self.producers = {o: node for node in model.graph.node for o in node.output if o}
         self.outputs = {o.name for o in model.graph.output}
         self.aliases: dict[str, str] = {}  # a dequantized activation of the original → its view tensor
-        self.unread: set[str] = set()
+        self.quantised = False  # a quantised file: some op was translated
 
     # -- constants ------------------------------------------------------------------------
     def value(self, name: str) -> np.ndarray | None:
@@ -200,14 +195,13 @@ class _Translator:
         return self.float_of(name, reader)
 
     def quantised_output(self, node: onnx.NodeProto, output: str, scale: str, zero: str, float_output: str,
-                         producer: str | None, bridged: bool = True) -> None:
+                         producer: str | None) -> None:
         """Declare ``output`` (an integer tensor of the original) as the view tensor
-        ``output/dequantized``, bridged from the original by ``DequantizeLinear(output, scale, zero)``:
-        the straight-through estimator of the quantisation of ``float_output`` (computed by an op of
-        type ``producer``; None: no clip). It is the identity, except where the range starts at
-        exactly 0 after an op that can output negative values: there ORT's quantiser absorbed a ReLU
-        (or ReLU6) into the range, and ``Clip`` to the range keeps its mask. ``bridged=False``: the
-        explanation never reads ``output`` from the original, the view recomputes it."""
+        ``output/dequantized``: the straight-through estimator of the quantisation of
+        ``float_output`` (computed by an op of type ``producer``; None: no clip). It is the identity,
+        except where the range starts at exactly 0 after an op that can output negative values:
+        there ORT's quantiser absorbed a ReLU (or ReLU6) into the range, and ``Clip`` to the range
+        keeps its mask."""
         name = f"{output}/dequantized"
         bounds = self.range(scale, zero, node) if producer is not None else None
         if bounds is None or bounds[0] != 0.0 or producer in _NONNEGATIVE_OPS or self.nonnegative(float_output):
@@ -218,11 +212,6 @@ class _Translator:
             self.emit("Clip", [float_output, low, high], [name], f"{output}/straight_through")
         self.dequantized[output] = name
         self.scales[output] = (scale, zero)
-        if not bridged:
-            self.unread.add(output)
-            return
-        inputs = [output, scale] + ([zero] if zero else [])
-        self.bridges[name] = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}/bridge")
 
     def nonnegative(self, tensor: str) -> bool:
         """Whether the original's ``tensor`` is ``≥ 0`` by construction: a non-negative op's output,
@@ -272,6 +261,7 @@ class _Translator:
                     self.constants[node.output[0]] = numpy_helper.from_array(value, node.output[0])
             handler = _HANDLERS.get((_MICROSOFT if node.domain == _MICROSOFT else "", node.op_type))
             if handler is not None:
+                self.quantised = True
                 handler(self, node)
             elif node.domain in _STANDARD and any(i in self.dequantized for i in node.input):
                 self.moving(node)
@@ -300,15 +290,7 @@ def _quantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
     if t.value(scale) is not None and t.value(scale).size > 1:
         raise CompileError(f"QuantizeLinear node '{node.name}': a per-channel activation scale")
     producer = t.producers.get(x)
-    # A QDQ pair (every reader a DequantizeLinear): ONNX Runtime fuses the ops around it into int8
-    # kernels at load time only where each Q and DQ keeps its one reader, so the explanation reads
-    # neither side (a reader at a QDQ ViT's attention moved its logits by 0.18) and the view
-    # recomputes them. A QOperator file's QuantizeLinear feeds QLinear ops, fused already.
-    pair = all(reader.op_type == "DequantizeLinear" for reader in t.readers.get(node.output[0], []))
-    t.quantised_output(node, node.output[0], scale, zero, x, None if producer is None else producer.op_type,
-                       bridged=not pair)
-    if producer is not None:
-        t.unread.add(x)
+    t.quantised_output(node, node.output[0], scale, zero, x, None if producer is None else producer.op_type)
 
 
 def _dequantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
@@ -320,8 +302,7 @@ def _dequantize_linear(t: _Translator, node: onnx.NodeProto) -> None:
         t.fold_dequantize(quantised, scale, zero, _attribute(node, "axis", 1), node.output[0], node)
     elif node.output[0] in t.outputs:
         t.emit("Identity", [t.float_of(quantised, node)], [node.output[0]], node.name)
-    else:  # its readers read the view tensor, bridged by a DequantizeLinear of their own: the
-        # original's DequantizeLinear keeps its one reader (ONNX Runtime fuses a QDQ group only then)
+    else:  # its readers read the float view tensor itself
         t.aliases[node.output[0]] = t.float_of(quantised, node)
 
 
@@ -511,7 +492,7 @@ def explained_view(model: onnx.ModelProto) -> ExplainedView:
     del view.opset_import[:]
     view.opset_import.extend(kept)
     view, _ = passes.prune_dead_nodes(view)
-    return ExplainedView(view, translator.bridges, translator.unread)
+    return ExplainedView(view, reads_activations=not (translator.quantised or _narrow(model)))
 
 
 # -- the splice ------------------------------------------------------------------------------
@@ -572,6 +553,7 @@ def splice(original: onnx.ModelProto, view: ExplainedView, compiled: onnx.ModelP
         {n.name for n in original.graph.node} | {n.name for n in graph.node}
     satisfied = {o for n in emitted for o in n.output if o}
     boundary = {i.name for i in original.graph.input} | {o.name for o in original.graph.output}
+    original_activations = {o for n in original.graph.node for o in n.output if o}
     renamed: dict[str, str] = {}
     added_nodes: list[onnx.NodeProto] = []
     recomputed: list[onnx.NodeProto] = []
@@ -584,9 +566,7 @@ def splice(original: onnx.ModelProto, view: ExplainedView, compiled: onnx.ModelP
             if not name or name in satisfied:
                 stack.pop()
                 continue
-            if name in view.bridges:
-                added_nodes.append(view.bridges[name])
-            elif name in view_initializers:
+            if name in view_initializers:
                 weight = view_initializers[name]
                 same = original_initializers.get(name)
                 if same is None or not _equal(same, weight):
@@ -595,8 +575,8 @@ def splice(original: onnx.ModelProto, view: ExplainedView, compiled: onnx.ModelP
                     if name in original_names:
                         copy.name = renamed[name] = _fresh(name, taken)
                     added_initializers.append(copy)
-            elif name in original_names and name not in view.unread and \
-                    not (types.get(name) in NARROW_FLOATS and name not in boundary):
+            elif name in original_names and (view.reads_activations or name in boundary
+                                              or name not in original_activations):
                 if types.get(name) in NARROW_FLOATS:
                     renamed[name] = _fresh(name, taken)
                     added_nodes.append(helper.make_node("Cast", [name], [renamed[name]], to=TensorProto.FLOAT,
@@ -691,7 +671,7 @@ def compile_deployed(model: onnx.ModelProto, input_shapes: Mapping | None, compi
     passes.drop_initializer_inputs(original)
     view = explained_view(original)
     canonical = passes.canonicalise(view.model, input_shapes)
-    before = ExplainedView(onnx.ModelProto(), view.bridges, view.unread)
+    before = ExplainedView(onnx.ModelProto(), view.reads_activations)
     before.model.CopyFrom(canonical)
     check = options.pop("check", True)
     compiled = compile_canonical(canonical, check=False, reserved=_names(original), **options)

@@ -213,3 +213,25 @@ def test_absorbed_relus_come_back_as_clips_of_the_range():
     clips = [node for node in view.graph.node if node.op_type == "Clip"]
     assert len(clips) == fp32_relus
     assert all(values[node.input[1]] == 0 and values[node.input[2]] > 0 for node in clips)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_qdq_and_qoperator_files_of_a_cnn_give_the_same_map(name):
+    """The two formats of one static quantisation (the same ops quantised, the same scales) are the
+    same dequantized network: the same map, to the bit."""
+    images = forms.images(BATCH, seed=3)
+    target = run(forms.fp32(name), {"x": images})["y"].argmax(1)
+    maps = [_explain(forms.build(key, name), "lrp", images, target)["heatmap"] for key in ("int8-qdq", "int8-qoperator")]
+    assert np.array_equal(*maps)
+
+
+def test_top_k_on_a_quantised_file_is_the_per_class_map():
+    """``--top-k`` clones the explained path of the view (reading the view's weights): its first map
+    is the top class's, as the single-target model gives it; the file's outputs are kept."""
+    model = forms.build("int8-qoperator", "resnet")
+    images = forms.images(2, seed=9)
+    single = run(agf_onnx.compile(model, method="lrp"), {"x": images, "target": np.array([-1, -1])}, optimize=False)
+    both = run(agf_onnx.compile(model, method="lrp", top_k=2), {"x": images, "target": np.array([-1, -1])},
+               optimize=False)
+    assert np.array_equal(both["y"], run(model, {"x": images}, optimize=False)["y"])
+    np.testing.assert_allclose(both["heatmaps"][:, :1], single["heatmap"], atol=1e-5)
