@@ -272,8 +272,8 @@ HOW = {
     "fp16-keep-io": "float32 view: fp16 weights widened at compile time; activations recomputed in float32",
     "fp16": "as fp16 with float32 I/O; the float16 image and scores cast to float32",
     "int8-qdq": "dequantized view: weights folded to float32, Q→DQ straight through; activations recomputed",
-    "int8-dynamic": "ConvInteger/MatMulInteger chains as float Conv/MatMul on the dequantized weights",
-    "int8-qoperator": "each QLinear op as its float op on the dequantized operands (read by DequantizeLinear)",
+    "int8-dynamic": "ConvInteger/MatMulInteger chains as float Conv/MatMul on dequantized weights; activations recomputed",
+    "int8-qoperator": "each QLinear op as its float op on the dequantized operands; activations recomputed",
     "ort-extended": "`contrib.decompose`: each fused op as its standard ops",
     "ort-transformer": "as EXTENDED (SkipLayerNormalization, BiasGelu, Attention…)",
 }
