@@ -590,7 +590,7 @@ def splice(original: onnx.ModelProto, view: ExplainedView, compiled: onnx.ModelP
                 copy = onnx.NodeProto()
                 copy.CopyFrom(node)
                 for index, output in enumerate(copy.output):
-                    if output in original_names:  # a float16 activation, computed again in float32
+                    if output in original_names:  # an activation of the original, computed again in float32
                         copy.output[index] = renamed[output] = _fresh(output, taken)
                 if copy.name in original_node_names:
                     copy.name = _fresh(copy.name, taken)
