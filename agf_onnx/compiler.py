@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import passes
+from . import deployed, passes
 from .builder import FOLD_LIMIT, GraphBuilder
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView, ai_onnx_opset
@@ -596,7 +596,13 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
     get_method(method)  # an unknown method is refused before the model is read
-    canonical = passes.canonicalise(passes.load(model), input_shapes)
+    loaded = passes.load(model)
+    if deployed.needs_view(loaded):  # fp16, int8, fused ops: explained through a float32 view (deployed.py)
+        return deployed.compile_deployed(loaded, input_shapes, compile_canonical, method=method, logits=logits,
+                                         image=image, flat_policy=flat_policy, flat=flat, full=full, layer=layer,
+                                         options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
+                                         features=features, ssl_mode=ssl_mode, modifiers=modifiers)
+    canonical = passes.canonicalise(loaded, input_shapes)
     return compile_canonical(canonical, method=method, logits=logits, image=image, flat_policy=flat_policy, flat=flat,
                              full=full, layer=layer, options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
                              features=features, ssl_mode=ssl_mode, modifiers=modifiers)
@@ -607,15 +613,17 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
                       full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
                       top_k: int | None = None, check: bool = True,
                       ssl_bank: np.ndarray | str | os.PathLike | None = None, features: str | None = None,
-                      ssl_mode: str | None = None, modifiers: Modifiers | None = None) -> onnx.ModelProto:
+                      ssl_mode: str | None = None, modifiers: Modifiers | None = None,
+                      reserved: Iterable[str] = ()) -> onnx.ModelProto:
     """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
-    place). ``inspect`` plans and compiles the same canonical model."""
+    place). ``inspect`` plans and compiles the same canonical model. ``reserved``: names the emitted
+    graph must not take besides the model's own (a deployed form's original graph, ``deployed.py``)."""
     chosen = with_options(get_method(method), options or {})  # RAP's residual rule
     modifiers = NO_MODIFIERS if modifiers is None else modifiers
     modifiers.check(chosen)
     found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
                  layer=layer)
-    b = GraphBuilder(reserved=_all_names(canonical.graph),
+    b = GraphBuilder(reserved=_all_names(canonical.graph) | set(reserved),
                      constant=lambda name: found.graph.small_constant(name, FOLD_LIMIT), opset=ai_onnx_opset(canonical))
     if ssl_bank is None and (features is not None or ssl_mode is not None):
         raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")

@@ -296,7 +296,8 @@ class Explainer:
         if not all(isinstance(d, int) for d in dims):
             raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
         self.height, self.width = dims
-        self.integer_input = info.type != "tensor(float)"
+        self.integer_input = info.type not in ("tensor(float)", "tensor(float16)")
+        self.float16_input = info.type == "tensor(float16)"  # an fp16 file (docs/deployed-formats.md)
         self.scores_output = meta.get("agf_onnx.scores") or None
         self.outputs = [o.name for o in self.session.get_outputs()]
         scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
@@ -338,7 +339,8 @@ class Explainer:
     # -- running ------------------------------------------------------------------------------
     def run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
         """Every output of one session run on a model input ``batch`` and classes ``target`` ([N] or [1])."""
-        feeds = {self.image_input: batch, TARGET_INPUT: target.astype(np.int64)}
+        feeds = {self.image_input: batch.astype(np.float16) if self.float16_input else batch,
+                 TARGET_INPUT: target.astype(np.int64)}
         if self._graph_run is not None:
             return self._graph_run.run(feeds)
         values = self.session.run(self.outputs, feeds)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from . import passes
+from . import deployed, passes
 from .compiler import compile_canonical
 from .errors import CompileError
 from .methods import get_method
@@ -80,6 +80,8 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         logits = logits or recorded.get("agf_onnx.logits")
         image = image or recorded.get("agf_onnx.image")
     try:
+        if not compiled and deployed.needs_view(loaded):  # fp16, int8, fused ops: the view compile explains
+            loaded = deployed.explained_view(loaded).model
         canonical = passes.canonicalise(loaded, input_shapes)
         found = plan(canonical, image=image, logits=logits, method=get_method(method), strict=False)
     except CompileError as error:

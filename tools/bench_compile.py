@@ -9,6 +9,14 @@ the compiled model, measured side by side in one run (the two sessions take turn
 run-time ratio.
 
     python tools/bench_compile.py [--models vgg19,resnet50,mobilenetv2] [--method agf] [--batch 1] [--runs 5]
+
+``--deployed`` measures the deployed forms of each model instead (docs/deployed-formats.md): the
+float32 export, ONNX Runtime's own optimised file (level EXTENDED), fp16 (``keep_io_types=True``)
+and int8 (static QDQ, static QOperator, dynamic), each made by its real converter and compiled;
+all sessions take turns in one run, and each form's original and explained time per batch are
+printed next to the float32 model's.
+
+    python tools/bench_compile.py --deployed --models resnet18,mobilenetv2 [--method agf]
 """
 
 from __future__ import annotations
@@ -55,18 +63,55 @@ def export(name: str) -> onnx.ModelProto:
     return models.export(models.seeded(build(name), image=224), 224, fold=False)
 
 
-def timed_runs(sessions: list[ort.InferenceSession], feeds: dict, runs: int) -> list[float]:
+def timed_runs(sessions: list[ort.InferenceSession], feeds: dict | list[dict], runs: int) -> list[float]:
     """Median seconds per run of each session, the sessions taking turns (a busy moment of the
-    machine slows both rather than one)."""
-    for session in sessions:
-        session.run(None, feeds)  # warm-up
+    machine slows both rather than one). ``feeds``: one for all, or one per session."""
+    each = feeds if isinstance(feeds, list) else [feeds] * len(sessions)
+    for session, fed in zip(sessions, each):
+        session.run(None, fed)  # warm-up
     times = [[] for _ in sessions]
     for _ in range(runs):
-        for session, spent in zip(sessions, times):
+        for session, spent, fed in zip(sessions, times, each):
             began = time.perf_counter()
-            session.run(None, feeds)
+            session.run(None, fed)
             spent.append(time.perf_counter() - began)
     return [statistics.median(spent) for spent in times]
+
+
+def deployed_forms_of(model: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """The deployed forms of a float32 224×224 export, each by its real converter."""
+    from tests import deployed_forms as forms
+
+    return {"fp32": model, "ort-extended": forms.ort_optimised(model), "fp16": forms.fp16(model, True),
+            "int8-qdq": forms.quantize_static(model, size=224),
+            "int8-qoperator": forms.quantize_static(model, operator_format=True, size=224),
+            "int8-dynamic": forms.quantize_dynamic(model)}
+
+
+def bench_deployed(names: list[str], method: str, batch: int, runs: int, provider: str) -> None:
+    """Per model: each form's original and explained run, side by side in one run."""
+    print("| model | form | compile s | original s/batch | explained s/batch | explained / its original "
+          "| explained / explained fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for name in names:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        sessions, compile_seconds = {}, {}
+        for form, model in deployed_forms_of(export(name)).items():
+            began = time.perf_counter()
+            compiled = agf_onnx.compile(model, method=method)
+            compile_seconds[form] = time.perf_counter() - began
+            sessions[form] = [create_session(m.SerializeToString(), provider, options=options)
+                              for m in (model, compiled)]
+        order = [session for pair in sessions.values() for session in pair]
+        feeds = [{"x": x}, {"x": x, "target": np.full(batch, -1, np.int64)}] * len(sessions)
+        times = iter(timed_runs(order, feeds, runs))
+        measured = {form: (next(times), next(times)) for form in sessions}
+        explained_fp32 = measured["fp32"][1]
+        for form, (original, explained) in measured.items():
+            print(f"| {name} | {form} | {compile_seconds[form]:.1f} | {original:.4f} | {explained:.4f} | "
+                  f"{explained / original:.1f}× | {explained / explained_fp32:.2f}× |", flush=True)
 
 
 def main() -> None:
@@ -76,11 +121,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--deployed", action="store_true", help="compare the deployed forms of each model")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     providers = ["CUDAExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__} ({providers[0]}), "
           f"method {args.method}, batch {args.batch}, median of {args.runs} runs")
+    if args.deployed:
+        bench_deployed(args.models.split(","), args.method, args.batch, args.runs, args.provider)
+        return
     print("| model | input MiB | compile s | compiled MiB | size ratio | nodes (original / compiled) "
           "| load s (original / compiled) | original s/batch | compiled s/batch | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
