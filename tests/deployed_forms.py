@@ -266,7 +266,7 @@ def _cell(results: dict[str, str]) -> str:
 HOW = {
     "torchscript-fixed": "the batch axis freed where the graph allows it (`passes.free_batch`)",
     "dynamo-fixed": "as TorchScript's",
-    "opset-11": "the model's opset read (converted to the explanation's opset 17)",
+    "opset-11": "opsets 11–16 upgraded to 17 by the project's own exact adapters; 17 and newer kept, the explanation written at the model's opset",
     "opset-18": "as opset 11",
     "opset-21": "as opset 11",
     "fp16-keep-io": "float32 view: fp16 weights widened at compile time; activations recomputed in float32",
