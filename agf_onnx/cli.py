@@ -172,8 +172,8 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser(
         "compile", help="write MODEL plus its explanation graph to OUT",
-        description=f"Compile MODEL into OUT: same inputs plus '{TARGET_INPUT}' (int64 [N] or [1]; negative or "
-                    f"not fed = each sample's top class), same outputs plus '{HEATMAP_OUTPUT}' (float32 "
+        description=f"Compile MODEL into OUT: same inputs plus '{TARGET_INPUT}' (int64 [N] or [1]; -1 = each "
+                    f"sample's top class), same outputs plus '{HEATMAP_OUTPUT}' (float32 "
                     "[N, 1, H, W]: positive = evidence for the class, negative = against). Exit codes: 0 done, "
                     "1 the model cannot be compiled (the message says why), 2 unsupported ops (all listed).")
     compile_.add_argument("model", metavar="MODEL", help="the ONNX classifier (external data is read beside it)")
