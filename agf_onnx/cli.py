@@ -286,6 +286,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="fix the shape of an input with dynamic height/width")
     bank.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    from . import web  # the page's options live with the page
+
+    web.add_arguments(commands.add_parser("web", help="a static page that explains images in the browser",
+                                          description=web.__doc__.split("\n\n")[0]))
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
     rules.add_argument("--method", choices=sorted(METHODS), default="agf")
@@ -622,6 +626,10 @@ def _run(args: argparse.Namespace) -> int:
         return _evaluate(args)
     if args.command == "bank":
         return _bank(args)
+    if args.command == "web":
+        from .web import run
+
+        return run(args)
     print(coverage_table(args.method))
     return 0
 
