@@ -4,7 +4,7 @@ is in ``reduce.py``).
 Gradient:
 - MaxPool routes ``G`` to the arg-max of each window (the first maximum, as PyTorch and ONNX
   Runtime pick it) and *adds* where overlapping windows pick the same pixel: a one-hot mask of
-  the windows' first maxima and a grouped ConvTranspose (no ``Indices`` output: WebGPU lacks it).
+  the windows' first maxima and a one-hot ConvTranspose (no ``Indices`` output: WebGPU lacks it).
 - AveragePool spreads ``G / divisor`` over each window: a depthwise transposed conv with a
   ones kernel; the divisor map counts the pixels each window averages (``count_include_pad``
   and ``ceil_mode`` respected), computed from constants and folded when the model loads.
@@ -48,10 +48,10 @@ def _maxpool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     maximum, as PyTorch's and ONNX Runtime's MaxPool pick it, and pixels add what overlapping windows send.
 
     Built without MaxPool's ``Indices`` output (onnxruntime-web's WebGPU backends lack it): one ``Gather``
-    of the input padded with −∞ (flattened per channel) collects every window's K pixels ``[N, C, K, *out]``
+    of the input padded with −∞ (flattened per channel) collects every window's K pixels ``[N·C, K, *out]``
     (data movement only, so ties stay ties); ``ArgMax`` over K (the first maximum on ties) makes a one-hot
-    mask, and a grouped ConvTranspose with one-hot kernels puts each window's routed ``G`` back where its
-    pixel lies, adding where windows overlap."""
+    mask, and a ConvTranspose (K channels in, one out) with one-hot kernels puts each window's routed ``G``
+    back where its pixel lies, adding where windows overlap."""
     window = _window(node)
     spatial, channels = len(window["size"]), node.shape(0)[1]
     kernel, strides, dilations, out = window["kernel"], window["strides"], window["dilations"], window["out"]
@@ -67,18 +67,19 @@ def _maxpool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
     where = offsets.reshape(-1, *[1] * spatial, spatial) + origins[None]  # [K, *out, spatial]
     count = len(where)
     flat = np.ravel_multi_index(tuple(np.moveaxis(where, -1, 0)), padded).astype(np.int64)
-    pixels = b.Gather(b.Reshape(x, b.ints([0, channels, -1])), b.const(flat, np.int64), axis=2)
-    first = b.ArgMax(pixels, axis=2, keepdims=1)  # the first maximum where several pixels tie
-    chosen = b.Equal(first, b.const(np.arange(count).reshape(1, 1, count, *[1] * spatial), np.int64))
-    routed = b.Where(chosen, b.Unsqueeze(g, b.ints([2])), b.const(0.0))
-    one_hot = np.zeros((channels, count, 1, count), np.float32)
-    one_hot[:, np.arange(count), 0, np.arange(count)] = 1.0
+    # channels folded into the batch, [N·C, K, *out]: the ConvTranspose below needs no groups (the WebGPU EP
+    # of onnxruntime-web 1.31 computes a grouped ConvTranspose with K > 1 inputs per group wrongly)
+    pixels = b.Gather(b.Reshape(x, b.ints([-1, math.prod(padded)])), b.const(flat, np.int64), axis=1)
+    first = b.ArgMax(pixels, axis=1, keepdims=1)  # the first maximum where several pixels tie
+    chosen = b.Equal(first, b.const(np.arange(count).reshape(1, count, *[1] * spatial), np.int64))
+    routed = b.Where(chosen, b.Reshape(g, b.ints([-1, 1, *out])), b.const(0.0))
     output_padding = [window["size"][i] - ((out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
                                            - begin[i] - end[i]) for i in range(spatial)]
-    return b.ConvTranspose(b.Reshape(routed, b.ints([-1, channels * count, *out])),
-                           b.const(one_hot.reshape(channels * count, 1, *kernel)), kernel_shape=kernel,
-                           strides=strides, dilations=dilations, pads=begin + end, group=channels,
-                           output_padding=output_padding if any(output_padding) else None)
+    spread = b.ConvTranspose(routed,
+                             b.const(np.eye(count, dtype=np.float32).reshape(count, 1, *kernel)), kernel_shape=kernel,
+                             strides=strides, dilations=dilations, pads=begin + end,
+                             output_padding=output_padding if any(output_padding) else None)
+    return b.Reshape(spread, b.ints([-1, channels, *window["size"]]))
 
 
 def _average_divisor(node: NodeView, window: dict) -> np.ndarray:
