@@ -137,3 +137,21 @@ def test_bad_input_is_one_line(tmp_path, capfd):
         assert err.count("\n") == 0 and err.startswith("agf-onnx: error:"), (case, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "exists", "vgg.onnx"]  # nothing half-written
     shutil.rmtree(tmp_path / "exists")
+
+
+def test_the_page_explains_like_python_on_webgpu(site, tmp_path):
+    """The same page where the browser has WebGPU (SwiftShader's, in CI): it says so, and its map is Python's."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_web_webgpu import ARGS as WEBGPU_ARGS
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(str(tmp_path), executable_path=CHROMIUM,
+                                                                args=WEBGPU_ARGS)
+        page = context.new_page()
+        page.goto(site["url"] + "index.html?image=photo.png&class=6")
+        got = page.evaluate(RESULT)
+        status = page.inner_text("#status")
+        context.close()
+    assert got["backend"] == "webgpu" and "webgpu" in status and got["target"] == 6
+    assert pearson(got["heatmap"], python_map(site, 6)) >= MIN_PEARSON
