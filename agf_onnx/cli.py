@@ -177,8 +177,8 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser(
         "compile", help="write MODEL plus its explanation graph to OUT",
-        description=f"Compile MODEL into OUT: same inputs plus '{TARGET_INPUT}' (int64 [N] or [1]; negative or "
-                    f"not fed = each sample's top class), same outputs plus '{HEATMAP_OUTPUT}' (float32 "
+        description=f"Compile MODEL into OUT: same inputs plus '{TARGET_INPUT}' (int64 [N] or [1]; -1 = each "
+                    f"sample's top class), same outputs plus '{HEATMAP_OUTPUT}' (float32 "
                     "[N, 1, H, W]: positive = evidence for the class, negative = against). Exit codes: 0 done, "
                     "1 the model cannot be compiled (the message says why), 2 unsupported ops (all listed).")
     compile_.add_argument("model", metavar="MODEL", help="the ONNX classifier (external data is read beside it)")
@@ -297,6 +297,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="fix the shape of an input with dynamic height/width")
     bank.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    from . import web  # the page's options live with the page
+
+    web.add_arguments(commands.add_parser("web", help="a static page that explains images in the browser",
+                                          description=web.__doc__.split("\n\n")[0]))
     rules = commands.add_parser("rules", help="list the supported ops and the rule each gets",
                                 description="Print the coverage table generated from the rule registry.")
     rules.add_argument("--method", choices=sorted(METHODS), default="agf")
@@ -665,6 +669,10 @@ def _run(args: argparse.Namespace) -> int:
         return _evaluate(args)
     if args.command == "bank":
         return _bank(args)
+    if args.command == "web":
+        from .web import run
+
+        return run(args)
     print(coverage_table(args.method))
     return 0
 

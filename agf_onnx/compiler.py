@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from . import deployed, passes
 from .builder import FOLD_LIMIT, GraphBuilder
@@ -528,8 +528,9 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     graph.node.extend(b.nodes)
     graph.node.append(helper.make_node("Identity", [heatmap], [HEATMAP_OUTPUT], name="agf/heatmap/output"))
     graph.initializer.extend(b.initializers)
+    # a real input with no initializer behind it: every runtime lists it and honours it (onnxruntime-web and
+    # -node cannot see an input that an initializer of the same name backs; -node would ignore the feed)
     graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["T"]))
-    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), TARGET_INPUT))
     height, width = plan.image_size
     graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
                                                       [passes.BATCH_DIM, 1, height, width]))
@@ -551,7 +552,7 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
                                         "agf_onnx.layout": "NHWC" if plan.channels_last else "NCHW",
                                         "agf_onnx.logits": plan.logits, "agf_onnx.scores": _scores_output(plan)})
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
-        "agf-onnx: feed 'target' (int64 [N] or [1], negative = top class) and read 'heatmap' [N, 1, H, W]."
+        "agf-onnx: feed 'target' (int64 [N] or [1]; -1 = the top class) and read 'heatmap' [N, 1, H, W]."
     return model
 
 
@@ -661,7 +662,7 @@ def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
-    unread = [t for t in graph.initializer if t.name not in read and t.name != TARGET_INPUT]
+    unread = [t for t in graph.initializer if t.name not in read]
     for tensor in unread:
         graph.initializer.remove(tensor)
 

@@ -464,7 +464,7 @@ class _CudaGraphRun:
         self.binding = session.io_binding()
         self.inputs: dict[str, tuple] = {}
         self.outputs = [info.name for info in session.get_outputs()]
-        # ``target`` is an overridable initializer (its default −1 = each top class), not an input
+        # ``target`` is an input; older compiled models list it as an overridable initializer instead
         for info in [*session.get_inputs(), *session.get_overridable_initializers(), *session.get_outputs()]:
             # the batch axis (symbolic in an exported model) becomes the fixed batch; nothing else may vary
             shape = [batch if axis == 0 and not isinstance(d, int) else d for axis, d in enumerate(info.shape)]

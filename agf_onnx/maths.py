@@ -103,11 +103,12 @@ def channel_mean(b: GraphBuilder, x: str, shape: Sequence[int], flat: bool = Fal
     return mean if flat else b.Reshape(mean, b.ints([0, 1, *spatial]))
 
 
-def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...]) -> str:
+def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[int, ...], stacks: int = 1) -> str:
     """The two-class sigmoid–Heaviside NMF ``F(Y, φ)`` (eq. 7, 11) → ``[N, 1, H, W]``.
 
     ``activations`` is ``Y`` ``[N, C, H, W]`` with ``shape = (C, H, W)``, ``partition`` is ``φ``
     ``[N, 1, H, W]`` or flat ``[N, 1, HW]`` (any number of spatial axes works the same way).
+    ``stacks`` > 1: the batch holds that many stacked batches, returned apart as ``[stacks, N, 1, H, W]``.
     ``R = [R_b R_f]`` are the mean columns of ``H`` over the background (φ<0) and foreground (φ>0) pixels;
     ``Wt = relu((RᵀR + I₂)⁻¹ Rᵀ H)`` with the 2×2 inverse in closed form,
     ``[[a, c], [c, d]]⁻¹ = [[d, −c], [−c, a]] / (ad − c²)``. Sums over pixels and channels are MatMuls.
@@ -126,7 +127,8 @@ def factorise(b: GraphBuilder, activations: str, partition: str, shape: tuple[in
     # each row of gram ⊙ adjugate sums to g_bb·g_ff − g_bf² (≥ 1)
     determinant = b.ReduceSum(b.Mul(gram, adjugate), b.ints([2]), keepdims=1)  # [N, 2, 1]
     weights = b.Relu(b.Div(b.MatMul(adjugate, b.MatMul(rows, heat)), determinant))  # Wt [N, 2, HW]
-    return b.Reshape(b.MatMul(b.const([[-1.0, 1.0]]), weights), b.ints([0, 1, *spatial]))  # Wt_f − Wt_b
+    shape_out = [0, 1, *spatial] if stacks == 1 else [stacks, -1, 1, *spatial]
+    return b.Reshape(b.MatMul(b.const([[-1.0, 1.0]]), weights), b.ints(shape_out))  # Wt_f − Wt_b
 
 
 def resize(b: GraphBuilder, x: str, source: Sequence[int], target: Sequence[int], mode: str = "linear",

@@ -118,3 +118,13 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike, provider:
                                 "Runtime cannot use CUDA here (no CUDA build or no GPU)")
         session = ort.InferenceSession(source, options, providers=[CPU])
     return session
+
+
+def with_target(session: Any, feeds: dict, target: int = -1) -> dict:
+    """``feeds`` plus ``target`` (int64 ``[N]``, every sample ``target``; −1 = its top class) when the session
+    is a compiled model's (``target`` is a required input of every compiled model); unchanged otherwise."""
+    if "target" not in {info.name for info in session.get_inputs()} or "target" in feeds:
+        return feeds
+    import numpy as np
+
+    return {**feeds, "target": np.full(len(next(iter(feeds.values()))), target, np.int64)}

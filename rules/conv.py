@@ -174,8 +174,10 @@ def full_rule(b: GraphBuilder, x: str, gradient_in: str, masked_gradient: str, i
     partition = channel_mean(b, influence, shape, flat=True)
     # Fx and Fdx in one factorisation of X and gm stacked along the batch (half the nodes)
     stacked = b.Concat(x, masked_gradient, axis=0)
-    factors = b.Relu(factorise(b, stacked, b.Concat(partition, partition, axis=0), shape))
-    input_factor, gradient_factor = b.Split(factors, axis=0, outputs=2)
+    factors = b.Relu(factorise(b, stacked, b.Concat(partition, partition, axis=0), shape, stacks=2))
+    # the halves by Gather, not an even Split of the batch: onnxruntime-web's JSEP (WebGPU) build gives such a
+    # Split a zero-sized output (1.31.1: "[Relu] …/rel/Relu failed", "Program Sub has zero-sized tensor(s)")
+    input_factor, gradient_factor = (b.Gather(factors, b.const(i, np.int64), axis=0) for i in (0, 1))
     # sdiv by 1 + e^-C ≥ 1 is never undefined and its +1e-9 is below float32's resolution there: a sigmoid
     sigmoid_weighted = b.Mul(b.Add(input_factor, gradient_map), b.Sigmoid(influence))
     residual = b.Mul(b.Add(b.Add(sigmoid_weighted, gradient_factor), agnostic), nonzero(b, influence))

@@ -3,8 +3,8 @@ is in ``reduce.py``).
 
 Gradient:
 - MaxPool routes ``G`` to the arg-max of each window (the first maximum, as PyTorch and ONNX
-  Runtime pick it) and *adds* where overlapping windows pick the same pixel: a scatter-add
-  of ``G`` at the pool's own ``Indices``.
+  Runtime pick it) and *adds* where overlapping windows pick the same pixel: a one-hot mask of
+  the windows' first maxima and a one-hot ConvTranspose (no ``Indices`` output: WebGPU lacks it).
 - AveragePool spreads ``G / divisor`` over each window: a depthwise transposed conv with a
   ones kernel; the divisor map counts the pixels each window averages (``count_include_pad``
   and ``ceil_mode`` respected), computed from constants and folded when the model loads.
@@ -40,17 +40,46 @@ def _window(node: NodeView) -> dict:
             "size": list(size), "out": list(out)}
 
 
-@z_rule_op("MaxPool", "Scatter-add of G at each window's arg-max (adds where windows overlap).",
-           "z-rule: ΦX = X ⊙ scatter(sdiv(Φ, Y ⊙ 1[Φ≠0])) at each window's arg-max (Φ follows the maximum).",
+@z_rule_op("MaxPool", "G routed to each window's first maximum (a mask), summed where windows overlap.",
+           "z-rule: ΦX = X ⊙ route(sdiv(Φ, Y ⊙ 1[Φ≠0])) to each window's first maximum (Φ follows the maximum).",
            routes=True)
 def _maxpool_vjp(b: GraphBuilder, node: NodeView, g: str) -> str:
-    if node.attr("storage_order", 0):
-        raise node.refuse("storage_order=1 (column-major indices) is not supported")
-    indices = b.MaxPool(node.inputs[0], outputs=2, **node.attrs)[1]  # emitted once for both rules
-    zeros = b.Reshape(b.Mul(node.inputs[0], b.const(0.0)), b.ints([-1]))
-    flat = b.ScatterElements(zeros, b.Reshape(indices, b.ints([-1])), b.Reshape(g, b.ints([-1])),
-                             axis=0, reduction="add")
-    return b.Reshape(flat, b.ints([-1, *node.shape(0)[1:]]))
+    """``∂Y/∂X``: each window sends its ``G`` to the first pixel (row-major in the window) that equals its
+    maximum, as PyTorch's and ONNX Runtime's MaxPool pick it, and pixels add what overlapping windows send.
+
+    Built without MaxPool's ``Indices`` output (onnxruntime-web's WebGPU backends lack it): one ``Gather``
+    of the input padded with −∞ (flattened per channel) collects every window's K pixels ``[N·C, K, *out]``
+    (data movement only, so ties stay ties); ``ArgMax`` over K (the first maximum on ties) makes a one-hot
+    mask, and a ConvTranspose (K channels in, one out) with one-hot kernels puts each window's routed ``G``
+    back where its pixel lies, adding where windows overlap."""
+    window = _window(node)
+    spatial, channels = len(window["size"]), node.shape(0)[1]
+    kernel, strides, dilations, out = window["kernel"], window["strides"], window["dilations"], window["out"]
+    begin = window["pads"][:spatial]
+    end = [p + e for p, e in zip(window["pads"][spatial:], window["extra"])]  # ceil_mode's last windows too
+    padded = [n + p + q for n, p, q in zip(window["size"], begin, end)]
+    x = node.inputs[0]
+    if any(begin) or any(end):
+        x = b.Pad(x, b.ints([0, 0, *begin, 0, 0, *end]), b.const(-np.inf))  # a pad never wins a window
+    # pixel k (row-major in the window: the tie order) of window o sits at o·stride + k·dilation
+    offsets = np.stack(np.meshgrid(*(np.arange(k) * d for k, d in zip(kernel, dilations)), indexing="ij"), -1)
+    origins = np.stack(np.meshgrid(*(np.arange(n) * s for n, s in zip(out, strides)), indexing="ij"), -1)
+    where = offsets.reshape(-1, *[1] * spatial, spatial) + origins[None]  # [K, *out, spatial]
+    count = len(where)
+    flat = np.ravel_multi_index(tuple(np.moveaxis(where, -1, 0)), padded).astype(np.int64)
+    # channels folded into the batch, [N·C, K, *out]: the ConvTranspose below needs no groups (the WebGPU EP
+    # of onnxruntime-web 1.31 computes a grouped ConvTranspose with K > 1 inputs per group wrongly)
+    pixels = b.Gather(b.Reshape(x, b.ints([-1, math.prod(padded)])), b.const(flat, np.int64), axis=1)
+    first = b.ArgMax(pixels, axis=1, keepdims=1)  # the first maximum where several pixels tie
+    chosen = b.Equal(first, b.const(np.arange(count).reshape(1, count, *[1] * spatial), np.int64))
+    routed = b.Where(chosen, b.Reshape(g, b.ints([-1, 1, *out])), b.const(0.0))
+    output_padding = [window["size"][i] - ((out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                                           - begin[i] - end[i]) for i in range(spatial)]
+    spread = b.ConvTranspose(routed,
+                             b.const(np.eye(count, dtype=np.float32).reshape(count, 1, *kernel)), kernel_shape=kernel,
+                             strides=strides, dilations=dilations, pads=begin + end,
+                             output_padding=output_padding if any(output_padding) else None)
+    return b.Reshape(spread, b.ints([-1, channels, *window["size"]]))
 
 
 def _average_divisor(node: NodeView, window: dict) -> np.ndarray:

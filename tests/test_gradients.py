@@ -385,3 +385,34 @@ def test_gradient_where_the_batch_is_not_axis_0(build):
     got = run(gradient_model(model, output="y", source="x"), {"x": x, "gradient_in": upstream.float().numpy()})
     np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- MaxPool ties: the first maximum of each window gets G (PyTorch's and ONNX Runtime's rule) ------
+TIED_POOLS = [  # (input shape, ONNX attributes, the torch call)
+    ((2, 3, 9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), lambda x: F.max_pool2d(x, 3, 2, 1)),
+    ((2, 2, 8, 8), dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), lambda x: F.max_pool2d(x, 3, 2, ceil_mode=True)),
+    ((2, 2, 6, 6), dict(kernel_shape=[2, 2], strides=[2, 2]), lambda x: F.max_pool2d(x, 2)),
+    ((2, 2, 7, 7), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), lambda x: F.max_pool2d(x, 3, 1, 1)),
+    ((2, 2, 10, 9), dict(kernel_shape=[2, 3], strides=[2, 1], dilations=[2, 2]),
+     lambda x: F.max_pool2d(x, (2, 3), (2, 1), dilation=2)),
+    ((2, 3, 11), dict(kernel_shape=[3], strides=[2], pads=[1, 1]), lambda x: F.max_pool1d(x, 3, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("shape, attrs, reference", TIED_POOLS, ids=range(len(TIED_POOLS)))
+@pytest.mark.parametrize("values", ["three-levels", "relu-zeros", "constant"])
+def test_maxpool_gradient_on_ties_goes_to_the_first_maximum(shape, attrs, reference, values):
+    """Inputs where windows hold several equal maxima (a few levels, ReLU's zeros beside padding, one
+    constant): G goes to the first maximum in row-major window order and adds up where windows overlap,
+    exactly as torch.autograd's max-pool backward (and ONNX Runtime's MaxPool Indices) route it."""
+    rng = np.random.default_rng(3)
+    x = {"three-levels": rng.integers(-1, 2, shape), "relu-zeros": np.maximum(rng.standard_normal(shape), 0) * (
+        rng.random(shape) < 0.3), "constant": np.full(shape, 2.0)}[values].astype(np.float32)
+    case = Case("MaxPool", shape, reference, attrs=attrs)
+    x_torch = torch.from_numpy(x).double().requires_grad_(True)
+    y = reference(x_torch)
+    upstream = torch.from_numpy(rng.standard_normal(tuple(y.shape)).astype(np.float32)).double()
+    (expected,) = torch.autograd.grad(y, x_torch, upstream)
+    got = run(gradient_model(one_node_model(case), output="y", source="x"),
+              {"x": x, "gradient_in": upstream.float().numpy()})
+    np.testing.assert_allclose(got["gradient_out"], expected.numpy(), rtol=1e-6, atol=1e-6)

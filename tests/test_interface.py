@@ -28,10 +28,12 @@ def heatmap(model=COMPILED, x=X, target=None):
 def test_interface_names_types_and_shapes():
     sess = session(COMPILED)
     inputs = {i.name: i for i in sess.get_inputs()}
-    optional = {i.name: i for i in sess.get_overridable_initializers()}  # ORT lists defaulted inputs here
     outputs = {o.name: o for o in sess.get_outputs()}
-    assert list(inputs) == ["x"] and list(optional) == ["target"] and optional["target"].type == "tensor(int64)"
+    # a real input (no initializer behind it): every runtime lists it, none can ignore it
+    assert list(inputs) == ["x", "target"] and inputs["target"].type == "tensor(int64)"
+    assert sess.get_overridable_initializers() == []
     assert [i.name for i in COMPILED.graph.input] == ["x", "target"]
+    assert "target" not in {t.name for t in COMPILED.graph.initializer}
     assert list(outputs) == ["y", "heatmap"]
     assert outputs["heatmap"].type == "tensor(float)" and outputs["heatmap"].shape[1:] == [1, 32, 32]
     assert isinstance(outputs["heatmap"].shape[0], str)  # the batch stays dynamic
@@ -46,7 +48,13 @@ def test_original_outputs_are_bit_identical():
     np.testing.assert_allclose(compiled, torch.softmax(NET(torch.from_numpy(X)), 1).detach().numpy(), atol=1e-5)
 
 
-def test_target_defaults_to_each_samples_top_class():
+def test_target_must_be_fed():
+    """No silent default: a run that names no class fails rather than explain one the caller did not ask for."""
+    with pytest.raises(Exception, match="target"):
+        session(COMPILED).run(["heatmap"], {"x": X})
+
+
+def test_target_minus_one_is_each_samples_top_class():
     logits = NET(torch.from_numpy(X)).argmax(1).numpy()
     default = heatmap()
     np.testing.assert_array_equal(default, heatmap(target=[-1]))

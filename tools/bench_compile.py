@@ -36,7 +36,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
 from agf_onnx.cli import save  # noqa: E402
-from agf_onnx.sessions import create_session  # noqa: E402
+from agf_onnx.sessions import create_session, with_target  # noqa: E402
 from tests import models  # noqa: E402
 
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -65,13 +65,15 @@ def export(name: str) -> onnx.ModelProto:
 
 def timed_runs(sessions: list[ort.InferenceSession], feeds: dict | list[dict], runs: int) -> list[float]:
     """Median seconds per run of each session, the sessions taking turns (a busy moment of the
-    machine slows both rather than one). ``feeds``: one for all, or one per session."""
+    machine slows both rather than one). ``feeds``: one for all, or one per session; a compiled
+    model is fed ``target = -1`` (it explains the top class)."""
     each = feeds if isinstance(feeds, list) else [feeds] * len(sessions)
-    for session, fed in zip(sessions, each):
+    every = [with_target(session, fed) for session, fed in zip(sessions, each)]
+    for session, fed in zip(sessions, every):
         session.run(None, fed)  # warm-up
     times = [[] for _ in sessions]
     for _ in range(runs):
-        for session, spent, fed in zip(sessions, times, each):
+        for session, spent, fed in zip(sessions, times, every):
             began = time.perf_counter()
             session.run(None, fed)
             spent.append(time.perf_counter() - began)

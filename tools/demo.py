@@ -60,7 +60,7 @@ def main() -> None:
 
     ort.set_default_logger_severity(3)
     session = ort.InferenceSession(compiled, providers=["CPUExecutionProvider"])
-    scores, heatmap = session.run(None, {session.get_inputs()[0].name: image})
+    scores, heatmap = session.run(None, {session.get_inputs()[0].name: image, "target": np.array([-1])})  # -1: top class
     print(f"top class {scores[0].argmax()} (score {scores[0].max():.3f}); heatmap {heatmap.shape}, "
           f"range [{heatmap.min():.3f}, {heatmap.max():.3f}]")
     np.save(os.path.join(args.out, "heatmap.npy"), heatmap)

@@ -39,7 +39,7 @@ def main() -> None:
         began = time.perf_counter()
         session = ort.InferenceSession(agf_onnx.compile(path, method=name).SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        heatmap = session.run(["heatmap"], {"x": image})[0][0, 0]
+        heatmap = session.run(["heatmap"], {"x": image, "target": np.array([-1])})[0][0, 0]  # -1: the top class
         tiles.append((name, blend(pixels, heatmap)))
         print(f"{name}: {time.perf_counter() - began:.1f} s")
     caption = 14

@@ -191,7 +191,7 @@ def measure(name: str, methods: list[str], samples: int) -> dict:
             print(f"{name}/{method}: not applicable: {rows[method]['not_applicable']}", flush=True)
             continue
         emulated, count = emulate_tf32(compiled)
-        feeds = {input_name: images}
+        feeds = {input_name: images, "target": np.full(len(images), -1, np.int64)}  # top classes
         exact = create_session(compiled, "cpu").run(["heatmap"], feeds)[0]
         rounded = create_session(emulated, "cpu").run(["heatmap"], feeds)[0]
         row = {"rounded_tensors": count, "tf32_vs_fp32": pearson(rounded, exact),

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from agf_onnx.sessions import create_session  # noqa: E402
+from agf_onnx.sessions import create_session, with_target  # noqa: E402
 
 
 def profile(path: str, runs: int, top: int, batch: int, provider: str) -> None:
@@ -32,7 +32,7 @@ def profile(path: str, runs: int, top: int, batch: int, provider: str) -> None:
         session = create_session(path, provider, options=options)
         image = session.get_inputs()[0]
         shape = [d if isinstance(d, int) else batch for d in image.shape]
-        feeds = {image.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        feeds = with_target(session, {image.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
         for _ in range(runs + 1):
             session.run(None, feeds)
         events = json.load(open(session.end_profiling()))
