@@ -82,7 +82,7 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
                 continue  # no path from this node to the explained score
             with b.scope(f"{proto.name}/vjp"):
                 node.input_gradients = entry.gradient(b, node)
-            for name, contribution in zip(proto.input, node.input_gradients):
+            for name, contribution in _per_input(proto, node.input_gradients, "gradient"):
                 if contribution is not None:
                     streams.gradients[name].append(contribution)
         kind = kinds.get(proto.name)
@@ -95,9 +95,18 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
             continue
         with b.scope(f"{proto.name}/rel"):
             contributions = entry.relevance[kind](b, node)
-        for name, contribution in zip(proto.input, contributions):
+        for name, contribution in _per_input(proto, contributions, f"'{kind}' relevance"):
             if contribution is not None:
                 streams.relevances[name].append(contribution)
+
+
+def _per_input(proto: onnx.NodeProto, values: Sequence[str | None], rule: str) -> Iterable[tuple[str, str | None]]:
+    """The node's inputs paired with a rule's results, one per input (a rule that returned one too
+    few would otherwise drop a stream silently)."""
+    if len(values) != len(proto.input):
+        raise CompileError(f"internal error: the {rule} rule of {proto.op_type} node '{proto.name}' returned "
+                           f"{len(values)} values for {len(proto.input)} inputs")
+    return zip(proto.input, values, strict=True)
 
 
 def _float_image(b: GraphBuilder, plan: Plan) -> str:
