@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import onnx
 
 from . import __version__, passes
-from .compiler import HEATMAP_OUTPUT, TARGET_INPUT
 from .compiler import compile as compile_model
+from .contract import HEATMAP_OUTPUT, TARGET_INPUT
 from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
@@ -529,8 +529,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     import contextlib
     import pathlib
 
-    from .evaluate import EvaluateError, Evaluation, check_methods, load_dataset, readable_samples, usable_methods, \
-        write_outputs
+    from .evaluate import (
+        EvaluateError,
+        Evaluation,
+        check_methods,
+        load_dataset,
+        readable_samples,
+        usable_methods,
+        write_outputs,
+    )
     from .explain import read_labels
     from .report import progress_bar, warn
 
@@ -613,8 +620,8 @@ def _count(number: int, noun: str) -> str:
 
 
 def _bank(args: argparse.Namespace) -> int:
+    from .bank import bank
     from .explain import ExplainError, collect_images
-    from .ssl import bank
 
     images, _ = collect_images(args.images)
     if not images:

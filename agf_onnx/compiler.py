@@ -18,11 +18,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import deployed, passes
+from . import contract, deployed, passes, ssl
 from .builder import FOLD_LIMIT, GraphBuilder
+from .contract import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
 from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView, ai_onnx_opset
-from .maths import max_per_sample, resize, retained, safe_divide, sum_per_sample
+from .maths import as_scores, max_per_sample, resize, retained, safe_divide, sum_per_sample
 from .methods import Kind, Method, get_method, with_options
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, average_copies, noisy_copies, others_method
@@ -30,9 +31,7 @@ from .planning import Plan, head_chain, path_between, plan
 from .rules import REGISTRY
 from .tokens import as_grid
 
-TARGET_INPUT = "target"
-HEATMAP_OUTPUT = "heatmap"
-HEATMAPS_OUTPUT, CLASSES_OUTPUT = "heatmaps", "classes"  # with top_k
+
 class _Streams:
     """Per-tensor contributions of the gradient and relevance streams, combined on first read."""
 
@@ -112,11 +111,6 @@ def _per_input(proto: onnx.NodeProto, values: Sequence[str | None], rule: str) -
 def _float_image(b: GraphBuilder, plan: Plan) -> str:
     """The image as float32 (integer images are cast, as the model itself does)."""
     return plan.image if plan.graph.dtypes.get(plan.image) == TensorProto.FLOAT else b.Cast(plan.image, to=1)
-
-
-def as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
-    """Logits as ``[N, K]`` (convolutional heads leave ``[N, K, 1, 1]``)."""
-    return logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))
 
 
 def _as_logits(b: GraphBuilder, scores: str, shape: tuple) -> str:
@@ -555,11 +549,9 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     except CompileError as error:
         raise CompileError(f"internal error: the compiled model's {error}") from error
     # what `agf-onnx explain` and other tools need to know about the compiled model
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        "agf_onnx.method": method, "agf_onnx.modifiers": modifiers.metadata(),
-                                        "agf_onnx.image": plan.image,
-                                        "agf_onnx.layout": "NHWC" if plan.channels_last else "NCHW",
-                                        "agf_onnx.logits": plan.logits, "agf_onnx.scores": _scores_output(plan)})
+    contract.record(model, {contract.METHOD: method, contract.MODIFIERS: modifiers.metadata(),
+                            contract.IMAGE: plan.image, contract.LAYOUT: "NHWC" if plan.channels_last else "NCHW",
+                            contract.LOGITS: plan.logits, contract.SCORES: _scores_output(plan)})
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
         "agf-onnx: feed 'target' (int64 [N] or [1]; -1 = the top class) and read 'heatmap' [N, 1, H, W]."
     return model
@@ -637,7 +629,6 @@ def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits
                      constant=lambda name: found.graph.small_constant(name, FOLD_LIMIT), opset=ai_onnx_opset(canonical))
     if ssl_bank is None and (features is not None or ssl_mode is not None):
         raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")
-    from . import ssl  # imports this module
     self_supervised = ssl.emit(b, found, ssl_bank, features, ssl_mode or "diff") if ssl_bank is not None else None
     explained = self_supervised.explained if self_supervised else None
     heatmap = _emit(b, found, chosen, dict(options or {}), target=explained, modifiers=modifiers)

@@ -69,7 +69,6 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from . import passes
 from .errors import CompileError, UnsupportedOpsError
-from .graph import evaluator
 
 #: Float types the view widens to float32.
 NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)

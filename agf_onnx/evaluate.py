@@ -29,16 +29,16 @@ import numpy as np
 import onnx
 
 from . import metrics, passes
-from .compiler import HEATMAP_OUTPUT
+from .bankfile import load_bank
 from .compiler import compile as compile_model
 from .compiler import compile_canonical
+from .contract import HEATMAP_OUTPUT, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 from .errors import CompileError
 from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
 from .methods import METHODS
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, parse_variant
 from .sessions import create_session
-from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, load_bank
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
 MASK_SUFFIX = ".mask.png"

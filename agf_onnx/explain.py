@@ -13,13 +13,19 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import passes
-from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
+from . import contract, passes
 from .compiler import compile as compile_model
+from .contract import (
+    CLASSES_OUTPUT,
+    HEATMAP_OUTPUT,
+    HEATMAPS_OUTPUT,
+    SSL_NEIGHBOUR_OUTPUT,
+    SSL_TARGET_OUTPUT,
+    TARGET_INPUT,
+)
 from .errors import CompileError
 from .plots import DEFAULT_COLOUR_MAP, MIN_PANEL, blend, colour_map, overlay_figure  # noqa: F401 (blend: API)
 from .sessions import create_session, session_provider
-from .ssl import SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 
 #: Preprocessing presets: pixels/255, then (x − mean)/std per RGB channel.
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -282,23 +288,23 @@ class Explainer:
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
         proto, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
-        meta = {p.key: p.value for p in proto.metadata_props}
+        meta = contract.metadata(proto)
         if cuda_graph and batch_size < 1:
             raise ExplainError(f"cuda_graph=True: batch_size {batch_size} must be at least 1 (the graph's fixed batch)")
         self.session = create_session(proto, provider, allow_tf32=allow_tf32, cuda_graph=cuda_graph,
                                       options=session_options(threads, memory_pattern))
         self.provider = session_provider(self.session)
         self.allow_tf32, self.cuda_graph = allow_tf32, cuda_graph
-        self.image_input = meta.get("agf_onnx.image") or self.session.get_inputs()[0].name
+        self.image_input = meta.get(contract.IMAGE) or self.session.get_inputs()[0].name
         info = next(i for i in self.session.get_inputs() if i.name == self.image_input)
-        self.channels_last = meta.get("agf_onnx.layout") == "NHWC"
+        self.channels_last = meta.get(contract.LAYOUT) == "NHWC"
         dims = info.shape[1:3] if self.channels_last else info.shape[2:4]
         if not all(isinstance(d, int) for d in dims):
             raise ExplainError(f"the model's image input '{self.image_input}' has no static size {info.shape}")
         self.height, self.width = dims
         self.integer_input = info.type not in ("tensor(float)", "tensor(float16)")
         self.float16_input = info.type == "tensor(float16)"  # an fp16 file (docs/deployed-formats.md)
-        self.scores_output = meta.get("agf_onnx.scores") or None
+        self.scores_output = meta.get(contract.SCORES) or None
         self.outputs = [o.name for o in self.session.get_outputs()]
         scores_info = next((o for o in self.session.get_outputs() if o.name == self.scores_output), None)
         self.classes = int(np.prod(scores_info.shape[1:])) if scores_info is not None and all(
@@ -308,8 +314,8 @@ class Explainer:
         self.compiled_top_k = maps_info.shape[1] if maps_info is not None and CLASSES_OUTPUT in self.outputs and \
             isinstance(maps_info.shape[1], int) else 0
         #: a self-supervised model explains t = argmax head(L_I − L_N), not the top class, by default
-        self.ssl_mode = meta.get("agf_onnx.ssl_mode") if SSL_TARGET_OUTPUT in self.outputs else None
-        self.ssl_features = meta.get("agf_onnx.ssl_features") if self.ssl_mode else None
+        self.ssl_mode = meta.get(contract.SSL_MODE) if SSL_TARGET_OUTPUT in self.outputs else None
+        self.ssl_features = meta.get(contract.SSL_FEATURES) if self.ssl_mode else None
         self.mean, self.std = (mean, std) if mean is not None and std is not None else PRESETS.get(preset, (None, None))
         if (mean is None) != (std is None):
             raise ExplainError("--mean and --std go together")

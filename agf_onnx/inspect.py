@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from . import deployed, passes
+from . import contract, deployed, passes
 from .compiler import compile_canonical
 from .errors import CompileError
 from .methods import get_method
@@ -73,12 +73,12 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     ``modifiers``). A compiled model reports the method and modifiers its metadata records."""
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
     loaded = passes.load(model)  # an unreadable file is the caller's error, not a report
-    recorded = {p.key: p.value for p in loaded.metadata_props}
-    compiled = "agf_onnx.method" in recorded
+    recorded = contract.metadata(loaded)
+    compiled = contract.METHOD in recorded
     if compiled:  # the explained path is the original one; method and modifiers are the recorded ones
-        method, modifiers = recorded["agf_onnx.method"], from_metadata(recorded.get("agf_onnx.modifiers"))
-        logits = logits or recorded.get("agf_onnx.logits")
-        image = image or recorded.get("agf_onnx.image")
+        method, modifiers = recorded[contract.METHOD], from_metadata(recorded.get(contract.MODIFIERS))
+        logits = logits or recorded.get(contract.LOGITS)
+        image = image or recorded.get(contract.IMAGE)
     try:
         if not compiled and deployed.needs_view(loaded):  # fp16, int8, fused ops: the view compile explains
             loaded = deployed.explained_view(loaded).model

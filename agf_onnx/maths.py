@@ -145,3 +145,8 @@ def resize(b: GraphBuilder, x: str, source: Sequence[int], target: Sequence[int]
         scales.append(scale)
     return b.Resize(x, "", b.const(np.array(scales, np.float32)), mode=mode,
                     coordinate_transformation_mode=coordinate_transformation_mode)
+
+
+def as_scores(b: GraphBuilder, logits: str, shape: tuple) -> str:
+    """Logits as ``[N, K]`` (convolutional heads leave ``[N, K, 1, 1]``)."""
+    return logits if len(shape) == 2 else b.Reshape(logits, b.ints([0, -1]))

@@ -29,25 +29,23 @@ bank is not stored and ``ssl_neighbour`` is −1.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import passes
+from . import contract, passes
+from .bankfile import BankLike, load_bank
 from .builder import GraphBuilder
-from .compiler import TARGET_INPUT, as_scores
+from .contract import SSL_BANK_ROWS, SSL_FEATURES, SSL_MODE, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, TARGET_INPUT
 from .errors import CompileError
 from .graph import GraphView
+from .maths import as_scores
 from .planning import Plan, find_image, find_logits, path_between, top_linear
 
 MODES = ("diff", "sum", "none")
-SSL_TARGET_OUTPUT, SSL_NEIGHBOUR_OUTPUT = "ssl_target", "ssl_neighbour"
-BankLike = np.ndarray | str | os.PathLike
 
 
 @dataclass
@@ -61,36 +59,6 @@ class SSLGraph:
     scores: str  # [N, K] v, whose K best classes top-K explains
     target: str  # [N] int64 t
     neighbour: str  # [N] int64 the bank row, −1 for ``none``
-
-
-def load_bank(bank: BankLike, argument: str = "--ssl-bank") -> np.ndarray:
-    """A bank ``[R, D]`` as float32 from an array or a ``.npy`` file; refuses empty, non-float,
-    non-finite or wrongly shaped banks with a message naming ``argument`` or the file."""
-    where = f"{argument} {os.fspath(bank)}" if isinstance(bank, (str, os.PathLike)) else argument
-    if isinstance(bank, (str, os.PathLike)):
-        if not os.path.isfile(bank):
-            raise CompileError(f"{where}: no such file")
-        try:
-            with open(bank, "rb") as stream:
-                is_npy = stream.read(6) == b"\x93NUMPY"  # the .npy magic string
-            if not is_npy:  # NumPy would try a pickle and say so: not a useful message
-                raise CompileError(f"{where}: not a NumPy .npy file (`agf-onnx bank` writes one)")
-            bank = np.load(bank, allow_pickle=False)
-        except OSError as error:
-            raise CompileError(f"{where}: cannot read it ({error.strerror or error})") from error
-        except ValueError as error:  # an object array, or a truncated file
-            raise CompileError(f"{where}: not a bank of float vectors ({str(error).splitlines()[0]})") from error
-    array = np.asarray(bank)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise CompileError(f"{where}: the bank holds {array.dtype} values; expected floats (the feature vectors "
-                           "`agf-onnx bank` writes)")
-    if array.ndim != 2:
-        raise CompileError(f"{where}: expected a 2-D bank [rows, features], got shape {list(array.shape)}")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise CompileError(f"{where}: the bank is empty (shape {list(array.shape)}); it needs at least one row")
-    if not np.isfinite(array).all():
-        raise CompileError(f"{where}: the bank holds NaN or Inf values")
-    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _dims(graph: GraphView, name: str) -> list[int | str | None]:
@@ -222,9 +190,7 @@ def attach(model: onnx.ModelProto, ssl: SSLGraph) -> onnx.ModelProto:
             raise CompileError(f"the model already has a tensor named '{name}'; the compiled SSL model needs that name")
         model.graph.node.append(helper.make_node("Identity", [tensor], [name], name=f"agf/ssl/{name}"))
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, [passes.BATCH_DIM]))
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        "agf_onnx.ssl_mode": ssl.mode, "agf_onnx.ssl_features": ssl.features,
-                                        "agf_onnx.ssl_bank_rows": str(ssl.rows)})
+    contract.record(model, {SSL_MODE: ssl.mode, SSL_FEATURES: ssl.features, SSL_BANK_ROWS: str(ssl.rows)})
     shift = {"diff": " − L_N", "sum": " + L_N", "none": ""}[ssl.mode]
     model.doc_string += (f"\nagf-onnx SSL ({ssl.mode}): 'ssl_target' int64 [N] is t = argmax head(L_I{shift}), the "
                          "class explained where 'target' is negative; 'ssl_neighbour' int64 [N] is the nearest bank "
@@ -247,66 +213,5 @@ def features_model(model: onnx.ModelProto | str | os.PathLike, features: str | N
     if features not in {o.name for o in canonical.graph.output}:
         info = next(i for i in canonical.graph.value_info if i.name == features)
         canonical.graph.output.append(info)
-    onnx.helper.set_model_props(canonical, {**{p.key: p.value for p in canonical.metadata_props},
-                                            "agf_onnx.image": image})
+    contract.record(canonical, {contract.IMAGE: image})
     return canonical, features
-
-
-def bank(model: onnx.ModelProto | str | os.PathLike, images: Sequence[Any], *, features: str | None = None,
-         output: str | os.PathLike | None = None, batch_size: int = 16, provider: str = "auto",
-         input_shapes: Mapping[str, Sequence[int | str]] | None = None, progress: bool = False,
-         **preprocessing: Any) -> np.ndarray:
-    """The feature vectors ``features(J)`` of reference images, flattened per image: float32 ``[B, D]``.
-
-    Args:
-        model: the original ONNX model (not a compiled one).
-        images: paths, PIL images or ``[H, W, 3]`` arrays, prepared as ``agf_onnx.Explainer`` does.
-        features: the tensor that feeds the head (default: the data input of the op that makes the logits).
-        output: also write the bank to this ``.npy`` file (all at once: no half-written file).
-        preprocessing: ``preset``, ``mean``, ``std``, ``size``, ``crop``, ``bgr`` as for ``Explainer``.
-    """
-    from .explain import Explainer, ExplainError
-
-    images = list(images)
-    if not images:
-        raise ExplainError("no reference images for the bank")
-    if batch_size < 1:
-        raise ExplainError(f"--batch-size {batch_size}: must be at least 1")
-    augmented, features = features_model(model, features, input_shapes=input_shapes)
-    runner = Explainer(augmented, provider, compile_original=False, batch_size=batch_size, **preprocessing)
-    from .report import progress_bar  # report shows explanations: explain → ssl → report → explain
-
-    bar = progress_bar(len(images), "bank") if progress else None
-    rows = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = runner.to_tensor(runner.prepare(chunk))
-        values = runner.session.run([features], {runner.image_input: batch})[0]
-        rows.append(np.asarray(values, np.float32).reshape(len(chunk), -1))
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    result = np.concatenate(rows)
-    if not np.isfinite(result).all():
-        raise ExplainError(f"the features tensor '{features}' holds NaN or Inf for some images")
-    if output is not None:
-        save_bank(result, output)
-    return result
-
-
-def save_bank(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write ``array`` to ``path`` as ``.npy`` through a temporary file beside it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, staged = tempfile.mkstemp(prefix=".agf-onnx-bank-", suffix=".npy", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staged, 0o666 & ~umask)  # as an ordinary file, not mkstemp's private 0600
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import onnx
 
+from . import contract
 from .errors import CompileError
 from .explain import PRESETS, Explainer, compiled_model, read_labels
 
@@ -136,11 +137,11 @@ def _ort_dist(ort_web: pathlib.Path) -> pathlib.Path:
 
 def _write(site: pathlib.Path, proto: onnx.ModelProto, explainer: Explainer, ort_dist: pathlib.Path,
            top_k: int) -> None:
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = contract.metadata(proto)
     onnx.save(proto, str(site / MODEL_FILE))
     prep = explainer.preprocessing
     config = {"model": MODEL_FILE, "image_input": explainer.image_input, "scores": explainer.scores_output,
-              "heatmap": "heatmap", "target": "target", "method": meta.get("agf_onnx.method", "agf"),
+              "heatmap": "heatmap", "target": "target", "method": meta.get(contract.METHOD, "agf"),
               "classes": explainer.classes, "labels": explainer.labels, "top_k": top_k,
               # explain's Preprocessing, field for field (agf.js applies it as Preprocessing.fit/to_tensor do)
               "height": prep.height, "width": prep.width, "size": prep.size, "crop": prep.crop, "bgr": prep.bgr,

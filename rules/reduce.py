@@ -19,7 +19,6 @@ import math
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import NodeView
-
 from agf_onnx.maths import safe_divide
 
 from ._helpers import broadcast_shape, data_only, named, pass_through, refuse_batch_axes, static_sizes, z_rule_op
