@@ -122,17 +122,21 @@ def test_a_self_supervised_evaluate_on_ray_gives_the_local_numbers(engine, bench
     local = _numbers(tmp_path / "local" / "results.json")
     assert _numbers(tmp_path / "ray" / "results.json") == local
     assert len(local["methods"]["agf"]["ssl"]["ssl_target"]) == 10
-    assert local["methods"]["agf"]["ssl"]["ssl_neighbour"][:4] == [0, 1, 2, 3], "the bank's own images"
+    neighbours = local["methods"]["agf"]["ssl"]["ssl_neighbour"]
+    assert all(0 <= n < 4 for n in neighbours) and all(neighbours[i] != i for i in range(4)), \
+        "the bank's own images find another image, never themselves"
 
 
-def test_evaluate_on_ray_refuses_an_unreadable_image_as_the_local_engine(engine, bench, tmp_path, capsys):
+def test_evaluate_on_ray_skips_an_unreadable_image_as_the_local_engine(engine, bench, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "data.csv").write_text(f"file,label\n{bench / 'data' / 'images' / '00000.png'},1\nbroken.png,2\n")
-    for engine_options in ([], ["--engine", "ray"]):
-        code = cli.main(["evaluate", str(bench / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / "out"),
+    for name, engine_options in (("local", []), ("ray", ["--engine", "ray"])):
+        code = cli.main(["evaluate", str(bench / "vgg.onnx"), str(tmp_path / "data.csv"), "-o", str(tmp_path / name),
                          "--methods", "gradient", "--batch-size", "1", "-q", *engine_options])
-        assert code == 1 and "broken.png: not a readable image" in capsys.readouterr().err
-        assert not (tmp_path / "out").exists()
+        error = capsys.readouterr().err
+        assert code == 0 and "broken.png: not a readable image" in error and "(skipped)" in error
+    assert _numbers(tmp_path / "ray" / "results.json") == _numbers(tmp_path / "local" / "results.json")
+    assert json.loads((tmp_path / "ray" / "results.json").read_text())["images"] == 1
 
 
 def _explain(bench, out, *options):
@@ -266,7 +270,8 @@ def test_ctrl_c_stops_the_run_and_the_ray_instance_it_started(bench, tmp_path):
         while any(map(_running, ray_processes)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not [pid for pid in ray_processes if _running(pid)], "Ray's processes outlived the run"
-        assert not (tmp_path / "out" / "results.json").exists()
+        results = tmp_path / "out" / "results.json"  # absent, or saying the run did not complete
+        assert not results.exists() or json.loads(results.read_text())["complete"] is False
     finally:
         for pid in [process.pid, *ray_processes]:
             if _running(pid):

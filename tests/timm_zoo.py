@@ -11,6 +11,7 @@ temporary folder): exporting a model costs seconds to tens of seconds on two cor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -100,6 +101,24 @@ def stand_in_torchvision() -> None:
     sys.modules["torchvision.transforms.functional"].InterpolationMode = _InterpolationMode
     sys.modules["torchvision.transforms"].InterpolationMode = _InterpolationMode
     sys.modules["torchvision"].__version__ = "0.0+stand-in"
+
+
+@contextlib.contextmanager
+def torchvision_stand_in():
+    """The stand-in torchvision while timm builds or exports a model, and ``sys.modules`` as it was
+    afterwards: a module without ``__spec__`` left there makes ``importlib.util.find_spec("torchvision")``
+    raise in every later import that probes for it (transformers does, under LXT)."""
+    names = ["torchvision"] + [f"torchvision.{s}" for s in _SUBMODULES]
+    before = {name: sys.modules.get(name) for name in names}
+    stand_in_torchvision()
+    try:
+        yield
+    finally:
+        for name, module in before.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +237,11 @@ def cache_dir() -> pathlib.Path:
 
 def build(spec: Spec, seed: int = 0) -> torch.nn.Module:
     """The timm model with seeded random weights, in eval mode."""
-    stand_in_torchvision()
+    with torchvision_stand_in():
+        return _build(spec, seed)
+
+
+def _build(spec: Spec, seed: int) -> torch.nn.Module:
     import timm
 
     torch.manual_seed(seed)
@@ -276,25 +299,31 @@ def export_path(spec: Spec, dynamo: bool = False) -> str:
     key = hashlib.sha1(repr(spec.kwargs).encode()).hexdigest()[:8]  # str hashes change per process
     path = cache_dir() / f"{spec.name}-{spec.image}-{key}-{'dynamo' if dynamo else 'ts'}.onnx"
     if not path.exists():
-        model = build(spec)
-        example = torch.randn(2, 3, spec.image, spec.image)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                # the exporter looks for torchvision's ops to register and logs the stand-in's failure
-                logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.CRITICAL)
-                program = torch.onnx.export(model, (example,), dynamo=True, input_names=["x"], opset_version=17,
-                                            dynamic_shapes={"x": {0: torch.export.Dim("N")}}, verbose=False,
-                                            optimize=True)
-                proto = program.model_proto
-            else:
-                buffer = io.BytesIO()
-                torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
-                                  dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
-                proto = onnx.load_from_string(buffer.getvalue())
-        EXPORT_SECONDS[path.stem] = time.perf_counter() - start
-        partial = path.with_suffix(".partial")
-        onnx.save(proto, partial)
-        partial.replace(path)  # never a half-written file in the cache
+        with torchvision_stand_in():  # the dynamo exporter probes torchvision for ops to register
+            _export(spec, dynamo, path)
     return str(path)
+
+
+def _export(spec: Spec, dynamo: bool, path: pathlib.Path) -> None:
+    """Build and export ``spec`` to ``path`` (through a partial file: never a half-written one)."""
+    model = _build(spec, 0)
+    example = torch.randn(2, 3, spec.image, spec.image)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            # the exporter looks for torchvision's ops to register and logs the stand-in's failure
+            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.CRITICAL)
+            program = torch.onnx.export(model, (example,), dynamo=True, input_names=["x"], opset_version=17,
+                                        dynamic_shapes={"x": {0: torch.export.Dim("N")}}, verbose=False,
+                                        optimize=True)
+            proto = program.model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
+            proto = onnx.load_from_string(buffer.getvalue())
+    EXPORT_SECONDS[path.stem] = time.perf_counter() - start
+    partial = path.with_suffix(".partial")
+    onnx.save(proto, partial)
+    partial.replace(path)  # never a half-written file in the cache
