@@ -550,7 +550,9 @@ def splice(original: onnx.ModelProto, view: ExplainedView, compiled: onnx.ModelP
     original_node_names = {n.name for n in original.graph.node}
     taken = original_names | {o for n in graph.node for o in n.output} | set(view_initializers) | \
         {n.name for n in original.graph.node} | {n.name for n in graph.node}
-    satisfied = {o for n in emitted for o in n.output if o}
+    # inputs the compiler added (``target``): fed by the user, read as they are
+    extra_inputs = [i for i in graph.input if i.name not in {v.name for v in view.model.graph.input}]
+    satisfied = {o for n in emitted for o in n.output if o} | {i.name for i in extra_inputs}
     boundary = {i.name for i in original.graph.input} | {o.name for o in original.graph.output}
     original_activations = {o for n in original.graph.node for o in n.output if o}
     renamed: dict[str, str] = {}
@@ -606,9 +608,6 @@ def splice(original: onnx.ModelProto, view: ExplainedView, compiled: onnx.ModelP
     for node in emitted:
         for name in node.input:
             satisfy(name)
-    extra_inputs = [i for i in graph.input if i.name not in {v.name for v in view.model.graph.input}]
-    for info in extra_inputs:  # `target`: an input with a default
-        satisfy(info.name)
     for node in [*recomputed, *emitted]:
         node.input[:] = [renamed.get(i, i) for i in node.input]
 
