@@ -37,7 +37,7 @@ def check_explains(original: onnx.ModelProto, compiled: onnx.ModelProto, image: 
     before = run(original, {name: image}, optimize=False)
     explain = session(compiled, optimize=False)
     outputs = [o.name for o in explain.get_outputs()]
-    top = dict(zip(outputs, explain.run(outputs, {name: image})))
+    top = dict(zip(outputs, explain.run(outputs, {name: image, "target": np.array([-1])})))  # -1: the top class
     for output, value in before.items():
         assert np.array_equal(top[output], value), f"original output {output} changed"
     scores = top[logits] if logits else next(v for k, v in top.items() if k != "heatmap")

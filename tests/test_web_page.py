@@ -55,17 +55,23 @@ def site(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
+    """One Playwright per module (its sync API refuses a second one running in the same thread)."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} missing: `apt-get install -y chromium` (.ci/run does it)")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright, \
-            __import__("tempfile").TemporaryDirectory() as profile:
-        context = playwright.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=ARGS,
-                                                                headless=True, viewport={"width": 1000, "height": 700})
-        yield context
-        context.close()
+    with sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, tmp_path_factory):
+    context = playwright.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("profile")),
+                                                            executable_path=CHROMIUM, args=ARGS, headless=True,
+                                                            viewport={"width": 1000, "height": 700})
+    yield context
+    context.close()
 
 
 def python_map(site, target: int) -> np.ndarray:
@@ -139,19 +145,15 @@ def test_bad_input_is_one_line(tmp_path, capfd):
     shutil.rmtree(tmp_path / "exists")
 
 
-def test_the_page_explains_like_python_on_webgpu(site, tmp_path):
+def test_the_page_explains_like_python_on_webgpu(site, playwright, tmp_path):
     """The same page where the browser has WebGPU (SwiftShader's, in CI): it says so, and its map is Python's."""
-    from playwright.sync_api import sync_playwright
-
     from .test_web_webgpu import ARGS as WEBGPU_ARGS
 
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(str(tmp_path), executable_path=CHROMIUM,
-                                                                args=WEBGPU_ARGS)
-        page = context.new_page()
-        page.goto(site["url"] + "index.html?image=photo.png&class=6")
-        got = page.evaluate(RESULT)
-        status = page.inner_text("#status")
-        context.close()
+    context = playwright.chromium.launch_persistent_context(str(tmp_path), executable_path=CHROMIUM, args=WEBGPU_ARGS)
+    page = context.new_page()
+    page.goto(site["url"] + "index.html?image=photo.png&class=6")
+    got = page.evaluate(RESULT)
+    status = page.inner_text("#status")
+    context.close()
     assert got["backend"] == "webgpu" and "webgpu" in status and got["target"] == 6
     assert pearson(got["heatmap"], python_map(site, 6)) >= MIN_PEARSON
