@@ -10,7 +10,7 @@ exporters write and the rules (and ``tokens.py``'s attention detection: a Softma
 the left operand of a MatMul) recognise:
 
 - GELUs as ``x · ½(1 + erf(x/√2))`` or ``x · ½(1 + tanh(√(2/π)(x + 0.044715 x³)))`` (the forms
-  TorchScript exports and ``passes.expand_gelu`` writes), QuickGelu as ``x · sigmoid(αx)``;
+  TorchScript exports, which the activation rules read as a gate), QuickGelu as ``x · sigmoid(αx)``;
 - layer norms as ``LayerNormalization`` (opset ≥ 17; written out as ReduceMean/Sub/Div below
   17), RMS norms as ``x / √(mean(x²) + ε) · γ``;
 - attention as timm/torch write it: MatMul QKV, Split, Reshape/Transpose to heads,

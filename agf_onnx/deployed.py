@@ -662,10 +662,10 @@ def compile_deployed(model: onnx.ModelProto, input_shapes: Mapping | None, compi
     original = onnx.ModelProto()
     original.CopyFrom(model)
     opset = next((o.version for o in original.opset_import if o.domain in _STANDARD), None)
-    if opset is not None and opset != passes.TARGET_OPSET:
-        # the explanation is written at TARGET_OPSET: the original nodes are read at it too, as the
-        # float32 path does (passes.convert_opset)
-        original, _ = passes.convert_opset(original)
+    if opset is not None and opset < passes.TARGET_OPSET:
+        # opsets below 17 are upgraded by the project's exact adapters, as on the float32 path
+        # (passes.upgrade_opset); newer ones are kept and the explanation is written at them
+        original, _ = passes.upgrade_opset(original)
     passes.drop_initializer_inputs(original)
     view = explained_view(original)
     canonical = passes.canonicalise(view.model, input_shapes)
