@@ -6,7 +6,7 @@ are added, nothing is recomputed differently."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -296,10 +296,23 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     if changed or len(used & set(values)) != len(graph.initializer):
         del graph.node[:]
         graph.node.extend(keep)
-        del graph.initializer[:]
-        graph.initializer.extend(t for name, t in values.items() if name in used)
+        keep_initializers(graph, used, [t for name, t in values.items() if name in used])
         changed = True
     return model, changed
+
+
+def keep_initializers(graph: onnx.GraphProto, kept: set[str], added: Iterable[onnx.TensorProto] = ()) -> None:
+    """Remove the initializers not named in ``kept`` in place and append those of ``added`` the
+    graph lacks. Never ``del graph.initializer[:]`` + ``extend``: protobuf's upb backend copies each
+    appended message into the model's arena, and an arena frees nothing before the whole model
+    goes, so every such rebuild kept another copy of all the weights alive (Swin-B compiled at 14×
+    its weights: one rebuild per round of ``canonicalise``'s loop, ``docs/memory.md``)."""
+    initializers = graph.initializer
+    for index in range(len(initializers) - 1, -1, -1):
+        if initializers[index].name not in kept:
+            del initializers[index]
+    present = {t.name for t in initializers}
+    initializers.extend(t for t in added if t.name not in present)
 
 
 def _graph_reads(graph: onnx.GraphProto) -> set[str]:
