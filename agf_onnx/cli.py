@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import stat
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -20,12 +17,9 @@ from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
+from .modelfile import save, size_on_disk, uses_external_data  # noqa: F401 - save: tools import it from here
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
-
-#: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
-_PROTOBUF_LIMIT = 2**31 - 2**26
-
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     """Where the image, the class scores and the image size are, for models that don't say."""
@@ -292,24 +286,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _uses_external_data(path: str) -> bool:
-    model = onnx.load(path, load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _external_files(path: str) -> list[str]:
-    """The external-data files a model file refers to (for its size on disk)."""
-    model = onnx.load(path, load_external_data=False)
-    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                 for entry in t.external_data if entry.key == "location"}
-    return [os.path.join(os.path.dirname(os.path.abspath(path)), location) for location in sorted(locations)]
-
-
-def _size_on_disk(path: str) -> int:
-    """A model file's size plus its external data's."""
-    return os.path.getsize(path) + sum(os.path.getsize(f) for f in _external_files(path) if os.path.isfile(f))
-
-
 def check_model_file(path: str | os.PathLike) -> None:
     """Refuse a path that cannot hold a model before anything is compiled: a folder, an empty file."""
     if os.path.isdir(path):
@@ -341,38 +317,6 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
         raise CompileError(f"-o {path}: cannot write there: no write permission in {existing}")
 
 
-def save(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
-    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure.
-
-    The weights file gets the model file's permissions (those of a new file under the umask).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    external_data = external_data or model.ByteSize() > _PROTOBUF_LIMIT
-    data_name = os.path.basename(path) + ".data"
-    staging = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
-        staged = os.path.join(staging, os.path.basename(path))
-        if external_data:
-            onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
-            staged_data = os.path.join(staging, data_name)
-            if os.path.exists(staged_data):  # not written when every tensor is below the threshold
-                os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))  # onnx creates it 0600
-                os.replace(staged_data, os.path.join(directory, data_name))
-        else:
-            onnx.save(model, staged)
-        os.replace(staged, path)
-    except OSError as error:
-        staged_file = staging is not None and str(error.filename or "").startswith(staging)
-        where = error.filename if error.filename and not staged_file else path
-        raise CompileError(f"-o {path}: cannot write {where}: {error.strerror or error}") from error
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def _named(error: CompileError, path: str) -> CompileError:
     """The error with the model file named in front, unless its message names it already."""
     if str(path) not in str(error):
@@ -397,9 +341,9 @@ def _compile(args: argparse.Namespace) -> int:
     except CompileError as error:
         _named(error, args.model)
         raise
-    save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
+    save(model, args.output, external_data=args.external_data or uses_external_data(args.model))
     if not args.quiet:
-        before, after = _size_on_disk(args.model), _size_on_disk(args.output)
+        before, after = size_on_disk(args.model), size_on_disk(args.output)
         added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
         print(f"{args.model} → {args.output}: {args.method}" + (f" ({modifiers.describe()})" if modifiers else "") +
               f", {added} explanation nodes, "

@@ -64,11 +64,13 @@ def evaluator(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str], initializ
 class GraphView:
     """Indexes over ``model.graph``; build it again after a pass changes the graph."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, onnx.TensorProto] | None = None) -> None:
+        """``weights``: initializers held elsewhere (another model's), seen as this graph's own; they
+        stand in for the inputs of the same names that ``passes.weightless`` made of them."""
         self.model = model
         graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(graph.node)
-        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.initializers: dict[str, onnx.TensorProto] = {**(weights or {}), **{t.name: t for t in graph.initializer}}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
+from . import modelfile
 from .builder import TARGET_OPSET
 from .errors import CompileError
 from .graph import BATCH_DIM, batch_dim, batch_factor, evaluator
@@ -24,10 +25,16 @@ TARGET_IR_VERSION = 8
 _EXPANDING_OPS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample"}
 
 
+#: Extensions ``onnx.load`` reads as text formats, not binary protobuf.
+_TEXT_FORMATS = {".txtpb", ".textproto", ".onnxtxt", ".json"}
+
+
 def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """Read a model file (external data included) or copy a ``ModelProto``.
 
-    After: a ``ModelProto`` whose tensors hold their data in memory.
+    After: a ``ModelProto`` whose tensors hold their data in memory. A file is read one tensor at
+    a time (``modelfile.read``): never the whole file's bytes beside the model. A ``ModelProto``
+    is copied (the compiler extends it in place), which costs its weights once more: pass the path.
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -41,7 +48,9 @@ def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if not os.path.isfile(path):
         raise CompileError(f"{path}: no such model file")
     try:
-        return onnx.load(path, load_external_data=True)
+        if os.path.splitext(path)[1].lower() in _TEXT_FORMATS:
+            return onnx.load(path, load_external_data=True)
+        return modelfile.read(path)
     except Exception as error:  # protobuf raises several unrelated types on bad files
         raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
 
