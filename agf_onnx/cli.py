@@ -13,6 +13,7 @@ import onnx
 from . import __version__, passes
 from .compiler import HEATMAP_OUTPUT, TARGET_INPUT
 from .compiler import compile as compile_model
+from .budget import BudgetError, parse_memory
 from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
@@ -20,6 +21,21 @@ from .methods import FLAT_POLICIES, METHODS
 from .modelfile import save, size_on_disk, uses_external_data  # noqa: F401 - save: tools import it from here
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
+
+def _memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", metavar="SIZE", type=_memory_size,
+                        help="the most memory the process may hold while the model runs, e.g. 8G or 512M (default: "
+                             "half the memory available at start; with --engine ray, each worker's share of it). "
+                             "Runs are sized from the model's measured cost per image (docs/memory.md); a budget "
+                             "too small for one image is refused with what it needs")
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except BudgetError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--max-memory {text}: ")) from error
+
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     """Where the image, the class scores and the image size are, for models that don't say."""
@@ -221,7 +237,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--top-k", metavar="K", type=int, help="one heatmap per class among the K best")
     explain.add_argument("--labels", metavar="FILE", help="class names, one per line")
     _image_options(explain)
-    explain.add_argument("--batch-size", type=int, default=8, metavar="B")
+    explain.add_argument("--batch-size", type=int, default=8, metavar="B",
+                         help="images per step (default 8); a session run takes fewer where they would not fit "
+                              "--max-memory")
+    _memory_option(explain)
     explain.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
                          help="for compiling an original model with dynamic height/width on the fly")
     explain.add_argument("--output-format", choices=list(OUTPUT_FORMATS), default="files",
@@ -253,9 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16, metavar="B",
-                          help="images per step (default 16); a session run takes fewer where the compiled "
-                               "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
-                               "SmoothGrad's copies included) would pass 2 GiB")
+                          help="images per step (default 16); a session run takes fewer where they would not "
+                               "fit --max-memory")
+    _memory_option(evaluate)
     _method_options(evaluate)
     _modifier_options(evaluate, evaluate=True)
     _model_options(evaluate)
@@ -402,13 +421,16 @@ def _explain(args: argparse.Namespace) -> int:
     check_model_file(args.model)
     model, compiled_here = compiled_model(args.model, shapes)
     options = {"preset": args.preset, "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"),
-               "size": args.size, "crop": args.crop, "bgr": args.bgr, "allow_tf32": args.allow_tf32}
+               "size": args.size, "crop": args.crop, "bgr": args.bgr, "allow_tf32": args.allow_tf32,
+               "max_memory": args.max_memory}
     # with Ray the sessions live in the workers: the driver's session only checks options, on the CPU
     explainer = Explainer(model, "cpu" if engine else args.provider, labels=labels, batch_size=args.batch_size,
                           **options)
     if compiled_here:
         print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
               f"`agf-onnx compile`)")
+    if engine is None:  # a budget too small for one image is refused before any output is written
+        explainer.check_budget(images[0])
     target = explainer.class_index(args.target) if args.target is not None else None
     out = pathlib.Path(args.output)
     outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format)
@@ -473,7 +495,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                             provider="cpu" if engine else args.provider, batch_size=args.batch_size,
                             preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
                             size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32,
-                            modifiers=variant_defaults)
+                            max_memory=args.max_memory, modifiers=variant_defaults)
     provider = engine.provider if engine else evaluation.provider
     print(f"{len(samples)} images, {len(methods)} methods ({', '.join(methods)}), provider {provider}")
     with engine or contextlib.nullcontext():

@@ -43,13 +43,13 @@ _ALIGN_THRESHOLD, _ALIGNMENT = 1 << 20, 1 << 16
 
 def uses_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file at ``path`` keeps any initializer in an external file."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
+    model = read(path, weights=False)
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def external_files(path: str | os.PathLike) -> list[str]:
     """The external-data files a model file refers to."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
+    model = read(path, weights=False)
     locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
                  for entry in t.external_data if entry.key == "location"}
     return [os.path.join(os.path.dirname(os.path.abspath(path)), location) for location in sorted(locations)]
@@ -197,9 +197,13 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = 
 
 
 # -- reading ----------------------------------------------------------------------------------------
+#: Extensions ``onnx.load`` reads as text formats (read with it), not binary protobuf.
+TEXT_FORMATS = {".txtpb", ".textproto", ".onnxtxt", ".json"}
 #: Field numbers of the wire format this reader splits on (onnx.proto3).
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
 _LENGTH_DELIMITED = 2
+#: Initializers ``read(weights=False)`` still reads: an external tensor's entry, a small constant.
+_SMALL = 1 << 16
 
 
 def read(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto:
@@ -209,10 +213,13 @@ def read(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto:
     ``graph.initializer`` is parsed as it is read, everything else (nodes, inputs, metadata) is
     gathered and parsed at the end; protobuf merges the pieces into the same model.
 
-    ``weights=False``: the initializers are left out altogether (the metadata, inputs and outputs of
-    a model that ONNX Runtime reads from the file itself).
+    ``weights=False``: the initializers stored in the file itself over ``_SMALL`` bytes are left
+    out, and external data is not read (the metadata, inputs and outputs of a model that ONNX
+    Runtime reads from the file itself; which files its external data lie in).
     """
     path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() in TEXT_FORMATS:
+        return onnx.load(path, load_external_data=weights)
     model = onnx.ModelProto()
     rest, graph_rest = bytearray(), bytearray()
     size = os.path.getsize(path)
@@ -227,7 +234,7 @@ def read(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto:
                     inner, inner_wire = _read_tag(file)
                     if inner == _GRAPH_INITIALIZER and inner_wire == _LENGTH_DELIMITED:
                         length = _read_varint(file)
-                        if weights:
+                        if weights or length <= _SMALL:
                             model.graph.initializer.add().ParseFromString(_read_exactly(file, length))
                         else:
                             file.seek(length, os.SEEK_CUR)

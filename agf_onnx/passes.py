@@ -25,10 +25,6 @@ TARGET_IR_VERSION = 8
 _EXPANDING_OPS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample"}
 
 
-#: Extensions ``onnx.load`` reads as text formats, not binary protobuf.
-_TEXT_FORMATS = {".txtpb", ".textproto", ".onnxtxt", ".json"}
-
-
 def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """Read a model file (external data included) or copy a ``ModelProto``.
 
@@ -48,8 +44,6 @@ def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if not os.path.isfile(path):
         raise CompileError(f"{path}: no such model file")
     try:
-        if os.path.splitext(path)[1].lower() in _TEXT_FORMATS:
-            return onnx.load(path, load_external_data=True)
         return modelfile.read(path)
     except Exception as error:  # protobuf raises several unrelated types on bad files
         raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
