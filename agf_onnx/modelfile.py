@@ -180,8 +180,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = 
         if external_data:
             staged_data = os.path.join(staging, data_name)
             _write_external(model, staged, staged_data, data_name)
-            os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))
-            os.replace(staged_data, os.path.join(directory, data_name))
+            if os.path.getsize(staged_data):  # no file when every tensor is small enough to stay inline
+                os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))
+                os.replace(staged_data, os.path.join(directory, data_name))
         else:
             with open(staged, "wb") as file:
                 for chunk in _chunks(model):
