@@ -453,6 +453,7 @@ def _explain(args: argparse.Namespace) -> int:
             progress.close()
     settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
                 "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
+                "max_memory": explainer.max_memory if engine is None else args.max_memory,
                 "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
                 **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
                 "engine": args.engine, "output_format": args.output_format}

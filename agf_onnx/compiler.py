@@ -654,9 +654,7 @@ def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
-    unread = [t for t in graph.initializer if t.name not in read and t.name != TARGET_INPUT]
-    for tensor in unread:
-        graph.initializer.remove(tensor)
+    passes.keep_initializers(graph, read | {TARGET_INPUT})  # in place: ``remove`` searched the list for each
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:

@@ -237,8 +237,10 @@ class Explainer:
             ``ProviderError`` elsewhere.
         threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
             engine runs one single-threaded session per CPU it is given.
-        memory_pattern: ONNX Runtime's memory pattern (faster repeated runs of one shape); evaluate
-            turns it off, since it keeps an arena block per batch size (``session_options``).
+        memory_pattern: ONNX Runtime's memory pattern (faster repeated runs of one shape). Off by
+            default: it keeps an arena block per batch size and allocates a second one on a shape's
+            second run (``session_options``), so a run's cost would no longer be what
+            ``max_memory``'s sizing measured (IG-50 on a VGG grew 3× past the prediction with it).
         max_memory: the most memory (bytes, or a size such as ``"8G"``) the process may hold while
             a run is in flight; default: ``budget.default_budget()``, half the memory available when
             the model is loaded. A run of more images than fit is split (``budget``: measured once
@@ -253,7 +255,7 @@ class Explainer:
                  labels: Sequence[str] | None = None,
                  input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
                  allow_tf32: bool = False, cuda_graph: bool = False, threads: int | None = None,
-                 memory_pattern: bool = True, max_memory: int | str | None = None) -> None:
+                 memory_pattern: bool = False, max_memory: int | str | None = None) -> None:
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
         limit = None if max_memory is None else budget.parse_memory(max_memory)

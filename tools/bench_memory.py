@@ -12,7 +12,7 @@ is the kernel's high-water mark (``ru_maxrss`` from ``wait4``), so nothing is sa
   ``--top-k 5``, with ``--batch-size 50`` asked for: the run splits the batch to fit the budget.
 
     python tools/bench_memory.py [--models resnet152,swin_base_patch4_window7_224] [--cache DIR]
-    python tools/bench_memory.py --models none --explain vgg16
+    python tools/bench_memory.py --models none --explain vgg11
 """
 
 from __future__ import annotations
@@ -111,38 +111,50 @@ def bench_compile(names: list[str], cache: str) -> None:
               flush=True)
 
 
-def bench_explain(name: str, cache: str, images: int) -> None:
-    """Peak RSS of ``explain --batch-size 50`` for each method variant, beside the default budget."""
-    from agf_onnx.budget import default_budget
+#: The explain variants measured, with the images each runs (asked for in one batch of 50): enough
+#: that one unsized run of them all would pass the default budget.
+VARIANTS = (("agf", [], 8), ("integrated-gradients 50", ["--method", "integrated-gradients", "--steps", "50"], 2),
+            ("agf --smooth 8", ["--smooth", "8"], 6), ("agf --top-k 5", ["--top-k", "5"], 6))
+
+
+def bench_explain(name: str, cache: str, scale: float) -> None:
+    """Peak RSS of ``explain --batch-size 50`` for each variant, beside the budget the run chose."""
+    import json
 
     folder = os.path.join(cache, f"explain-{name}")
     os.makedirs(folder, exist_ok=True)
     source = os.path.join(folder, "model.onnx")
     if not os.path.exists(source):
         run_child(["--export-vgg", name, source])
-    image_folder = os.path.join(folder, "images")
-    if not os.path.isdir(image_folder):
-        from PIL import Image
-
-        os.makedirs(image_folder)
-        rng = np.random.default_rng(0)
-        for index in range(images):
-            Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(
-                os.path.join(image_folder, f"{index:03d}.png"))
-    budget = default_budget()
-    print(f"explain {name}: {images} images, --batch-size 50, default --max-memory {budget / GIB:.2f} GiB "
-          f"({platform.node()}, {os.cpu_count()} CPUs)")
-    print(f"{'variant':28s} {'compile peak':>12s} {'explain peak':>12s} {'explain s':>9s}  within budget")
-    for label, flags in (("agf", []), ("integrated-gradients 50", ["--method", "integrated-gradients",
-                                                                  "--steps", "50"]),
-                         ("agf --smooth 8", ["--smooth", "8"]), ("agf --top-k 5", ["--top-k", "5"])):
+    print(f"explain {name} (224², 1000 classes, {weight_bytes(source) / GIB:.2f} GiB of weights), --batch-size 50, "
+          f"the default --max-memory (half the memory available at load)")
+    print(f"{'variant':26s} {'images':>6s} {'compile peak':>12s} {'explain peak':>12s} {'budget':>8s} "
+          f"{'explain s':>9s}  within")
+    for label, flags, count in VARIANTS:
+        images = _images(folder, max(1, round(count * scale)))
         compiled = os.path.join(folder, label.replace(" ", "_").replace("-", "") + ".onnx")
         compile_peak, _ = run_child(["compile", source, "-o", compiled, "-q", *flags], module=True)
         out = tempfile.mkdtemp(prefix="agf-bench-explain-")
-        peak, seconds = run_child(["explain", compiled, image_folder, "-o", out, "--batch-size", "50", "-q",
+        peak, seconds = run_child(["explain", compiled, images, "-o", out, "--batch-size", "50",
                                    "--provider", "cpu"], module=True)
-        print(f"{label:28s} {compile_peak / GIB:11.2f}G {peak / GIB:11.2f}G {seconds:9.1f}  "
-              f"{'yes' if peak <= budget else 'NO'}", flush=True)
+        with open(os.path.join(out, "results.json")) as file:
+            budget = json.load(file)["settings"]["max_memory"]
+        print(f"{label:26s} {len(os.listdir(images)):6d} {compile_peak / GIB:11.2f}G {peak / GIB:11.2f}G "
+              f"{budget / GIB:7.2f}G {seconds:9.1f}  {'yes' if peak <= budget else 'NO'}", flush=True)
+
+
+def _images(folder: str, count: int) -> str:
+    """A folder of ``count`` random 224² RGB images (seeded)."""
+    from PIL import Image
+
+    images = os.path.join(folder, f"images-{count}")
+    if not os.path.isdir(images):
+        os.makedirs(images)
+        rng = np.random.default_rng(0)
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(
+                os.path.join(images, f"{index:03d}.png"))
+    return images
 
 
 def _export_vgg(name: str, path: str) -> None:
@@ -169,14 +181,14 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "agf-bench-memory"),
                         help="where exports and compiled models are kept between runs")
     parser.add_argument("--explain", metavar="VGG", help="also measure explain on this VGG (vgg11, vgg16, vgg19)")
-    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--scale", type=float, default=1.0, help="images per explain variant, times this")
     args = parser.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {_total_memory() / GIB:.1f} GiB; "
           f"python {platform.python_version()}, onnx {onnx.__version__}")
     if args.models != "none":
         bench_compile([m for m in args.models.split(",") if m], args.cache)
     if args.explain:
-        bench_explain(args.explain, args.cache, args.images)
+        bench_explain(args.explain, args.cache, args.scale)
 
 
 def _total_memory() -> int:
