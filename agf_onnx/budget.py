@@ -173,5 +173,5 @@ def check_fits(cost: RunCost, budget: int, what: str = "the model") -> None:
     if cost.images_within(budget, 1) < 1:
         raise BudgetError(f"--max-memory {format_bytes(budget)} is too small for {what}: one image needs "
                           f"{format_bytes(cost.peak(1))} ({format_bytes(cost.resident)} loaded, "
-                          f"{format_bytes(cost.fixed + cost.per_image)} for the run); raise --max-memory to at "
+                          f"{format_bytes(cost.peak(1) - cost.resident)} for the run, {MARGIN - 1:.0%} margin included); raise --max-memory to at "
                           f"least {format_bytes(cost.peak(1))}")

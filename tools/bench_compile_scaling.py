@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-CONV_DEPTHS = (4, 16, 64, 256, 512)
+CONV_DEPTHS = (4, 16, 64, 256)
 VIT_DEPTHS = (1, 4, 16, 64, 128, 256)
 
 
@@ -109,7 +109,7 @@ def models(quick: bool) -> list[tuple[str, str, str]]:
     """(label, kind, argument) of every model measured."""
     from tests import timm_zoo
 
-    conv, vit = (CONV_DEPTHS[:4], VIT_DEPTHS[:3]) if quick else (CONV_DEPTHS, VIT_DEPTHS)
+    conv, vit = (CONV_DEPTHS[:3], VIT_DEPTHS[:3]) if quick else (CONV_DEPTHS, VIT_DEPTHS)
     return ([(f"conv stack ×{d}", "conv", str(d)) for d in conv] + [(f"ViT stack ×{d}", "vit", str(d)) for d in vit]
             + [(name, "zoo", name) for name in (list(timm_zoo.SPECS)[:4] if quick else timm_zoo.SPECS)])
 
