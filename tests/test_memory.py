@@ -162,7 +162,7 @@ def test_the_measured_cost_per_image_grows_with_the_copies_a_method_makes():
     assert peak <= smooth.run_cost.peak(8) + 64 * MIB
 
 
-def test_a_budget_too_small_for_one_image_is_one_line_and_no_output(tmp_path, capsys):
+def test_a_budget_too_small_for_one_image_is_one_line_and_no_output(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     model = tmp_path / "vgg.onnx"
@@ -175,12 +175,13 @@ def test_a_budget_too_small_for_one_image_is_one_line_and_no_output(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("agf-onnx: error: --max-memory 10 MiB is too small") and "\n" not in err
     assert not out.exists()
-    # one image does not fit beside it: measured, then refused with what it needs
-    holding = budget.resident_memory()
-    tight = f"{(holding + 2 * MIB) // MIB}M"
+    # one image does not fit beside it: measured (a run scripted to cost 1 GiB), then refused
+    monkeypatch.setattr(budget, "peak_during", lambda call: (call(), budget.resident_memory() + 2**30)[1])
+    tight = f"{(budget.resident_memory() + 300 * MIB) // MIB}M"
     code = main(["explain", str(model), str(image), "-o", str(out), "--max-memory", tight, "--provider", "cpu"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and "\n" not in err and "too small" in err and "--max-memory" in err
+    assert code == 1 and "\n" not in err, err
+    assert "too small for the model: one image needs" in err and "raise --max-memory to at least" in err
     assert not out.exists()
 
 
