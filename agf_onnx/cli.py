@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import stat
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
-import onnx
-
 from . import __version__, passes
+from .budget import BudgetError, parse_memory
 from .compiler import compile as compile_model
 from .contract import HEATMAP_OUTPUT, TARGET_INPUT
 from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
+from .modelfile import save, size_on_disk, uses_external_data  # noqa: F401 - save: tools import it from here
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
 from .plots import COLOUR_MAPS, DEFAULT_COLOUR_MAP
 
-#: Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
-_PROTOBUF_LIMIT = 2**31 - 2**26
+
+def _memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", metavar="SIZE", type=_memory_size,
+                        help="the most memory the process may hold while the model runs, e.g. 8G or 512M (default: "
+                             "half the memory available at start; with --engine ray, each worker's share of it). "
+                             "Runs are sized from the model's measured cost per image (docs/memory.md); a budget "
+                             "too small for one image is refused with what it needs")
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except BudgetError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--max-memory {text}: ")) from error
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--top-k", metavar="K", type=int, help="one heatmap per class among the K best")
     explain.add_argument("--labels", metavar="FILE", help="class names, one per line")
     _image_options(explain)
-    explain.add_argument("--batch-size", type=int, default=8, metavar="B")
+    explain.add_argument("--batch-size", type=int, default=8, metavar="B",
+                         help="images per step (default 8); a session run takes fewer where they would not fit "
+                              "--max-memory")
+    _memory_option(explain)
     explain.add_argument("--input-shape", metavar="NAME=d0,d1,...", action="append", default=[],
                          help="for compiling an original model with dynamic height/width on the fly")
     explain.add_argument("--output-format", choices=list(OUTPUT_FORMATS), default="files",
@@ -270,9 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", metavar="FILE", help="class names, one per line (for names in DATA)")
     _image_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16, metavar="B",
-                          help="images per step (default 16); a session run takes fewer where the compiled "
-                               "model's estimated activations (3× its forward tensors, Integrated Gradients' and "
-                               "SmoothGrad's copies included) would pass 2 GiB")
+                          help="images per step (default 16); a session run takes fewer where they would not "
+                               "fit --max-memory")
+    _memory_option(evaluate)
     _method_options(evaluate)
     _modifier_options(evaluate, evaluate=True)
     _model_options(evaluate)
@@ -307,24 +319,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _uses_external_data(path: str) -> bool:
-    model = onnx.load(path, load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _external_files(path: str) -> list[str]:
-    """The external-data files a model file refers to (for its size on disk)."""
-    model = onnx.load(path, load_external_data=False)
-    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                 for entry in t.external_data if entry.key == "location"}
-    return [os.path.join(os.path.dirname(os.path.abspath(path)), location) for location in sorted(locations)]
-
-
-def _size_on_disk(path: str) -> int:
-    """A model file's size plus its external data's."""
-    return os.path.getsize(path) + sum(os.path.getsize(f) for f in _external_files(path) if os.path.isfile(f))
-
-
 def check_model_file(path: str | os.PathLike) -> None:
     """Refuse a path that cannot hold a model before anything is compiled: a folder, an empty file."""
     if os.path.isdir(path):
@@ -356,38 +350,6 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
         raise CompileError(f"-o {path}: cannot write there: no write permission in {existing}")
 
 
-def save(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
-    """Write ``model`` to ``path`` (and ``path.data``) all at once: no half-written file on failure.
-
-    The weights file gets the model file's permissions (those of a new file under the umask).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    external_data = external_data or model.ByteSize() > _PROTOBUF_LIMIT
-    data_name = os.path.basename(path) + ".data"
-    staging = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".agf-onnx-", dir=directory)
-        staged = os.path.join(staging, os.path.basename(path))
-        if external_data:
-            onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
-            staged_data = os.path.join(staging, data_name)
-            if os.path.exists(staged_data):  # not written when every tensor is below the threshold
-                os.chmod(staged_data, stat.S_IMODE(os.stat(staged).st_mode))  # onnx creates it 0600
-                os.replace(staged_data, os.path.join(directory, data_name))
-        else:
-            onnx.save(model, staged)
-        os.replace(staged, path)
-    except OSError as error:
-        staged_file = staging is not None and str(error.filename or "").startswith(staging)
-        where = error.filename if error.filename and not staged_file else path
-        raise CompileError(f"-o {path}: cannot write {where}: {error.strerror or error}") from error
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def _named(error: CompileError, path: str) -> CompileError:
     """The error with the model file named in front, unless its message names it already."""
     if str(path) not in str(error):
@@ -412,9 +374,9 @@ def _compile(args: argparse.Namespace) -> int:
     except CompileError as error:
         _named(error, args.model)
         raise
-    save(model, args.output, external_data=args.external_data or _uses_external_data(args.model))
+    save(model, args.output, external_data=args.external_data or uses_external_data(args.model))
     if not args.quiet:
-        before, after = _size_on_disk(args.model), _size_on_disk(args.output)
+        before, after = size_on_disk(args.model), size_on_disk(args.output)
         added = sum(1 for n in model.graph.node if n.name.startswith("agf/"))
         print(f"{args.model} → {args.output}: {args.method}" + (f" ({modifiers.describe()})" if modifiers else "") +
               f", {added} explanation nodes, "
@@ -473,13 +435,16 @@ def _explain(args: argparse.Namespace) -> int:
     check_model_file(args.model)
     model, compiled_here = compiled_model(args.model, shapes)
     options = {"preset": args.preset, "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"),
-               "size": args.size, "crop": args.crop, "bgr": args.bgr, "allow_tf32": args.allow_tf32}
+               "size": args.size, "crop": args.crop, "bgr": args.bgr, "allow_tf32": args.allow_tf32,
+               "max_memory": args.max_memory}
     # with Ray the sessions live in the workers: the driver's session only checks options, on the CPU
     explainer = Explainer(model, "cpu" if engine else args.provider, labels=labels, batch_size=args.batch_size,
                           **options)
     if compiled_here and not args.quiet:
         print(f"{args.model} has no '{HEATMAP_OUTPUT}' output: compiled it on the fly (save time next run with "
               f"`agf-onnx compile`)")
+    if engine is None:  # a budget too small for one image is refused before any output is written
+        explainer.check_budget(images[0])
     target = explainer.class_index(args.target) if args.target is not None else None
     if args.top_k is not None and explainer.classes is not None and args.top_k > explainer.classes:
         raise ExplainError(f"--top-k {args.top_k}: must be between 1 and the number of classes ({explainer.classes})")
@@ -487,6 +452,7 @@ def _explain(args: argparse.Namespace) -> int:
     outputs = ExplainOutputs(out, [str(path) for path in images], args.output_format, cmap=args.cmap)
     settings = {"model": str(args.model), "provider": engine.provider if engine else explainer.provider,
                 "allow_tf32": args.allow_tf32, "target": args.target, "top_k": args.top_k, "preset": args.preset,
+                "max_memory": explainer.max_memory if engine is None else args.max_memory,
                 "mean": explainer.mean, "std": explainer.std, "size": args.size, "crop": explainer.crop, "bgr": args.bgr,
                 **({"ssl_mode": explainer.ssl_mode} if explainer.ssl_mode else {}),
                 "engine": args.engine, "output_format": args.output_format, "cmap": args.cmap}
@@ -572,7 +538,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                             provider="cpu" if engine else args.provider, batch_size=args.batch_size,
                             preset=args.preset, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
                             size=args.size, crop=args.crop, bgr=args.bgr, allow_tf32=args.allow_tf32,
-                            modifiers=variant_defaults)
+                            max_memory=args.max_memory, modifiers=variant_defaults)
     provider = engine.provider if engine else evaluation.provider
     print(f"{len(samples)} images, {_count(len(methods), 'method')} ({', '.join(methods)}), provider {provider}")
     settings = {"model": str(args.model), "data": str(args.data), "methods": methods, "limit": args.limit,

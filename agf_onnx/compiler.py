@@ -162,8 +162,9 @@ def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: in
     b.nodes.extend(clones)
     # the view sees ``source`` as an input with a batch of its own: inferred from the nodes that build
     # it, its batch would be "N*k", which the rules read as k merged copies and would mix
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(graph.model)
+    # weights-free: its weights stay those of the original model (a copy of them was the largest
+    # allocation of a compile with --smooth, IG or top-K, docs/memory.md)
+    augmented = passes.weightless(graph.model)
     present = {node.name for node in augmented.graph.node}
     inputs = {tensor.name for tensor in augmented.graph.input} | {source}  # earlier clones' sources too
     augmented.graph.node.extend(node for node in b.nodes
@@ -174,7 +175,8 @@ def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: in
     augmented.graph.input.append(helper.make_tensor_value_info(
         source, dtype or TensorProto.FLOAT, [passes.BATCH_DIM, *image_shape[1:]]))
     data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
-    return ClonedPath(GraphView(passes.infer_shapes(augmented)[0]), path_clones, renamed, data)
+    return ClonedPath(GraphView(passes.infer_shapes(augmented)[0], weights=graph.initializers), path_clones, renamed,
+                      data)
 
 
 class TopKMaps(NamedTuple):
@@ -662,9 +664,7 @@ def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
-    unread = [t for t in graph.initializer if t.name not in read]
-    for tensor in unread:
-        graph.initializer.remove(tensor)
+    passes.keep_initializers(graph, read)  # in place: ``remove`` searched the list for each
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:

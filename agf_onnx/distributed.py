@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from . import budget
 from .errors import CompileError
 from .evaluate import (
     Evaluation,
@@ -60,11 +61,10 @@ from .evaluate import (
     Sample,
     Tally,
     classifier_session,
-    images_per_run,
     prepare_samples,
     summary,
 )
-from .explain import Explainer, ExplainError, ImageExplanation, Preprocessing
+from .explain import Explainer, ExplainError, ImageExplanation, Preprocessing, model_bytes
 
 #: Rows per block of the input data set: blocks are Ray Data's unit of work per task.
 _MAX_BATCHES_PER_BLOCK = 16
@@ -161,7 +161,7 @@ class RayEngine:
                 + (f", {self.gpus_per_worker:g} GPU(s) each" if self.gpus_per_worker else ""))
 
     # -- explain ------------------------------------------------------------------------------
-    def explain(self, model: onnx.ModelProto, preprocessing: Preprocessing, options: dict,
+    def explain(self, model: str | os.PathLike | onnx.ModelProto, preprocessing: Preprocessing, options: dict,
                 images: Sequence[str | os.PathLike], target: int | None = None, top_k: int | None = None,
                 batch_size: int = 8, labels: Sequence[str] | None = None) -> Iterator[ImageExplanation]:
         """Each image's explanation or error, as ``Explainer.explain_each`` yields them but in the
@@ -170,7 +170,7 @@ class RayEngine:
         data = self._batches([str(image) for image in images], batch_size)
         data = data.map_batches(_prepare_explain, fn_kwargs={"preprocessing": preprocessing}, **self._task_options())
         data = data.map_batches(self.explain_worker, fn_constructor_kwargs={
-            "model": model.SerializeToString(), "options": {**options, "batch_size": batch_size},
+            "model": model_bytes(model), "options": {**_worker_budget(options, self.workers), "batch_size": batch_size},
             "provider": self.provider, "target": target, "top_k": top_k},
             **self._actor_options())
         seen = np.zeros(len(images), bool)
@@ -203,8 +203,8 @@ class RayEngine:
             compiled = evaluation.compiled(method)
             data = data.map_batches(self.evaluate_worker, fn_constructor_kwargs={
                 "model": compiled.SerializeToString(), "classifier": original,
-                "options": evaluation.explainer_options, "provider": self.provider,
-                "batch_size": evaluation.batch_size, "per_run": images_per_run(compiled, evaluation.batch_size)},
+                "options": _worker_budget(evaluation.explainer_options, self.workers), "provider": self.provider,
+                "batch_size": evaluation.batch_size, "per_run": evaluation.batch_size},
                 **self._actor_options())
             seen = np.zeros(len(samples), bool)
             for blob in self._stream(data, "scores"):
@@ -293,6 +293,22 @@ def _objects(values: list) -> np.ndarray:
     return column
 
 
+def _worker_budget(options: dict, workers: int) -> dict:
+    """The ``Explainer`` options of a worker: ``max_memory`` as given (each worker's own bound), else
+    left to the worker, which takes its share (one of ``workers``) of the default."""
+    return options if options.get("max_memory") is not None else {**options, "max_memory": None,
+                                                                  "memory_share": 1 / max(1, workers)}
+
+
+def _explainer(model: bytes, provider: str, options: dict) -> Explainer:
+    """A worker's single-threaded explainer of ``model``, within its memory share (``_worker_budget``)."""
+    options = dict(options)
+    share = options.pop("memory_share", None)
+    if share is not None:
+        options["max_memory"] = budget.default_budget(share)
+    return Explainer(onnx.load_from_string(model), provider, threads=1, **options)
+
+
 def _prepare_explain(batch: dict[str, np.ndarray], preprocessing: Preprocessing) -> dict[str, np.ndarray]:
     """Preprocessing task: each row's images loaded and fitted (``PreparedImage``, errors kept)."""
     prepared = []
@@ -307,7 +323,7 @@ class _ExplainWorker:
     """Actor: one session of the compiled model; ``Explainer.explain_prepared`` per row."""
 
     def __init__(self, model: bytes, options: dict, provider: str, target: int | None, top_k: int | None) -> None:
-        self.explainer = Explainer(onnx.load_from_string(model), provider, threads=1, **options)
+        self.explainer = _explainer(model, provider, options)
         self.target, self.top_k = target, top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -335,7 +351,7 @@ class _EvaluateWorker:
 
     def __init__(self, model: bytes, classifier: bytes, options: dict, provider: str, batch_size: int,
                  per_run: int) -> None:
-        explainer = Explainer(onnx.load_from_string(model), provider, threads=1, batch_size=batch_size, **options)
+        explainer = _explainer(model, provider, {**options, "batch_size": batch_size})
         session = classifier_session(classifier, provider, allow_tf32=options.get("allow_tf32", False), threads=1)
         self.scorer = MethodScorer(explainer, session, batch_size, per_run)
 

@@ -43,14 +43,6 @@ from .sessions import create_session
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
 MASK_SUFFIX = ".mask.png"
 
-#: The activation memory one session run of a compiled model is sized to (README, "Evaluate").
-RUN_MEMORY_BUDGET = 2 * 2**30
-#: Peak memory of a run per byte of its forward activations: measured on ResNet-50 at 224² on the
-#: CPU, 2.6 for AGF (its relevance stream holds more than the forward pass) and 0.53 for Integrated
-#: Gradients with 50 steps (ONNX Runtime reuses the replicas' buffers); the larger, rounded up, bounds both.
-PEAK_PER_FORWARD_BYTE = 3.0
-
-
 class EvaluateError(CompileError):
     """A bad data set, method or option: the message names the file, row or argument."""
 
@@ -350,7 +342,7 @@ class MethodScorer:
 
     def __init__(self, explainer: Explainer, classifier, batch_size: int, per_run: int | None = None) -> None:
         self.explainer, self.classifier, self.batch_size = explainer, classifier, batch_size
-        #: images per run of the compiled model (``images_per_run``: its memory bound)
+        #: images per call of ``Explainer.run``, which splits them further to fit its memory budget
         self.per_run = per_run or batch_size
 
     def classify(self, photos: np.ndarray) -> np.ndarray:
@@ -443,46 +435,6 @@ class MethodScorer:
         return segmentation, shares, seconds
 
 
-def forward_bytes_per_image(model: onnx.ModelProto) -> int | None:
-    """Bytes of the forward activations one image makes a compiled model compute.
-
-    Every tensor of the original nodes and of their clones (Integrated Gradients' steps,
-    SmoothGrad's samples, top-k copies: ``count`` rows per image), from ONNX shape inference at
-    batch 1; ``None`` when a shape stays unknown.
-    """
-    sized = onnx.ModelProto()
-    sized.CopyFrom(model)
-    sized.graph.ClearField("value_info")
-    for info in sized.graph.input:  # the batch axis (image and target) at 1
-        dims = info.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    try:
-        inferred = onnx.shape_inference.infer_shapes(sized, data_prop=True)
-    except Exception:  # shape inference refuses some valid graphs: no estimate then
-        return None
-    explanation = {o for n in inferred.graph.node if n.name.startswith("agf/") for o in n.output}
-    total = 0
-    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if info.name in explanation or not info.type.tensor_type.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
-        if None in dims:
-            return None
-        total += int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).itemsize
-    return total
-
-
-def images_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_MEMORY_BUDGET) -> int:
-    """How many images one run of ``model`` may take: ``batch_size``, fewer where the estimated peak
-    (``PEAK_PER_FORWARD_BYTE`` × the forward activations per image) would pass ``budget``; at least 1."""
-    per_image = forward_bytes_per_image(model)
-    if per_image is None:
-        return batch_size
-    return int(max(1, min(batch_size, budget // max(1, PEAK_PER_FORWARD_BYTE * per_image))))
-
-
 class Evaluation:
     """Runs the benchmarks for ``methods`` on one classifier.
 
@@ -491,8 +443,9 @@ class Evaluation:
         methods: method names (see ``agf-onnx compile --method``).
         compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
-        explainer_options: preprocessing and ``allow_tf32``, as for ``agf_onnx.Explainer`` (the
-            classifier's own session gets the same provider and ``allow_tf32``).
+        explainer_options: preprocessing, ``allow_tf32`` and ``max_memory``, as for ``agf_onnx.Explainer``
+            (the classifier's own session gets the same provider and ``allow_tf32``). Each method's
+            runs are split to fit ``max_memory`` from its own measured cost (``agf_onnx.budget``).
         modifiers: what a variant's bare ``+smooth`` means (its ``smooth`` copies when set, the noise, the
             seed) and the contrast of a bare ``+contrast``; methods may be variants such as
             ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
@@ -508,8 +461,6 @@ class Evaluation:
         if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
             self.compile_options["ssl_bank"] = load_bank(self.compile_options["ssl_bank"])
         self.provider_choice = provider
-        #: images per session run of each method's compiled model (``images_per_run``)
-        self.run_sizes: dict[str, int] = {}
         #: the first method's explainer: the preprocessing, the layout and the scores' name for all
         self.reference = self.explainer(methods[0])
         if self.reference.scores_output is None:
@@ -532,7 +483,6 @@ class Evaluation:
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""
         compiled = self.compiled(method)
-        self.run_sizes[method] = images_per_run(compiled, self.batch_size)
         # memory bound by design: runs of several chunk sizes must not each keep an arena block
         return Explainer(compiled, self.provider_choice, batch_size=self.batch_size, memory_pattern=False,
                          **self.explainer_options)
@@ -565,7 +515,7 @@ class Evaluation:
         preprocessing = self.reference.preprocessing
         for index, method in enumerate(self.methods):
             explainer = self.reference if index == 0 else self.explainer(method)
-            scorer = MethodScorer(explainer, self.classifier, self.batch_size, self.run_sizes[method])
+            scorer = MethodScorer(explainer, self.classifier, self.batch_size)
             for start in range(0, len(samples), self.batch_size):
                 chunk = samples[start:start + self.batch_size]
                 photos, masks = prepare_samples(preprocessing, chunk)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import contract, passes
+from . import budget, contract, modelfile, passes
 from .compiler import compile as compile_model
 from .contract import (
     CLASSES_OUTPUT,
@@ -274,8 +274,16 @@ class Explainer:
             ``ProviderError`` elsewhere.
         threads: ONNX Runtime's intra-op threads (default: its own choice, one per core); the Ray
             engine runs one single-threaded session per CPU it is given.
-        memory_pattern: ONNX Runtime's memory pattern (faster repeated runs of one shape); evaluate
-            turns it off, since it keeps an arena block per batch size (``session_options``).
+        memory_pattern: ONNX Runtime's memory pattern (faster repeated runs of one shape). Off by
+            default: it keeps an arena block per batch size and allocates a second one on a shape's
+            second run (``session_options``), so a run's cost would no longer be what
+            ``max_memory``'s sizing measured (IG-50 on a VGG grew 3× past the prediction with it).
+        max_memory: the most memory (bytes, or a size such as ``"8G"``) the process may hold while
+            a run is in flight; default: ``budget.default_budget()``, half the memory available when
+            the model is loaded. A run of more images than fit is split (``budget``: measured once
+            per model, at the first run); a budget that cannot hold one image raises ``BudgetError``
+            saying how much one needs. On CUDA, device memory is ONNX Runtime's: runs take
+            ``batch_size`` images.
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, provider: str = "auto", *,
@@ -284,14 +292,19 @@ class Explainer:
                  labels: Sequence[str] | None = None,
                  input_shapes: dict | None = None, batch_size: int = 8, compile_original: bool = True,
                  allow_tf32: bool = False, cuda_graph: bool = False, threads: int | None = None,
-                 memory_pattern: bool = True) -> None:
+                 memory_pattern: bool = False, max_memory: int | str | None = None) -> None:
         if preset not in (*PRESETS, "none"):
             raise ExplainError(f"unknown preset '{preset}' (available: {', '.join([*PRESETS, 'none'])})")
-        proto, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
+        limit = None if max_memory is None else budget.parse_memory(max_memory)
+        model, self.compiled_on_the_fly = compiled_model(model, input_shapes, compile_original)
+        # a compiled model file is read by ONNX Runtime itself, external data included: the model here
+        # holds no weights, and no serialised copy of them is made
+        proto = model if isinstance(model, onnx.ModelProto) else _read_model(model, weights=False)
         meta = contract.metadata(proto)
         if cuda_graph and batch_size < 1:
             raise ExplainError(f"cuda_graph=True: batch_size {batch_size} must be at least 1 (the graph's fixed batch)")
-        self.session = create_session(proto, provider, allow_tf32=allow_tf32, cuda_graph=cuda_graph,
+        self.session = create_session(model if isinstance(model, onnx.ModelProto) else os.fspath(model), provider,
+                                      allow_tf32=allow_tf32, cuda_graph=cuda_graph,
                                       options=session_options(threads, memory_pattern))
         self.provider = session_provider(self.session)
         self.allow_tf32, self.cuda_graph = allow_tf32, cuda_graph
@@ -321,6 +334,9 @@ class Explainer:
             raise ExplainError("--mean and --std go together")
         self.size, self.crop, self.bgr, self.labels, self.batch_size = size, crop or bool(size), bgr, labels, batch_size
         self._graph_run = _CudaGraphRun(self.session, batch_size) if cuda_graph else None
+        #: the process's memory bound while a run is in flight (bytes) and the measured cost of a run
+        self.max_memory = limit if limit is not None else budget.default_budget()
+        self.run_cost: budget.RunCost | None = None
 
     # -- preprocessing ------------------------------------------------------------------------
     @property
@@ -344,9 +360,40 @@ class Explainer:
 
     # -- running ------------------------------------------------------------------------------
     def run(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output of one session run on a model input ``batch`` and classes ``target`` ([N] or [1])."""
-        feeds = {self.image_input: batch.astype(np.float16) if self.float16_input else batch,
-                 TARGET_INPUT: target.astype(np.int64)}
+        """Every output of the model on a model input ``batch`` and classes ``target`` ([N] or [1]):
+        one session run, or several of ``images_per_run`` images each, concatenated."""
+        target = np.asarray(target).astype(np.int64)
+        step = self.images_per_run(batch, target)
+        if step >= len(batch):
+            return self._run_once(batch, target)
+        runs = [self._run_once(batch[start:start + step], target if len(target) == 1 else target[start:start + step])
+                for start in range(0, len(batch), step)]
+        return {name: np.concatenate([run[name] for run in runs]) for name in self.outputs}
+
+    def images_per_run(self, batch: np.ndarray, target: np.ndarray) -> int:
+        """How many images of ``batch`` one session run may take within ``max_memory``, measuring the
+        model's cost first if not yet done (``budget.measure``: a run of the batch's first image,
+        then of it twice). CUDA runs and CUDA graphs take the whole batch."""
+        if self._graph_run is not None or self.provider != "cpu" or not len(batch):
+            return len(batch)
+        if self.run_cost is None:
+            first, first_target = batch[:1], target[:1]
+            self.run_cost = budget.measure(
+                lambda count: self._run_once(np.repeat(first, count, axis=0), first_target), self.max_memory)
+        budget.check_fits(self.run_cost, self.max_memory)
+        return max(1, self.run_cost.images_within(self.max_memory, len(batch)))
+
+    def check_budget(self, image: Any) -> None:
+        """Measure the model's cost per run now, on ``image`` (left to the run to report if it cannot be
+        read), and refuse a ``max_memory`` that cannot hold one image (``budget.BudgetError``)."""
+        try:
+            batch = self.to_tensor(self.prepare([image]))
+        except CompileError:
+            return
+        self.images_per_run(batch, np.array([-1], np.int64))
+
+    def _run_once(self, batch: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {self.image_input: batch.astype(np.float16) if self.float16_input else batch, TARGET_INPUT: target}
         if self._graph_run is not None:
             return self._graph_run.run(feeds)
         values = self.session.run(self.outputs, feeds)
@@ -511,13 +558,29 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
 
 
 def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict | None = None,
-                   compile_original: bool = True) -> tuple[onnx.ModelProto, bool]:
+                   compile_original: bool = True) -> tuple[str | os.PathLike | onnx.ModelProto, bool]:
     """The model with its explanation graph: as it is when it has a ``heatmap`` output (or when
-    not ``compile_original``), else compiled with AGF now; and whether it was compiled here."""
-    proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
+    not ``compile_original``): the ``ModelProto`` or the path, whose weights are not read here;
+    else compiled with AGF now (a ``ModelProto``); and whether it was compiled here."""
+    proto = model if isinstance(model, onnx.ModelProto) else _read_model(model, weights=False)
     if not compile_original or any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
-        return proto, False
+        return model, False
     return compile_model(model, input_shapes=input_shapes), True
+
+
+def _read_model(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto:
+    """The model file at ``path``; ``weights=False``: without its initializers (graph, metadata)."""
+    if weights:
+        return passes.load(path)
+    try:
+        return modelfile.read(path, weights=False)
+    except Exception as error:  # protobuf raises several unrelated types on bad files
+        raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
+
+
+def model_bytes(model: str | os.PathLike | onnx.ModelProto) -> bytes:
+    """The model serialised (for other processes), its weights read from the file if a path."""
+    return (model if isinstance(model, onnx.ModelProto) else passes.load(model)).SerializeToString()
 
 
 def session_options(threads: int | None = None, memory_pattern: bool = True):

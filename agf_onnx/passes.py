@@ -6,12 +6,13 @@ are added, nothing is recomputed differently."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
+from . import modelfile
 from .builder import TARGET_OPSET
 from .errors import CompileError
 from .graph import BATCH_DIM, ai_onnx_opset, batch_dim, batch_factor, evaluator
@@ -24,7 +25,9 @@ _EXPANDING_OPS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsam
 def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """Read a model file (external data included) or copy a ``ModelProto``.
 
-    After: a ``ModelProto`` whose tensors hold their data in memory.
+    After: a ``ModelProto`` whose tensors hold their data in memory. A file is read one tensor at
+    a time (``modelfile.read``): never the whole file's bytes beside the model. A ``ModelProto``
+    is copied (the compiler extends it in place), which costs its weights once more: pass the path.
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -38,7 +41,7 @@ def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if not os.path.isfile(path):
         raise CompileError(f"{path}: no such model file")
     try:
-        return onnx.load(path, load_external_data=True)
+        return modelfile.read(path)
     except Exception as error:  # protobuf raises several unrelated types on bad files
         raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
 
@@ -277,10 +280,23 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     if changed or len(used & set(values)) != len(graph.initializer):
         del graph.node[:]
         graph.node.extend(keep)
-        del graph.initializer[:]
-        graph.initializer.extend(t for name, t in values.items() if name in used)
+        keep_initializers(graph, used, [t for name, t in values.items() if name in used])
         changed = True
     return model, changed
+
+
+def keep_initializers(graph: onnx.GraphProto, kept: set[str], added: Iterable[onnx.TensorProto] = ()) -> None:
+    """Remove the initializers not named in ``kept`` in place and append those of ``added`` the
+    graph lacks. Never ``del graph.initializer[:]`` + ``extend``: protobuf's upb backend copies each
+    appended message into the model's arena, and an arena frees nothing before the whole model
+    goes, so every such rebuild kept another copy of all the weights alive (Swin-B compiled at 14×
+    its weights: one rebuild per round of ``canonicalise``'s loop, ``docs/memory.md``)."""
+    initializers = graph.initializer
+    for index in range(len(initializers) - 1, -1, -1):
+        if initializers[index].name not in kept:
+            del initializers[index]
+    present = {t.name for t in initializers}
+    initializers.extend(t for t in added if t.name not in present)
 
 
 def _graph_reads(graph: onnx.GraphProto) -> set[str]:

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import agf_onnx
-from agf_onnx import cli
+from agf_onnx import cli, modelfile
 from agf_onnx.cli import BROKEN_PIPE_EXIT, main
 from agf_onnx.explain import Explainer, ExplainError
 
@@ -248,7 +248,7 @@ def test_a_write_that_fails_late_leaves_nothing(files, tmp_path, capsys, monkeyp
     def refuse(*args, **kwargs):
         raise OSError(30, "Read-only file system", str(tmp_path))
 
-    monkeypatch.setattr(cli.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(modelfile.tempfile, "mkdtemp", refuse)
     out = tmp_path / "m.onnx"
     code = main(["compile", str(files["good"]), "-o", str(out)])
     err = capsys.readouterr().err
@@ -392,7 +392,7 @@ def test_a_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path,
     source = tmp_path / "vgg.onnx"
     net = models.seeded(models.VGGish(), seed=5)
     onnx.save(models.export(net), source)
-    monkeypatch.setattr(cli, "_PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(modelfile, "PROTOBUF_LIMIT", 1000)
     out = tmp_path / "m.onnx"
     assert main(["compile", str(source), "-o", str(out), "-q"]) == 0
     data = tmp_path / "m.onnx.data"

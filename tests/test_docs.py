@@ -21,6 +21,7 @@ import numpy as np
 import agf_onnx
 from agf_onnx import cli
 from agf_onnx.methods import METHODS
+
 from . import models, zoo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -25,8 +25,7 @@ import torch  # noqa: E402
 from onnx import helper  # noqa: E402
 
 from tests import architectures, models, token_models  # noqa: E402
-from tests.test_contrib import (Fusable, RMSNormNet, bert_export, ort_optimised, tanh_vit,  # noqa: E402
-                                transformer_optimised)
+from tests.test_contrib import Fusable, RMSNormNet, bert_export, ort_optimised, tanh_vit, transformer_optimised  # noqa: E402
 
 #: name → (export(dynamo) → model, transformer optimiser arguments or None)
 NETS = {
