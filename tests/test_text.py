@@ -1,0 +1,235 @@
+"""Text classifiers (issue 24): BERT, DistilBERT, RoBERTa and ALBERT-style classifiers built from
+``transformers`` Config classes (``text_models.py``, tiny, seeded), exported with TorchScript and
+dynamo, compiled with every applicable method.
+
+- Every method: the original logits bit-identical (ONNX Runtime optimisations off), ``heatmap``
+  finite ``[N, T]``, exactly 0 at padding tokens, different for two classes; top-K equal to the
+  single-class runs.
+- gradient and gradient × input at E against torch.autograd in float64; Integrated Gradients
+  (zero baseline) against Captum's ``IntegratedGradients`` (Gauss–Legendre, as compiled);
+  chefer against its definition on the eager attention probabilities (``output_attentions``).
+- AGF and LRP: the TorchScript and dynamo exports give the same maps (two graphs of one function).
+- Refusals: FullGrad by name, Grad-CAM without ``--layer``, a dynamic sequence length, token
+  inputs with no embedding table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import agf_onnx
+from agf_onnx.errors import CompileError
+
+from . import text_models as txt
+from .runtime import run
+
+MIN_PEARSON, MAX_MEAN_ABS = 0.9999, 1e-3
+EXPORTS = {"torchscript": False, "dynamo": True}
+#: CI keeps each architecture and each exporter once; the rest is ``-m slow``.
+CI_PAIRS = {("bert", "torchscript"), ("distilbert", "dynamo"), ("roberta", "torchscript"), ("albert", "dynamo")}
+PAIRS = [pytest.param(a, e, marks=() if (a, e) in CI_PAIRS else pytest.mark.slow) for a in txt.ARCHS for e in EXPORTS]
+METHODS = [("agf", {}), ("agf", {"flat_policy": "none"}), ("gradient", {}), ("gradient-x-input", {}),
+           ("integrated-gradients", {"options": {"steps": 4}}), ("smoothgrad", {"options": {"samples": 3}}),
+           ("lrp", {}), ("lrp-ab", {}), ("clrp", {}), ("sglrp", {}), ("rap", {}), ("chefer", {}), ("gradcam", {})]
+
+
+@functools.lru_cache(maxsize=None)
+def net(arch: str) -> nn.Module:
+    return txt.build(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def exported(arch: str, exporter: str) -> onnx.ModelProto:
+    return txt.export(net(arch), arch, EXPORTS[exporter])
+
+
+def _last_block_output(model: onnx.ModelProto) -> str:
+    """A node whose output is a [N, T, C] token tensor: the last LayerNormalization of the encoder."""
+    norms = [n.name for n in model.graph.node if n.op_type == "LayerNormalization"]
+    return norms[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(arch: str, exporter: str, method: str = "agf", **options) -> onnx.ModelProto:
+    model = exported(arch, exporter)
+    options = {k: (dict(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+    if method == "gradcam":
+        options["layer"] = _last_block_output(agf_onnx.passes.canonicalise(model, {"input_ids": [1, txt.LENGTH]}))
+    return agf_onnx.compile(model, method=method, input_shapes={"input_ids": [1, txt.LENGTH]}, **options)
+
+
+def _hashable(options: dict) -> dict:
+    return {k: (tuple(v.items()) if isinstance(v, dict) else v) for k, v in options.items()}
+
+
+def feeds(arch: str) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in txt.batch(arch).items()}
+
+
+def explain(model: onnx.ModelProto, arch: str, target) -> dict[str, np.ndarray]:
+    return run(model, {**feeds(arch), "target": np.asarray(target, np.int64)}, optimize=False)
+
+
+def pearson(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def token_heatmap(values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The spec's "Output" at E: ``Σ_c A / max A`` (``/ max |A|`` where ``max A ≤ 0``), padding 0."""
+    values = values * mask[..., None].to(values.dtype)
+    flat = values.flatten(1)
+    peak = flat.amax(1)
+    scale = torch.where(peak > 0, peak, flat.abs().amax(1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (values.sum(2) / scale[:, None]).numpy()
+
+
+def close(actual: np.ndarray, expected: np.ndarray) -> None:
+    for a, e in zip(actual, expected):
+        assert pearson(a, e) >= MIN_PEARSON, pearson(a, e)
+        assert np.abs(a - e).mean() <= MAX_MEAN_ABS, np.abs(a - e).mean()
+
+
+# -- every method on every architecture and exporter -------------------------------------------------
+@pytest.mark.parametrize("arch,exporter", PAIRS)
+@pytest.mark.parametrize("method,options", METHODS, ids=[m + ("-none" if o.get("flat_policy") else "")
+                                                          for m, o in METHODS])
+def test_every_method_gives_a_token_map(arch, exporter, method, options):
+    model = compiled(arch, exporter, method, **_hashable(options))
+    original = run(exported(arch, exporter), feeds(arch), optimize=False)["logits"]
+    mask = feeds(arch)["attention_mask"]
+    outputs = explain(model, arch, [0, 0])
+    other = explain(model, arch, [2, 2])["heatmap"]
+    assert np.array_equal(outputs["logits"], original)  # the forward is untouched
+    heatmap = outputs["heatmap"]
+    assert heatmap.shape == mask.shape and heatmap.dtype == np.float32 and np.isfinite(heatmap).all()
+    assert np.all(heatmap[mask == 0] == 0)  # padding: exactly 0
+    assert np.abs(heatmap[mask == 1]).max() > 0
+    assert not np.allclose(heatmap, other)  # two classes, two maps
+
+
+def test_top_k_equals_the_single_class_runs():
+    model = compiled("bert", "torchscript", "agf", top_k=2)
+    outputs = explain(model, "bert", [-1, -1])
+    assert outputs["heatmaps"].shape == (2, 2, txt.LENGTH)
+    for k in range(2):
+        single = explain(compiled("bert", "torchscript"), "bert", outputs["classes"][:, k])["heatmap"]
+        np.testing.assert_allclose(outputs["heatmaps"][:, k], single, atol=1e-6)
+    assert np.all(outputs["heatmaps"][1, :, -4:] == 0)
+
+
+def test_modifiers_keep_padding_at_zero():
+    from agf_onnx.modifiers import Modifiers
+
+    model = agf_onnx.compile(exported("bert", "torchscript"), input_shapes={"input_ids": [1, txt.LENGTH]},
+                             modifiers=Modifiers(smooth=3, contrast="others"))
+    heatmap = explain(model, "bert", [0, -1])["heatmap"]
+    assert np.isfinite(heatmap).all() and np.all(heatmap[1, -4:] == 0)
+
+
+# -- oracles -----------------------------------------------------------------------------------------
+def _target(logits: torch.Tensor, target) -> torch.Tensor:
+    target = torch.as_tensor(target)
+    return torch.where(target < 0, logits.argmax(1), target)
+
+
+@pytest.mark.parametrize("arch,exporter", [("bert", "torchscript"), ("distilbert", "dynamo"),
+                                           pytest.param("roberta", "dynamo", marks=pytest.mark.slow),
+                                           pytest.param("albert", "torchscript", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["gradient", "gradient-x-input"])
+def test_gradient_methods_against_autograd(arch, exporter, method):
+    batch = txt.batch(arch)
+    embedding, logits_of = txt.at_embeddings(net(arch), batch)
+    leaf = embedding.clone().requires_grad_(True)
+    logits = logits_of(leaf)
+    target = _target(logits.detach(), [1, -1])
+    logits.gather(1, target[:, None]).sum().backward()
+    values = leaf.grad.abs() if method == "gradient" else leaf.detach() * leaf.grad
+    expected = token_heatmap(values, batch["attention_mask"])
+    close(explain(compiled(arch, exporter, method), arch, [1, -1])["heatmap"], expected)
+
+
+@pytest.mark.parametrize("arch,exporter", [("bert", "dynamo"), pytest.param("albert", "torchscript",
+                                                                            marks=pytest.mark.slow)])
+def test_integrated_gradients_against_captum(arch, exporter):
+    """Zero baseline at E, 8 Gauss–Legendre steps (Captum's ``gausslegendre``), one sample at a time."""
+    from captum.attr import IntegratedGradients
+
+    batch = txt.batch(arch)
+    rows = []
+    for i in range(len(batch["input_ids"])):
+        embedding, logits_of = txt.at_embeddings(net(arch), {k: v[i:i + 1] for k, v in batch.items()})
+        target = int(_target(logits_of(embedding).detach(), [2, -1][i])[0])
+        rows.append(IntegratedGradients(logits_of).attribute(embedding, baselines=torch.zeros_like(embedding),
+                                                             target=target, n_steps=8, method="gausslegendre"))
+    expected = token_heatmap(torch.cat(rows).detach(), batch["attention_mask"])
+    model = compiled(arch, exporter, "integrated-gradients", options=(("steps", 8),))
+    close(explain(model, arch, [2, -1])["heatmap"], expected)
+
+
+@pytest.mark.parametrize("arch,exporter", [("bert", "torchscript"), pytest.param("distilbert", "dynamo",
+                                                                                 marks=pytest.mark.slow)])
+def test_chefer_against_its_definition(arch, exporter):
+    """Ā = mean_h relu(∇A ⊙ A), R = I, R = R + Ā R; the [CLS] row of R − I (docs/text.md)."""
+    batch = txt.batch(arch)
+    model = txt.build(arch).double()
+    output = model(**batch, output_attentions=True)
+    attentions = output.attentions
+    for attention in attentions:
+        attention.retain_grad()
+    target = _target(output.logits.detach(), [0, -1])
+    output.logits.gather(1, target[:, None]).sum().backward()
+    tokens = batch["input_ids"].shape[1]
+    rollout = torch.eye(tokens, dtype=torch.float64).expand(len(target), tokens, tokens)
+    for attention in attentions:
+        weights = (attention.grad * attention).clamp(min=0).mean(1)
+        rollout = rollout + weights @ rollout
+    row = (rollout - torch.eye(tokens, dtype=torch.float64))[:, 0].detach()
+    expected = token_heatmap(row[..., None], batch["attention_mask"])
+    close(explain(compiled(arch, exporter, "chefer"), arch, [0, -1])["heatmap"], expected)
+
+
+@pytest.mark.parametrize("method", ["agf", "lrp"])
+def test_the_two_exports_give_the_same_map(method):
+    """One function, two graphs (TorchScript's and dynamo's): the same relevance stream."""
+    maps = [explain(compiled("bert", exporter, method), "bert", [1, -1])["heatmap"] for exporter in EXPORTS]
+    close(maps[0], maps[1])
+
+
+# -- refusals ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,message", [("fullgrad", "needs an image"), ("gradcam", "pass --layer")])
+def test_methods_that_do_not_apply_are_refused_by_name(method, message):
+    with pytest.raises(CompileError, match=message):
+        agf_onnx.compile(exported("bert", "torchscript"), method=method, input_shapes={"input_ids": [1, txt.LENGTH]})
+
+
+def test_a_dynamic_sequence_length_names_the_option():
+    with pytest.raises(CompileError, match=r"--input-shape input_ids=N,T"):
+        agf_onnx.compile(exported("bert", "torchscript"))
+
+
+class NoEmbedding(nn.Module):
+    """Token ids used as numbers: no embedding table to explain at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(txt.LENGTH, txt.CLASSES)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(input_ids.float())
+
+
+def test_token_inputs_without_an_embedding_say_what_was_looked_for():
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(NoEmbedding(), (torch.zeros(1, txt.LENGTH, dtype=torch.long),), buffer, dynamo=False,
+                      input_names=["input_ids"], output_names=["logits"], dynamic_axes={"input_ids": {0: "batch"}})
+    with pytest.raises(CompileError, match="index no embedding table: looked for a Gather"):
+        agf_onnx.compile(onnx.load_from_string(buffer.getvalue()))
