@@ -28,7 +28,6 @@ from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, average_copies, noisy_copies, others_method
 from .planning import Plan, head_chain, path_between, plan
 from .rules import REGISTRY
-from .text import TokenInput
 from .tokens import as_grid
 
 TARGET_INPUT = "target"
@@ -593,16 +592,18 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
                                         "agf_onnx.image": plan.image,
                                         "agf_onnx.layout": "NHWC" if plan.channels_last else "NCHW",
                                         "agf_onnx.logits": plan.logits, "agf_onnx.scores": _scores_output(plan),
-                                        **(_token_metadata(plan.tokens) if plan.tokens is not None else {})})
+                                        **(_token_metadata(plan) if plan.tokens is not None else {})})
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
         "agf-onnx: feed 'target' (int64 [N] or [1], negative = top class) and read 'heatmap' " + \
         ("[N, T] (per token, 0 at padding)." if plan.tokens is not None else "[N, 1, H, W].")
     return model
 
 
-def _token_metadata(tokens: TokenInput) -> dict[str, str]:
-    """What ``agf-onnx explain`` needs to feed a compiled text model: the roles of its inputs."""
-    return {"agf_onnx.image": tokens.ids, "agf_onnx.input": "tokens", "agf_onnx.token_ids": tokens.ids,
+def _token_metadata(plan: Plan) -> dict[str, str]:
+    """What ``agf-onnx explain`` needs to feed a compiled text model: the roles of its inputs, and
+    the rows of its embedding table (a tokenizer with more tokens is not the model's)."""
+    tokens = plan.tokens
+    return {"agf_onnx.image": tokens.ids, "agf_onnx.vocabulary": str(plan.graph.shape(tokens.table)[0]), "agf_onnx.input": "tokens", "agf_onnx.token_ids": tokens.ids,
             "agf_onnx.attention_mask": tokens.mask or "", "agf_onnx.token_inputs": ",".join(tokens.others),
             "agf_onnx.embedding": tokens.embedding}
 
