@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from .errors import CompileError
 from .graph import GraphView
@@ -120,6 +120,11 @@ def find_token_input(graph: GraphView, logits: str, ids: str | None = None) -> T
         return None
     tables = {name: _embedding_gathers(graph, name) for name in candidates}
     indexing = {name: gathers for name, gathers in tables.items() if gathers}
+    fused = [node.name for node in graph.nodes if node.op_type == "EmbedLayerNormalization"]
+    if not indexing and fused:
+        raise CompileError(f"the token ids feed com.microsoft.EmbedLayerNormalization node '{fused[0]}' (ONNX Runtime's "
+                           "fused embeddings): decompose it first (agf_onnx.text.decompose_embed_layer_normalization), "
+                           "or compile the model as exported, before ONNX Runtime's transformer optimiser")
     if not indexing:
         raise CompileError(f"the integer [N, T] input{'s' if len(candidates) > 1 else ''} {', '.join(candidates)} "
                            "index no embedding table: looked for a Gather of a constant float [vocabulary, hidden] "
@@ -154,3 +159,73 @@ def check_sequence_static(graph: GraphView, tokens: TokenInput) -> int:
                            f"explains sequences of one length T (shorter ones are padded); pass --input-shape "
                            f"{tokens.ids}=N,T (the other [N, T] inputs follow)")
     return length
+
+
+# -- ONNX Runtime's fused embedding ---------------------------------------------------------------
+#: ``com.microsoft.EmbedLayerNormalization``'s default epsilon (ONNX Runtime's contrib op schema).
+EMBED_LAYER_NORM_EPSILON = 1e-12
+
+
+def embed_layer_normalization(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Standard ops computing ONNX Runtime's ``EmbedLayerNormalization`` (its transformer
+    optimiser's fusion of BERT's embeddings): inputs ``input_ids, segment_ids, word_embedding,
+    position_embedding, segment_embedding, gamma, beta, mask, position_ids`` (segment, mask and
+    position ids optional), outputs ``output, mask_index, embedding_sum``::
+
+        S = word[ids] + position[position_ids or 0…T−1] (+ segment[segment_ids])
+        output = LayerNormalization(S, γ, β, ε)   mask_index = int32 Σ_t mask   embedding_sum = S
+
+    The nodes keep the op's tensor names for its inputs and outputs, so they replace it in place."""
+    inputs = list(node.input) + [""] * (9 - len(node.input))
+    ids, segments, words, positions, segment_table, gamma, beta, mask, position_ids = inputs
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), EMBED_LAYER_NORM_EPSILON)
+    base = node.name or "EmbedLayerNormalization"
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, args: list[str], output: str | None = None, **attributes) -> str:
+        output = output or f"{base}/{op}_{len(nodes)}"
+        nodes.append(helper.make_node(op, args, [output], name=f"{base}/{op}_{len(nodes)}", **attributes))
+        return output
+
+    def ints(*values: int) -> str:
+        return add("Constant", [], value=helper.make_tensor(f"{base}/c{len(nodes)}", TensorProto.INT64,
+                                                            [len(values)], list(values)))
+
+    def scalar(value: int) -> str:
+        return add("Constant", [], value=helper.make_tensor(f"{base}/s{len(nodes)}", TensorProto.INT64, [], [value]))
+
+    summed = add("Gather", [words, ids])
+    if position_ids:
+        position = add("Gather", [positions, position_ids])
+    else:  # positions 0 … T−1, the same for every sequence
+        length = add("Slice", [add("Shape", [ids]), ints(1), ints(2)])
+        position = add("Slice", [positions, ints(0), length, ints(0)])
+    summed = add("Add", [summed, position])
+    if segments and segment_table:
+        summed = add("Add", [summed, add("Gather", [segment_table, segments])])
+    if outputs[2]:
+        summed = add("Identity", [summed], outputs[2])
+    add("LayerNormalization", [summed, gamma, beta], outputs[0], axis=-1, epsilon=epsilon)
+    if outputs[1]:  # the number of tokens per sequence: Σ_t mask, or T where there is no mask
+        if mask:
+            present = mask
+        else:
+            present = add("Add", [add("Mul", [ids, scalar(0)]), scalar(1)])
+        add("ReduceSum", [add("Cast", [present], to=TensorProto.INT32), ints(1)], outputs[1], keepdims=0)
+    return nodes
+
+
+def decompose_embed_layer_normalization(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every ``com.microsoft.EmbedLayerNormalization`` replaced by its standard-op
+    decomposition (``embed_layer_normalization``), in place; the forward then runs those ops."""
+    graph = model.graph
+    rewritten = []
+    for node in graph.node:
+        if node.domain == "com.microsoft" and node.op_type == "EmbedLayerNormalization":
+            rewritten.extend(embed_layer_normalization(node))
+        else:
+            rewritten.append(node)
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    return model

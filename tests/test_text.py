@@ -16,6 +16,7 @@ dynamo, compiled with every applicable method.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import numpy as np
 import onnx
@@ -233,3 +234,58 @@ def test_token_inputs_without_an_embedding_say_what_was_looked_for():
                       input_names=["input_ids"], output_names=["logits"], dynamic_axes={"input_ids": {0: "batch"}})
     with pytest.raises(CompileError, match="index no embedding table: looked for a Gather"):
         agf_onnx.compile(onnx.load_from_string(buffer.getvalue()))
+
+
+# -- ONNX Runtime's transformer optimiser (the deployed form) ----------------------------------------
+@functools.lru_cache(maxsize=None)
+def ort_optimised(arch: str) -> onnx.ModelProto:
+    """``onnxruntime.transformers.optimizer.optimize_model(model_type='bert')`` of the TorchScript export:
+    EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu/FastGelu."""
+    import tempfile
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/{arch}.onnx"
+        onnx.save(exported(arch, "torchscript"), path)
+        return optimize_model(path, model_type="bert", num_heads=4, hidden_size=32, opt_level=0).model
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_embed_layer_normalization_decomposes_into_standard_ops(arch):
+    """The decomposition computes what ONNX Runtime's fused op computes (the other fused ops run as
+    they are), and the compiler then finds the ids and E through it."""
+    from agf_onnx.text import decompose_embed_layer_normalization
+
+    optimised = ort_optimised(arch)
+    assert any(n.op_type == "EmbedLayerNormalization" for n in optimised.graph.node)
+    inputs = {i.name for i in optimised.graph.input}
+    batch = {k: v for k, v in feeds(arch).items() if k in inputs}
+    fused = run(optimised, batch, optimize=False)["logits"]
+    decomposed = decompose_embed_layer_normalization(onnx.ModelProto.FromString(optimised.SerializeToString()))
+    assert not any(n.domain == "com.microsoft" and n.op_type == "EmbedLayerNormalization" for n in decomposed.graph.node)
+    np.testing.assert_allclose(run(decomposed, batch, optimize=False)["logits"], fused, rtol=1e-5, atol=1e-7)
+    # the compiler's embedding search then sees the unfused form: a Gather of the word table by the ids
+    # (through ONNX Runtime's int32 Cast), summed and normalised (canonicalise needs contrib.py for the rest)
+    fused = next(n for n in optimised.graph.node if n.op_type == "EmbedLayerNormalization")
+    word = next(n for n in decomposed.graph.node if n.op_type == "Gather" and n.input[0] == fused.input[2]
+                and n.name.startswith(f"{fused.name}/"))
+    assert any(n.op_type == "Cast" and n.input[0] == "input_ids" and n.output[0] == word.input[1]
+               for n in decomposed.graph.node)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("agf_onnx.contrib") is None,
+                    reason="the com.microsoft decompositions (Attention, SkipLayerNormalization…) land with contrib.py")
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_the_ort_optimised_form_explains_like_the_export(arch):
+    from agf_onnx import contrib
+    from agf_onnx.text import decompose_embed_layer_normalization
+
+    optimised = ort_optimised(arch)
+    inputs = {i.name for i in optimised.graph.input}
+    batch = {k: v for k, v in feeds(arch).items() if k in inputs}
+    decomposed = contrib.decompose(decompose_embed_layer_normalization(
+        onnx.ModelProto.FromString(optimised.SerializeToString())))
+    model = agf_onnx.compile(decomposed, input_shapes={"input_ids": [1, txt.LENGTH]})
+    outputs = run(model, {**batch, "target": np.array([1, -1])}, optimize=False)
+    close(outputs["heatmap"], explain(compiled(arch, "torchscript"), arch, [1, -1])["heatmap"])
