@@ -289,3 +289,17 @@ def test_the_ort_optimised_form_explains_like_the_export(arch):
     model = agf_onnx.compile(decomposed, input_shapes={"input_ids": [1, txt.LENGTH]})
     outputs = run(model, {**batch, "target": np.array([1, -1])}, optimize=False)
     close(outputs["heatmap"], explain(compiled(arch, "torchscript"), arch, [1, -1])["heatmap"])
+
+
+# -- AGF against the float64 spec oracle ---------------------------------------------------------------
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("flat_policy", ["authors", "none"])
+def test_agf_against_the_float64_oracle(exporter, flat_policy):
+    """AGF on the BERT classifier against ``oracle_tokens.bert_relevance`` (the spec's rules in float64)."""
+    from . import oracle_tokens
+
+    batch = txt.batch("bert")
+    relevance = oracle_tokens.bert_relevance(net("bert"), batch, torch.tensor([1, -1]), flat_policy=flat_policy)
+    expected = token_heatmap(relevance, batch["attention_mask"])
+    model = compiled("bert", exporter, "agf", flat_policy=flat_policy)
+    close(explain(model, "bert", [1, -1])["heatmap"], expected)
