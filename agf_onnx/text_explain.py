@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from . import passes
-from .compiler import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
+from .compiler import HEATMAP_OUTPUT, TARGET_INPUT
 from .compiler import compile as compile_model
 from .errors import CompileError
 from .sessions import create_session
@@ -66,8 +66,10 @@ def read_sentences(texts: Sequence[str], path: str | os.PathLike | None) -> list
 
 def load_tokenizer(path: str | os.PathLike):
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or the folder an exporter wrote it to."""
-    from tokenizers import Tokenizer
-
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise TextError("sentences need the tokenizers package: pip install 'agf-onnx[text]'") from None
     file = pathlib.Path(path)
     if file.is_dir():
         file = file / TOKENIZER_FILE

@@ -15,7 +15,9 @@ dynamo, compiled with every applicable method.
 
 from __future__ import annotations
 
+import copy
 import functools
+import types
 import importlib.util
 
 import numpy as np
@@ -303,3 +305,63 @@ def test_agf_against_the_float64_oracle(exporter, flat_policy):
     expected = token_heatmap(relevance, batch["attention_mask"])
     model = compiled("bert", exporter, "agf", flat_policy=flat_policy)
     close(explain(model, "bert", [1, -1])["heatmap"], expected)
+
+
+# -- LRP against LXT's rules -----------------------------------------------------------------------------
+def lxt_lrp_bert(model: nn.Module, batch: dict, targets, dtype=torch.float64) -> torch.Tensor:
+    """LRP relevance at E from LXT's Gradient×Input framework with zennit's α1β0 (no bias, the spec's
+    stabiliser 1e-9) on every Linear, configured to the spec's rules as ``test_tokens.lxt_lrp`` is for the ViT: CP-LRP attention
+    (q and k detached in ``transformers``' eager attention), LXT's identity rule on LayerNorm, GELU and
+    the pooler's Tanh. LXT's own BERT model map (``lxt.efficient.models.bert``) imports helpers that
+    ``transformers`` 5 removed (``find_pruneable_heads_and_indices``), so its rule modules are used
+    directly on the ``transformers`` model, as for the ViT."""
+    from transformers.activations import GELUActivation
+    from transformers.models.bert import modeling_bert
+
+    from .test_tokens import _lxt_modules
+
+    rules, patches, zennit_patches = _lxt_modules()  # first: it stands in for torchvision, which zennit imports
+    from zennit.composites import LayerMapComposite
+    from zennit.core import BasicHook
+    from zennit.rules import AlphaBeta
+    model = copy.deepcopy(model).to(dtype).eval()
+    for module in model.modules():
+        if isinstance(module, (GELUActivation, nn.Tanh)):
+            module.original_forward = module.forward
+            module.forward = types.MethodType(patches.non_linear_forward, module)
+        elif isinstance(module, nn.LayerNorm):
+            module.forward = functools.partial(rules.identity_rule_implicit, module.forward)
+    embedding, logits_of = txt.at_embeddings(model, batch, dtype, copied=False)
+    leaf = embedding.clone().requires_grad_(True)
+    attention = modeling_bert.eager_attention_forward
+    # the spec's stabiliser (1e-9) instead of zennit's 1e-6, which shifts this small-weighted model's map by ~1e-4
+    rule = AlphaBeta(1.0, 0.0, stabilizer=1e-9, zero_params=["bias"])
+    composite = LayerMapComposite(layer_map=[(nn.Linear, rule)])
+    saved = BasicHook.forward, BasicHook.backward
+    try:
+        modeling_bert.eager_attention_forward = lambda module, q, k, *args, **kw: attention(
+            module, rules.stop_gradient(q), rules.stop_gradient(k), *args, **kw)
+        zennit_patches.monkey_patch_zennit()
+        composite.register(model)
+        output = logits_of(leaf)
+        one_hot = torch.zeros_like(output)
+        one_hot[torch.arange(len(leaf)), torch.as_tensor(targets)] = 1
+        output.backward(one_hot)  # relevance at the logits: y ⊙ onehot(t)
+    finally:
+        composite.remove()
+        modeling_bert.eager_attention_forward = attention
+        BasicHook.forward, BasicHook.backward = saved
+    return (leaf * leaf.grad).detach()
+
+
+def test_lrp_matches_lxt_on_bert():
+    batch = txt.batch("bert")
+    targets = [1, 2]
+    expected = token_heatmap(lxt_lrp_bert(net("bert"), batch, targets), batch["attention_mask"])
+    got = explain(compiled("bert", "torchscript", "lrp"), "bert", targets)["heatmap"]
+    # as test_tokens.test_lrp_matches_lxt: a map scaled by a small positive maximum spans ±10⁴ here, so
+    # the bound is LXT's own float32 floor
+    floor = np.abs(token_heatmap(lxt_lrp_bert(net("bert"), batch, targets, torch.float32).double(),
+                                 batch["attention_mask"]) - expected).max()
+    assert np.abs(got - expected).max() <= max(1e-4, 3.0 * floor), (np.abs(got - expected).max(), floor)
+    assert min(pearson(a, b) for a, b in zip(got, expected)) >= 0.99999

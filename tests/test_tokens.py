@@ -272,20 +272,21 @@ def test_gradcam_on_the_patch_grid(name, block, layer):
 # -- LRP against LXT -----------------------------------------------------------------------------
 def _lxt_modules():
     """LXT's ``efficient`` rules and zennit patches. Its package ``__init__`` imports the model
-    maps for Hugging Face models (``transformers``, not installed here); the rule modules do not
-    need them, so a bare package stands in for ``lxt.efficient`` when that import fails."""
+    maps for Hugging Face models, which fail without ``transformers`` and with ``transformers`` 5
+    (its BERT map imports ``find_pruneable_heads_and_indices``, which 5 removed); the rule modules
+    do not need them, so a bare package stands in for ``lxt.efficient`` when that import fails."""
     pytest.importorskip("lxt")
     from .zennit_oracle import _stand_in_torchvision
 
-    _stand_in_torchvision()
-    try:
+    try:  # before the torchvision stand-in: transformers asks for torchvision's spec, which a stand-in lacks
         importlib.import_module("lxt.efficient")
-    except ModuleNotFoundError:
+    except ImportError:
         import lxt
 
         package = types.ModuleType("lxt.efficient")
         package.__path__ = [os.path.join(os.path.dirname(lxt.__file__), "efficient")]
         sys.modules["lxt.efficient"] = package
+    _stand_in_torchvision()
     return (importlib.import_module("lxt.efficient.rules"), importlib.import_module("lxt.efficient.patches"),
             importlib.import_module("lxt.efficient.zennit_patches"))
 
