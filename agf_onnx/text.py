@@ -13,8 +13,7 @@ E, with padding tokens (attention mask 0) exactly 0.
 
 Why after the LayerNorm and not at S: a LayerNorm is invariant to the scale of its input
 (``LN(αS) = LN(S)`` up to its ε), so ``Σ_c S ⊙ ∇S = 0`` (the directional derivative along S):
-gradient × input at S is 0 up to rounding for every token (measured: |map| ≈ 1e-12 against
-1e-1 after the LayerNorm on the tiny BERT of tests/text_models.py), and Integrated Gradients on
+gradient × input at S is 0 up to rounding and the LayerNorm's ε for every token, and Integrated Gradients on
 the straight path from 0 to S sees a constant function after its first steps. At E the
 gradient methods mean what they mean for an image, and the standard tooling agrees (Captum's
 BERT tutorial attributes at ``model.bert.embeddings``, whose output is after this LayerNorm).

@@ -93,6 +93,7 @@ class SentenceExplanation:
     relevance: list[list[float]]  # per explained class, one value per token
     top: list[tuple[int, float]]  # the best classes and their probabilities
     notes: list[str] = field(default_factory=list)
+    special: list[bool] = field(default_factory=list)  # the tokenizer's [CLS], [SEP]… per token
 
 
 class TextExplainer:
@@ -166,7 +167,8 @@ class TextExplainer:
                     chunk[i], [encoding.tokens[j] for j in kept], [int(c[i]) for c in classes],
                     [float(probabilities[i, c[i]]) for c in classes],
                     [[float(m[i, j]) for j in kept] for m in maps],
-                    [(int(c), float(probabilities[i, c])) for c in order], notes[i]))
+                    [(int(c), float(probabilities[i, c])) for c in order], notes[i],
+                    [bool(encoding.special_tokens_mask[j]) for j in kept]))
         return results
 
 
@@ -198,7 +200,9 @@ def _colour(value: float) -> str:
 
 def render_html(results: Sequence[SentenceExplanation], labels_of, title: str) -> str:
     """One block per sentence and explained class: the tokens on a background of their relevance,
-    divided by the largest |relevance| of that map (red: evidence for the class; blue: against)."""
+    divided by the largest |relevance| of the sentence's word tokens (red: evidence for the class;
+    blue: against); special tokens ([CLS], [SEP]) beyond that range saturate: [CLS]'s residual
+    stream carries the class, and scaled by its relevance every word would be white."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              ".t{padding:2px 3px;margin:1px;border-radius:3px;display:inline-block}"
@@ -208,7 +212,9 @@ def render_html(results: Sequence[SentenceExplanation], labels_of, title: str) -
         for note in result.notes:
             parts.append(f"<p class='note'>note: {html.escape(note)}</p>")
         for cls, probability, relevance in zip(result.classes, result.probabilities, result.relevance):
-            peak = max((abs(v) for v in relevance), default=0.0) or 1.0
+            words = [abs(v) for v, special in zip(relevance, result.special or [False] * len(relevance))
+                     if not special]
+            peak = max(words or [abs(v) for v in relevance], default=0.0) or 1.0
             spans = "".join(f"<span class='t' style='background:{_colour(v / peak)}' title='{v:.4g}'>"
                             f"{html.escape(token)}</span>" for token, v in zip(result.tokens, relevance))
             parts.append(f"<p><b>{html.escape(labels_of(cls))}</b> (p = {probability:.3f})<br>{spans}</p>")
