@@ -105,7 +105,12 @@ class TextExplainer:
         self.compiled_here = not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
         if self.compiled_here:
             ids = _token_input(proto)
-            proto = compile_model(proto, input_shapes={ids: ["N", length]} if length else None)
+            try:
+                proto = compile_model(proto, input_shapes={ids: ["N", length]} if length else None)
+            except CompileError as error:
+                raise TextError(f"the model could not be compiled for {length} tokens (the longest sentence; a "
+                                f"model accepts at most as many as its position table has rows: pass --input-shape "
+                                f"{ids}=1,T with a smaller T to truncate): {error}") from error
         meta = {p.key: p.value for p in proto.metadata_props}
         if meta.get("agf_onnx.input") != "tokens":
             raise TextError("the model explains images, not token ids: give it image files, not sentences")

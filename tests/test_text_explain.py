@@ -94,5 +94,8 @@ def test_bad_text_input_is_refused_in_one_line(files, tmp_path, capsys):
     _refused(capsys, ["explain", model, "--text", "w1 w2", "--tokenizer", str(tmp_path / "large.json"), "-o", str(out)],
              f"its vocabulary has {txt.VOCAB + 10} tokens, the model's embedding table {txt.VOCAB} rows", out)
     _refused(capsys, ["explain", model, "--text", "a film", "-o", str(out)], "--tokenizer PATH", out)
+    too_long = " ".join(["good"] * (txt.POSITIONS + 5))  # an original model, compiled for more tokens than it has positions
+    _refused(capsys, ["explain", str(files / "bert.onnx"), "--text", too_long, "--tokenizer", tokenizer, "-o", str(out)],
+             f"could not be compiled for {txt.POSITIONS + 7} tokens", out)
     _refused(capsys, ["explain", model, "--text", "a film", "--tokenizer", str(tmp_path), "-o", str(out)],
              "no tokenizer.json there", out)
