@@ -315,6 +315,7 @@ def lxt_lrp_bert(model: nn.Module, batch: dict, targets, dtype=torch.float64) ->
     the pooler's Tanh. LXT's own BERT model map (``lxt.efficient.models.bert``) imports helpers that
     ``transformers`` 5 removed (``find_pruneable_heads_and_indices``), so its rule modules are used
     directly on the ``transformers`` model, as for the ViT."""
+    txt.import_transformers()
     from transformers.activations import GELUActivation
     from transformers.models.bert import modeling_bert
 

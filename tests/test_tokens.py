@@ -37,6 +37,7 @@ from agf_onnx import passes
 from agf_onnx.methods import METHODS
 
 from . import chefer_oracle, oracle_tokens
+from .text_models import import_transformers
 from . import token_models as tm
 from .oracle import heatmap
 from .runtime import run, session
@@ -278,7 +279,8 @@ def _lxt_modules():
     pytest.importorskip("lxt")
     from .zennit_oracle import _stand_in_torchvision
 
-    try:  # before the torchvision stand-in: transformers asks for torchvision's spec, which a stand-in lacks
+    try:  # transformers with the real absence of torchvision (an earlier test may have put the stand-in in)
+        import_transformers()
         importlib.import_module("lxt.efficient")
     except ImportError:
         import lxt

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 import warnings
 
 import onnx
@@ -32,9 +33,23 @@ WORDS = ("the a good bad movie film great terrible plot acting was is not very r
          "this that boring fun loved hated").split()
 
 
-def build(arch: str, seed: int = 0) -> nn.Module:
-    import transformers as tf
+def import_transformers():
+    """``transformers``, imported with the real absence of torchvision: the zennit tests put a stand-in
+    ``torchvision`` (no ``__spec__``) into ``sys.modules``, on which ``transformers``' availability check
+    (``importlib.util.find_spec``) raises; the check is cached, so the stand-in can go back after."""
+    stand_ins = {name: module for name, module in sys.modules.items()
+                 if name.split(".")[0] == "torchvision" and getattr(module, "__spec__", None) is None}
+    for name in stand_ins:
+        del sys.modules[name]
+    try:
+        import transformers
+    finally:
+        sys.modules.update(stand_ins)
+    return transformers
 
+
+def build(arch: str, seed: int = 0) -> nn.Module:
+    tf = import_transformers()
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
                   max_position_embeddings=POSITIONS, num_labels=CLASSES, attn_implementation="eager")

@@ -6,7 +6,7 @@ with each method, and run in ONNX Runtime beside the original.
 For each method and batch size it prints the compile time, the original's and the compiled
 model's median time per batch (the two sessions take turns, so a busy moment slows both), their
 ratio, and each session's peak memory: the resident set's high-water mark of a fresh process that
-loads the model and runs it (CPU), measured in a subprocess per model and batch.
+loads the model and runs it (CPU, ``VmHWM``), measured in a subprocess per model and batch.
 
     python tools/bench_text.py [--methods agf,chefer,lrp] [--batches 1,8] [--tokens 128] [--runs 5]
 """
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -81,13 +80,14 @@ def timed(paths: list[str], batch: int, tokens: int, runs: int) -> list[float]:
 
 
 def peak_memory(path: str, batch: int, tokens: int) -> float:
-    """MiB: the resident high-water mark of a fresh process that loads ``path`` and runs it twice."""
-    code = ("import sys, resource, numpy as np, onnx; sys.path.insert(0, %r); "
+    """MiB: the resident high-water mark (``VmHWM``: ``ru_maxrss`` would carry the parent's over
+    ``exec``) of a fresh process that loads ``path`` and runs it twice."""
+    code = ("import sys, numpy as np, onnx; sys.path.insert(0, %r); "
             "from tools.bench_text import feeds; from agf_onnx.sessions import create_session; "
             "s = create_session(onnx.load(%r), 'cpu'); n = {i.name for i in s.get_inputs()}; "
             "f = {k: v for k, v in feeds(%d, %d).items() if k in n}; "
             "f.update({'target': np.full(%d, -1, np.int64)} if 'target' in n else {}); s.run(None, f); s.run(None, f); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
             % (os.path.join(os.path.dirname(__file__), ".."), path, batch, tokens, batch))
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(output.split()[-1]) / 1024
