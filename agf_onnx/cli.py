@@ -235,12 +235,17 @@ def _parser() -> argparse.ArgumentParser:
                     "results.json and, for several images, index.html. Exit 0 when every image was explained, 1 "
                     "when some failed (listed in results.json), 2 when nothing could run.")
     explain.add_argument("model", metavar="MODEL")
-    explain.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+")
+    explain.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="*")
     explain.add_argument("-o", "--output", metavar="OUTDIR", required=True)
     which = explain.add_mutually_exclusive_group()
     which.add_argument("--target", metavar="CLASS", help="class index or label name (default: the predicted class)")
     which.add_argument("--top-k", metavar="K", type=int, help="one heatmap per class among the K best")
     explain.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    explain.add_argument("--text", metavar="SENTENCE", action="append",
+                         help="a text model: explain this sentence (repeatable; with --tokenizer), writes index.html "
+                              "and results.json (docs/text.md)")
+    explain.add_argument("--sentences", metavar="FILE", help="a text model: sentences, one per line (UTF-8)")
+    explain.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json, or the folder an exporter wrote it to")
     _image_options(explain)
     explain.add_argument("--batch-size", type=int, default=8, metavar="B",
                          help="images per step (default 8); a session run takes fewer where they would not fit "
@@ -418,6 +423,10 @@ def _explain(args: argparse.Namespace) -> int:
     from .outputs import ExplainOutputs
     from .report import progress_bar, warn
 
+    if args.text or args.sentences:
+        from .text_explain import command
+
+        return command(args)
     labels = read_labels(args.labels) if args.labels else None
     shapes = _input_shapes(args)
     # everything that can be refused without the model is, before a model is compiled on the fly
@@ -428,6 +437,8 @@ def _explain(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ExplainError(f"--batch-size {args.batch_size}: must be at least 1")
     engine = _ray_engine(args)
+    if not args.images:
+        raise ExplainError("nothing to explain: give image files or folders, or sentences with --text/--sentences")
     images, folder = collect_images(args.images)
     if not images:
         raise ExplainError(f"no images found in {', '.join(args.images)}")

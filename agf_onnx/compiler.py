@@ -134,20 +134,28 @@ class ClonedPath(NamedTuple):
     data: set[str]
 
 
-def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: int | None = None) -> ClonedPath:
-    """Emit a copy of the path from the image to the logits that reads ``source`` (a batch built
-    from the image) instead of the image; returns a view of the graph with it, the cloned nodes of
-    the path and the renaming of tensors. The shape computations that read the path's tensors
-    (``Shape → … → Expand`` of a class token to the batch) are cloned with it, so that they see
-    the new batch. ``dtype``: the element type of ``source`` (default float32)."""
+def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, copies: int,
+                dtype: int | None = None) -> ClonedPath:
+    """Emit a copy of the path from the image to the logits that reads ``source`` (a batch of
+    ``copies`` copies of the batch built from the image, copy-major) instead of the image; returns
+    a view of the graph with it, the cloned nodes of the path and the renaming of tensors. The shape
+    computations that read the path's tensors (``Shape → … → Expand`` of a class token to the
+    batch) are cloned with it, so that they see the new batch; a text model's other per-sample
+    inputs (the attention mask, token types) are repeated ``copies`` times, and what the path
+    computes from them is cloned too. ``dtype``: the element type of ``source`` (default float32)."""
     graph = plan.graph
-    above, depends, cloned = graph.ancestors([plan.logits]), {plan.image}, []
+    sources = {plan.image: (source, dtype or TensorProto.FLOAT)}
+    for name in plan.tokens.per_sample if plan.tokens is not None else ():
+        with b.scope(suffix):
+            sources[name] = (b.Tile(name, b.ints([copies, 1])), graph.dtypes[name])
+    above, depends, cloned = graph.ancestors([plan.logits]), set(sources), []
+    below = graph.ancestors([plan.image])  # what computes a text model's E from its ids stays as it is
     for node in graph.nodes:  # topological order
-        if node.name in above and any(i in depends for i in node.input):
+        if node.name in above and node.name not in below and any(i in depends for i in node.input):
             depends.update(o for o in node.output if o)
             cloned.append(node)
     renamed = {tensor: f"{tensor}/{suffix}" for tensor in depends}
-    renamed[plan.image] = source
+    renamed.update((name, repeated) for name, (repeated, _) in sources.items())
     on_path = {node.name for node in plan.path}
     clones, path_clones = [], []
     for node in cloned:
@@ -166,14 +174,14 @@ def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: in
     # allocation of a compile with --smooth, IG or top-K, docs/memory.md)
     augmented = passes.weightless(graph.model)
     present = {node.name for node in augmented.graph.node}
-    inputs = {tensor.name for tensor in augmented.graph.input} | {source}  # earlier clones' sources too
+    inputs = {tensor.name for tensor in augmented.graph.input} | {s for s, _ in sources.values()}  # earlier ones too
     augmented.graph.node.extend(node for node in b.nodes
                                 if node.name not in present and not inputs.intersection(node.output))
     present = {tensor.name for tensor in augmented.graph.initializer}
     augmented.graph.initializer.extend(t for t in b.initializers if t.name not in present)
-    image_shape = graph.shape(plan.image)
-    augmented.graph.input.append(helper.make_tensor_value_info(
-        source, dtype or TensorProto.FLOAT, [passes.BATCH_DIM, *image_shape[1:]]))
+    for name, (repeated, element_type) in sources.items():
+        augmented.graph.input.append(helper.make_tensor_value_info(
+            repeated, element_type, [passes.BATCH_DIM, *graph.shape(name)[1:]]))
     data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
     return ClonedPath(GraphView(passes.infer_shapes(augmented)[0], weights=graph.initializers), path_clones, renamed,
                       data)
@@ -197,29 +205,52 @@ class RawMap(NamedTuple):
     finish: Callable[[GraphBuilder, str], str]
 
 
-def _image_map(plan: Plan, relevance: str, per_channel: bool = True) -> RawMap:
+def _input_map(b: GraphBuilder, plan: Plan, relevance: str, per_channel: bool = True) -> RawMap:
     """A per-channel map at the image, in the image's layout (or ``[N, 1, H, W]`` with
-    ``per_channel=False``), finished by ``Σ_c A / max A``."""
+    ``per_channel=False``), finished by ``Σ_c A / max A``; a text model's ``[N, T, C]`` map at E,
+    0 at padding tokens, finished by the same scaling into ``[N, T]``."""
+    if plan.tokens is not None:
+        return _token_map(b, plan, relevance, tuple(plan.graph.shape(plan.image)[1:]))
     if not per_channel:
         return RawMap(relevance, (1, *plan.image_size), lambda b, raw: _heatmap(b, raw, False))
     channels_last = plan.channels_last
     return RawMap(relevance, tuple(plan.graph.shape(plan.image)[1:]), lambda b, raw: _heatmap(b, raw, channels_last))
 
 
-def _coarse_map(plan: Plan, coarse: str, size: Sequence[int]) -> RawMap:
-    """A coarse ``[N, 1, h, w]`` map, finished by bilinear upsampling and division by its maximum."""
+def _coarse_map(b: GraphBuilder, plan: Plan, coarse: str, size: Sequence[int]) -> RawMap:
+    """A coarse ``[N, 1, h, w]`` map, finished by bilinear upsampling and division by its maximum; a
+    text model's ``[N, 1, T, 1]`` (its tokens as a T × 1 grid) is already per token."""
+    if plan.tokens is not None:
+        return _token_map(b, plan, b.Reshape(coarse, b.ints([0, -1])), plan.map_size)
     size = tuple(size)
     return RawMap(coarse, (1, *size), lambda b, raw: _upsampled_heatmap(b, plan, raw, size))
 
 
-def _cloned_plan(b: GraphBuilder, plan: Plan, source: str, suffix: str, dtype: int | None = None) -> Plan:
-    """``plan`` on a copy of the path that reads ``source`` (a batch built from the image)."""
-    view, clones, renamed, data = _clone_path(b, plan, source, suffix, dtype)
+def _token_map(b: GraphBuilder, plan: Plan, raw: str, shape: tuple[int, ...]) -> RawMap:
+    """A text model's map ``[N, T, ...]``, exactly 0 at padding tokens (attention mask 0: set here,
+    so that the modifiers' averages and contrasts keep it), finished into ``heatmap`` ``[N, T]``."""
+    if plan.tokens.mask is not None:
+        keep = b.Not(b.Equal(plan.tokens.mask, b.const(0, _numpy_type(plan.graph.dtypes[plan.tokens.mask]))))
+        if len(shape) > 1:
+            keep = b.Unsqueeze(keep, b.ints(list(range(2, 1 + len(shape)))))
+        raw = b.Where(keep, raw, b.const(0.0))
+    return RawMap(raw, shape, lambda b, raw: _token_heatmap(b, raw, 1 + len(shape)))
+
+
+def _numpy_type(element_type: int) -> type:
+    return helper.tensor_dtype_to_np_dtype(element_type).type
+
+
+def _cloned_plan(b: GraphBuilder, plan: Plan, source: str, suffix: str, copies: int,
+                 dtype: int | None = None) -> Plan:
+    """``plan`` on a copy of the path that reads ``source`` (``copies`` batches built from the image)."""
+    view, clones, renamed, data = _clone_path(b, plan, source, suffix, copies, dtype)
     names = {node.name: f"{node.name}/{suffix}" for node in plan.path}  # as _clone_path names them
     return Plan(view, source, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
                 data, {names[n]: k for n, k in plan.kinds.items()},
                 {names[n] for n in plan.first_layers}, plan.channels_last, {},
-                renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid)
+                renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid,
+                plan.tokens.renamed(renamed) if plan.tokens is not None else None)
 
 
 def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
@@ -237,13 +268,13 @@ def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
         repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
         repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
         targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
-    cloned = _cloned_plan(b, plan, repeated, "topk", plan.graph.dtypes.get(plan.image))
+    cloned = _cloned_plan(b, plan, repeated, "topk", top_k, plan.graph.dtypes.get(plan.image))
     heatmap = _emit(b, cloned, method, options, target=targets, modifiers=modifiers)
     if modifiers.smooth:  # the K·N copy only fed the K·S·N noisy one: its own forward pass is never read
         _drop_unread(b, [node for node in b.nodes if node.name.endswith("/topk")])
-    height, width = plan.image_size
+    size = plan.map_size
     with b.scope("topk"):
-        heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, height, width])), perm=[1, 0, 2, 3])
+        heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, *size])), perm=[1, 0, *range(2, 2 + len(size))])
     return TopKMaps(heatmaps, classes, top_k)
 
 
@@ -269,7 +300,7 @@ def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
     image = _float_image(b, plan)
     with b.scope("replicas"):
         expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
-    view, clones, renamed, data = _clone_path(b, plan, expanded, "replica")
+    view, clones, renamed, data = _clone_path(b, plan, expanded, "replica", count)
     logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
     with b.scope("start"):
         target = _target(b, as_scores(b, plan.logits, shape)) if target is None else target
@@ -287,7 +318,7 @@ def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mappin
             with b.scope("image_map"):
                 combined = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count,
                                           options)
-        maps.append(_image_map(plan, combined))
+        maps.append(_input_map(b, plan, combined))
     return maps[0] if others is None else (maps[0], maps[1])
 
 
@@ -314,7 +345,7 @@ def _raw_gradient(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
     """Kind.GRADIENT: the map comes from ∇x at the image."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("image_map"):
-        return _image_map(plan, method.map(b, _float_image(b, plan), streams.gradient(plan.image)))
+        return _input_map(b, plan, method.map(b, _float_image(b, plan), streams.gradient(plan.image)))
 
 
 def _raw_layer(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
@@ -330,7 +361,7 @@ def _raw_path(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, tar
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("path_map"):
         relevance = method.map(b, plan, streams.gradient, _float_image(b, plan))
-    return _image_map(plan, relevance, per_channel=False)  # the map is [N, 1, H, W] whatever the image's layout
+    return _input_map(b, plan, relevance, per_channel=False)  # the map is [N, 1, H, W] whatever the image's layout
 
 
 def _raw_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
@@ -338,7 +369,7 @@ def _raw_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("attention_map"):
         coarse, size = method.map(b, plan, streams.gradient)
-    return _coarse_map(plan, coarse, size)
+    return _coarse_map(b, plan, coarse, size)
 
 
 def _raw_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
@@ -360,12 +391,12 @@ def _raw_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping
         with b.scope("contrast"):
             _walk(b, plan.graph, plan.path, plan.data, contrast, plan.kinds, plan.start, plan.first_layers,
                   gradients=False)
-            relevance = contrastive(b, relevance, contrast.relevance(plan.image), 4)
+            relevance = contrastive(b, relevance, contrast.relevance(plan.image), plan.graph.rank(plan.image))
     if relevance is None and plan.start == plan.image:
         relevance = _start_relevance(b, streams, plan.image)
     if relevance is None:
         raise CompileError(f"no relevance reaches the image '{plan.image}'")
-    return _image_map(plan, relevance)
+    return _input_map(b, plan, relevance)
 
 
 #: One emitter per method kind: (b, plan, method, options, target [N, 1] or None) → the map before its scaling.
@@ -400,7 +431,7 @@ def _modified(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, tar
             if target is None:
                 target = _target(b, as_scores(b, plan.logits, plan.graph.shape(plan.logits)))
             target = b.Tile(target, b.ints([modifiers.smooth, 1]))  # copy-major, as the noisy batch
-        copies = _cloned_plan(b, plan, noisy, "smooth")
+        copies = _cloned_plan(b, plan, noisy, "smooth", modifiers.smooth)
         raw = _modified(b, copies, method, options, target, dataclasses.replace(modifiers, smooth=0))
         with b.scope("smooth"):
             return raw._replace(tensor=average_copies(b, raw.tensor, modifiers.smooth, raw.shape, modifiers.square))
@@ -466,7 +497,7 @@ def _layer_map(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -> Ra
         size = (plan.layer_grid.height, plan.layer_grid.width)
     else:
         size = plan.graph.shape(activation)[2:]
-    return _coarse_map(plan, method.map(b, activation, gradient), size)
+    return _coarse_map(b, plan, method.map(b, activation, gradient), size)
 
 
 def _upsampled_heatmap(b: GraphBuilder, plan: Plan, coarse: str, coarse_size: Sequence[int]) -> str:
@@ -510,9 +541,21 @@ def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
     channel_sum = b.ReduceSum(relevance, b.ints([3 if channels_last else 1]), keepdims=1)
     if channels_last:
         channel_sum = b.Transpose(channel_sum, perm=[0, 3, 1, 2])
-    peak = max_per_sample(b, relevance, 4)
+    return _scaled_by_peak(b, relevance, channel_sum, 4)
+
+
+def _token_heatmap(b: GraphBuilder, relevance: str, rank: int) -> str:
+    """A text model's ``Σ_c Φ₀ / max Φ₀`` (``[N, T, C]`` → ``[N, T]``; a ``[N, T]`` map is only scaled)."""
+    if rank == 2:
+        return _scaled_by_peak(b, relevance, relevance, rank)
+    return b.Squeeze(_scaled_by_peak(b, relevance, b.ReduceSum(relevance, b.ints([2]), keepdims=1), rank), b.ints([2]))
+
+
+def _scaled_by_peak(b: GraphBuilder, relevance: str, channel_sum: str, rank: int) -> str:
+    """``channel_sum / max Φ₀`` per sample, ``/ max |Φ₀|`` where ``max Φ₀ ≤ 0`` (``relevance``: Φ₀ of ``rank``)."""
+    peak = max_per_sample(b, relevance, rank)
     zero = b.const(0.0)
-    scale = b.Where(b.Greater(peak, zero), peak, max_per_sample(b, b.Abs(relevance), 4))
+    scale = b.Where(b.Greater(peak, zero), peak, max_per_sample(b, b.Abs(relevance), rank))
     scale = b.Where(b.Greater(scale, zero), scale, b.const(1.0))
     # float32 overflow is the one way left to a non-finite value; the contract is a finite map
     return _finite(b, b.Div(channel_sum, scale))
@@ -536,15 +579,14 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     # a real input with no initializer behind it: every runtime lists it and honours it (onnxruntime-web and
     # -node cannot see an input that an initializer of the same name backs; -node would ignore the feed)
     graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["T"]))
-    height, width = plan.image_size
     graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT,
-                                                      [passes.BATCH_DIM, 1, height, width]))
+                                                      [passes.BATCH_DIM, *plan.heatmap_shape]))
     if top_k:
         heatmaps, classes, count = top_k.heatmaps, top_k.classes, top_k.count
         graph.node.append(helper.make_node("Identity", [heatmaps], [HEATMAPS_OUTPUT], name="agf/topk/heatmaps"))
         graph.node.append(helper.make_node("Identity", [classes], [CLASSES_OUTPUT], name="agf/topk/classes"))
         graph.output.append(helper.make_tensor_value_info(HEATMAPS_OUTPUT, TensorProto.FLOAT,
-                                                          [passes.BATCH_DIM, count, height, width]))
+                                                          [passes.BATCH_DIM, count, *plan.map_size]))
         graph.output.append(helper.make_tensor_value_info(CLASSES_OUTPUT, TensorProto.INT64, [passes.BATCH_DIM, count]))
     try:
         model, _ = passes.infer_shapes(model)
@@ -553,10 +595,21 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     # what `agf-onnx explain` and other tools need to know about the compiled model
     contract.record(model, {contract.METHOD: method, contract.MODIFIERS: modifiers.metadata(),
                             contract.IMAGE: plan.image, contract.LAYOUT: "NHWC" if plan.channels_last else "NCHW",
-                            contract.LOGITS: plan.logits, contract.SCORES: _scores_output(plan)})
+                            contract.LOGITS: plan.logits, contract.SCORES: _scores_output(plan),
+                            **(_token_metadata(plan) if plan.tokens is not None else {})})
     model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + \
-        "agf-onnx: feed 'target' (int64 [N] or [1]; -1 = the top class) and read 'heatmap' [N, 1, H, W]."
+        "agf-onnx: feed 'target' (int64 [N] or [1]; -1 = the top class) and read 'heatmap' " + \
+        ("[N, T] (per token, 0 at padding)." if plan.tokens is not None else "[N, 1, H, W].")
     return model
+
+
+def _token_metadata(plan: Plan) -> dict[str, str]:
+    """What ``agf-onnx explain`` needs to feed a compiled text model: the roles of its inputs, and
+    the rows of its embedding table (a tokenizer with more tokens is not the model's)."""
+    tokens = plan.tokens
+    return {"agf_onnx.image": tokens.ids, "agf_onnx.vocabulary": str(plan.graph.shape(tokens.table)[0]), "agf_onnx.input": "tokens", "agf_onnx.token_ids": tokens.ids,
+            "agf_onnx.attention_mask": tokens.mask or "", "agf_onnx.token_inputs": ",".join(tokens.others),
+            "agf_onnx.embedding": tokens.embedding}
 
 
 def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",

@@ -434,21 +434,29 @@ FULLGRAD = Method(
 )
 
 def _chefer(b: GraphBuilder, plan: Plan, gradient_at: GradientAt) -> tuple[str, tuple[int, int]]:
-    """Gradient-weighted attention rollout on the patch grid, ``[N, 1, h, w]``, and ``(h, w)``."""
+    """Gradient-weighted attention rollout on the patch grid, ``[N, 1, h, w]``, and ``(h, w)``; for a
+    text model, the [CLS] (first) token's row of ``R − I`` over every token, ``[N, 1, T, 1]`` (the
+    identity is no evidence: without it, [CLS] keeps only what attention brought it)."""
     graph = plan.graph
     attentions = attention_matrices(graph, plan.path)
     tokens = check_rollout(graph, attentions)
-    grid = patch_grid(graph, [n for n in plan.path if n.name in plan.first_layers], plan.image_size, tokens)
-    if grid is None:
-        raise CompileError(f"--method chefer: {tokens} tokens fit no grid of patches of the "
-                           f"{plan.image_size[0]}×{plan.image_size[1]} image")
-    rollout = b.const(np.eye(tokens, dtype=np.float32)[None])  # R = I
+    grid = None
+    if plan.tokens is None:
+        grid = patch_grid(graph, [n for n in plan.path if n.name in plan.first_layers], plan.image_size, tokens)
+        if grid is None:
+            raise CompileError(f"--method chefer: {tokens} tokens fit no grid of patches of the "
+                               f"{plan.image_size[0]}×{plan.image_size[1]} image")
+    identity = b.const(np.eye(tokens, dtype=np.float32)[None])
+    rollout = identity  # R = I
     for attention in attentions:
         gradient = gradient_at(attention)
         if gradient is None:  # a block the target does not depend on adds nothing
             continue
         weights = b.ReduceMean(b.Relu(b.Mul(gradient, attention)), axes=[1], keepdims=0)  # Ā = mean_h relu(∇A ⊙ A)
         rollout = b.Add(rollout, b.MatMul(weights, rollout))  # R = R + Ā·R
+    if grid is None:
+        row = b.Slice(b.Sub(rollout, identity), b.ints([0]), b.ints([1]), b.ints([1]))
+        return b.Reshape(row, b.ints([0, 1, tokens, 1])), (tokens, 1)
     if grid.prefix:  # the class token's row
         row = b.Slice(rollout, b.ints([0]), b.ints([1]), b.ints([1]))
     else:  # no class token: the mean of the rows

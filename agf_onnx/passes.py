@@ -324,18 +324,23 @@ def parse_input_shape(text: str) -> tuple[str, list[int | str]]:
 
 def set_input_shapes(model: onnx.ModelProto,
                      shapes: Mapping[str, Sequence[int | str]]) -> tuple[onnx.ModelProto, bool]:
-    """After: the named inputs have the given dims, and every float input of rank ≥ 2 has a
-    symbolic batch dimension ``N`` (the compiled model takes any batch size)."""
+    """After: the named inputs have the given dims, the other inputs' dims that share a symbolic
+    name with a dim given a value have that value too (a text model's mask and token types follow
+    its ids' sequence length), and every float input of rank ≥ 2 and every integer ``[N, T]``
+    input has a symbolic batch dimension ``N`` (the compiled model takes any batch size)."""
     inputs = {i.name: i for i in model.graph.input}
     for name in shapes:
         if name not in inputs:
             raise CompileError(f"--input-shape: the model has no input '{name}' "
                                f"(inputs: {', '.join(inputs) or 'none'})")
+    shared = _shared_dim_values(inputs, shapes)
     changed = False
     for name, info in inputs.items():
         tensor = info.type.tensor_type
-        if name in shapes:
-            dims = list(shapes[name])
+        dims = list(shapes[name]) if name in shapes else None
+        if dims is None and tensor.HasField("shape") and any(d.dim_param in shared for d in tensor.shape.dim):
+            dims = [shared.get(d.dim_param, d.dim_param) if d.dim_param else d.dim_value for d in tensor.shape.dim]
+        if dims is not None:
             if tensor.HasField("shape") and len(tensor.shape.dim) != len(dims):
                 raise CompileError(f"--input-shape {name}: the model's input has rank "
                                    f"{len(tensor.shape.dim)}, not {len(dims)}")
@@ -347,13 +352,30 @@ def set_input_shapes(model: onnx.ModelProto,
                 else:
                     entry.dim_param = dim
             changed = True
-        if tensor.elem_type in _IMAGE_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) >= 2:
+        batched = (tensor.elem_type in _IMAGE_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) >= 2) or \
+            (tensor.elem_type in _TOKEN_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 2)
+        if batched:
             batch = tensor.shape.dim[0]
             if batch.dim_param != BATCH_DIM:
                 batch.Clear()
                 batch.dim_param = BATCH_DIM
                 changed = True
     return model, changed
+
+
+def _shared_dim_values(inputs: Mapping[str, onnx.ValueInfoProto],
+                       shapes: Mapping[str, Sequence[int | str]]) -> dict[str, int]:
+    """Symbolic dim name → the value given to a dim of that name (``--input-shape ids=1,128`` fixes
+    every input dim named like the ids' sequence axis); the batch axis (the first) is never shared."""
+    shared: dict[str, int] = {}
+    for name, dims in shapes.items():
+        tensor = inputs[name].type.tensor_type
+        if not tensor.HasField("shape") or len(tensor.shape.dim) != len(dims):
+            continue
+        for axis, (dim, given) in enumerate(zip(tensor.shape.dim, dims)):
+            if axis and dim.dim_param and isinstance(given, int):
+                shared[dim.dim_param] = given
+    return shared
 
 
 def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -621,6 +643,8 @@ def _expand_concatenated_constants(node: onnx.NodeProto, probes: _BatchProbes) -
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+#: Token ids and attention masks: integer ``[N, T]`` inputs of text models.
+_TOKEN_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 _IMAGE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
            onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8}
 

@@ -16,6 +16,7 @@ from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView
 from .methods import Kind, Method, flat_layers, is_token_linear
 from .rules import REGISTRY, OpRules
+from .text import TokenInput, check_sequence_static, find_token_input
 from .tokens import TokenGrid, attention_matrices, patch_grid
 
 #: Ops after the logits that the explanation starts below (spec "Start").
@@ -37,7 +38,7 @@ class Plan:
     """What the compiler found in the model before emitting anything."""
 
     graph: GraphView
-    image: str
+    image: str  # the explained input tensor: the image input, or a text model's embedding sum E
     logits: str
     start: str  # the data input X of the top linear layer, where relevance starts
     path: list[onnx.NodeProto]  # nodes from the image to the logits, in topological order
@@ -48,12 +49,25 @@ class Plan:
     unsupported: dict[str, list[str]]  # op type → node names (empty unless planned with strict=False)
     layer: str | None = None  # the explained layer's output tensor, for layer methods (Grad-CAM)
     layer_grid: TokenGrid | None = None  # where the layer's patch tokens lie, when it is a token tensor
+    tokens: TokenInput | None = None  # a text model's inputs: the map is per token, explained at E
 
     @property
     def image_size(self) -> tuple[int, int]:
         """The image's height and width, whatever its layout."""
+        if self.tokens is not None:
+            raise CompileError("internal error: a text model has no image size")
         shape = self.graph.shape(self.image)
         return (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
+
+    @property
+    def map_size(self) -> tuple[int, ...]:
+        """The heatmap's axes after the batch: ``(H, W)`` per pixel, ``(T,)`` per token."""
+        return (self.graph.shape(self.image)[1],) if self.tokens is not None else self.image_size
+
+    @property
+    def heatmap_shape(self) -> tuple[int, ...]:
+        """``heatmap``'s shape after the batch: ``[1, H, W]`` for an image, ``[T]`` for a text."""
+        return self.map_size if self.tokens is not None else (1, *self.map_size)
 
 
 def find_image(graph: GraphView, image: str | None) -> str:
@@ -67,6 +81,17 @@ def find_image(graph: GraphView, image: str | None) -> str:
                            (f"several 4-D inputs ({', '.join(candidates)}); pass --image NAME" if candidates
                             else f"no 4-D input among {', '.join(graph.inputs) or 'none'}; pass --image NAME"))
     return candidates[0]
+
+
+def find_explained(graph: GraphView, image: str | None, logits: str) -> tuple[str, TokenInput | None]:
+    """The explained input tensor: the image input, or, for a text model (integer ``[N, T]`` token
+    ids and no 4-D input), its embedding sum E with the roles of its inputs (``text.py``)."""
+    images = [name for name in graph.inputs if len(graph.shapes.get(name, ())) == 4]
+    if image is None and not images or image is not None and len(graph.shapes.get(image, ())) == 2:
+        tokens = find_token_input(graph, logits, image)
+        if tokens is not None:
+            return tokens.embedding, tokens
+    return find_image(graph, image), None
 
 
 def find_logits(graph: GraphView, logits: str | None) -> str:
@@ -188,12 +213,15 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
 
     ``strict=False`` records unsupported ops in the plan instead of raising (``inspect``)."""
     graph = GraphView(model)
-    image = find_image(graph, image)
-    dtype = graph.dtypes.get(image)
+    images = [name for name in graph.inputs if len(graph.shapes.get(name, ())) == 4]
+    dtype = graph.dtypes.get(image if image is not None else images[0] if len(images) == 1 else "")
     if dtype in _OTHER_FLOATS:  # said first: the logits search would only find no float32 output
-        raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
-                           "or integer images the model casts to float32, are supported")
+        raise CompileError(f"the image input '{image or images[0]}' is {TensorProto.DataType.Name(dtype)}: float32 "
+                           "images, or integer images the model casts to float32, are supported")
     logits = find_logits(graph, logits)
+    image, tokens = find_explained(graph, image, logits)
+    if tokens is not None:
+        _check_text_method(method, layer)
     path, data = path_between(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
@@ -208,7 +236,9 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
         top = None  # inspect: the unsupported ops (QLinearConv…) are the reason, reported in the plan
     start = top.input[0] if method.logit_relevance is None and top is not None else logits
     relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
-    first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and _reads_image(graph, n.input[0], image)}
+    # z^B needs the image's bounds: a text model's layers reading E get the rules of hidden layers
+    first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and tokens is None
+                    and _reads_image(graph, n.input[0], image)}
     layers = [n for n in path if n.name in relevant and (n.op_type == "Conv" or is_token_linear(graph, n))]
     flats = flat_layers(graph, layers, data, flat_policy, flat, full)
     kinds: dict[str, str] = {}
@@ -229,6 +259,8 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     if unsupported and strict:
         raise UnsupportedOpsError(unsupported)
     if strict:
+        if tokens is not None:
+            check_sequence_static(graph, tokens)
         _check_static(graph, image, [image, logits, *(o for n in path for o in n.output if o)])
     dtype = graph.dtypes.get(image)
     if dtype != TensorProto.FLOAT and not (dtype in _INTEGER_IMAGES and any(n.op_type == "Cast" for n in path)):
@@ -237,10 +269,21 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     if layer is not None and method.kind is not Kind.LAYER:
         raise CompileError(f"--layer: the method '{method.name}' explains at the image, not at a layer")
     found = Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
-                 dict(unsupported))
+                 dict(unsupported), tokens=tokens)
     if method.kind is Kind.LAYER:
         found.layer, found.layer_grid = _find_layer(found, layer)
     return found
+
+
+def _check_text_method(method: Method, layer: str | None) -> None:
+    """Refuse, by name, the methods that need a pixel grid on a text model."""
+    if method.kind is Kind.PATH:
+        raise CompileError(f"--method {method.name}: needs an image (its bias terms are upsampled to the pixel grid); "
+                           "a text model's map is per token")
+    if method.kind is Kind.LAYER and layer is None:
+        raise CompileError(f"--method {method.name} on a text model: pass --layer NODE, a node whose output is a "
+                           "[N, T, C] token tensor (no default: only the [CLS] token of the last block reaches the "
+                           "classifier)")
 
 
 def _check_static(graph: GraphView, image: str, tensors: Iterable[str]) -> None:
@@ -297,6 +340,8 @@ def _find_layer(plan: Plan, layer: str | None) -> tuple[str, TokenGrid | None]:
         shape = graph.shape(node.output[0])
         if len(shape) != 3 or graph.batch(node.output[0]) != (0, 1):
             return None
+        if plan.tokens is not None:  # a text's tokens: a T × 1 grid
+            return TokenGrid(0, shape[1], 1) if shape[1] == plan.map_size[0] else None
         return patch_grid(graph, first, plan.image_size, shape[1])
 
     def spatial(node: onnx.NodeProto) -> bool:

@@ -90,11 +90,24 @@ def attention_matrices(graph: GraphView, path: Sequence[onnx.NodeProto]) -> list
         if node.op_type != "Softmax":
             continue
         tensor, readers = node.output[0], graph.consumers.get(node.output[0], [])
-        while len(readers) == 1 and readers[0].op_type in _TRANSPARENT:
-            tensor, readers = readers[0].output[0], graph.consumers.get(readers[0].output[0], [])
+        while len(readers) == 1 and readers[0].op_type in _TRANSPARENT or nan_guard(graph, tensor):
+            tensor = nan_guard(graph, tensor) or readers[0].output[0]
+            readers = graph.consumers.get(tensor, [])
         if any(_weights_values(r, tensor) for r in readers):
             found.append(node.output[0])
     return found
+
+
+def nan_guard(graph: GraphView, tensor: str) -> str | None:
+    """The output of ``Where(IsNaN(A), c, A)`` when that is all that reads ``A`` (PyTorch's
+    ``scaled_dot_product_attention`` export zeroes the NaN rows of a fully masked softmax): the
+    attention matrix as the values see it; None otherwise."""
+    readers = graph.consumers.get(tensor, [])
+    if sorted(r.op_type for r in readers) != ["IsNaN", "Where"]:
+        return None
+    check = next(r for r in readers if r.op_type == "IsNaN")
+    where = next(r for r in readers if r.op_type == "Where")
+    return where.output[0] if list(where.input[::2]) == [check.output[0], tensor] else None
 
 
 def check_rollout(graph: GraphView, attentions: Sequence[str]) -> int:

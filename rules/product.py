@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from agf_onnx.builder import GraphBuilder
 from agf_onnx.graph import GraphView, NodeView
+from agf_onnx.tokens import nan_guard
 
 from ._helpers import batch_axis, broadcast_shape, data_only, output_ratio, unbroadcast
 from ._registry import gradient, relevance
@@ -36,9 +37,14 @@ OperandVjp = Callable[[GraphBuilder, NodeView, int, str], str]
 def is_attention(graph: GraphView, tensor: str) -> bool:
     """Whether ``tensor`` is a Softmax's output, possibly moved or cast on the way."""
     producer = graph.producer.get(tensor)
-    while producer is not None and producer.op_type in _KEEPS_ATTENTION:
-        producer = graph.producer.get(producer.input[0])
+    while producer is not None and (producer.op_type in _KEEPS_ATTENTION or _guards_nan(graph, producer)):
+        producer = graph.producer.get(producer.input[0] if producer.op_type in _KEEPS_ATTENTION else producer.input[2])
     return producer is not None and producer.op_type == "Softmax"
+
+
+def _guards_nan(graph: GraphView, node) -> bool:
+    """``Where(IsNaN(A), c, A)``: the NaN guard of a fully masked softmax (``tokens.nan_guard``)."""
+    return node.op_type == "Where" and nan_guard(graph, node.input[2]) == node.output[0]
 
 
 def _data_inputs(node: NodeView) -> list[int]:

@@ -345,3 +345,94 @@ def explain(model: nn.Module, images: torch.Tensor, target=None, dtype=torch.flo
             flat_through_groupnorm: bool = False, trace: dict | None = None) -> torch.Tensor:
     """The AGF heatmap ``[N, 1, H, W]`` of a ``token_models`` model (see the module docstring)."""
     return heatmap(relevance(model, images, target, dtype, flat_policy, flat_through_groupnorm, trace)).detach()
+
+
+# -- text classifiers: BERT from its embeddings' LayerNorm output E (spec "Token-id inputs") -------
+def _bert_linear(linear: nn.Module, x):
+    return _keep(F.linear(x, linear.weight, linear.bias))
+
+
+def bert_forward(model: nn.Module, feeds: dict):
+    """``transformers``' ``BertForSequenceClassification`` (eager attention, post-norm blocks) written out
+    from E = ``embeddings.LayerNorm(word + position + type)``, keeping the tensors the rules read;
+    checked against the model's own logits."""
+    bert = model.bert
+    embeddings = bert.embeddings
+    ids, types = feeds["input_ids"], feeds.get("token_type_ids", torch.zeros_like(feeds["input_ids"]))
+    positions = torch.arange(ids.shape[1])[None]
+    summed = embeddings.word_embeddings(ids) + embeddings.token_type_embeddings(types) + \
+        embeddings.position_embeddings(positions)
+    e = embeddings.LayerNorm(summed).detach().requires_grad_(True)
+    mask = feeds["attention_mask"][:, None, None, :].to(e.dtype)
+    additive = (1.0 - mask) * torch.finfo(e.dtype).min
+    h, blocks = e, []
+    for layer in bert.encoder.layer:
+        attention, heads = layer.attention.self, layer.attention.self.num_attention_heads
+        b, n, c = h.shape
+        split = lambda t, b=b, n=n, c=c, heads=heads: t.reshape(b, n, heads, c // heads).transpose(1, 2)  # noqa: E731
+        record = {"x0": h, "q": _bert_linear(attention.query, h), "k": _bert_linear(attention.key, h),
+                  "v_out": _bert_linear(attention.value, h), "w_v": attention.value.weight.detach()}
+        record["v"] = split(record["v_out"])
+        scores = split(record["q"]) @ split(record["k"]).transpose(-1, -2) * (c // heads) ** -0.5 + additive
+        record["a"] = _keep(scores.softmax(-1))
+        record["merged"] = (record["a"] @ record["v"]).transpose(1, 2).reshape(b, n, c)
+        output = layer.attention.output
+        record["proj"], record["w_proj"] = _bert_linear(output.dense, record["merged"]), output.dense.weight.detach()
+        record["x1"] = _keep(record["proj"] + h)
+        h1 = record["h1"] = output.LayerNorm(record["x1"])
+        record["mlp"] = {"fc1_in": h1, "f1": _bert_linear(layer.intermediate.dense, h1),
+                         "w1": layer.intermediate.dense.weight.detach(), "w2": layer.output.dense.weight.detach()}
+        record["mlp"]["gelu"] = F.gelu(record["mlp"]["f1"])
+        record["mlp"]["f2"] = _bert_linear(layer.output.dense, record["mlp"]["gelu"])
+        record["x2"] = _keep(record["mlp"]["f2"] + h1)
+        h = layer.output.LayerNorm(record["x2"])
+        blocks.append(record)
+    pooler_in = h[:, 0]
+    pooled = _bert_linear(bert.pooler.dense, pooler_in)
+    head_input = _keep(torch.tanh(pooled))
+    logits = model.classifier(head_input)
+    with torch.no_grad():
+        expected = model(**feeds).logits
+    assert torch.allclose(logits, expected, atol=1e-10, rtol=1e-10), "oracle forward ≠ model"
+    return {"e": e, "blocks": blocks, "tokens_out": h, "pooler_in": pooler_in, "pooled": pooled,
+            "w_pool": bert.pooler.dense.weight.detach(), "head_input": head_input, "logits": logits}
+
+
+def _bert_block(record, relevance, full: bool):
+    """A post-norm block: the LayerNorms pass Φ; the residual Adds, MLP and attention as in the ViT's."""
+    h1, mlp = record["h1"].detach(), record["mlp"]
+    skip, branch = residual_add(h1, mlp["f2"].detach(), relevance)
+    branch = token_linear(mlp["w2"], mlp["gelu"].detach(), mlp["f2"].grad, branch, full)
+    branch = token_linear(mlp["w1"], h1, mlp["f1"].grad, branch, full)  # the GELU gate gives all to its input
+    relevance = fan_out(h1, skip, branch)  # Φ at LayerNorm(x1), passed to x1
+    x0 = record["x0"].detach()
+    skip, branch = residual_add(x0, record["proj"].detach(), relevance)
+    merged = token_linear(record["w_proj"], record["merged"].detach(), record["proj"].grad, branch, full)
+    b, n, c = merged.shape
+    per_head = merged.reshape(b, n, record["a"].shape[1], -1).transpose(1, 2)
+    values = attention_values(record["a"].detach(), record["v"].detach(), per_head)
+    values = values.transpose(1, 2).reshape(b, n, c)  # q and k get no relevance: their Linears add nothing
+    branch = token_linear(record["w_v"], x0, record["v_out"].grad, values, full)
+    return fan_out(x0, skip, branch)
+
+
+def bert_relevance(model: nn.Module, feeds: dict, target=None, dtype=torch.float64,
+                   flat_policy: str = "authors") -> torch.Tensor:
+    """Φ at E ``[N, T, C]`` of a ``BertForSequenceClassification``: the start at the classifier's input,
+    Tanh passes Φ where its output is non-zero, the pooler's Linear on ``[N, C]`` gets the authors' rule
+    of a fully connected layer (the absolute influence C, eq. 9; it does not follow a flattened map, so
+    no gradient–input term), the [CLS] gather moves Φ to token 0, then the blocks backwards (token-wise
+    Linears flat under ``authors``/``pointwise``, the full rule under ``none``)."""
+    model = copy.deepcopy(model).to(dtype).eval()
+    record = bert_forward(model, feeds)
+    _start(record["logits"], target)
+    full = flat_policy == "none"
+    with torch.no_grad():
+        head_input = record["head_input"]
+        relevance = (head_input * head_input.grad).detach() * (head_input != 0)
+        relevance = token_linear(record["w_pool"], record["pooler_in"].detach(), None, relevance, False)
+        tokens = record["tokens_out"].detach()
+        relevance = torch.zeros_like(tokens).index_copy(1, torch.tensor([0]), relevance[:, None])
+        for block in reversed(record["blocks"]):
+            relevance = _bert_block(block, relevance, full)
+    return relevance
