@@ -607,9 +607,9 @@ def _token_metadata(plan: Plan) -> dict[str, str]:
     """What ``agf-onnx explain`` needs to feed a compiled text model: the roles of its inputs, and
     the rows of its embedding table (a tokenizer with more tokens is not the model's)."""
     tokens = plan.tokens
-    return {"agf_onnx.image": tokens.ids, "agf_onnx.vocabulary": str(plan.graph.shape(tokens.table)[0]), "agf_onnx.input": "tokens", "agf_onnx.token_ids": tokens.ids,
-            "agf_onnx.attention_mask": tokens.mask or "", "agf_onnx.token_inputs": ",".join(tokens.others),
-            "agf_onnx.embedding": tokens.embedding}
+    return {contract.IMAGE: tokens.ids, contract.VOCABULARY: str(plan.graph.shape(tokens.table)[0]),
+            contract.INPUT_KIND: "tokens", contract.TOKEN_IDS: tokens.ids, contract.ATTENTION_MASK: tokens.mask or "",
+            contract.TOKEN_INPUTS: ",".join(tokens.others), contract.EMBEDDING: tokens.embedding}
 
 
 def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",

@@ -30,6 +30,13 @@ SCORES = "agf_onnx.scores"  # the graph output carrying them ("" when none does)
 SSL_MODE = "agf_onnx.ssl_mode"  # "diff", "sum" or "none"
 SSL_FEATURES = "agf_onnx.ssl_features"  # the features tensor the bank was built from
 SSL_BANK_ROWS = "agf_onnx.ssl_bank_rows"  # the bank's row count
+#: Text models only (token-id inputs, ``text.py``): what ``explain`` needs to feed them.
+INPUT_KIND = "agf_onnx.input"  # "tokens"
+TOKEN_IDS = "agf_onnx.token_ids"  # the token-id input
+ATTENTION_MASK = "agf_onnx.attention_mask"  # the attention-mask input ("" when none)
+TOKEN_INPUTS = "agf_onnx.token_inputs"  # the other integer [N, T] inputs (token types), comma-separated
+EMBEDDING = "agf_onnx.embedding"  # the explained embedding tensor
+VOCABULARY = "agf_onnx.vocabulary"  # the embedding table's rows
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:

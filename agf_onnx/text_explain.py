@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import passes
-from .compiler import HEATMAP_OUTPUT, TARGET_INPUT
+from . import contract, passes
 from .compiler import compile as compile_model
+from .contract import HEATMAP_OUTPUT, TARGET_INPUT
 from .errors import CompileError
 from .sessions import create_session
 
@@ -112,12 +112,12 @@ class TextExplainer:
                                 f"model accepts at most as many as its position table has rows: pass --input-shape "
                                 f"{ids}=1,T with a smaller T to truncate): {error}") from error
         meta = {p.key: p.value for p in proto.metadata_props}
-        if meta.get("agf_onnx.input") != "tokens":
+        if meta.get(contract.INPUT_KIND) != "tokens":
             raise TextError("the model explains images, not token ids: give it image files, not sentences")
-        self.ids, self.mask = meta["agf_onnx.token_ids"], meta.get("agf_onnx.attention_mask") or None
-        self.others = [name for name in meta.get("agf_onnx.token_inputs", "").split(",") if name]
-        self.scores = meta.get("agf_onnx.scores") or meta.get("agf_onnx.logits")
-        vocabulary = int(meta.get("agf_onnx.vocabulary", 0))
+        self.ids, self.mask = meta[contract.TOKEN_IDS], meta.get(contract.ATTENTION_MASK) or None
+        self.others = [name for name in meta.get(contract.TOKEN_INPUTS, "").split(",") if name]
+        self.scores = meta.get(contract.SCORES) or meta.get(contract.LOGITS)
+        vocabulary = int(meta.get(contract.VOCABULARY, 0))
         if vocabulary and tokenizer.get_vocab_size() > vocabulary:
             raise TextError(f"--tokenizer: its vocabulary has {tokenizer.get_vocab_size()} tokens, the model's embedding "
                             f"table {vocabulary} rows: the tokenizer is not the model's")
