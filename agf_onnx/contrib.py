@@ -407,6 +407,11 @@ def decompose(model: onnx.ModelProto) -> onnx.ModelProto:
     ``CompileError`` for an attribute form of a known op that is not written out."""
     model = _copy(model)
     graph = model.graph
+    domains = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in graph.node} - domains - {"", "ai.onnx"}):
+        # ONNX Runtime's transformer optimiser writes com.microsoft nodes without importing the domain
+        # (its own loader does not ask); ONNX's shape inference of the inner tensors needs the import
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     nchwc = _by_op(n for n in graph.node if n.domain == NCHWC)
     if nchwc:
         raise LayoutSpecificOpsError({f"{NCHWC}.{op}": names for op, names in nchwc.items()})

@@ -661,6 +661,11 @@ def compile_deployed(model: onnx.ModelProto, input_shapes: Mapping | None, compi
     ``compile_canonical`` (the float32 path, unchanged), then spliced under the original."""
     original = onnx.ModelProto()
     original.CopyFrom(model)
+    imported = {o.domain for o in original.opset_import}
+    for domain in sorted({n.domain for n in original.graph.node} - imported - set(_STANDARD)):
+        # ONNX Runtime's transformer optimiser writes com.microsoft nodes without importing the
+        # domain (its loader does not ask; ONNX's checker does): the import changes no node
+        original.opset_import.append(helper.make_opsetid(domain, 1))
     opset = next((o.version for o in original.opset_import if o.domain in _STANDARD), None)
     if opset is not None and opset < passes.TARGET_OPSET:
         # opsets below 17 are upgraded by the project's exact adapters, as on the float32 path

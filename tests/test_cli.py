@@ -114,7 +114,7 @@ class _Wide(torch.nn.Module):
 
 
 def test_the_readmes_onnx_runtime_example_runs_and_loads_cuda_only_where_it_can(tmp_path):
-    """The README's Python example, verbatim but for the file name, in a fresh process: on a machine
+    """The getting-started page's Python example, verbatim but for the file name, in a fresh process: on a machine
     where the GPU wheel cannot load CUDA (CI) it prints no 'Failed to load' error and runs on the CPU."""
     import re
 
@@ -123,8 +123,8 @@ def test_the_readmes_onnx_runtime_example_runs_and_loads_cuda_only_where_it_can(
     torch.onnx.export(_Wide().eval(), (torch.randn(1, 3, 224, 224),), str(original), input_names=["input"],
                       output_names=["scores"], dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}}, dynamo=False)
     onnx.save(agf_onnx.compile(str(original)), tmp_path / "model_agf.onnx")
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"```python\n(import numpy as np\nimport onnxruntime as ort\n.*?)```", readme, re.S).group(1)
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "getting-started.md").read_text()
+    example = re.search(r"```python\n(import numpy as np\nimport onnxruntime as ort\n.*?)```", page, re.S).group(1)
     assert "get_providers()" in example and "set_default_logger_severity(4)" in example
     done = subprocess.run([sys.executable, "-c", example + "\nprint(heatmap.shape)\n"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

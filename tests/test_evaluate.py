@@ -290,7 +290,7 @@ def test_a_method_named_that_cannot_apply_is_refused_before_any_work(cnn_and_dat
     assert code == 2 and not scored and not (tmp_path / "out").exists()
     errors = [line for line in printed.err.splitlines() if line.strip()]
     assert errors == ["agf-onnx: error: --methods chefer: --method chefer: no attention (a Softmax whose output "
-                      "multiplies the values in a MatMul) on the path from the image to the logits"]
+                      "multiplies the values in a MatMul or Einsum) on the path from the image to the logits"]
 
 
 def test_the_default_set_skips_what_cannot_apply_and_says_so(cnn_and_data):
