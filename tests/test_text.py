@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import types
 
 import numpy as np
