@@ -16,7 +16,7 @@ from .coverage import coverage_table
 from .errors import CompileError
 from .inspect import inspect
 from .methods import FLAT_POLICIES, METHODS
-from .modelfile import save, size_on_disk, uses_external_data  # noqa: F401 - save: tools import it from here
+from .modelfile import check_model_file, check_writable, save, size_on_disk, uses_external_data  # noqa: F401 - save: tools import it from here
 from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .outputs import OUTPUT_FORMATS
 from .plots import COLOUR_MAPS, DEFAULT_COLOUR_MAP
@@ -322,37 +322,6 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Print the coverage table generated from the rule registry.")
     rules.add_argument("--method", choices=sorted(METHODS), default="agf")
     return parser
-
-
-def check_model_file(path: str | os.PathLike) -> None:
-    """Refuse a path that cannot hold a model before anything is compiled: a folder, an empty file."""
-    if os.path.isdir(path):
-        raise CompileError(f"{path}: is a folder, not an ONNX model file")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise CompileError(f"{path}: empty file, not an ONNX model")
-
-
-def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
-    """Refuse an output path that cannot be written before any work is done (nothing is created).
-
-    The nearest existing ancestor must be a folder we may write to (``folder``: ``path`` itself
-    may be an existing folder); a file in the way or a missing permission names the path.
-    """
-    path = os.path.abspath(path)
-    if folder and os.path.isdir(path):
-        existing = path
-    elif folder and os.path.lexists(path):
-        raise CompileError(f"-o {path}: is a file; give the folder to write into")
-    else:
-        if os.path.isdir(path):
-            raise CompileError(f"-o {path}: is a folder; give the file to write")
-        existing = os.path.dirname(path)
-        while not os.path.lexists(existing):
-            existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise CompileError(f"-o {path}: cannot write there: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CompileError(f"-o {path}: cannot write there: no write permission in {existing}")
 
 
 def _named(error: CompileError, path: str) -> CompileError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from onnx import TensorProto
@@ -19,11 +19,9 @@ from .builder import GraphBuilder
 from .errors import CompileError
 from .graph import GraphView, NodeView
 from .maths import resize
+from .plan import Plan
 from .rules.normalization import batchnorm_shift
 from .tokens import attention_matrices, check_rollout, patch_grid
-
-if TYPE_CHECKING:
-    from .planning import Plan
 
 Start = Callable[[GraphBuilder, str, str, int], str]
 #: The gradient stream at a tensor (``None`` where the explained score does not depend on it).

@@ -305,3 +305,34 @@ def _skip(file, wire: int) -> None:
         file.seek(4, os.SEEK_CUR)
     else:  # groups (3, 4) are not in onnx.proto
         raise ValueError(f"wire type {wire}")
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """Refuse a path that cannot hold a model before anything is compiled: a folder, an empty file."""
+    if os.path.isdir(path):
+        raise CompileError(f"{path}: is a folder, not an ONNX model file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CompileError(f"{path}: empty file, not an ONNX model")
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done (nothing is created).
+
+    The nearest existing ancestor must be a folder we may write to (``folder``: ``path`` itself
+    may be an existing folder); a file in the way or a missing permission names the path.
+    """
+    path = os.path.abspath(path)
+    if folder and os.path.isdir(path):
+        existing = path
+    elif folder and os.path.lexists(path):
+        raise CompileError(f"-o {path}: is a file; give the folder to write into")
+    else:
+        if os.path.isdir(path):
+            raise CompileError(f"-o {path}: is a folder; give the file to write")
+        existing = os.path.dirname(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CompileError(f"-o {path}: cannot write there: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompileError(f"-o {path}: cannot write there: no write permission in {existing}")

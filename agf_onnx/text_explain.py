@@ -251,8 +251,8 @@ def write_outputs(folder: str | os.PathLike, results: Sequence[SentenceExplanati
 
 def command(args) -> int:
     """``agf-onnx explain MODEL --text … | --sentences FILE --tokenizer PATH -o OUTDIR``."""
-    from .cli import check_model_file, check_writable
     from .explain import label_index, read_labels
+    from .modelfile import check_model_file, check_writable
 
     if args.images:
         raise TextError("give either image files or sentences (--text/--sentences), not both")

@@ -44,3 +44,11 @@ def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text()):
         if not re.match(r"[a-z]+://", target):
             assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
+
+
+def test_no_import_cycle_in_the_package():
+    """agf_onnx/ and rules/ import downwards only (issue 21), function-level and TYPE_CHECKING imports
+    included; tools/import_graph.py reads the imports with ast."""
+    graph = runpy.run_path(str(ROOT / "tools" / "import_graph.py"))
+    described = graph["describe_cycles"](graph["edges"]())
+    assert described.startswith("No import cycle"), described
