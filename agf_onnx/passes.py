@@ -403,7 +403,7 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         if node.op_type == "Reshape" and _free_reshape(node, probes):
             changed = True
         elif node.op_type == "Concat" and not node.domain:
-            added = _expand_concatenated_constants(node, probes)
+            added = _expand_concatenated_constants(node, probes, {o: n for n in graph.node for o in n.output})
             for offset, extra in enumerate(added):
                 graph.node.insert(position + offset, extra)
                 probes.infer(extra)
@@ -426,20 +426,13 @@ def _refuse_unsupported_ops(model: onnx.ModelProto, inputs: Sequence[str]) -> No
     """Raise ``UnsupportedOpsError`` for the nodes between ``inputs`` and the outputs that no rule
     covers (what ``planning.plan`` says first of such a file), if there are any."""
     from .errors import UnsupportedOpsError
+    from .graph import GraphView
     from .planning import _without_rules
 
-    data, downstream = set(inputs), []
-    for node in model.graph.node:
-        if any(i in data for i in node.input):
-            data.update(o for o in node.output if o)
-            downstream.append(node)
-    needed = {o.name for o in model.graph.output}
-    path = []
-    for node in reversed(downstream):
-        if needed.intersection(node.output):
-            path.append(node)
-            needed.update(node.input)
-    missing = _without_rules(path[::-1])
+    graph = GraphView(model)
+    above = graph.ancestors(graph.outputs)
+    flow = [node for source in inputs for node in graph.data_flow(source)[0] if node.name in above]
+    missing = _without_rules(flow)
     if missing:
         raise UnsupportedOpsError(missing)
 
@@ -477,6 +470,9 @@ class _BatchProbes:
         self.blocked: list[onnx.NodeProto] = []
         #: initializers made for the rewritten nodes
         self.added: list[onnx.TensorProto] = []
+        #: tensor → the elements that precede each sample inside its merged batch axis (1: batch-major,
+        #: ``T`` in ``[T·N, C]``), None where untold (as ``GraphView.merged_outer``)
+        self.outer: dict[str, int | None] = {name: 1 for name in self.inputs}
 
     def _set(self, name: str, elem_type: int, small: list[int], large: list[int]) -> None:
         self.dims[0][name], self.dims[1][name], self.types[name] = small, large, elem_type
@@ -534,6 +530,25 @@ class _BatchProbes:
                             for t in shapes)
             if None not in small and None not in large:
                 self._set(name, shapes[0].tensor_type.elem_type, small, large)
+                self.outer[name] = self._outer(node, name)
+
+    def _outer(self, node: onnx.NodeProto, output: str) -> int | None:
+        """``outer`` of ``output``: through a Reshape or Flatten, the elements before the batch in flat
+        order less the whole axes before its batch axis; else the same as an input's merged alike."""
+        batch = self.batch_axis(output)
+        if batch is None or batch[1] == 1:
+            return 1
+        held = [(name, self.batch_axis(name)) for name in node.input if name and self.batch_axis(name)]
+        if node.op_type in ("Reshape", "Flatten") and held:
+            source, (axis_in, _) = held[0]
+            inner = self.outer.get(source)
+            if inner is None:
+                return None
+            elements = int(np.prod(self.dims[0][source][:axis_in])) * inner
+            whole = int(np.prod(self.dims[0][output][:batch[0]]))
+            return elements // whole if elements % whole == 0 and batch[1] % (elements // whole) == 0 else None
+        same = [self.outer.get(name) for name, (_, factor) in held if factor == batch[1]]
+        return same[0] if same else None
 
     def _shape_values(self, node: onnx.NodeProto, dims: dict[str, list[int]],
                       constants: Mapping[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
@@ -572,8 +587,9 @@ def _free_reshape(node: onnx.NodeProto, probes: _BatchProbes) -> bool:
     A target that still fits the input at batch ``2B`` is kept, unless it holds the batch as a
     literal ``B`` where the plain batch belongs (older exports' ``[1, -1]``). Otherwise the batch block
     of the input (after ``P = ∏ dims[:axis]`` outer elements) becomes the first target axis ``j``
-    with ``∏ target[:j] = P``: row-major order keeps each sample's elements together there, as
-    at batch ``B``."""
+    with ``∏ target[:j] = P`` (not the last, the features, unless the batch was last): row-major
+    order keeps each sample's elements together there, as at batch ``B``; failing that, the first
+    axis ``j`` that holds the batch after ``P / ∏ target[:j]`` of its elements (``[T·N, C]``)."""
     data, shape = node.input[0], node.input[1] if len(node.input) > 1 else ""
     batch = probes.batch_axis(data)
     if batch is None or shape not in probes.initializers:
@@ -584,9 +600,17 @@ def _free_reshape(node: onnx.NodeProto, probes: _BatchProbes) -> bool:
     explicit = _explicit_target(target, small, allowzero)
     if target.ndim != 1 or (explicit < 0).any() or int(np.prod(explicit)) != int(np.prod(small)):
         return False
-    outer = int(np.prod(small[:batch[0]]))
+    if probes.outer.get(data) is None:
+        return False  # where the batch sits inside its merged axis is untold
+    outer = int(np.prod(small[:batch[0]])) * probes.outer[data]
+    last_in = batch[0] == len(small) - 1
+    # batch-major: the batch starts target axis j; not the last axis (the features a MatMul reads)
+    # unless it was the input's last axis too
     axes = [j for j in range(len(explicit)) if int(np.prod(explicit[:j])) == outer
-            and explicit[j] > 0 and explicit[j] % probes.batch == 0]
+            and explicit[j] > 0 and explicit[j] % probes.batch == 0 and (j < len(explicit) - 1 or last_in)]
+    # else merged after other elements of axis j (``[T·N, C]``: torch's MultiheadAttention)
+    axes += [j for j in range(len(explicit)) if outer % int(np.prod(explicit[:j])) == 0
+             and explicit[j] % (outer // int(np.prod(explicit[:j])) * probes.batch) == 0]
     if not axes:
         return False
     axis = axes[0]
@@ -604,9 +628,11 @@ def _free_reshape(node: onnx.NodeProto, probes: _BatchProbes) -> bool:
     return True
 
 
-def _expand_concatenated_constants(node: onnx.NodeProto, probes: _BatchProbes) -> list[onnx.NodeProto]:
+def _expand_concatenated_constants(node: onnx.NodeProto, probes: _BatchProbes,
+                                   producers: Mapping[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
     """Nodes that expand each batch-less input of a Concat to the batch of its data inputs (see
-    ``free_batch``), the inputs pointed at them; none where nothing needs it."""
+    ``free_batch``), the inputs pointed at them; none where nothing needs it. At a file batch
+    ``B > 1`` the input is itself an ``Expand`` of one copy (the class token): that copy is expanded."""
     held = [(name, probes.batch_axis(name)) for name in node.input]
     data = [(name, batch) for name, batch in held if batch is not None]
     if not data:
@@ -622,6 +648,14 @@ def _expand_concatenated_constants(node: onnx.NodeProto, probes: _BatchProbes) -
         dims = probes.dims[0].get(name)
         if batch is not None or dims is None or len(dims) != rank or dims[batch_axis] != size:
             continue
+        source = name
+        if dims[batch_axis] != 1:  # B copies of one entry: expand the one entry instead
+            producer = producers.get(name)
+            single = producer.input[0] if producer is not None and producer.op_type == "Expand" else ""
+            single_dims = probes.dims[0].get(single)
+            if single_dims is None or len(single_dims) != rank or single_dims[batch_axis] != 1:
+                continue
+            source = single
         prefix = f"{node.name}/batch_expand_{index}"
 
         def ints(key: str, values: list[int], prefix: str = prefix) -> str:
@@ -634,7 +668,7 @@ def _expand_concatenated_constants(node: onnx.NodeProto, probes: _BatchProbes) -
                   helper.make_node("Slice", [f"{prefix}/shape", ints("start", [batch_axis]),
                                              ints("end", [batch_axis + 1])], [f"{prefix}/batch"], name=f"{prefix}/batch"),
                   helper.make_node("Concat", pieces, [f"{prefix}/dims"], name=f"{prefix}/dims", axis=0),
-                  helper.make_node("Expand", [name, f"{prefix}/dims"], [f"{prefix}/value"], name=f"{prefix}/value")]
+                  helper.make_node("Expand", [source, f"{prefix}/dims"], [f"{prefix}/value"], name=f"{prefix}/value")]
         large = list(dims)
         large[batch_axis] *= 2
         probes._set(f"{prefix}/value", probes.types[name], list(dims), large)
