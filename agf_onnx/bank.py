@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 
 from .bankfile import save_bank
-from .explain import Explainer, ExplainError
-from .report import progress_bar
-from .ssl import features_model
+from .compiler.ssl import features_model
+from .runtime.explain import Explainer, ExplainError
+from .runtime.report import progress_bar
 
 
 def bank(model: onnx.ModelProto | str | os.PathLike, images: Sequence[Any], *, features: str | None = None,

@@ -8,18 +8,19 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, passes
-from .budget import BudgetError, parse_memory
-from .compiler import compile as compile_model
+from . import __version__
+from .compiler import passes
+from .compiler.coverage import coverage_table
+from .compiler.emit import compile as compile_model
+from .compiler.inspect import inspect
+from .compiler.methods import FLAT_POLICIES, METHODS
+from .compiler.modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
 from .contract import HEATMAP_OUTPUT, TARGET_INPUT
-from .coverage import coverage_table
 from .errors import CompileError
-from .inspect import inspect
-from .methods import FLAT_POLICIES, METHODS
 from .modelfile import check_model_file, check_writable, save, size_on_disk, uses_external_data  # noqa: F401 - save: tools import it from here
-from .modifiers import CONTRASTS, DEFAULT_NOISE, DEFAULT_SEED, DEFAULT_SMOOTH, Modifiers, parse_variant
-from .outputs import OUTPUT_FORMATS
-from .plots import COLOUR_MAPS, DEFAULT_COLOUR_MAP
+from .runtime.budget import BudgetError, parse_memory
+from .runtime.outputs import OUTPUT_FORMATS
+from .runtime.plots import COLOUR_MAPS, DEFAULT_COLOUR_MAP
 
 
 def _memory_option(parser: argparse.ArgumentParser) -> None:
@@ -388,9 +389,9 @@ def _explain(args: argparse.Namespace) -> int:
     import contextlib
     import pathlib
 
-    from .explain import Explainer, ExplainError, collect_images, compiled_model, label_index, read_labels
-    from .outputs import ExplainOutputs
-    from .report import progress_bar, warn
+    from .runtime.explain import Explainer, ExplainError, collect_images, compiled_model, label_index, read_labels
+    from .runtime.outputs import ExplainOutputs
+    from .runtime.report import progress_bar, warn
 
     if args.text or args.sentences:
         from .text_explain import command
@@ -484,8 +485,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         usable_methods,
         write_outputs,
     )
-    from .explain import read_labels
-    from .report import progress_bar, warn
+    from .runtime.explain import read_labels
+    from .runtime.report import progress_bar, warn
 
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     variant_defaults = _given_modifiers(args)
@@ -567,7 +568,7 @@ def _count(number: int, noun: str) -> str:
 
 def _bank(args: argparse.Namespace) -> int:
     from .bank import bank
-    from .explain import ExplainError, collect_images
+    from .runtime.explain import ExplainError, collect_images
 
     images, _ = collect_images(args.images)
     if not images:

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import budget
 from .errors import CompileError
 from .evaluate import (
     Evaluation,
@@ -64,7 +63,8 @@ from .evaluate import (
     prepare_samples,
     summary,
 )
-from .explain import Explainer, ExplainError, ImageExplanation, Preprocessing, model_bytes
+from .runtime import budget
+from .runtime.explain import Explainer, ExplainError, ImageExplanation, Preprocessing, model_bytes
 
 #: Rows per block of the input data set: blocks are Ray Data's unit of work per task.
 _MAX_BATCHES_PER_BLOCK = 16

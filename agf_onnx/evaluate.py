@@ -8,7 +8,7 @@ binary (non-zero = the object), or class-coded (``k + 1`` marks class ``k``'s pi
 ignored, PASCAL VOC style) when every non-zero value other than 255 is a labelled class plus one.
 
 Per method, the compiled model explains each image's predicted class and its label ``label``;
-the metrics are those of ``agf_onnx.metrics``. Images count as classified correctly when the top
+the metrics are those of ``agf_onnx.runtime.metrics``. Images count as classified correctly when the top
 class is one of their labels. A self-supervised model (``compile_options`` with ``ssl_bank``, the
 paper's Algorithm 2) explains its in-graph class ``t`` in place of the predicted class, and its
 segmentation is scored on that map; ``results.json`` then reports each image's ``ssl_target`` and
@@ -28,17 +28,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import metrics, passes
+from . import modelfile
 from .bankfile import load_bank
-from .compiler import compile as compile_model
-from .compiler import compile_canonical
+from .compiler import passes
+from .compiler.emit import compile as compile_model
+from .compiler.emit import compile_canonical
+from .compiler.methods import METHODS
+from .compiler.modifiers import NONE as NO_MODIFIERS
+from .compiler.modifiers import Modifiers, parse_variant
 from .contract import HEATMAP_OUTPUT, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 from .errors import CompileError
-from .explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
-from .methods import METHODS
-from .modifiers import NONE as NO_MODIFIERS
-from .modifiers import Modifiers, parse_variant
-from .sessions import create_session
+from .runtime import metrics
+from .runtime.explain import IMAGE_SUFFIXES, Explainer, Preprocessing, load_image, session_options
+from .runtime.sessions import create_session
 
 #: Mask files beside images in a class-folder data set: ``<image stem>.mask.png``.
 MASK_SUFFIX = ".mask.png"
@@ -176,7 +178,7 @@ def inapplicable_methods(model: str | os.PathLike, methods: Sequence[str], compi
     that is no model) is raised, not attributed to a method.
     """
     options = dict(compile_options or {})
-    canonical = passes.canonicalise(passes.load(model), options.pop("input_shapes", None))
+    canonical = passes.canonicalise(modelfile.load(model), options.pop("input_shapes", None))
     refused = {}
     for name in methods:
         base, variant = parse_variant(name, modifiers)
@@ -445,7 +447,7 @@ class Evaluation:
             ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
         explainer_options: preprocessing, ``allow_tf32`` and ``max_memory``, as for ``agf_onnx.Explainer``
             (the classifier's own session gets the same provider and ``allow_tf32``). Each method's
-            runs are split to fit ``max_memory`` from its own measured cost (``agf_onnx.budget``).
+            runs are split to fit ``max_memory`` from its own measured cost (``agf_onnx.runtime.budget``).
         modifiers: what a variant's bare ``+smooth`` means (its ``smooth`` copies when set, the noise, the
             seed) and the contrast of a bare ``+contrast``; methods may be variants such as
             ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
@@ -472,7 +474,7 @@ class Evaluation:
 
     def original(self):
         """The original classifier (an ``onnx.ModelProto``)."""
-        return passes.load(self.model)
+        return modelfile.load(self.model)
 
     def compiled(self, method: str):
         """The model compiled with ``method`` (an ``onnx.ModelProto``), a method or a variant
@@ -587,7 +589,7 @@ def _dig(entry: dict, keys: Sequence[str]):
 
 def write_outputs(out: pathlib.Path, results: dict, settings: dict) -> list[pathlib.Path]:
     """``results.json``, ``results.md`` and ``perturbation.png`` in ``out``."""
-    from .plots import perturbation_plot
+    from .runtime.plots import perturbation_plot
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md", out / "perturbation.png"]

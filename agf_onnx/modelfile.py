@@ -41,6 +41,30 @@ EXTERNAL_THRESHOLD = 1024
 _ALIGN_THRESHOLD, _ALIGNMENT = 1 << 20, 1 << 16
 
 
+def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """Read a model file (external data included) or copy a ``ModelProto``.
+
+    After: a ``ModelProto`` whose tensors hold their data in memory. A file is read one tensor at
+    a time (``modelfile.read``): never the whole file's bytes beside the model. A ``ModelProto``
+    is copied (the compiler extends it in place), which costs its weights once more: pass the path.
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise CompileError(f"initializer '{tensor.name}' has external data; pass the model's "
+                                   "file path instead of a loaded ModelProto")
+        return model
+    path = os.fspath(model_or_path)
+    if not os.path.isfile(path):
+        raise CompileError(f"{path}: no such model file")
+    try:
+        return read(path)
+    except Exception as error:  # protobuf raises several unrelated types on bad files
+        raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
+
+
 def uses_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file at ``path`` keeps any initializer in an external file."""
     model = read(path, weights=False)

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import contract, passes
-from .compiler import compile as compile_model
+from . import contract, modelfile
+from .compiler import passes
+from .compiler.emit import compile as compile_model
 from .contract import HEATMAP_OUTPUT, TARGET_INPUT
 from .errors import CompileError
-from .sessions import create_session
+from .runtime.sessions import create_session
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -101,7 +102,7 @@ class TextExplainer:
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, tokenizer, provider: str = "cpu",
                  length: int | None = None, labels: Sequence[str] | None = None) -> None:
-        proto = model if isinstance(model, onnx.ModelProto) else passes.load(model)
+        proto = model if isinstance(model, onnx.ModelProto) else modelfile.load(model)
         self.compiled_here = not any(o.name == HEATMAP_OUTPUT for o in proto.graph.output)
         if self.compiled_here:
             ids = _token_input(proto)
@@ -179,9 +180,9 @@ class TextExplainer:
 
 def _token_input(model: onnx.ModelProto) -> str:
     """The token-id input of an original text model, found as the compiler finds it."""
-    from .graph import GraphView
-    from .planning import find_logits
-    from .text import find_token_input
+    from .compiler.graph import GraphView
+    from .compiler.planning import find_logits
+    from .compiler.text import find_token_input
 
     graph = GraphView(passes.infer_shapes(passes.canonicalise(onnx.ModelProto.FromString(model.SerializeToString())))[0])
     tokens = find_token_input(graph, find_logits(graph, None))
@@ -197,7 +198,7 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 def _colour(value: float) -> str:
     """``explain.diverging``'s colour for a relevance in [-1, 1]: white at 0, red for, blue against."""
-    from .explain import diverging
+    from .runtime.explain import diverging
 
     r, g, b = diverging(np.array([value]))[0]
     return f"#{r:02x}{g:02x}{b:02x}"
@@ -251,8 +252,8 @@ def write_outputs(folder: str | os.PathLike, results: Sequence[SentenceExplanati
 
 def command(args) -> int:
     """``agf-onnx explain MODEL --text … | --sentences FILE --tokenizer PATH -o OUTDIR``."""
-    from .explain import label_index, read_labels
     from .modelfile import check_model_file, check_writable
+    from .runtime.explain import label_index, read_labels
 
     if args.images:
         raise TextError("give either image files or sentences (--text/--sentences), not both")

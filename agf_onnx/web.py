@@ -30,7 +30,7 @@ import onnx
 
 from . import contract
 from .errors import CompileError
-from .explain import PRESETS, Explainer, compiled_model, read_labels
+from .runtime.explain import PRESETS, Explainer, compiled_model, read_labels
 
 #: the page, shipped as package data
 ASSETS = pathlib.Path(__file__).resolve().parent / "web"
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``agf-onnx web``: build the site (unless MODEL is a site and --serve), then serve it if asked."""
-    from . import passes
+    from .compiler import passes
 
     if args.serve and args.output is None and (pathlib.Path(args.model) / CONFIG_FILE).is_file():
         return serve(args.model, args.port)

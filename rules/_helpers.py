@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import numpy_helper
 
-from agf_onnx.maths import EPSILON, nonzero, retained, safe_divide, sum_per_sample
+from agf_onnx.compiler.maths import EPSILON, nonzero, retained, safe_divide, sum_per_sample
 
 from ._registry import Rule, gradient, relevance
 
 if TYPE_CHECKING:
-    from agf_onnx.builder import GraphBuilder
-    from agf_onnx.graph import NodeView
+    from agf_onnx.compiler.builder import GraphBuilder
+    from agf_onnx.compiler.graph import NodeView
 
 _ONE = numpy_helper.from_array(np.ones(1, np.float32))
 Vjp = Callable[["GraphBuilder", "NodeView", str], str]

@@ -3,7 +3,7 @@
 A *gradient rule* returns ``VJP_op(G)`` for each input of a node; a *relevance rule* returns
 ``Φ`` for each input. Both take ``(b, node)`` (the builder and a ``NodeView``) and return one
 entry per node input, ``None`` for weights and shape inputs. An op may have several relevance
-rules, told apart by *kind* (``"z"``, ``"agf"``, ``"zB"``…); a method (``agf_onnx.methods``)
+rules, told apart by *kind* (``"z"``, ``"agf"``, ``"zB"``…); a method (``agf_onnx.compiler.methods``)
 says which kind each op gets.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agf_onnx.builder import GraphBuilder
-    from agf_onnx.graph import NodeView
+    from agf_onnx.compiler.builder import GraphBuilder
+    from agf_onnx.compiler.graph import NodeView
 
 Rule = Callable[["GraphBuilder", "NodeView"], list]
 

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 from onnx import TensorProto
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
-from agf_onnx.maths import where_nonzero
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
+from agf_onnx.compiler.maths import where_nonzero
 
 from ._helpers import data_only, named, refuse_batch_axes, routed_share
 from ._registry import gradient, relevance

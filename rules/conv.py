@@ -21,9 +21,17 @@ import math
 
 import numpy as np
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
-from agf_onnx.maths import channel_mean, delta_shift, factorise, nonzero, normalise_by_max, safe_divide, where_nonzero
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
+from agf_onnx.compiler.maths import (
+    channel_mean,
+    delta_shift,
+    factorise,
+    nonzero,
+    normalise_by_max,
+    safe_divide,
+    where_nonzero,
+)
 
 from ._helpers import _ONE, Bilinear, data_only, explicit_pads
 from ._registry import gradient, relevance

@@ -27,8 +27,8 @@ Relevance:
 
 from __future__ import annotations
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import GraphView, NodeView
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import GraphView, NodeView
 
 from ._helpers import data_only, output_ratio, pass_through, unbroadcast
 from ._registry import gradient, relevance

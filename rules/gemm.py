@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
-from agf_onnx.maths import channel_mean, delta_shift, nonzero, normalise_by_max, safe_divide, where_nonzero
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
+from agf_onnx.compiler.maths import channel_mean, delta_shift, nonzero, normalise_by_max, safe_divide, where_nonzero
 
 from ._helpers import Bilinear, batch, data_only, named, refuse_batch_axes, static_shape
 from ._registry import gradient, relevance

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
 
 from ._helpers import data_only, pass_through, refuse_batch_axes
 from ._registry import gradient, relevance

@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
 
 from ._helpers import explicit_pads, z_rule_op
 

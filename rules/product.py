@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import GraphView, NodeView
-from agf_onnx.tokens import nan_guard
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import GraphView, NodeView
+from agf_onnx.compiler.tokens import nan_guard
 
 from ._helpers import batch_axis, broadcast_shape, data_only, output_ratio, unbroadcast
 from ._registry import gradient, relevance

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
-from agf_onnx.maths import safe_divide
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
+from agf_onnx.compiler.maths import safe_divide
 
 from ._helpers import broadcast_shape, data_only, named, pass_through, refuse_batch_axes, static_sizes, z_rule_op
 from ._registry import gradient, relevance

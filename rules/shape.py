@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import NodeView
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import NodeView
 
 from ._helpers import batch, data_only, named, pass_through, refuse_batch_axes, static_shape, static_sizes, unbroadcast
 from ._registry import gradient, relevance

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from agf_onnx.compiler import TARGET_INPUT
+from agf_onnx.contract import TARGET_INPUT
 
 ort.set_default_logger_severity(3)
 

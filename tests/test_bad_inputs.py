@@ -19,7 +19,7 @@ from PIL import Image
 import agf_onnx
 from agf_onnx import cli, modelfile
 from agf_onnx.cli import BROKEN_PIPE_EXIT, main
-from agf_onnx.explain import Explainer, ExplainError
+from agf_onnx.runtime.explain import Explainer, ExplainError
 
 from . import models
 from .runtime import run
@@ -311,7 +311,7 @@ def test_explain_rejects_a_bad_label_before_compiling(target, fragments, files, 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled before the label was checked")
 
-    monkeypatch.setattr("agf_onnx.explain.compile_model", no_compiling)
+    monkeypatch.setattr("agf_onnx.runtime.explain._compile_on_the_fly", no_compiling)
     out = tmp_path / "out"
     code = main(["explain", str(files["good"]), str(images / "0.png"), "-o", str(out), "--labels",
                  str(images / "labels.txt"), "--target", target])

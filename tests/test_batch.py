@@ -24,7 +24,7 @@ import torch
 from onnx import helper, numpy_helper
 
 import agf_onnx
-from agf_onnx import passes
+from agf_onnx.compiler import passes
 
 from . import models
 from . import token_models as tm

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from agf_onnx import contrib
+from agf_onnx.compiler import contrib
 from agf_onnx.errors import CompileError, UnsupportedOpsError
 
 from . import architectures, models, token_models

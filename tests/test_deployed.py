@@ -1,4 +1,4 @@
-"""Deployed forms (``agf_onnx/deployed.py``): fp16 and int8 files made by the real converters
+"""Deployed forms (``agf_onnx/compiler/deployed.py``): fp16 and int8 files made by the real converters
 compile, keep their original outputs bit-identical, and explain the function they compute.
 
 Oracles: the fp16 form's map is the float32 network's with fp16-rounded weights (the view's
@@ -16,8 +16,9 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import agf_onnx
-from agf_onnx import deployed, passes
+from agf_onnx import modelfile
 from agf_onnx.cli import main
+from agf_onnx.compiler import deployed
 from agf_onnx.errors import UnsupportedOpsError
 
 from . import deployed_forms as forms
@@ -115,7 +116,7 @@ def test_int8_view_computes_the_quantised_function(key, name):
     QDQ tensors ORT fuses into int8 kernels)."""
     model = forms.build(key, name)
     images = forms.images(BATCH, seed=5)
-    view = deployed.explained_view(passes.load(model)).model
+    view = deployed.explained_view(modelfile.load(model)).model
     assert not any(node.domain or node.op_type in deployed.QUANTISED_OPS for node in view.graph.node)
     original = run(model, {"x": images})["y"]
     np.testing.assert_allclose(run(view, {"x": images})["y"], original, atol=0.1 * np.abs(original).max())
@@ -133,7 +134,7 @@ def test_per_channel_weights_fold_as_onnx_dequantizes_them():
         quantize_static(source, target, forms._Calibration("x"), quant_format=QuantFormat.QDQ, per_channel=True)
 
     model = forms._through_files(write, forms.fp32("mobilenetv2"))
-    view_model = deployed.explained_view(passes.load(model)).model
+    view_model = deployed.explained_view(modelfile.load(model)).model
     view = {t.name: numpy_helper.to_array(t) for t in view_model.graph.initializer}
     weights = {t.name for t in model.graph.initializer}
     folded = [node for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in weights]
@@ -190,7 +191,7 @@ def test_cli_compiles_a_dynamically_quantised_file(tmp_path):
 def test_explainer_runs_a_float16_io_model(tmp_path):
     """``agf-onnx explain`` feeds a float16 image input as float16 (the map stays float32) and
     explains the class the fp16 file scores highest."""
-    from agf_onnx.explain import Explainer
+    from agf_onnx.runtime.explain import Explainer
 
     path = tmp_path / "fp16.onnx"
     onnx.save(agf_onnx.compile(forms.build("fp16", "mobilenetv2"), method="lrp"), path)
@@ -208,7 +209,7 @@ def test_absorbed_relus_come_back_as_clips_of_the_range():
     fp32_relus = sum(node.op_type == "Relu" for node in forms.fp32("resnet").graph.node)
     quantised = forms.build("int8-qdq", "resnet")
     assert not any(node.op_type == "Relu" for node in quantised.graph.node)
-    view = deployed.explained_view(passes.load(quantised)).model
+    view = deployed.explained_view(modelfile.load(quantised)).model
     values = {t.name: numpy_helper.to_array(t) for t in view.graph.initializer}
     clips = [node for node in view.graph.node if node.op_type == "Clip"]
     assert len(clips) == fp32_relus

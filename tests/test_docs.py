@@ -20,7 +20,7 @@ import numpy as np
 
 import agf_onnx
 from agf_onnx import cli
-from agf_onnx.methods import METHODS
+from agf_onnx.compiler.methods import METHODS
 
 from . import models, zoo
 

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import agf_onnx
-from agf_onnx import cli, evaluate, metrics
+from agf_onnx import cli, evaluate
+from agf_onnx.compiler.methods import METHODS
 from agf_onnx.evaluate import EvaluateError, Evaluation, Sample, load_dataset, object_masks
-from agf_onnx.methods import METHODS
+from agf_onnx.runtime import metrics
 from tools import make_benchmark
 
 from . import models

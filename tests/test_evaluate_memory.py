@@ -1,6 +1,6 @@
 """evaluate's memory bound: chunked runs give the maps of one run, and the sessions keep no arena
 block per chunk size. How many images a run takes is sized from each model's measured cost
-(``agf_onnx.budget``, ``tests/test_memory.py``)."""
+(``agf_onnx.runtime.budget``, ``tests/test_memory.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 import agf_onnx
 from agf_onnx import evaluate
-from agf_onnx.explain import Explainer
+from agf_onnx.runtime.explain import Explainer
 
 from .test_bad_inputs import small_classifier
 

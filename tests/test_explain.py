@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import agf_onnx
-from agf_onnx import plots
 from agf_onnx.cli import main
-from agf_onnx.explain import PRESETS, Explainer, ExplainError, blend, diverging
+from agf_onnx.runtime import plots
+from agf_onnx.runtime.explain import PRESETS, Explainer, ExplainError, blend, diverging
 
 from . import models, zoo
 from .runtime import run
@@ -226,7 +226,7 @@ def test_top_k_beyond_the_classes_is_refused_before_the_folder_exists(compiled_p
 
 
 def test_ctrl_c_leaves_a_folder_that_says_it_is_partial(compiled_path, photos, tmp_path, capsys, monkeypatch):
-    from agf_onnx.outputs import ExplainOutputs
+    from agf_onnx.runtime.outputs import ExplainOutputs
 
     add, added = ExplainOutputs.add, []
 
@@ -248,7 +248,7 @@ def test_ctrl_c_leaves_a_folder_that_says_it_is_partial(compiled_path, photos, t
 
 
 def test_results_json_says_incomplete_while_the_run_is_going(compiled_path, photos, tmp_path, monkeypatch):
-    from agf_onnx.outputs import ExplainOutputs
+    from agf_onnx.runtime.outputs import ExplainOutputs
 
     add, states = ExplainOutputs.add, []
 
@@ -278,7 +278,7 @@ def test_quiet_prints_nothing_and_target_minus_one_is_the_top_class(compiled_pat
 
 
 def test_a_benchmark_folder_is_explained_without_its_masks(compiled_path, tmp_path, capsys):
-    from agf_onnx.explain import collect_images
+    from agf_onnx.runtime.explain import collect_images
     from tools import make_benchmark
 
     make_benchmark.generate(tmp_path / "bench", 3, seed=0, size=32, source="digits")
@@ -294,7 +294,7 @@ def test_a_benchmark_folder_is_explained_without_its_masks(compiled_path, tmp_pa
 
 @pytest.mark.parametrize("kind", ["png-16", "tiff-16", "tiff-float", "array-uint16", "array-float-range"])
 def test_deep_images_are_scaled_by_their_bit_depth_not_clipped_to_white(kind, tmp_path):
-    from agf_onnx.explain import load_image
+    from agf_onnx.runtime.explain import load_image
 
     ramp = np.linspace(0.0, 1.0, 64).reshape(8, 8)
     expected = np.round(ramp * 255).astype(np.uint8)

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import agf_onnx
-from agf_onnx.compiler import gradient_model
-from agf_onnx.methods import METHODS, Kind
+from agf_onnx.compiler.emit import gradient_model
+from agf_onnx.compiler.methods import METHODS, Kind
 
 from .runtime import run
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from agf_onnx.rules import REGISTRY
 from onnx import TensorProto, helper, numpy_helper
 
-from agf_onnx.compiler import gradient_model
+from agf_onnx.compiler.emit import gradient_model
 
 from .runtime import run
 

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import agf_onnx
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.graph import GraphView
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import GraphView
 
 from . import models
 from .runtime import run

@@ -7,8 +7,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from agf_onnx import maths
-from agf_onnx.builder import TARGET_OPSET, GraphBuilder
+from agf_onnx.compiler import maths
+from agf_onnx.compiler.builder import TARGET_OPSET, GraphBuilder
 
 from . import oracle
 from .runtime import run

@@ -13,11 +13,13 @@ import onnx
 import pytest
 
 import agf_onnx
-from agf_onnx import budget, modelfile, passes
-from agf_onnx.budget import BudgetError, RunCost, parse_memory
+from agf_onnx import modelfile
 from agf_onnx.cli import main
-from agf_onnx.explain import Explainer
-from agf_onnx.modifiers import Modifiers
+from agf_onnx.compiler import passes
+from agf_onnx.compiler.modifiers import Modifiers
+from agf_onnx.runtime import budget
+from agf_onnx.runtime.budget import BudgetError, RunCost, parse_memory
+from agf_onnx.runtime.explain import Explainer
 
 from . import models
 from .runtime import run
@@ -218,7 +220,7 @@ def test_a_model_written_piece_by_piece_reads_back_the_same(tmp_path):
         for tensor in again.graph.initializer:  # onnx.load marks what it read back from the data file
             tensor.ClearField("data_location")
         assert again == model
-        assert passes.load(path) == onnx.load(path)
+        assert modelfile.load(path) == onnx.load(path)
         onnx.checker.check_model(str(path), full_check=True)
         x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
         feeds = {"x": x, "target": np.array([-1], np.int64)}

@@ -14,7 +14,7 @@ from captum.attr import InputXGradient, Saliency
 
 import agf_onnx
 from agf_onnx.cli import main
-from agf_onnx.methods import METHODS, Kind
+from agf_onnx.compiler.methods import METHODS, Kind
 
 from . import architectures, models, oracle, zoo
 from .runtime import run

@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import agf_onnx
-from agf_onnx import compiler, passes
-from agf_onnx.builder import GraphBuilder
+from agf_onnx import modelfile
 from agf_onnx.cli import main
-from agf_onnx.methods import METHODS, Kind, counter_normal, get_method, target_score_start
-from agf_onnx.modifiers import Modifiers, parse_variant
-from agf_onnx.planning import plan
+from agf_onnx.compiler import emit as compiler
+from agf_onnx.compiler import passes
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.methods import METHODS, Kind, counter_normal, get_method, target_score_start
+from agf_onnx.compiler.modifiers import Modifiers, parse_variant
+from agf_onnx.compiler.planning import plan
 
 from . import models, oracle
 from .runtime import run
@@ -82,7 +84,7 @@ def raw_run(proto: onnx.ModelProto, name: str, images: np.ndarray, targets: np.n
     """The plain method's map before its scaling (``compiler.RawMap``) from a model of its own,
     started from the target's seed or (``contrast``) from the others' seed alone."""
     method = _seeded(get_method(name), contrast)
-    canonical = passes.canonicalise(passes.load(proto))
+    canonical = passes.canonicalise(modelfile.load(proto))
     found = plan(canonical, method=get_method(name))
     b = GraphBuilder(reserved=compiler._all_names(canonical.graph))
     raw = compiler._EMITTERS[method.kind](b, found, method, dict(options or OPTIONS), None)

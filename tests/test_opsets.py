@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import agf_onnx
-from agf_onnx.graph import ai_onnx_opset
+from agf_onnx import modelfile
+from agf_onnx.compiler.graph import ai_onnx_opset
 
 from . import models
 from . import token_models as tm
@@ -97,13 +98,13 @@ def test_opset_12_softmax_over_a_middle_axis_is_the_flattened_softmax():
     same values, bit for bit."""
     from onnx import TensorProto, helper
 
-    from agf_onnx import passes
+    from agf_onnx.compiler import passes
 
     nodes = [helper.make_node("Softmax", ["x"], ["y"], name="softmax", axis=1)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
-    upgraded, changed = passes.upgrade_opset(passes.load(model))
+    upgraded, changed = passes.upgrade_opset(modelfile.load(model))
     assert changed and ai_onnx_opset(upgraded) == 17
     x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     assert np.array_equal(run(upgraded, {"x": x}, optimize=False)["y"], run(model, {"x": x}, optimize=False)["y"])

@@ -29,7 +29,7 @@ import onnx
 import pytest
 
 import agf_onnx
-from agf_onnx import contrib
+from agf_onnx.compiler import contrib
 
 from . import architectures, models, token_models
 from .runtime import run

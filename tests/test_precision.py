@@ -9,8 +9,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.sessions import create_session
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.runtime.sessions import create_session
 from tools import precision
 
 

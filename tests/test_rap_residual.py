@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import agf_onnx
-from agf_onnx import CompileError, passes
-from agf_onnx.methods import METHODS, get_method, with_options
-from agf_onnx.planning import plan
+from agf_onnx import CompileError
+from agf_onnx.compiler import passes
+from agf_onnx.compiler.methods import METHODS, get_method, with_options
+from agf_onnx.compiler.planning import plan
 
 from . import models
 from .runtime import run

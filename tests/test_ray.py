@@ -21,7 +21,7 @@ from PIL import Image
 from agf_onnx import cli
 from agf_onnx.distributed import RayEngine
 from agf_onnx.evaluate import ImageScores, Tally, summary
-from agf_onnx.outputs import read_shard
+from agf_onnx.runtime.outputs import read_shard
 from tools import make_benchmark
 
 from . import models
@@ -281,8 +281,8 @@ def test_ctrl_c_stops_the_run_and_the_ray_instance_it_started(bench, tmp_path):
 def test_outcomes_are_kept_once_per_index_and_a_missing_one_is_refused(tmp_path):
     """The driver's side of fault tolerance: a rerun batch's repeated outcome is dropped, an
     image without any outcome fails the run."""
-    from agf_onnx.explain import ExplainError, Explanation, ImageExplanation
-    from agf_onnx.outputs import ExplainOutputs
+    from agf_onnx.runtime.explain import ExplainError, Explanation, ImageExplanation
+    from agf_onnx.runtime.outputs import ExplainOutputs
 
     def outcome(index: int, value: float) -> ImageExplanation:
         explanation = Explanation(np.zeros((1, 2, 2, 3), np.uint8), np.full((1, 1, 2, 2), value, np.float32),

@@ -52,3 +52,14 @@ def test_no_import_cycle_in_the_package():
     graph = runpy.run_path(str(ROOT / "tools" / "import_graph.py"))
     described = graph["describe_cycles"](graph["edges"]())
     assert described.startswith("No import cycle"), described
+
+
+def test_run_time_never_imports_the_compiler():
+    """agf_onnx.runtime (sessions, the Explainer, outputs, metrics) imports nothing of
+    agf_onnx.compiler, at any level (issue 21's two halves); what both halves agree on is
+    agf_onnx.contract. The compiler imports nothing of run time either."""
+    graph = runpy.run_path(str(ROOT / "tools" / "import_graph.py"))
+    crossing = [f"{e.source} → {e.target} ({e.kind})" for e in graph["edges"]()
+                if {e.source.split(".")[0], e.target.split(".")[0]} == {"runtime", "compiler"}
+                or (e.source.split(".")[0] == "runtime" and e.target == "rules")]
+    assert crossing == [], crossing

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import agf_onnx
-from agf_onnx import passes
+from agf_onnx import modelfile
 from agf_onnx.cli import main
+from agf_onnx.compiler import passes
 
 from . import architectures, models, zoo
 from .runtime import run, session
@@ -33,7 +34,7 @@ def check_explains(original: onnx.ModelProto, compiled: onnx.ModelProto, image: 
     if [o.version for o in original.opset_import if o.domain in ("", "ai.onnx")] != [17]:
         # the compiled model runs the original nodes converted to opset 17: compare with those
         # (ONNX Runtime's kernels of two opset versions may round differently)
-        original = passes.canonicalise(passes.load(original), shapes)
+        original = passes.canonicalise(modelfile.load(original), shapes)
     before = run(original, {name: image}, optimize=False)
     explain = session(compiled, optimize=False)
     outputs = [o.name for o in explain.get_outputs()]

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 import agf_onnx
-from agf_onnx.methods import counter_normal
+from agf_onnx.compiler.methods import counter_normal
 
 from . import models
 from .runtime import run, session

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from agf_onnx.rules import REGISTRY
 from onnx import TensorProto, helper, numpy_helper
 
-from agf_onnx import passes
-from agf_onnx.builder import GraphBuilder
+from agf_onnx import modelfile
+from agf_onnx.compiler import passes
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.graph import GraphView, NodeView
 from agf_onnx.errors import CompileError
-from agf_onnx.graph import GraphView, NodeView
 
 from . import oracle
 from .runtime import run
@@ -37,7 +38,7 @@ def relevance_of(model: onnx.ModelProto, node_name: str, kind: str, x: np.ndarra
                  gradient: np.ndarray | None = None) -> dict:
     """Run the ``kind`` relevance rule of node ``node_name`` (after its gradient rule) with ``relevance``
     and ``gradient`` at its first output; returns ``{input name: Φ}`` and ``{input name: value}``."""
-    canonical = passes.canonicalise(passes.load(model))
+    canonical = passes.canonicalise(modelfile.load(model))
     graph = GraphView(canonical)
     data = graph.data_flow("x")[1]
     proto = next(n for n in graph.nodes if n.name == node_name)
@@ -341,7 +342,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("case,message", REFUSED, ids=[f"{c.op}-{m.split()[0]}" for c, m in REFUSED])
 def test_ops_that_mix_samples_are_refused_by_name(case, message):
-    from agf_onnx.compiler import gradient_model
+    from agf_onnx.compiler.emit import gradient_model
 
     with pytest.raises(CompileError, match=f"{case.op} node '{case.op}_under_test'.*{message}"):
         gradient_model(one_node_model(case), output="y", source="x")
@@ -451,7 +452,7 @@ MOVED_REFUSED = [
 @pytest.mark.parametrize("node,constants,message", MOVED_REFUSED, ids=["Softmax", "ReduceSum", "Gather", "Concat",
                                                                          "MatMul-token-form"])
 def test_ops_along_a_moved_batch_axis_are_refused_and_others_work(node, constants, message):
-    from agf_onnx.compiler import gradient_model
+    from agf_onnx.compiler.emit import gradient_model
 
     model = _moved_batch_model(node, constants)
     if message is not None:
@@ -504,7 +505,7 @@ def test_the_order_of_a_merged_batch_is_followed():
     """[T·N, C] and [N·T, C] have the same sizes; only the reshape chain tells which one holds each
     sample's tokens together."""
     for token_major, outer in ((True, 4), (False, 1)):
-        graph = GraphView(passes.canonicalise(passes.load(_merged_model(token_major, np.ones((3, 2), np.float32)))))
+        graph = GraphView(passes.canonicalise(modelfile.load(_merged_model(token_major, np.ones((3, 2), np.float32)))))
         assert graph.batch("merged") == (0, 4)
         assert graph.merged_outer("merged") == outer
         assert graph.merged_outer("y") == outer  # a MatMul keeps the order

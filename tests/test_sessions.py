@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 import agf_onnx
-from agf_onnx import sessions
 from agf_onnx.cli import main
 from agf_onnx.evaluate import Evaluation
-from agf_onnx.explain import Explainer, ExplainError
-from agf_onnx.sessions import ProviderError, create_session
+from agf_onnx.runtime import sessions
+from agf_onnx.runtime.explain import Explainer, ExplainError
+from agf_onnx.runtime.sessions import ProviderError, create_session
 
 from . import models
 
@@ -205,7 +205,7 @@ def test_cuda_graph_binds_fixed_buffers_and_pads_the_batch(recorder, buffers_on_
 def test_cuda_graph_refuses_shapes_that_vary_beyond_the_batch(buffers_on_the_cpu):
     from types import SimpleNamespace
 
-    from agf_onnx.explain import _CudaGraphRun
+    from agf_onnx.runtime.explain import _CudaGraphRun
 
     def tensor(name, shape, kind="tensor(float)"):
         return SimpleNamespace(name=name, shape=shape, type=kind)

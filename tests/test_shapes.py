@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import agf_onnx
-from agf_onnx import maths, passes
-from agf_onnx.builder import GraphBuilder
-from agf_onnx.compiler import gradient_model
-from agf_onnx.graph import GraphView
+from agf_onnx.compiler import maths, passes
+from agf_onnx.compiler.builder import GraphBuilder
+from agf_onnx.compiler.emit import gradient_model
+from agf_onnx.compiler.graph import GraphView
 
 from . import models
 from .runtime import run

@@ -1,4 +1,4 @@
-"""Self-supervised explanations (the paper's Algorithm 2, ``agf_onnx.ssl``): the in-graph nearest
+"""Self-supervised explanations (the paper's Algorithm 2, ``agf_onnx.compiler.ssl``): the in-graph nearest
 neighbour and class t against NumPy brute force and the PyTorch head, the heatmaps against a
 normal compile told the same class, the file size, the bank, and every refusal."""
 
@@ -14,9 +14,11 @@ from PIL import Image
 from torch import nn
 
 import agf_onnx
-from agf_onnx import CompileError, metrics, ssl
+from agf_onnx import CompileError
 from agf_onnx.cli import main
-from agf_onnx.methods import METHODS, Kind
+from agf_onnx.compiler import ssl
+from agf_onnx.compiler.methods import METHODS, Kind
+from agf_onnx.runtime import metrics
 
 from . import models
 from .runtime import run

@@ -62,7 +62,7 @@ def compiled(arch: str, exporter: str, method: str = "agf", **options) -> onnx.M
     model = exported(arch, exporter)
     options = {k: (dict(v) if isinstance(v, tuple) else v) for k, v in options.items()}
     if method == "gradcam":
-        canonical = agf_onnx.passes.canonicalise(agf_onnx.passes.load(model), {"input_ids": [1, txt.LENGTH]})  # a copy
+        canonical = agf_onnx.compiler.passes.canonicalise(agf_onnx.compiler.modelfile.load(model), {"input_ids": [1, txt.LENGTH]})  # a copy
         options["layer"] = _last_block_output(canonical)
     return agf_onnx.compile(model, method=method, input_shapes={"input_ids": [1, txt.LENGTH]}, **options)
 
@@ -128,7 +128,7 @@ def test_top_k_equals_the_single_class_runs():
 
 
 def test_modifiers_keep_padding_at_zero():
-    from agf_onnx.modifiers import Modifiers
+    from agf_onnx.compiler.modifiers import Modifiers
 
     model = agf_onnx.compile(exported("bert", "torchscript"), input_shapes={"input_ids": [1, txt.LENGTH]},
                              modifiers=Modifiers(smooth=3, contrast="others"))
@@ -257,7 +257,7 @@ def ort_optimised(arch: str) -> onnx.ModelProto:
 def test_embed_layer_normalization_decomposes_into_standard_ops(arch):
     """The decomposition computes what ONNX Runtime's fused op computes (the other fused ops run as
     they are), and the compiler then finds the ids and E through it."""
-    from agf_onnx.text import decompose_embed_layer_normalization
+    from agf_onnx.compiler.text import decompose_embed_layer_normalization
 
     optimised = ort_optimised(arch)
     assert any(n.op_type == "EmbedLayerNormalization" for n in optimised.graph.node)
@@ -281,8 +281,8 @@ def test_the_ort_optimised_form_explains_like_the_export(arch):
     """The file ONNX Runtime's transformer optimiser writes (Attention, EmbedLayerNormalization,
     SkipLayerNormalization…), compiled as it is (its original nodes kept, ``deployed.py``) and after
     an explicit decomposition, explains like the plain export; its own outputs stay bit-identical."""
-    from agf_onnx import contrib
-    from agf_onnx.text import decompose_embed_layer_normalization
+    from agf_onnx.compiler import contrib
+    from agf_onnx.compiler.text import decompose_embed_layer_normalization
 
     optimised = ort_optimised(arch)
     inputs = {i.name for i in optimised.graph.input}

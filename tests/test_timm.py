@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import agf_onnx
-from agf_onnx import passes
-from agf_onnx.methods import METHODS
+from agf_onnx import modelfile
+from agf_onnx.compiler import passes
+from agf_onnx.compiler.methods import METHODS
 
 from . import oracle, timm_zoo
 from .runtime import run, session
@@ -55,7 +56,7 @@ def check_explains(original: onnx.ModelProto, compiled: onnx.ModelProto, batch: 
     lowest class give different maps. Returns the top-class maps and the top classes. A ``known``
     limit of kind ``same-map`` excuses the last check alone, strictly (``KnownLimit.excuse``)."""
     if [o.version for o in original.opset_import if o.domain in ("", "ai.onnx")] != [17]:
-        original = passes.canonicalise(passes.load(original))  # dynamo exports may stay at opset 18
+        original = passes.canonicalise(modelfile.load(original))  # dynamo exports may stay at opset 18
     before = run(original, {"x": batch}, optimize=False)
     explain = session(compiled, optimize=False)
     names = [o.name for o in explain.get_outputs()]

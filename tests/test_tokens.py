@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 import agf_onnx
-from agf_onnx import passes
-from agf_onnx.methods import METHODS
+from agf_onnx import modelfile
+from agf_onnx.compiler import passes
+from agf_onnx.compiler.methods import METHODS
 
 from . import chefer_oracle, oracle_tokens
 from . import token_models as tm
@@ -223,7 +224,7 @@ def test_dynamo_default_opset_gelu(name):
 def test_original_outputs_are_bit_identical(name, exporter):
     original = exported(name, exporter)
     if [o.version for o in original.opset_import if o.domain in ("", "ai.onnx")] != [17]:
-        original = passes.canonicalise(passes.load(original), None)  # the nodes the compiled model runs
+        original = passes.canonicalise(modelfile.load(original), None)  # the nodes the compiled model runs
     images = tm.images(3, seed=5).numpy()
     before = run(original, {"x": images}, optimize=False)
     explain = session(compiled(name, exporter), optimize=False)

@@ -9,8 +9,8 @@ import functools
 import re
 
 import agf_onnx
-from agf_onnx.builder import TARGET_OPSET
-from agf_onnx.methods import METHODS
+from agf_onnx.compiler.builder import TARGET_OPSET
+from agf_onnx.compiler.methods import METHODS
 
 from . import models
 from . import token_models as tm

@@ -17,7 +17,7 @@ from PIL import Image
 
 from agf_onnx import web
 from agf_onnx.cli import main as cli
-from agf_onnx.explain import Explainer, blend
+from agf_onnx.runtime.explain import Explainer, blend
 
 from . import models
 from .runtime import js_install

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import agf_onnx
-from agf_onnx.methods import METHODS
+from agf_onnx.compiler.methods import METHODS
 
 from . import models
 from . import token_models as tm

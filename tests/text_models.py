@@ -125,7 +125,7 @@ def _embedding_norm(model: nn.Module) -> nn.Module:
 
 def at_embeddings(model: nn.Module, feeds: dict, dtype=torch.float64, copied: bool = True):
     """``(E, f)``: the explained tensor E ``[N, T, C]`` of ``feeds`` (the output of the embeddings'
-    LayerNorm, ``agf_onnx.text``) and ``f(E') → logits``, the model with E replaced by ``E'`` (any
+    LayerNorm, ``agf_onnx.compiler.text``) and ``f(E') → logits``, the model with E replaced by ``E'`` (any
     batch that is a whole number of copies of the feeds' batch). ``copied=False``: ``model`` itself
     (already in ``dtype``) runs, with whatever hooks the caller registered on it."""
     model = copy.deepcopy(model).to(dtype).eval() if copied else model

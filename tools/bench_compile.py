@@ -36,7 +36,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
 from agf_onnx.cli import save  # noqa: E402
-from agf_onnx.sessions import create_session, with_target  # noqa: E402
+from agf_onnx.runtime.sessions import create_session, with_target  # noqa: E402
 from tests import models  # noqa: E402
 
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")

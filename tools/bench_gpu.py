@@ -4,7 +4,7 @@ One prepared script for a CUDA machine (a fresh machine costs minutes to start, 
 runs in one go, in priority order, under a time budget, writing its results after every step).
 On seeded VGG-19 and ResNet-50 built from plain ``torch.nn`` (``tests/models.py``, BatchNorm
 calibrated as ``models.seeded`` does, exported with ``torch.onnx``), 224², for the original
-model and every method of ``agf_onnx.methods.METHODS``:
+model and every method of ``agf_onnx.compiler.methods.METHODS``:
 
 - **placement**: the fp32 session is made with ``session.disable_cpu_ep_fallback=1``, so it loads
   only if every node runs on the CUDA provider;
@@ -151,7 +151,7 @@ class Bench:
 
     # -- sessions ---------------------------------------------------------------------------------
     def session(self, model: bytes, *, tf32: bool = False, graph: bool = False, placement: bool = False):
-        from agf_onnx.sessions import create_session
+        from agf_onnx.runtime.sessions import create_session
 
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
@@ -159,7 +159,7 @@ class Bench:
                               options=options)
 
     def cpu_session(self, model: bytes):
-        from agf_onnx.sessions import create_session
+        from agf_onnx.runtime.sessions import create_session
 
         return create_session(model, "cpu")
 
@@ -316,7 +316,7 @@ class Bench:
     def profile(self, name: str, state: dict, method: str = "agf", batch: int = 16) -> None:
         """ONNX Runtime's profiler on one method: node time per op type (top 12). On CUDA a node's time is
         its host-side time: the kernels run asynchronously, so at batch 16 it is a rough guide only."""
-        from agf_onnx.sessions import create_session
+        from agf_onnx.runtime.sessions import create_session
 
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
@@ -348,7 +348,7 @@ class Bench:
         import torch
 
         import agf_onnx
-        from agf_onnx.methods import METHODS
+        from agf_onnx.compiler.methods import METHODS
 
         methods = list(METHODS) if self.args.methods == "all" else self.args.methods.split(",")
         machine = self.results["machine"]

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 import agf_onnx  # noqa: E402
-from agf_onnx.explain import Explainer  # noqa: E402
+from agf_onnx.runtime.explain import Explainer  # noqa: E402
 from tests.models import export  # noqa: E402
 from tools import make_benchmark, train_benchmark  # noqa: E402
 

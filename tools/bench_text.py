@@ -29,7 +29,7 @@ import onnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
 from agf_onnx.cli import save  # noqa: E402
-from agf_onnx.sessions import create_session  # noqa: E402
+from agf_onnx.runtime.sessions import create_session  # noqa: E402
 
 
 def export(tokens: int, folder: str) -> str:
@@ -83,7 +83,7 @@ def peak_memory(path: str, batch: int, tokens: int) -> float:
     """MiB: the resident high-water mark (``VmHWM``: ``ru_maxrss`` would carry the parent's over
     ``exec``) of a fresh process that loads ``path`` and runs it twice."""
     code = ("import sys, numpy as np, onnx; sys.path.insert(0, %r); "
-            "from tools.bench_text import feeds; from agf_onnx.sessions import create_session; "
+            "from tools.bench_text import feeds; from agf_onnx.runtime.sessions import create_session; "
             "s = create_session(onnx.load(%r), 'cpu'); n = {i.name for i in s.get_inputs()}; "
             "f = {k: v for k, v in feeds(%d, %d).items() if k in n}; "
             "f.update({'target': np.full(%d, -1, np.int64)} if 'target' in n else {}); s.run(None, f); s.run(None, f); "

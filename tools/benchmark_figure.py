@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
 from agf_onnx.evaluate import load_dataset  # noqa: E402
-from agf_onnx.explain import Explainer, blend  # noqa: E402
-from agf_onnx.plots import PALETTE  # noqa: E402
+from agf_onnx.runtime.explain import Explainer, blend  # noqa: E402
+from agf_onnx.runtime.plots import PALETTE  # noqa: E402
 
 
 def _mask_picture(mask: np.ndarray) -> np.ndarray:

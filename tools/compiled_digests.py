@@ -76,7 +76,7 @@ def options_for(options: dict) -> dict:
     if "modifiers" in options:
         text = options.pop("modifiers")
         key, _, value = text.partition("=")
-        from agf_onnx.modifiers import Modifiers
+        from agf_onnx.compiler.modifiers import Modifiers
         options["modifiers"] = Modifiers(smooth=int(value)) if key == "smooth" else Modifiers(contrast=value)
     return options
 

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from PIL import Image  # noqa: E402
 
 from agf_onnx.cli import main as agf_onnx_cli  # noqa: E402
-from agf_onnx.explain import diverging  # noqa: E402
+from agf_onnx.runtime.explain import diverging  # noqa: E402
 from tests import models, zoo  # noqa: E402
 
 

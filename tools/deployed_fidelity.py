@@ -27,20 +27,22 @@ FORMS = ("fp16-keep-io", "fp16", "int8-qdq", "int8-qoperator", "int8-dynamic")
 
 def default_layer(model) -> str:
     """The node whose output Grad-CAM explains by default in ``model``."""
-    from agf_onnx import passes
-    from agf_onnx.methods import get_method
-    from agf_onnx.planning import plan
+    from agf_onnx import modelfile
+    from agf_onnx.compiler import passes
+    from agf_onnx.compiler.methods import get_method
+    from agf_onnx.compiler.planning import plan
 
-    found = plan(passes.canonicalise(passes.load(model)), method=get_method("gradcam"))
+    found = plan(passes.canonicalise(modelfile.load(model)), method=get_method("gradcam"))
     return found.graph.producer[found.layer].name
 
 
 def same_layer(model, name: str) -> str:
     """The node of ``model``'s view that computes what the float32 node ``name`` computes (the
     quantisers keep the name, or append ``_quant``)."""
-    from agf_onnx import deployed, passes
+    from agf_onnx import modelfile
+    from agf_onnx.compiler import deployed
 
-    view = deployed.explained_view(passes.load(model)).model if deployed.needs_view(model) else model
+    view = deployed.explained_view(modelfile.load(model)).model if deployed.needs_view(model) else model
     return next(node.name for node in view.graph.node if node.name in (name, f"{name}_quant"))
 
 

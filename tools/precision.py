@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from agf_onnx.builder import GraphBuilder  # noqa: E402
+from agf_onnx.compiler.builder import GraphBuilder  # noqa: E402
 
 TF32_MANTISSA_BITS = 10
 #: the operands rounded: inputs 0 and 1 (data and weights) of these ops; bias is added in float32
@@ -166,7 +166,7 @@ def measure(name: str, methods: list[str], samples: int) -> dict:
     import onnxruntime as ort
 
     import agf_onnx
-    from agf_onnx.sessions import create_session
+    from agf_onnx.runtime.sessions import create_session
     from tests import models
 
     ort.set_default_logger_severity(3)
@@ -230,7 +230,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    from agf_onnx.methods import METHODS
+    from agf_onnx.compiler.methods import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="bench-vgg,bench-resnet,resnet50")

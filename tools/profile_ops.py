@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from agf_onnx.sessions import create_session, with_target  # noqa: E402
+from agf_onnx.runtime.sessions import create_session, with_target  # noqa: E402
 
 
 def profile(path: str, runs: int, top: int, batch: int, provider: str) -> None:

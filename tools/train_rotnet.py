@@ -183,7 +183,7 @@ def command_figure(args: argparse.Namespace) -> None:
     """Rotated test canvases, their rotation, t and the neighbour, and the maps of AGF-SSL (Δ), AGF
     without a neighbour and Grad-CAM on the same t (the default font has no Δ: "diff")."""
     from agf_onnx.evaluate import load_dataset
-    from agf_onnx.explain import Explainer, blend
+    from agf_onnx.runtime.explain import Explainer, blend
 
     model, bank = args.data / "rotnet.onnx", np.load(args.data / "bank.npy")
     samples = load_dataset(args.data / "rotated")[args.first:args.first + args.count]

@@ -19,8 +19,8 @@ import re
 import runpy
 from collections.abc import Callable
 
-from agf_onnx.coverage import coverage_table, methods_table
-from agf_onnx.methods import METHODS
+from agf_onnx.compiler.coverage import coverage_table, methods_table
+from agf_onnx.compiler.methods import METHODS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMPORT_GRAPH = runpy.run_path(str(ROOT / "tools" / "import_graph.py"))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import CompileError
+from ..errors import CompileError
 from .graph import GraphView
 
 #: Integer and boolean element types that token ids and masks come in.
@@ -122,7 +122,7 @@ def find_token_input(graph: GraphView, logits: str, ids: str | None = None) -> T
     fused = [node.name for node in graph.nodes if node.op_type == "EmbedLayerNormalization"]
     if not indexing and fused:
         raise CompileError(f"the token ids feed com.microsoft.EmbedLayerNormalization node '{fused[0]}' (ONNX Runtime's "
-                           "fused embeddings): decompose it first (agf_onnx.text.decompose_embed_layer_normalization), "
+                           "fused embeddings): decompose it first (agf_onnx.compiler.text.decompose_embed_layer_normalization), "
                            "or compile the model as exported, before ONNX Runtime's transformer optimiser")
     if not indexing:
         raise CompileError(f"the integer [N, T] input{'s' if len(candidates) > 1 else ''} {', '.join(candidates)} "

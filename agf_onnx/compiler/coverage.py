@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..rules import REGISTRY
 from .methods import METHODS, get_method
 from .planning import HEAD_OPS
-from .rules import REGISTRY
 
 
 def coverage_table(method: str = "agf") -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .errors import CompileError
+from ..errors import CompileError
 from .graph import GraphView
 from .text import TokenInput
 from .tokens import TokenGrid

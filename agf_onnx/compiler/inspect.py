@@ -11,13 +11,14 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from . import contract, deployed, passes
-from .compiler import compile_canonical
-from .errors import CompileError
+from .. import contract, modelfile
+from ..errors import CompileError
+from ..rules import REGISTRY
+from . import deployed, passes
+from .emit import compile_canonical
 from .methods import get_method
 from .modifiers import NONE, Modifiers, from_metadata
 from .planning import plan
-from .rules import REGISTRY
 
 
 @dataclass
@@ -72,7 +73,7 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     """Report the rule each op on the explained path gets and whether the model compiles (with
     ``modifiers``). A compiled model reports the method and modifiers its metadata records."""
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<model>")
-    loaded = passes.load(model)  # an unreadable file is the caller's error, not a report
+    loaded = modelfile.load(model)  # an unreadable file is the caller's error, not a report
     recorded = contract.metadata(loaded)
     compiled = contract.METHOD in recorded
     if compiled:  # the explained path is the original one; method and modifiers are the recorded ones

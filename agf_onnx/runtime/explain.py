@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 
-from . import budget, contract, modelfile, passes
-from .compiler import compile as compile_model
-from .contract import (
+from .. import contract, modelfile
+from ..contract import (
     CLASSES_OUTPUT,
     HEATMAP_OUTPUT,
     HEATMAPS_OUTPUT,
@@ -23,7 +22,8 @@ from .contract import (
     SSL_TARGET_OUTPUT,
     TARGET_INPUT,
 )
-from .errors import CompileError
+from ..errors import CompileError
+from . import budget
 from .plots import DEFAULT_COLOUR_MAP, MIN_PANEL, blend, colour_map, overlay_figure  # noqa: F401 (blend: API)
 from .sessions import create_session, session_provider
 
@@ -33,6 +33,10 @@ PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], as Paddle classifiers and MTCNN
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # [0, 1]
 }
+#: What compiles an original classifier on the fly (``Explainer(compile_original=True)``,
+#: ``compiled_model``): ``agf_onnx.compile``, handed over by ``agf_onnx/__init__.py`` through
+#: ``use_compiler``. The run-time half never imports the compiler (docs/architecture.md).
+_compile_on_the_fly: Callable[..., onnx.ModelProto] | None = None
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
@@ -266,7 +270,7 @@ class Explainer:
             it is, for its other outputs, as ``agf_onnx.bank`` does).
         batch_size: images per session run.
         allow_tf32: on CUDA, let convs/GEMMs round their operands to TF32 (faster; the maps then
-            diverge from the model's: see ``agf_onnx.sessions``). Default: exact float32.
+            diverge from the model's: see ``agf_onnx.runtime.sessions``). Default: exact float32.
         cuda_graph: for low-latency serving on CUDA: capture the run as a CUDA graph and replay it
             (``enable_cuda_graph=1``) with inputs and outputs bound to fixed GPU buffers. Every run
             then has exactly ``batch_size`` samples (smaller batches are padded, the padding's maps
@@ -557,6 +561,13 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(1, keepdims=True)
 
 
+def use_compiler(compile_function: Callable[..., onnx.ModelProto]) -> None:
+    """Let run time compile an original classifier on the fly with ``compile_function``
+    (``agf_onnx.compile``; called once, when the package is imported)."""
+    global _compile_on_the_fly
+    _compile_on_the_fly = compile_function
+
+
 def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict | None = None,
                    compile_original: bool = True) -> tuple[str | os.PathLike | onnx.ModelProto, bool]:
     """The model with its explanation graph: as it is when it has a ``heatmap`` output (or when
@@ -565,13 +576,16 @@ def compiled_model(model: str | os.PathLike | onnx.ModelProto, input_shapes: dic
     proto = model if isinstance(model, onnx.ModelProto) else _read_model(model, weights=False)
     if not compile_original or any(o.name == HEATMAP_OUTPUT for o in proto.graph.output):
         return model, False
-    return compile_model(model, input_shapes=input_shapes), True
+    if _compile_on_the_fly is None:
+        raise CompileError(f"the model has no '{HEATMAP_OUTPUT}' output and no compiler is at hand: compile it "
+                           "first (agf-onnx compile)")
+    return _compile_on_the_fly(model, input_shapes=input_shapes), True
 
 
 def _read_model(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto:
     """The model file at ``path``; ``weights=False``: without its initializers (graph, metadata)."""
     if weights:
-        return passes.load(path)
+        return modelfile.load(path)
     try:
         return modelfile.read(path, weights=False)
     except Exception as error:  # protobuf raises several unrelated types on bad files
@@ -580,7 +594,7 @@ def _read_model(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProt
 
 def model_bytes(model: str | os.PathLike | onnx.ModelProto) -> bytes:
     """The model serialised (for other processes), its weights read from the file if a path."""
-    return (model if isinstance(model, onnx.ModelProto) else passes.load(model)).SerializeToString()
+    return (model if isinstance(model, onnx.ModelProto) else modelfile.load(model)).SerializeToString()
 
 
 def session_options(threads: int | None = None, memory_pattern: bool = True):

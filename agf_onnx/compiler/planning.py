@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import CompileError, UnsupportedOpsError
+from ..errors import CompileError, UnsupportedOpsError
+from ..rules import REGISTRY, OpRules
 from .graph import GraphView
 from .methods import Kind, Method, flat_layers, is_token_linear
 from .plan import Plan
-from .rules import REGISTRY, OpRules
 from .text import TokenInput, check_sequence_static, find_token_input
 from .tokens import TokenGrid, attention_matrices, patch_grid
 

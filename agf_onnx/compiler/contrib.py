@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import CompileError, UnsupportedOpsError
 from .builder import GraphBuilder
-from .errors import CompileError, UnsupportedOpsError
 
 MICROSOFT = "com.microsoft"
 NCHWC = "com.microsoft.nchwc"

@@ -36,11 +36,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import contract, passes
-from .bankfile import BankLike, load_bank
+from .. import contract, modelfile
+from ..bankfile import BankLike, load_bank
+from ..contract import SSL_BANK_ROWS, SSL_FEATURES, SSL_MODE, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, TARGET_INPUT
+from ..errors import CompileError
+from . import passes
 from .builder import GraphBuilder
-from .contract import SSL_BANK_ROWS, SSL_FEATURES, SSL_MODE, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT, TARGET_INPUT
-from .errors import CompileError
 from .graph import GraphView
 from .maths import as_scores
 from .planning import Plan, find_image, find_logits, path_between, top_linear
@@ -205,7 +206,7 @@ def features_model(model: onnx.ModelProto | str | os.PathLike, features: str | N
                    logits: str | None = None) -> tuple[onnx.ModelProto, str]:
     """The canonicalised model (the graph ``compile`` sees) with the features tensor as an extra
     output; returns it and the tensor's name."""
-    canonical = passes.canonicalise(passes.load(model), input_shapes)
+    canonical = passes.canonicalise(modelfile.load(model), input_shapes)
     graph = GraphView(canonical)
     image, logits = find_image(graph, image), find_logits(graph, logits)
     _, data = path_between(graph, image, logits)

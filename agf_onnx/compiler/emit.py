@@ -18,17 +18,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import contract, deployed, passes, ssl
+from .. import contract, modelfile
+from ..contract import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
+from ..errors import CompileError, UnsupportedOpsError
+from ..rules import REGISTRY
+from . import deployed, passes, ssl
 from .builder import FOLD_LIMIT, GraphBuilder
-from .contract import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
-from .errors import CompileError, UnsupportedOpsError
 from .graph import GraphView, NodeView, ai_onnx_opset
 from .maths import as_scores, max_per_sample, resize, retained, safe_divide, sum_per_sample
 from .methods import Kind, Method, get_method, with_options
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, average_copies, noisy_copies, others_method
 from .planning import Plan, head_chain, path_between, plan
-from .rules import REGISTRY
 from .tokens import as_grid
 
 
@@ -457,7 +458,7 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     This exercises exactly the gradient rules the compiler uses; the tests compare it with
     ``torch.autograd``. Defaults: the first input and the first output.
     """
-    canonical = passes.canonicalise(passes.load(model))
+    canonical = passes.canonicalise(modelfile.load(model))
     graph = GraphView(canonical)
     source, output = source or graph.inputs[0], output or graph.outputs[0]
     path, data = path_between(graph, source, output)
@@ -644,7 +645,7 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             also outputs ``ssl_target`` and ``ssl_neighbour`` (int64 ``[N]``); ``target`` still overrides t.
         features: the tensor that feeds the head (default: the data input of the op that makes the logits).
         ssl_mode: ``"diff"`` (default, Algorithm 2), ``"sum"`` (``head(L_I + L_N)``) or ``"none"`` (``head(L_I)``).
-        modifiers: ``agf_onnx.modifiers.Modifiers(smooth=S, noise=F, seed=N, square=…, contrast="others"|"softmax")``:
+        modifiers: ``agf_onnx.compiler.modifiers.Modifiers(smooth=S, noise=F, seed=N, square=…, contrast="others"|"softmax")``:
             the method's map averaged over S noisy copies and/or contrasted with the other classes', in the
             same run (``modifiers.py``); recorded in the metadata ``agf_onnx.modifiers``.
 
@@ -653,7 +654,7 @@ def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
     get_method(method)  # an unknown method is refused before the model is read
-    loaded = passes.load(model)
+    loaded = modelfile.load(model)
     if deployed.needs_view(loaded):  # fp16, int8, fused ops: explained through a float32 view (deployed.py)
         return deployed.compile_deployed(loaded, input_shapes, compile_canonical, method=method, logits=logits,
                                          image=image, flat_policy=flat_policy, flat=flat, full=full, layer=layer,

@@ -67,8 +67,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from ..errors import CompileError, UnsupportedOpsError
 from . import passes
-from .errors import CompileError, UnsupportedOpsError
 
 #: Float types the view widens to float32.
 NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)

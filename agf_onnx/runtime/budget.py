@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import CompileError
+from ..errors import CompileError
 
 #: Share of the available memory (``MemAvailable``) a run may use by default: the rest is left to
 #: the operating system's caches, other processes and the measurement's own error.

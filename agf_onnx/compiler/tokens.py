@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from ..errors import CompileError
 from .builder import GraphBuilder
-from .errors import CompileError
 from .graph import GraphView
 
 #: At most this many tokens before the patch tokens (class, distillation and register tokens).

@@ -5,45 +5,19 @@ are added, nothing is recomputed differently."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
-from . import modelfile
+from ..errors import CompileError
 from .builder import TARGET_OPSET
-from .errors import CompileError
 from .graph import BATCH_DIM, ai_onnx_opset, batch_dim, batch_factor, evaluator
 
 #: Ops whose folded output can be far larger than their inputs (the onnx zoo stores weights
 #: as ConstantOfShape): folding them would bloat the file, so their outputs stay computed.
 _EXPANDING_OPS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample"}
-
-
-def load(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """Read a model file (external data included) or copy a ``ModelProto``.
-
-    After: a ``ModelProto`` whose tensors hold their data in memory. A file is read one tensor at
-    a time (``modelfile.read``): never the whole file's bytes beside the model. A ``ModelProto``
-    is copied (the compiler extends it in place), which costs its weights once more: pass the path.
-    """
-    if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raise CompileError(f"initializer '{tensor.name}' has external data; pass the model's "
-                                   "file path instead of a loaded ModelProto")
-        return model
-    path = os.fspath(model_or_path)
-    if not os.path.isfile(path):
-        raise CompileError(f"{path}: no such model file")
-    try:
-        return modelfile.read(path)
-    except Exception as error:  # protobuf raises several unrelated types on bad files
-        raise CompileError(f"{path}: not a readable ONNX model ({error})") from error
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -425,7 +399,7 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 def _refuse_unsupported_ops(model: onnx.ModelProto, inputs: Sequence[str]) -> None:
     """Raise ``UnsupportedOpsError`` for the nodes between ``inputs`` and the outputs that no rule
     covers (what ``planning.plan`` says first of such a file), if there are any."""
-    from .errors import UnsupportedOpsError
+    from ..errors import UnsupportedOpsError
     from .graph import GraphView
     from .planning import _without_rules
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import CompileError
+from ..errors import CompileError
 
 Shape = tuple  # of int | None; None is a dynamic dimension (the batch)
 

@@ -44,8 +44,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from ..errors import CompileError
 from .builder import GraphBuilder
-from .errors import CompileError
 from .methods import CLRP, METHODS, SGLRP, SMOOTHGRAD, Method, target_score_start
 
 #: The others' seed per contrast (b, scores [N, K], the target's one-hot) → [N, K]: CLRP's and SGLRP's own.

@@ -33,7 +33,7 @@ from typing import Any
 
 import onnx
 
-from .errors import CompileError
+from ..errors import CompileError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
+from ..errors import CompileError
+from ..rules.normalization import batchnorm_shift
 from .builder import GraphBuilder
-from .errors import CompileError
 from .graph import GraphView, NodeView
 from .maths import resize
 from .plan import Plan
-from .rules.normalization import batchnorm_shift
 from .tokens import attention_matrices, check_rollout, patch_grid
 
 Start = Callable[[GraphBuilder, str, str, int], str]
