@@ -62,7 +62,7 @@ def compiled(arch: str, exporter: str, method: str = "agf", **options) -> onnx.M
     model = exported(arch, exporter)
     options = {k: (dict(v) if isinstance(v, tuple) else v) for k, v in options.items()}
     if method == "gradcam":
-        canonical = agf_onnx.compiler.passes.canonicalise(agf_onnx.compiler.modelfile.load(model), {"input_ids": [1, txt.LENGTH]})  # a copy
+        canonical = agf_onnx.compiler.passes.canonicalise(agf_onnx.modelfile.load(model), {"input_ids": [1, txt.LENGTH]})  # a copy
         options["layer"] = _last_block_output(canonical)
     return agf_onnx.compile(model, method=method, input_shapes={"input_ids": [1, txt.LENGTH]}, **options)
 
