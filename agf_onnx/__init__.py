@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .bank import bank
 from .compiler import compile
+from .compiler.spec import CompileSpec
 from .contract import HEATMAP_OUTPUT, TARGET_INPUT
 from .errors import CompileError, UnsupportedOpsError
 from .runtime import explain as _explain
@@ -19,5 +20,5 @@ from .runtime.explain import Explainer, Explanation
 _explain.use_compiler(compile)  # an Explainer compiles an original model on the fly
 
 __version__ = "0.1.0"
-__all__ = ["compile", "bank", "Explainer", "Explanation", "CompileError", "UnsupportedOpsError", "TARGET_INPUT",
+__all__ = ["compile", "CompileSpec", "bank", "Explainer", "Explanation", "CompileError", "UnsupportedOpsError", "TARGET_INPUT",
            "HEATMAP_OUTPUT", "__version__"]

@@ -23,6 +23,7 @@ SSL_TARGET_OUTPUT, SSL_NEIGHBOUR_OUTPUT = "ssl_target", "ssl_neighbour"  # with 
 #: Metadata keys (``ModelProto.metadata_props``) a compiled model carries.
 METHOD = "agf_onnx.method"  # the method's name
 MODIFIERS = "agf_onnx.modifiers"  # the modifiers (``modifiers.Modifiers.metadata``)
+SPEC = "agf_onnx.spec"  # every compile option (``compiler.spec.CompileSpec.record``, JSON)
 IMAGE = "agf_onnx.image"  # the explained input
 LAYOUT = "agf_onnx.layout"  # "NCHW" or "NHWC"
 LOGITS = "agf_onnx.logits"  # the tensor holding the class scores

@@ -9,7 +9,7 @@ ignored, PASCAL VOC style) when every non-zero value other than 255 is a labelle
 
 Per method, the compiled model explains each image's predicted class and its label ``label``;
 the metrics are those of ``agf_onnx.runtime.metrics``. Images count as classified correctly when the top
-class is one of their labels. A self-supervised model (``compile_options`` with ``ssl_bank``, the
+class is one of their labels. A self-supervised model (a ``CompileSpec`` with ``ssl_bank``, the
 paper's Algorithm 2) explains its in-graph class ``t`` in place of the predicted class, and its
 segmentation is scored on that map; ``results.json`` then reports each image's ``ssl_target`` and
 ``ssl_neighbour`` per method.
@@ -36,6 +36,7 @@ from .compiler.emit import compile_canonical
 from .compiler.methods import METHODS
 from .compiler.modifiers import NONE as NO_MODIFIERS
 from .compiler.modifiers import Modifiers, parse_variant
+from .compiler.spec import CompileSpec
 from .contract import HEATMAP_OUTPUT, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 from .errors import CompileError
 from .runtime import metrics
@@ -168,7 +169,7 @@ def check_methods(methods: Sequence[str], defaults: Modifiers = NO_MODIFIERS) ->
             raise EvaluateError(f"--methods: {error}") from None
 
 
-def inapplicable_methods(model: str | os.PathLike, methods: Sequence[str], compile_options: dict | None = None,
+def inapplicable_methods(model: str | os.PathLike, methods: Sequence[str], spec: CompileSpec | None = None,
                          modifiers: Modifiers = NO_MODIFIERS) -> dict[str, CompileError]:
     """The methods that cannot explain ``model``, each with the error that says why.
 
@@ -177,21 +178,21 @@ def inapplicable_methods(model: str | os.PathLike, methods: Sequence[str], compi
     for ``gradcam``) is known from the compiled graph only. An error of the model itself (a file
     that is no model) is raised, not attributed to a method.
     """
-    options = dict(compile_options or {})
-    canonical = passes.canonicalise(modelfile.load(model), options.pop("input_shapes", None))
+    spec = spec or CompileSpec()
+    canonical = passes.canonicalise(modelfile.load(model), spec.input_shapes)
     refused = {}
     for name in methods:
         base, variant = parse_variant(name, modifiers)
         attempt = onnx.ModelProto()
         attempt.CopyFrom(canonical)  # compiling extends the model in place
         try:
-            compile_canonical(attempt, method=base, modifiers=variant, check=False, **options)
+            compile_canonical(attempt, spec.replace(method=base, modifiers=variant, check=False))
         except CompileError as error:
             refused[name] = error
     return refused
 
 
-def usable_methods(model: str | os.PathLike, methods: Sequence[str], compile_options: dict | None = None,
+def usable_methods(model: str | os.PathLike, methods: Sequence[str], spec: CompileSpec | None = None,
                    modifiers: Modifiers = NO_MODIFIERS, explicit: bool = True) -> tuple[list[str], dict[str, str]]:
     """The methods to run and those skipped, each with the first line of why (``inapplicable_methods``).
 
@@ -199,7 +200,7 @@ def usable_methods(model: str | os.PathLike, methods: Sequence[str], compile_opt
     (``MethodRefused``, exit 2); from the default set ("all") such methods are skipped. When no
     method applies, the first one's own error is raised (unsupported ops: exit 2 with the list).
     """
-    refused = inapplicable_methods(model, methods, compile_options, modifiers)
+    refused = inapplicable_methods(model, methods, spec, modifiers)
     if len(refused) == len(methods):
         raise next(iter(refused.values()))
     reasons = {name: str(error).splitlines()[0] for name, error in refused.items()}
@@ -443,8 +444,9 @@ class Evaluation:
     Args:
         model: the original ONNX classifier (each method is compiled from it).
         methods: method names (see ``agf-onnx compile --method``).
-        compile_options: ``input_shapes``, ``logits``, ``image`` (and ``ssl_bank``, ``features``,
-            ``ssl_mode`` for a self-supervised model) as for ``agf_onnx.compile``.
+        spec: the compile options common to every method (``CompileSpec``: ``input_shapes``,
+            ``logits``, ``image``, ``flat_policy``, the method options, and ``ssl_bank``, ``features``,
+            ``ssl_mode`` for a self-supervised model); each method replaces its method and modifiers.
         explainer_options: preprocessing, ``allow_tf32`` and ``max_memory``, as for ``agf_onnx.Explainer``
             (the classifier's own session gets the same provider and ``allow_tf32``). Each method's
             runs are split to fit ``max_memory`` from its own measured cost (``agf_onnx.runtime.budget``).
@@ -453,15 +455,15 @@ class Evaluation:
             ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
     """
 
-    def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, compile_options: dict | None = None,
+    def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, spec: CompileSpec | None = None,
                  provider: str = "auto", batch_size: int = 16, modifiers: Modifiers = NO_MODIFIERS,
                  **explainer_options) -> None:
         check_methods(methods, modifiers)
         self.modifier_defaults = modifiers
         self.model, self.methods, self.batch_size = str(model), list(methods), batch_size
-        self.compile_options, self.explainer_options = dict(compile_options or {}), dict(explainer_options)
-        if self.compile_options.get("ssl_bank") is not None:  # read once, not once per method
-            self.compile_options["ssl_bank"] = load_bank(self.compile_options["ssl_bank"])
+        self.spec, self.explainer_options = spec or CompileSpec(), dict(explainer_options)
+        if self.spec.ssl_bank is not None:  # read once, not once per method
+            self.spec = self.spec.replace(ssl_bank=load_bank(self.spec.ssl_bank))
         self.provider_choice = provider
         #: the first method's explainer: the preprocessing, the layout and the scores' name for all
         self.reference = self.explainer(methods[0])
@@ -480,7 +482,7 @@ class Evaluation:
         """The model compiled with ``method`` (an ``onnx.ModelProto``), a method or a variant
         ``method+modifier…`` (``modifiers.parse_variant``)."""
         base, modifiers = parse_variant(method, self.modifier_defaults)
-        return compile_model(self.model, method=base, modifiers=modifiers, **self.compile_options)
+        return compile_model(self.model, self.spec.replace(method=base, modifiers=modifiers))
 
     def explainer(self, method: str) -> Explainer:
         """A session of the model compiled with ``method``."""

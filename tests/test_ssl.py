@@ -490,7 +490,7 @@ def test_features_the_head_bypasses_are_refused(resnet):
 
 
 def test_ssl_arguments_need_a_bank(vgg):
-    with pytest.raises(CompileError, match="--features and --ssl-mode belong to --ssl-bank"):
+    with pytest.raises(CompileError, match="--features and --ssl-mode need --ssl-bank"):
         agf_onnx.compile(vgg, ssl_mode="sum")
     with pytest.raises(CompileError, match="--ssl-mode median: expected one of diff, sum, none"):
         agf_onnx.compile(vgg, ssl_bank=np.zeros((2, 64), np.float32), ssl_mode="median")

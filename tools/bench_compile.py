@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
-from agf_onnx.cli import save  # noqa: E402
+from agf_onnx.modelfile import save  # noqa: E402
 from agf_onnx.runtime.sessions import create_session, with_target  # noqa: E402
 from tests import models  # noqa: E402
 

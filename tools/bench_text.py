@@ -28,7 +28,7 @@ import onnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import agf_onnx  # noqa: E402
-from agf_onnx.cli import save  # noqa: E402
+from agf_onnx.modelfile import save  # noqa: E402
 from agf_onnx.runtime.sessions import create_session  # noqa: E402
 
 

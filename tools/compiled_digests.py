@@ -1,8 +1,9 @@
 """Digests of compiled models, to show a refactor changed no graph: every method (and the
 modifiers, top-K and the options that replicate a path) compiled for a small CNN and a small ViT
 (`tests/models.py`, `tests/token_models.py`, seeded weights), each compiled file's SHA-256 and a
-second digest with node and intermediate tensor names replaced by their position (equal when
-two graphs differ only in naming).
+second digest with node and intermediate tensor names replaced by their position and without the
+``agf_onnx.spec`` metadata entry (the record of the compile options, added by issue 21's typed
+spec): equal when two graphs differ only in naming and that record.
 
     python tools/compiled_digests.py --models /tmp/digest_models --write before.json   # on the old commit
     python tools/compiled_digests.py --models /tmp/digest_models --compare before.json # on the new one
@@ -53,7 +54,8 @@ def originals(folder: str) -> dict[str, str]:
 
 def renamed(model: onnx.ModelProto) -> bytes:
     """The model with node names and every tensor name that is not a graph input, output or
-    initializer replaced by its first position, so that naming alone does not change the bytes."""
+    initializer replaced by its first position, and without the ``agf_onnx.spec`` record, so that
+    naming alone does not change the bytes."""
     graph = model.graph
     kept = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
     names: dict[str, str] = {}
@@ -67,6 +69,9 @@ def renamed(model: onnx.ModelProto) -> bytes:
                     field[i] = names.setdefault(name, f"t{len(names)}")
     for info in copy.graph.value_info:
         info.name = names.get(info.name, info.name)
+    kept_props = [p for p in copy.metadata_props if p.key != "agf_onnx.spec"]
+    del copy.metadata_props[:]
+    copy.metadata_props.extend(kept_props)
     return copy.SerializeToString(deterministic=True)
 
 
@@ -117,7 +122,7 @@ def main() -> int:
         if old == new:
             verdict = "identical"
         elif old and new and old.get("names_aside") and old.get("names_aside") == new.get("names_aside"):
-            verdict = "naming only"
+            verdict = "naming/spec record only"
         else:
             verdict, differ = "DIFFERENT", differ + 1
         print(f"{case:32} {verdict}")

@@ -75,7 +75,7 @@ def main() -> None:
     from bench_compile import export
 
     import agf_onnx
-    from agf_onnx.cli import save
+    from agf_onnx.modelfile import save
 
     with tempfile.TemporaryDirectory() as folder:
         source, target = os.path.join(folder, "model.onnx"), os.path.join(folder, "model_agf.onnx")

@@ -69,6 +69,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..errors import CompileError, UnsupportedOpsError
 from . import passes
+from .spec import CompileSpec
 
 #: Float types the view widens to float32.
 NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -655,8 +656,7 @@ def _merge_opsets(result: onnx.ModelProto, compiled: onnx.ModelProto) -> None:
     result.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in sorted(versions.items()))
 
 
-def compile_deployed(model: onnx.ModelProto, input_shapes: Mapping | None, compile_canonical: Callable,
-                     **options) -> onnx.ModelProto:
+def compile_deployed(model: onnx.ModelProto, spec: CompileSpec, compile_canonical: Callable) -> onnx.ModelProto:
     """``compiler.compile`` of a deployed form: the view canonicalised, planned and explained by
     ``compile_canonical`` (the float32 path, unchanged), then spliced under the original."""
     original = onnx.ModelProto()
@@ -673,13 +673,12 @@ def compile_deployed(model: onnx.ModelProto, input_shapes: Mapping | None, compi
         original, _ = passes.upgrade_opset(original)
     passes.drop_initializer_inputs(original)
     view = explained_view(original)
-    canonical = passes.canonicalise(view.model, input_shapes)
+    canonical = passes.canonicalise(view.model, spec.input_shapes)
     before = ExplainedView(onnx.ModelProto(), view.reads_activations)
     before.model.CopyFrom(canonical)
-    check = options.pop("check", True)
-    compiled = compile_canonical(canonical, check=False, reserved=_names(original), **options)
+    compiled = compile_canonical(canonical, spec.replace(check=False), reserved=_names(original))
     result = splice(original, before, compiled)
-    if check:
+    if spec.check:
         try:
             onnx.checker.check_model(passes.weightless(result), full_check=True)
         except Exception as error:  # a compiler bug, never the user's

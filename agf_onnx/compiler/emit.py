@@ -30,6 +30,7 @@ from .methods import Kind, Method, get_method, with_options
 from .modifiers import NONE as NO_MODIFIERS
 from .modifiers import Modifiers, average_copies, noisy_copies, others_method
 from .planning import Plan, head_chain, path_between, plan
+from .spec import CompileSpec
 from .tokens import as_grid
 
 
@@ -568,8 +569,8 @@ def _scores_output(plan: Plan) -> str:
                  if any(tensor == plan.logits for tensor, _ in head_chain(plan.graph, output))), "")
 
 
-def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, method: str,
-              top_k: TopKMaps | None = None, modifiers: Modifiers = NO_MODIFIERS) -> onnx.ModelProto:
+def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str, spec: CompileSpec,
+              top_k: TopKMaps | None = None) -> onnx.ModelProto:
     graph = model.graph
     for name in (TARGET_INPUT, HEATMAP_OUTPUT, *((HEATMAPS_OUTPUT, CLASSES_OUTPUT) if top_k else ())):
         if name in plan.graph.producer or name in plan.graph.shapes:
@@ -594,7 +595,8 @@ def _assemble(model: onnx.ModelProto, b: GraphBuilder, plan: Plan, heatmap: str,
     except CompileError as error:
         raise CompileError(f"internal error: the compiled model's {error}") from error
     # what `agf-onnx explain` and other tools need to know about the compiled model
-    contract.record(model, {contract.METHOD: method, contract.MODIFIERS: modifiers.metadata(),
+    contract.record(model, {contract.METHOD: spec.method, contract.MODIFIERS: spec.modifiers.metadata(),
+                            contract.SPEC: spec.record(),
                             contract.IMAGE: plan.image, contract.LAYOUT: "NHWC" if plan.channels_last else "NCHW",
                             contract.LOGITS: plan.logits, contract.SCORES: _scores_output(plan),
                             **(_token_metadata(plan) if plan.tokens is not None else {})})
@@ -613,93 +615,58 @@ def _token_metadata(plan: Plan) -> dict[str, str]:
             contract.TOKEN_INPUTS: ",".join(tokens.others), contract.EMBEDDING: tokens.embedding}
 
 
-def compile(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
-            input_shapes: Mapping[str, Sequence[int | str]] | None = None, logits: str | None = None,
-            image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
-            full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
-            top_k: int | None = None, check: bool = True, ssl_bank: np.ndarray | str | os.PathLike | None = None,
-            features: str | None = None, ssl_mode: str | None = None,
-            modifiers: Modifiers | None = None) -> onnx.ModelProto:
+def compile(model: onnx.ModelProto | str | os.PathLike, spec: CompileSpec | None = None, /,
+            **fields) -> onnx.ModelProto:
     """Compile an ONNX classifier into a model that also outputs the explanation ``heatmap``.
 
     Args:
         model: a ``ModelProto`` or the path of an ``.onnx`` file (external data is read beside it).
-        method: the explanation method; ``"agf"``.
-        input_shapes: fixed shapes for inputs with dynamic spatial axes, e.g. ``{"x": [1, 3, 48, 192]}``
-            (the batch axis stays dynamic).
-        logits: the tensor holding the class scores; default: the only 2-D float output, before a
-            trailing Softmax/LogSoftmax.
-        image: the image input; default: the only 4-D input.
-        flat_policy: which convs get the flat rule (``methods.FLAT_POLICIES``).
-        flat: Conv node names forced to the flat AGF rule.
-        full: Conv node names forced to the full AGF rule.
-        layer: the node whose output a layer method (Grad-CAM) explains; default: the last Conv
-            with a spatial output.
-        top_k: also output ``heatmaps`` ``[N, K, H, W]`` for the K best classes and their indices
-            ``classes`` ``[N, K]``, in the same run.
-        options: method options, e.g. ``{"steps": 50}`` (integrated-gradients), ``{"samples": 25,
-            "noise": 0.15, "seed": 0}`` (smoothgrad); see ``methods.py``.
-        check: run ``onnx.checker.check_model(full_check=True)`` on the result.
-        ssl_bank: a self-supervised model's bank ``[B, D]`` (array or ``.npy`` path, ``agf_onnx.bank``):
-            the graph explains ``t = argmax head(L_I − L_N)`` (the paper's Algorithm 2, ``ssl.py``) and
-            also outputs ``ssl_target`` and ``ssl_neighbour`` (int64 ``[N]``); ``target`` still overrides t.
-        features: the tensor that feeds the head (default: the data input of the op that makes the logits).
-        ssl_mode: ``"diff"`` (default, Algorithm 2), ``"sum"`` (``head(L_I + L_N)``) or ``"none"`` (``head(L_I)``).
-        modifiers: ``agf_onnx.compiler.modifiers.Modifiers(smooth=S, noise=F, seed=N, square=…, contrast="others"|"softmax")``:
-            the method's map averaged over S noisy copies and/or contrasted with the other classes', in the
-            same run (``modifiers.py``); recorded in the metadata ``agf_onnx.modifiers``.
+        spec: what to compile (``CompileSpec``: the method, its options, the modifiers, top-K, …);
+            or, instead, its fields as keywords: ``compile(model, method="lrp", top_k=3)``.
+            It is validated before the model is read, and recorded in the metadata ``agf_onnx.spec``.
 
     Raises:
         UnsupportedOpsError: ops without a rule on the path from the image to the logits.
         CompileError: anything else that makes the model impossible to explain, with the reason.
     """
-    get_method(method)  # an unknown method is refused before the model is read
+    spec = CompileSpec.of(spec, fields)
     loaded = modelfile.load(model)
     if deployed.needs_view(loaded):  # fp16, int8, fused ops: explained through a float32 view (deployed.py)
-        return deployed.compile_deployed(loaded, input_shapes, compile_canonical, method=method, logits=logits,
-                                         image=image, flat_policy=flat_policy, flat=flat, full=full, layer=layer,
-                                         options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
-                                         features=features, ssl_mode=ssl_mode, modifiers=modifiers)
-    canonical = passes.canonicalise(loaded, input_shapes)
-    return compile_canonical(canonical, method=method, logits=logits, image=image, flat_policy=flat_policy, flat=flat,
-                             full=full, layer=layer, options=options, top_k=top_k, check=check, ssl_bank=ssl_bank,
-                             features=features, ssl_mode=ssl_mode, modifiers=modifiers)
+        return deployed.compile_deployed(loaded, spec, compile_canonical)
+    return compile_canonical(passes.canonicalise(loaded, spec.input_shapes), spec)
 
 
-def compile_canonical(canonical: onnx.ModelProto, *, method: str = "agf", logits: str | None = None,
-                      image: str | None = None, flat_policy: str = "authors", flat: Iterable[str] = (),
-                      full: Iterable[str] = (), layer: str | None = None, options: Mapping | None = None,
-                      top_k: int | None = None, check: bool = True,
-                      ssl_bank: np.ndarray | str | os.PathLike | None = None, features: str | None = None,
-                      ssl_mode: str | None = None, modifiers: Modifiers | None = None,
-                      reserved: Iterable[str] = ()) -> onnx.ModelProto:
+def compile_canonical(canonical: onnx.ModelProto, spec: CompileSpec, reserved: Iterable[str] = ()) -> onnx.ModelProto:
     """``compile`` of a model that ``passes.canonicalise`` already made canonical (it is extended in
-    place). ``inspect`` plans and compiles the same canonical model. ``reserved``: names the emitted
-    graph must not take besides the model's own (a deployed form's original graph, ``deployed.py``)."""
-    chosen = with_options(get_method(method), options or {})  # RAP's residual rule
-    modifiers = NO_MODIFIERS if modifiers is None else modifiers
-    modifiers.check(chosen)
-    found = plan(canonical, image=image, logits=logits, method=chosen, flat_policy=flat_policy, flat=flat, full=full,
-                 layer=layer)
+    place; ``spec.input_shapes`` were applied then). ``inspect`` plans and compiles the same
+    canonical model. ``reserved``: names the emitted graph must not take besides the model's own (a
+    deployed form's original graph, ``deployed.py``)."""
+    chosen = with_options(get_method(spec.method), spec.options)  # RAP's residual rule
+    found = plan(canonical, image=spec.image, logits=spec.logits, method=chosen, flat_policy=spec.flat_policy,
+                 flat=spec.flat, full=spec.full, layer=spec.layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph) | set(reserved),
                      constant=lambda name: found.graph.small_constant(name, FOLD_LIMIT), opset=ai_onnx_opset(canonical))
-    if ssl_bank is None and (features is not None or ssl_mode is not None):
-        raise CompileError("--features and --ssl-mode belong to --ssl-bank (a self-supervised model's bank)")
-    self_supervised = ssl.emit(b, found, ssl_bank, features, ssl_mode or "diff") if ssl_bank is not None else None
+    self_supervised = ssl.emit(b, found, spec.ssl_bank, spec.features, spec.ssl_mode or "diff") \
+        if spec.ssl_bank is not None else None
     explained = self_supervised.explained if self_supervised else None
-    heatmap = _emit(b, found, chosen, dict(options or {}), target=explained, modifiers=modifiers)
-    extra = _emit_top_k(b, found, chosen, dict(options or {}), int(top_k),
-                        self_supervised.scores if self_supervised else None, modifiers) if top_k else None
-    compiled = _assemble(canonical, b, found, heatmap, method, extra, modifiers)
+    heatmap = _emit(b, found, chosen, dict(spec.options), target=explained, modifiers=spec.modifiers)
+    extra = _emit_top_k(b, found, chosen, dict(spec.options), int(spec.top_k),
+                        self_supervised.scores if self_supervised else None, spec.modifiers) if spec.top_k else None
+    compiled = _assemble(canonical, b, found, heatmap, spec, extra)
     if self_supervised is not None:
         compiled = ssl.attach(compiled, self_supervised)
     _prune(compiled.graph, {node.name for node in b.nodes})
-    if check:
-        try:
-            onnx.checker.check_model(passes.weightless(compiled), full_check=True)
-        except Exception as error:  # a compiler bug, never the user's: say so plainly
-            raise CompileError(f"internal error: the compiled model fails the ONNX checker: {error}") from error
+    if spec.check:
+        check_compiled(compiled)
     return compiled
+
+
+def check_compiled(compiled: onnx.ModelProto) -> None:
+    """``onnx.checker``'s full check of a compiled model; a failure is a compiler bug, never the user's."""
+    try:
+        onnx.checker.check_model(passes.weightless(compiled), full_check=True)
+    except Exception as error:  # say so plainly
+        raise CompileError(f"internal error: the compiled model fails the ONNX checker: {error}") from error
 
 
 def _prune(graph: onnx.GraphProto, emitted: set[str]) -> None:

@@ -19,6 +19,7 @@ from .emit import compile_canonical
 from .methods import get_method
 from .modifiers import NONE, Modifiers, from_metadata
 from .planning import plan
+from .spec import CompileSpec
 
 
 @dataclass
@@ -102,7 +103,8 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
     error = None
     if not compiled:  # a compiled model compiled once already; again, it would clash with its own outputs
         try:
-            compile_canonical(canonical, method=method, logits=logits, image=image, check=False, modifiers=modifiers)
+            compile_canonical(canonical, CompileSpec(method=method, logits=logits, image=image, check=False,
+                                                     modifiers=modifiers))
         except CompileError as failure:
             error = str(failure)
     return Report(name, found.image, found.logits, sum(counts.values()), covered, ops, error is None, error, method,
