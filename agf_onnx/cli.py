@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, passes
+from . import __version__, passes, text_evaluate
 from .budget import BudgetError, parse_memory
 from .compiler import compile as compile_model
 from .contract import HEATMAP_OUTPUT, TARGET_INPUT
@@ -297,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     _ssl_options(evaluate)
     _engine_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    text_evaluate.add_options(evaluate)
 
     bank = commands.add_parser(
         "bank", help="the feature vectors of reference images, for a self-supervised model (--ssl-bank)",
@@ -487,6 +488,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .explain import read_labels
     from .report import progress_bar, warn
 
+    if text_evaluate.is_text_evaluation(args):
+        return text_evaluate.command(args, _given_modifiers(args), _given_method_options(args))
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     variant_defaults = _given_modifiers(args)
     check_methods(methods, variant_defaults)
