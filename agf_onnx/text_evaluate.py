@@ -239,6 +239,17 @@ class TextEvaluation:
                                     "table), but the data set is text: give it images, or a text classifier") from None
         self.classifier = create_session(proto, provider)
         self.inputs = [i.name for i in self.classifier.get_inputs()]
+        widths = [o.type.tensor_type.shape.dim[1].dim_value for o in proto.graph.output
+                  if len(o.type.tensor_type.shape.dim) == 2]
+        #: the class count, where one [N, C] output with a fixed C says it (else checked on the first run)
+        self.classes = widths[0] if len(widths) == 1 and widths[0] > 0 else None
+
+    def check_labels(self, samples: Sequence[TextSample]) -> None:
+        """Refuse, before any work, a label the model has no class for."""
+        bad = next((n for n, s in enumerate(samples) if self.classes is not None and s.label >= self.classes), None)
+        if bad is not None:
+            raise TextEvaluateError(f"sequence {bad + 1}: class {samples[bad].label} is out of range: the model has "
+                                    f"{self.classes} classes (0–{self.classes - 1})")
 
     def compiled(self, name: str, length: int):
         """The model compiled with method ``name`` for sequences of ``length`` tokens."""
@@ -485,11 +496,12 @@ def is_text_evaluation(args) -> bool:
 def command(args, modifiers, method_options: dict) -> int:
     """``agf-onnx evaluate MODEL DATA.csv --tokenizer PATH -o OUTDIR`` for a text classifier;
     ``modifiers`` and ``method_options``: what the command line gave for the variants and methods."""
+    from .errors import CompileError
     from .evaluate import check_methods, usable_methods
     from .explain import read_labels
     from .methods import METHODS
     from .modelfile import check_model_file, check_writable
-    from .passes import parse_input_shape
+    from .passes import canonicalise, load, parse_input_shape
     from .report import warn
     from .text_explain import load_tokenizer
 
@@ -515,7 +527,17 @@ def command(args, modifiers, method_options: dict) -> int:
     compile_options = {"logits": args.logits, "flat_policy": args.flat_policy, "options": method_options}
     evaluation = TextEvaluation(args.model, tokenizer, {}, length=length, replace=args.replace, provider=provider,
                                 batch_size=args.batch_size)
+    evaluation.check_labels(samples)
     length = length or evaluation.longest(samples)
+    try:  # the model's own limit (its position table's rows), said before any method is tried
+        canonicalise(load(args.model), {evaluation.ids: [1, length]})
+    except CompileError as error:
+        if error.exit_code != 1:
+            raise
+        raise TextEvaluateError(f"the model could not be compiled for {length} tokens (the longest sequence; a model "
+                                f"accepts at most as many as its position table has rows: pass --input-shape "
+                                f"{evaluation.ids}=1,T with a smaller T to truncate): {str(error).splitlines()[0]}") \
+            from error
     # a method that cannot explain this model is known before any work: named ones are refused, "all" skips them
     methods, skipped = usable_methods(args.model, names, {**compile_options, "input_shapes": {evaluation.ids: [1, length]}},
                                       modifiers, explicit=args.methods != "all")
