@@ -228,6 +228,7 @@ class TextEvaluation:
         self.replacement, self.replacement_id = spelling, tokenizer.token_to_id(spelling)
         self.model, self.tokenizer, self.methods = str(model), tokenizer, dict(methods)
         self.length, self.provider, self.batch_size = length, provider, batch_size
+        self.softmax = True  # the scores are logits (set from the first compiled model's metadata)
         proto = passes.load(model)
         if any(o.name == contract.HEATMAP_OUTPUT for o in proto.graph.output):
             raise TextEvaluateError(f"{model}: already compiled (it has a '{contract.HEATMAP_OUTPUT}' output); "
@@ -261,6 +262,8 @@ class TextEvaluation:
         try:
             return compile_model(self.model, **options)
         except CompileError as error:
+            if error.exit_code != 1:  # unsupported ops: their own exit status and list
+                raise
             raise TextEvaluateError(f"{name}: the model could not be compiled for {length} tokens: {error}") from error
 
     def explainer(self, name: str, length: int):
@@ -312,8 +315,8 @@ class TextEvaluation:
         maps = []
         for start in range(0, len(targets), self.batch_size):
             chunk = {k: v[start:start + self.batch_size] for k, v in feeds.items()}
-            maps.append(explainer.session.run([HEATMAP_OUTPUT], {**chunk, TARGET_INPUT: targets[start:start + len(
-                chunk[explainer.ids])]})[0])
+            maps.append(explainer.session.run([HEATMAP_OUTPUT],
+                                              {**chunk, TARGET_INPUT: targets[start:start + self.batch_size]})[0])
         return np.concatenate(maps)
 
     def run(self, samples: Sequence[TextSample], progress: Callable[[str], None] | None = None) -> dict:
@@ -407,7 +410,7 @@ def deletion_plot(results: dict, title: str, panel: tuple[int, int] = (420, 300)
     font = ImageFont.load_default()
     width, height = panel
     legend = 320
-    canvas = Image.new("RGB", (2 * width + legend, height + 30), "white")
+    canvas = Image.new("RGB", (2 * width + legend, max(height + 30, 72 + 18 * len(results["methods"]))), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((10, 8), title, fill="black", font=font)
     xs = results["fractions"]
@@ -511,6 +514,8 @@ def command(args, modifiers, method_options: dict) -> int:
     if not is_text_data(args.data):
         raise TextEvaluateError(f"--tokenizer is for a text data set, and {args.data} is not one (expected a CSV/TSV "
                                 "file with a header text,label[,cues])")
+    if getattr(args, "engine", "local") != "local":
+        raise TextEvaluateError(f"--engine {args.engine}: a text data set is evaluated in this process only")
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(names, modifiers)
     for option, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):

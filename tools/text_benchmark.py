@@ -6,6 +6,7 @@ the CPU to read them (issue 24).
     python tools/train_benchmark.py OUT --arch bert    # OUT/bert.onnx
     agf-onnx evaluate OUT/bert.onnx OUT/test.csv --tokenizer OUT/tokenizer.json -o OUT/eval
     python tools/text_benchmark.py table OUT           # every text method and AGF policy: the docs' table
+    python tools/text_benchmark.py train OUT --layers 4 -o OUT/bert4.onnx   # another size
 
 **Words.** Debian's ``wamerican`` word list (``apt-get install wamerican``:
 ``/usr/share/dict/american-english``), its lower-case ASCII words of 3–8 letters. A seeded draw
@@ -176,7 +177,7 @@ def accuracy(model, ids, mask, labels) -> float:
 
 
 def train(data: pathlib.Path, epochs: int = 8, seed: int = 0, hidden: int = 64, batch: int = 32, lr: float = 1e-3,
-          quiet: bool = False):
+          quiet: bool = False, layers: int = 2):
     """The seeded BERT trained on ``data/train.csv``; returns (model, test accuracy)."""
     import torch
     from tokenizers import Tokenizer
@@ -185,7 +186,7 @@ def train(data: pathlib.Path, epochs: int = 8, seed: int = 0, hidden: int = 64, 
     ids, mask, labels, cues = read_split(data, "train", tokenizer)
     classes = int(labels.max()) + 1
     positions = 2 * ids.shape[1]  # room for longer test sequences
-    model = build(tokenizer.get_vocab_size(), classes, positions, hidden=hidden, heads=4, seed=seed)
+    model = build(tokenizer.get_vocab_size(), classes, positions, hidden=hidden, layers=layers, heads=4, seed=seed)
     masked_id = tokenizer.token_to_id("[MASK]")
     filler = (ids >= len(SPECIALS)) & ~cues
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -233,7 +234,8 @@ def export(model, path: pathlib.Path | str) -> None:
     onnx.save(exported, str(path))
 
 
-def train_main(data: pathlib.Path, output: pathlib.Path | None, epochs: int | None, seed: int, threads: int) -> None:
+def train_main(data: pathlib.Path, output: pathlib.Path | None, epochs: int | None, seed: int, threads: int,
+               hidden: int = 64, layers: int = 2) -> None:
     """``train_benchmark.py DATA --arch bert``: train, report, export to ``DATA/bert.onnx``."""
     import onnx
     import torch
@@ -241,13 +243,13 @@ def train_main(data: pathlib.Path, output: pathlib.Path | None, epochs: int | No
     torch.set_num_threads(max(1, threads))
     epochs = EPOCHS if epochs is None else epochs
     began = time.perf_counter()
-    model, test_accuracy = train(data, epochs, seed)
+    model, test_accuracy = train(data, epochs, seed, hidden=hidden, layers=layers)
     output = output or data / "bert.onnx"
     export(model, output)
     training = len((data / "train.csv").read_text(encoding="utf-8").splitlines()) - 1
     exported = onnx.load(str(output))
-    onnx.helper.set_model_props(exported, {"agf_onnx.benchmark": f"text: {training} training sequences, "
-                                                                  f"{epochs} epochs, seed {seed}"})
+    onnx.helper.set_model_props(exported, {"agf_onnx.benchmark": f"text: {training} training sequences, {layers} "
+                                                                  f"layers of width {hidden}, {epochs} epochs, seed {seed}"})
     onnx.save(exported, str(output))
     print(f"{output}: test accuracy {test_accuracy:.1%}, trained in {time.perf_counter() - began:.0f} s")
 
@@ -308,6 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("--test", type=int, default=FULL["test"])
     make.add_argument("--vocabulary", type=int, default=FULL["vocabulary"])
     make.add_argument("--seed", type=int, default=0)
+    fit = commands.add_parser("train", help="the BERT (what train_benchmark.py --arch bert runs), with its sizes")
+    fit.add_argument("data", type=pathlib.Path)
+    fit.add_argument("-o", "--output", type=pathlib.Path, help="default: DATA/bert.onnx")
+    fit.add_argument("--epochs", type=int, default=EPOCHS)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--hidden", type=int, default=64)
+    fit.add_argument("--layers", type=int, default=2)
+    fit.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     table = commands.add_parser("table", help="every text method and AGF policy on DATA/test.csv")
     table.add_argument("data", type=pathlib.Path)
     table.add_argument("--model", type=pathlib.Path, help="default: DATA/bert.onnx")
@@ -318,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = generate(args.out, args.train, args.test, args.vocabulary, args.seed)
         print(f"{args.out}: {summary['train']} training and {summary['test']} test sequences over "
               f"{summary['vocabulary']} words from {summary['source']}")
+    elif args.command == "train":
+        train_main(args.data, args.output, args.epochs, args.seed, args.threads, args.hidden, args.layers)
     else:
         table_main(args.data, args.model, args.output, args.limit)
 
