@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, commands, text_explain
+from . import __version__, commands, text_evaluate, text_explain
 from .compiler import compile as compile_model
 from .compiler.coverage import coverage_table
 from .compiler.inspect import inspect
@@ -23,6 +23,7 @@ from .options import (
     engine_options,
     flat_options,
     floats,
+    given_method_options,
     given_modifiers,
     image_options,
     input_shapes,
@@ -157,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     ssl_options(evaluate)
     engine_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    text_evaluate.add_options(evaluate)
 
     bank = commands.add_parser(
         "bank", help="the feature vectors of reference images, for a self-supervised model (--ssl-bank)",
@@ -280,6 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "explain":
         return text_explain.command(args) if args.text or args.sentences else commands.explain(args)
     if args.command == "evaluate":
+        if text_evaluate.is_text_evaluation(args):
+            return text_evaluate.command(args, given_modifiers(args), given_method_options(args))
         return commands.evaluate(args)
     if args.command == "bank":
         return _bank(args)

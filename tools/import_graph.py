@@ -39,7 +39,7 @@ RULES = "rules"
 ROLES = {
     "compile time": ("compiler", RULES),
     "run time": ("runtime",),
-    "commands": ("cli", "__init__", "__main__", "commands", "options", "evaluate", "bank", "text_explain", "distributed", "web"),
+    "commands": ("cli", "__init__", "__main__", "commands", "options", "evaluate", "text_evaluate", "bank", "text_explain", "distributed", "web"),
     "shared": ("errors", "contract", "modelfile", "bankfile"),
 }
 COLOURS = {"compile time": "#dbe8fb", "run time": "#fde6cf", "commands": "#e3f3dc", "shared": "#eeeeee",

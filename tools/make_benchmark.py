@@ -21,6 +21,10 @@ writes ``OUT/train`` and ``OUT/test``, each with ``images/*.png``, ``masks/*.png
 ``labels.csv`` (``file,label,labels,mask``: ``label`` is the class of the largest item,
 ``labels`` all classes present, space-separated) and ``classes.txt``. The test split draws its
 items from the source's own test set. Same arguments, same files.
+
+``--text``: the text benchmark instead (``tools/text_benchmark.py``: sequences of dictionary words
+whose label is decided by planted cue words; ``OUT/train.csv``, ``OUT/test.csv``,
+``OUT/tokenizer.json``; ``--train``, ``--test``, ``--seed`` apply).
 """
 
 from __future__ import annotations
@@ -184,7 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a small preset ({QUICK['train']} training, {QUICK['test']} test canvases) for a first "
                              "table in about a minute with train_benchmark.py --quick: not the README's numbers")
+    parser.add_argument("--text", action="store_true",
+                        help="the text benchmark (tools/text_benchmark.py): random dictionary words, planted cue words")
     args = parser.parse_args(argv)
+    if args.text:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+        from tools import text_benchmark
+
+        text_benchmark.main(["make", str(args.out), *(f"--{k}={v}" for k in ("train", "test", "seed")
+                                                      if (v := getattr(args, k)) is not None)])
+        return
     preset = QUICK if args.quick else FULL
     args.train = preset["train"] if args.train is None else args.train
     args.test = preset["test"] if args.test is None else args.test

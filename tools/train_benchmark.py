@@ -5,6 +5,7 @@
     python tools/train_benchmark.py bench --arch resnet    # → bench/resnet.onnx
     python tools/train_benchmark.py bench --arch vit --epochs 20 --threads 1
     python tools/train_benchmark.py bench --arch convnext --threads 1
+    python tools/make_benchmark.py text --text && python tools/train_benchmark.py text --arch bert
 
     python tools/make_benchmark.py quick --quick && python tools/train_benchmark.py quick --arch vgg --quick
     agf-onnx evaluate quick/vgg_quick.onnx quick/test -o quick/eval --preset symmetric --methods agf,gradcam,lrp
@@ -22,6 +23,9 @@ Adam on ``bench/train``. Inputs are the canvases scaled to [-1, 1] (``--preset s
 ``agf-onnx``); outputs are the ten class logits. Prints the test split's top-1 accuracy (the top
 class is one of the items present). Same arguments, torch version and CPU thread count, same
 weights (the order of float sums depends on the threads).
+
+``--arch bert``: the text benchmark's tiny BERT (``tools/text_benchmark.py``), trained on
+``DATA/train.csv`` and exported to ``DATA/bert.onnx``.
 """
 
 from __future__ import annotations
@@ -226,7 +230,7 @@ def train(data: pathlib.Path, arch: str, epochs: int, seed: int, batch: int = 64
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=pathlib.Path, help="the folder make_benchmark.py wrote (with train/ and test/)")
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), required=True)
+    parser.add_argument("--arch", choices=sorted([*ARCHITECTURES, "bert"]), required=True)
     parser.add_argument("--epochs", type=int, help=f"default {EPOCHS}; --quick {QUICK_EPOCHS}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -237,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
                              "with make_benchmark.py --quick, a first table in about a minute (not the README's)")
     args = parser.parse_args(argv)
     epochs = args.epochs if args.epochs is not None else QUICK_EPOCHS if args.quick else EPOCHS
+    if args.arch == "bert":
+        from tools import text_benchmark
+
+        return text_benchmark.train_main(args.data, args.output, args.epochs, args.seed, args.threads)
     torch.set_num_threads(max(1, args.threads))
     began = time.perf_counter()
     model = train(args.data, args.arch, epochs, args.seed)
