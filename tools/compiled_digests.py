@@ -3,7 +3,10 @@ modifiers, top-K and the options that replicate a path) compiled for a small CNN
 (`tests/models.py`, `tests/token_models.py`, seeded weights), each compiled file's SHA-256 and a
 second digest with node and intermediate tensor names replaced by their position and without the
 ``agf_onnx.spec`` metadata entry (the record of the compile options, added by issue 21's typed
-spec): equal when two graphs differ only in naming and that record.
+spec): equal when two graphs differ only in naming and that record; and a third, ``structure``,
+that also ignores node order, ``value_info``, unread nodes and a computation written twice (each
+node named by what it computes, ``structure()``): equal when two graphs compute the same tensors
+with the same ops.
 
     python tools/compiled_digests.py --models /tmp/digest_models --write before.json   # on the old commit
     python tools/compiled_digests.py --models /tmp/digest_models --compare before.json # on the new one
@@ -75,6 +78,40 @@ def renamed(model: onnx.ModelProto) -> bytes:
     return copy.SerializeToString(deterministic=True)
 
 
+def structure(model: onnx.ModelProto) -> bytes:
+    """The graph as a set of nodes, each named by what it computes: a tensor's name becomes a
+    hash of its producer's op type, domain, attributes, output position and the names of its inputs
+    (graph inputs keep their names, initializers are named by their contents), so that neither
+    naming nor node order nor ``value_info`` changes the bytes. Nodes whose outputs nothing reads
+    are left out (a pass that drops them changes no result), and a computation written twice (the
+    same op on the same inputs) counts once: both copies compute the same values."""
+    graph = model.graph
+    names = {v.name: f"input:{v.name}" for v in graph.input}
+    for tensor in graph.initializer:
+        anonymous = onnx.TensorProto()
+        anonymous.CopyFrom(tensor)
+        anonymous.name = ""
+        names[tensor.name] = "const:" + hashlib.sha256(anonymous.SerializeToString(deterministic=True)).hexdigest()
+    needed = {o.name for o in graph.output}
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            needed.update(node.input)
+    lines = []
+    for node in graph.node:  # topological order: a node's inputs are named before it
+        if not needed.intersection(node.output):
+            continue
+        attributes = b"".join(a.SerializeToString(deterministic=True) for a in sorted(node.attribute, key=lambda a: a.name))
+        key = hashlib.sha256("|".join([node.domain, node.op_type, *(names.get(i, i) for i in node.input)]).encode()
+                             + attributes).hexdigest()
+        for index, output in enumerate(node.output):
+            if output:
+                names[output] = f"{key}:{index}"
+        lines.append(key)
+    lines += sorted(f"output:{o.name}={names.get(o.name, o.name)}" for o in graph.output)
+    lines += sorted(f"meta:{p.key}={p.value}" for p in model.metadata_props if p.key != "agf_onnx.spec")
+    return "\n".join(sorted(set(lines))).encode()
+
+
 def options_for(options: dict) -> dict:
     """The compile keyword arguments of a case (modifiers parsed as the CLI parses them)."""
     options = dict(options)
@@ -97,7 +134,8 @@ def digests(folder: str) -> dict[str, dict[str, str]]:
                 continue
             result[f"{model_name}/{case}"] = {
                 "sha256": hashlib.sha256(compiled.SerializeToString(deterministic=True)).hexdigest(),
-                "names_aside": hashlib.sha256(renamed(compiled)).hexdigest()}
+                "names_aside": hashlib.sha256(renamed(compiled)).hexdigest(),
+                "structure": hashlib.sha256(structure(compiled)).hexdigest()}
     return result
 
 
@@ -123,6 +161,8 @@ def main() -> int:
             verdict = "identical"
         elif old and new and old.get("names_aside") and old.get("names_aside") == new.get("names_aside"):
             verdict = "naming/spec record only"
+        elif old and new and old.get("structure") and old.get("structure") == new.get("structure"):
+            verdict = "naming and node order only"
         else:
             verdict, differ = "DIFFERENT", differ + 1
         print(f"{case:32} {verdict}")
