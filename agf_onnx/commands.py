@@ -12,8 +12,7 @@ import os
 import pathlib
 import time
 
-from .compiler.methods import METHODS
-from .compiler.modifiers import parse_variant
+from .compiler.methods import METHODS, parse_variant
 from .contract import HEATMAP_OUTPUT
 from .evaluate import (
     EvaluateError,

@@ -33,9 +33,9 @@ from .bankfile import load_bank
 from .compiler import passes
 from .compiler.emit import compile as compile_model
 from .compiler.emit import compile_canonical
-from .compiler.methods import METHODS
+from .compiler.methods import METHODS, parse_variant
 from .compiler.modifiers import NONE as NO_MODIFIERS
-from .compiler.modifiers import Modifiers, parse_variant
+from .compiler.modifiers import Modifiers
 from .compiler.spec import CompileSpec
 from .contract import HEATMAP_OUTPUT, SSL_NEIGHBOUR_OUTPUT, SSL_TARGET_OUTPUT
 from .errors import CompileError
@@ -156,7 +156,7 @@ def object_masks(mask: np.ndarray, sample: Sample) -> dict[int, np.ndarray] | np
 # -- the run ----------------------------------------------------------------------------------
 
 def check_methods(methods: Sequence[str], defaults: Modifiers = NO_MODIFIERS) -> None:
-    """Every name is a method or a variant ``method+modifier+…`` (``modifiers.parse_variant``)."""
+    """Every name is a method or a variant ``method+modifier+…`` (``methods.parse_variant``)."""
     unknown = [m for m in methods if m.split("+")[0].strip() not in METHODS]
     if unknown or not methods:
         raise EvaluateError(f"--methods: unknown method {', '.join(unknown) or '(none given)'} "
@@ -452,7 +452,7 @@ class Evaluation:
             runs are split to fit ``max_memory`` from its own measured cost (``agf_onnx.runtime.budget``).
         modifiers: what a variant's bare ``+smooth`` means (its ``smooth`` copies when set, the noise, the
             seed) and the contrast of a bare ``+contrast``; methods may be variants such as
-            ``agf+smooth=8+contrast=softmax`` (``modifiers.parse_variant``), listed by that full name.
+            ``agf+smooth=8+contrast=softmax`` (``methods.parse_variant``), listed by that full name.
     """
 
     def __init__(self, model: str | os.PathLike, methods: Sequence[str], *, spec: CompileSpec | None = None,
@@ -480,7 +480,7 @@ class Evaluation:
 
     def compiled(self, method: str):
         """The model compiled with ``method`` (an ``onnx.ModelProto``), a method or a variant
-        ``method+modifier…`` (``modifiers.parse_variant``)."""
+        ``method+modifier…`` (``methods.parse_variant``)."""
         base, modifiers = parse_variant(method, self.modifier_defaults)
         return compile_model(self.model, self.spec.replace(method=base, modifiers=modifiers))
 
@@ -560,28 +560,31 @@ _COLUMNS = [("negative AUC, predicted ↑", ("perturbation", "negative", "predic
             ("other-object mass ↓", ("sensitivity", "other"))]
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results: dict, all_columns: Sequence[tuple[str, tuple[str, ...]]] = _COLUMNS) -> str:
     """One row per method: the perturbation AUCs (paper, Table 2), segmentation (Table 3) and class
-    sensitivity, all in percent; the best value of each column in bold."""
+    sensitivity, all in percent; the best value of each column in bold (``↓`` in a title: the
+    lowest). ``all_columns``: (title, the keys into a method's entry) of the columns shown where
+    some method has a value (``evaluate`` for text passes its own)."""
     methods = results["methods"]
-    columns = [(title, keys) for title, keys in _COLUMNS if any(_dig(m, keys) is not None for m in methods.values())]
+    columns = [(title, keys) for title, keys in all_columns if any(dig(m, keys) is not None for m in methods.values())]
     best = {}
     for title, keys in columns:
-        values = [v for v in (_dig(m, keys) for m in methods.values()) if v is not None]
+        values = [v for v in (dig(m, keys) for m in methods.values()) if v is not None]
         best[title] = (min if "↓" in title else max)(values) if values else None
     lines = ["| method | " + " | ".join(t for t, _ in columns) + " | explain s |",
              "|---|" + "---:|" * (len(columns) + 1)]
     for name, entry in methods.items():
         cells = []
         for title, keys in columns:
-            value = _dig(entry, keys)
+            value = dig(entry, keys)
             text = "–" if value is None else f"{value:.1f}"
             cells.append(f"**{text}**" if value is not None and value == best[title] and len(methods) > 1 else text)
         lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {entry['explain_seconds']:.1f} |")
     return "\n".join(lines)
 
 
-def _dig(entry: dict, keys: Sequence[str]):
+def dig(entry: dict, keys: Sequence[str]):
+    """``entry[k0][k1]…``, ``None`` where a key is missing or ``None``."""
     for key in keys:
         if not isinstance(entry, dict) or key not in entry:
             return None

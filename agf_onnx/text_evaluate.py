@@ -41,10 +41,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import contract, modelfile
+from . import contract, evaluate, modelfile
 from .compiler import compile as compile_model
-from .compiler.methods import METHODS
-from .compiler.modifiers import NONE, parse_variant
+from .compiler.methods import METHODS, parse_variant
+from .compiler.modifiers import NONE
 from .compiler.passes import canonicalise, parse_input_shape
 from .compiler.spec import CompileSpec
 from .contract import HEATMAP_OUTPUT, TARGET_INPUT
@@ -154,7 +154,7 @@ def load_text_dataset(path: str | os.PathLike, class_names: Sequence[str] | None
 
 def method_entries(names: Sequence[str], compile_options: dict | None = None, modifiers=None) -> dict[str, dict]:
     """Name → ``agf_onnx.compile`` keywords: the method and modifiers of a name or variant
-    (``agf+contrast``, ``modifiers.parse_variant``) and the shared ``compile_options``."""
+    (``agf+contrast``, ``methods.parse_variant``) and the shared ``compile_options``."""
 
     entries = {}
     for name in names:
@@ -377,32 +377,10 @@ _COLUMNS = [("deletion AUC, most relevant first ↓", ("deletion", "most_first",
             ("localisation AP ↑", ("localisation", "ap"))]
 
 
-def _dig(entry: dict, keys: Sequence[str]):
-    for key in keys:
-        if not isinstance(entry, dict) or entry.get(key) is None:
-            return None
-        entry = entry[key]
-    return entry
-
-
 def markdown_table(results: dict) -> str:
     """One row per method: the two deletion AUCs (probability of the label, %) and the localisation
     AP (%); the best of each column in bold."""
-    methods = results["methods"]
-    columns = [(title, keys) for title, keys in _COLUMNS if any(_dig(m, keys) is not None for m in methods.values())]
-    best = {}
-    for title, keys in columns:
-        values = [v for v in (_dig(m, keys) for m in methods.values()) if v is not None]
-        best[title] = (min if "↓" in title else max)(values) if values else None
-    lines = ["| method | " + " | ".join(t for t, _ in columns) + " | explain s |", "|---|" + "---:|" * (len(columns) + 1)]
-    for name, entry in methods.items():
-        cells = []
-        for title, keys in columns:
-            value = _dig(entry, keys)
-            text = "–" if value is None else f"{value:.1f}"
-            cells.append(f"**{text}**" if value is not None and value == best[title] and len(methods) > 1 else text)
-        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {entry['explain_seconds']:.1f} |")
-    return "\n".join(lines)
+    return evaluate.markdown_table(results, _COLUMNS)
 
 
 def deletion_plot(results: dict, title: str, panel: tuple[int, int] = (420, 300)):
@@ -442,7 +420,7 @@ def deletion_plot(results: dict, title: str, panel: tuple[int, int] = (420, 300)
     for row, ((name, entry), colour) in enumerate(zip(results["methods"].items(), PALETTE * 3)):
         y = 62 + row * 18
         draw.line((left, y + 6, left + 22, y + 6), fill=colour, width=3)
-        ap = _dig(entry, ("localisation", "ap"))
+        ap = evaluate.dig(entry, ("localisation", "ap"))
         draw.text((left + 28, y), f"{name}: {entry['deletion']['most_first']['auc']:.1f} / "
                                   f"{entry['deletion']['least_first']['auc']:.1f}" + (f", {ap:.1f}" if ap is not None else ""),
                   fill="black", font=font)

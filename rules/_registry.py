@@ -9,7 +9,7 @@ says which kind each op gets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,28 @@ def first_line(function: Callable | None) -> str:
 
 
 REGISTRY: dict[str, OpRules] = {}
+
+
+def lookup(op_type: str, domain: str = "") -> OpRules | None:
+    """The rules of an op, ``None`` where it has none: another domain than ``ai.onnx`` (a
+    ``com.microsoft`` op is unfolded or refused before the rules run), or no gradient rule. The one
+    way the compiler asks the registry."""
+    entry = REGISTRY.get(op_type) if domain in ("", "ai.onnx") else None
+    return entry if entry is not None and entry.gradient is not None else None
+
+
+def unsupported(nodes: Iterable) -> dict[str, list[str]]:
+    """Op type (``domain.OpType`` outside ``ai.onnx``) → names of the ``nodes`` that no rule covers."""
+    missing: dict[str, list[str]] = {}
+    for node in nodes:
+        if lookup(node.op_type, node.domain) is None:
+            missing.setdefault(label(node), []).append(node.name)
+    return missing
+
+
+def label(node) -> str:
+    """How errors name a node's op: ``OpType``, or ``domain.OpType`` outside ``ai.onnx``."""
+    return node.op_type if not node.domain else f"{node.domain}.{node.op_type}"
 
 
 def _entry(op_type: str, function: Rule) -> OpRules:

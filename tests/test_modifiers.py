@@ -26,8 +26,8 @@ from agf_onnx.cli import main
 from agf_onnx.compiler import emit as compiler
 from agf_onnx.compiler import passes
 from agf_onnx.compiler.builder import GraphBuilder
-from agf_onnx.compiler.methods import METHODS, Kind, counter_normal, get_method, target_score_start
-from agf_onnx.compiler.modifiers import Modifiers, parse_variant
+from agf_onnx.compiler.methods import METHODS, Kind, counter_normal, get_method, parse_variant, target_score_start
+from agf_onnx.compiler.modifiers import Modifiers
 from agf_onnx.compiler.planning import plan
 
 from . import models, oracle
@@ -73,8 +73,9 @@ def _seeded(method, contrast: str | None):
     """The method, or the method started from the others' seed alone."""
     if contrast is None:
         return method
-    if method.logit_relevance is not None:
-        return dataclasses.replace(method, logit_relevance=lambda b, s, hot: _others_seed(b, s, hot, contrast))
+    if getattr(method.map, "logit_relevance", None) is not None:
+        return dataclasses.replace(method, map=dataclasses.replace(
+            method.map, logit_relevance=lambda b, s, hot: _others_seed(b, s, hot, contrast)))
     return dataclasses.replace(method, start=lambda b, y, t, k: _others_seed(b, y, target_score_start(b, y, t, k),
                                                                              contrast))
 
@@ -286,6 +287,19 @@ def test_lrp_with_contrast_is_clrp_and_sglrp(contrast, method):
     ours, _ = _heatmap(proto, "lrp", images, targets, Modifiers(contrast=contrast))
     theirs, _ = _heatmap(proto, method, images, targets, None)
     np.testing.assert_allclose(ours["heatmap"], theirs["heatmap"], atol=1e-4, rtol=1e-4)
+
+
+def test_clrp_is_a_preset_of_lrp():
+    """Each idea exists once (issue 21): clrp compiles to the graph of lrp --contrast others, op for op
+    (tools/compiled_digests.py's structure: names, node order and the metadata aside)."""
+    from tools.compiled_digests import structure
+
+    def graph_of(method, modifiers):
+        compiled = agf_onnx.compile(_proto("vgg"), method=method, modifiers=modifiers)
+        del compiled.metadata_props[:]
+        return structure(compiled)
+
+    assert graph_of("clrp", None) == graph_of("lrp", Modifiers(contrast="others"))
 
 
 def test_contrast_of_a_contrastive_method_is_refused():

@@ -63,3 +63,16 @@ def test_run_time_never_imports_the_compiler():
                 if {e.source.split(".")[0], e.target.split(".")[0]} == {"runtime", "compiler"}
                 or (e.source.split(".")[0] == "runtime" and e.target == "rules")]
     assert crossing == [], crossing
+
+
+def test_the_sizes_a_newcomer_reads():
+    """Issue 21's bounds: the CLI only parses and prints, the emitter stays one file's read, and a
+    method is a few fields (its kind's own in a map class of its kind)."""
+    import dataclasses
+
+    from agf_onnx.compiler.methods import Method
+
+    lines = {path: len((ROOT / path).read_text().splitlines()) for path in ("agf_onnx/cli.py", "agf_onnx/compiler/emit.py")}
+    assert lines["agf_onnx/cli.py"] <= 400 and lines["agf_onnx/compiler/emit.py"] <= 500, lines
+    assert len(dataclasses.fields(Method)) <= 10
+

@@ -192,25 +192,20 @@ def train(data: pathlib.Path, epochs: int = 8, seed: int = 0, hidden: int = 64, 
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * -(-len(ids) // batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps, pct_start=0.2)
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        model.train()
-        began, total = time.perf_counter(), 0.0
-        for index in torch.randperm(len(ids), generator=generator).split(batch):
-            hidden_words = filler[index] & (torch.rand(filler[index].shape, generator=generator) < MASKED)
-            inputs = torch.where(hidden_words, masked_id, ids[index])
-            loss = torch.nn.functional.cross_entropy(model(input_ids=inputs, attention_mask=mask[index]).logits,
-                                                     labels[index])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach()) * len(index)
-        model.eval()
+    from tools.train_benchmark import run_epochs
+
+    def batch_loss(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        hidden_words = filler[index] & (torch.rand(filler[index].shape, generator=generator) < MASKED)
+        inputs = torch.where(hidden_words, masked_id, ids[index])
+        return torch.nn.functional.cross_entropy(model(input_ids=inputs, attention_mask=mask[index]).logits,
+                                                 labels[index])
+
+    def print_epoch(epoch: int, loss: float, seconds: float) -> None:
         if not quiet:
-            print(f"epoch {epoch + 1}/{epochs}: loss {total / len(ids):.4f}, train accuracy "
-                  f"{accuracy(model, ids[:1000], mask[:1000], labels[:1000]):.1%} ({time.perf_counter() - began:.0f} s)",
-                  flush=True)
+            print(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, train accuracy "
+                  f"{accuracy(model, ids[:1000], mask[:1000], labels[:1000]):.1%} ({seconds:.0f} s)", flush=True)
+
+    run_epochs(model, optimiser, schedule, len(ids), batch_loss, print_epoch, epochs, seed, batch)
     test = read_split(data, "test", tokenizer)
     return model.eval(), accuracy(model, test[0], test[1], test[2])
 

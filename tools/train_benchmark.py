@@ -194,22 +194,36 @@ def fit(model: nn.Module, x: torch.Tensor, batch_loss, report, epochs: int, seed
     index)`` is the loss of a batch, ``report(model)`` what each epoch prints after the loss."""
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * -(-len(x) // batch))
+
+    def flipped_loss(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = x[index]
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        return batch_loss(torch.where(flip[:, None, None, None], images.flip(-1), images), index)
+
+    def print_epoch(epoch: int, loss: float, seconds: float) -> None:
+        print(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, {report(model)} ({seconds:.0f} s)", flush=True)
+
+    return run_epochs(model, optimiser, schedule, len(x), flipped_loss, print_epoch, epochs, seed, batch)
+
+
+def run_epochs(model: nn.Module, optimiser, schedule, count: int, batch_loss, after_epoch, epochs: int, seed: int,
+               batch: int) -> nn.Module:
+    """``epochs`` seeded passes over ``count`` samples in shuffled batches (also the text benchmark's
+    BERT): ``batch_loss(index, generator)`` is a batch's loss, ``after_epoch(epoch, mean loss,
+    seconds)`` runs after each pass, the model in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
         began, total = time.perf_counter(), 0.0
-        for index in torch.randperm(len(x), generator=generator).split(batch):
-            images = x[index]
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            loss = batch_loss(torch.where(flip[:, None, None, None], images.flip(-1), images), index)
+        for index in torch.randperm(count, generator=generator).split(batch):
+            loss = batch_loss(index, generator)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             total += float(loss.detach()) * len(index)
         model.eval()
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, {report(model)} "
-              f"({time.perf_counter() - began:.0f} s)", flush=True)
+        after_epoch(epoch, total / count, time.perf_counter() - began)
     return model.eval()
 
 

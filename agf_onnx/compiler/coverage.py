@@ -14,7 +14,7 @@ def coverage_table(method: str = "agf") -> str:
     for op_type in sorted(REGISTRY):
         entry = REGISTRY[op_type]
         kinds = list(entry.relevance)
-        used = [k for k in (chosen.relevance.get(op_type), chosen.flat, chosen.first_layer) if k in kinds] or kinds
+        used = [k for k in chosen.map.preferred(op_type) if k in kinds] or kinds
         relevance = "<br>".join(f"`{k}`: {entry.describe(k)}" for k in dict.fromkeys(used))
         rows.append(f"| {op_type} | `{entry.module}.py` | {entry.describe_gradient()} | {relevance} |")
     for op_type in HEAD_OPS:  # a trailing Softmax is stripped; one with rules of its own is listed above

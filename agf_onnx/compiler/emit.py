@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -21,17 +21,20 @@ from onnx import TensorProto, helper
 from .. import contract, modelfile
 from ..contract import CLASSES_OUTPUT, HEATMAP_OUTPUT, HEATMAPS_OUTPUT, TARGET_INPUT
 from ..errors import CompileError, UnsupportedOpsError
-from ..rules import REGISTRY
+from ..rules import lookup
 from . import deployed, passes, ssl
 from .builder import FOLD_LIMIT, GraphBuilder
 from .graph import GraphView, NodeView, ai_onnx_opset
-from .maths import as_scores, max_per_sample, resize, retained, safe_divide, sum_per_sample
+from .maps import RawMap, coarse_map, contrastive, input_map, layer_map
+from .maths import as_scores, retained, safe_divide
 from .methods import Kind, Method, get_method, with_options
 from .modifiers import NONE as NO_MODIFIERS
-from .modifiers import Modifiers, average_copies, noisy_copies, others_method
+from .modifiers import Modifiers
 from .planning import Plan, head_chain, path_between, plan
+from .replicate import Copies, average, noisy, repeated, replicate, tiled
 from .spec import CompileSpec
-from .tokens import as_grid
+
+__all__ = ["RawMap", "TARGET_INPUT", "check_compiled", "compile", "compile_canonical", "gradient_model"]
 
 
 class _Streams:
@@ -76,7 +79,7 @@ def _walk(b: GraphBuilder, graph: GraphView, path: Sequence[onnx.NodeProto], dat
     for proto in reversed(path):
         node = NodeView(proto, graph, frozenset(i for i in proto.input if i in data),
                         is_first_layer=proto.name in first_layers)
-        entry = REGISTRY[proto.op_type]
+        entry = lookup(proto.op_type, proto.domain)
         if gradients:
             node.gradient = [streams.gradient(o) for o in proto.output]
             if all(g is None for g in node.gradient):
@@ -126,69 +129,6 @@ def _target(b: GraphBuilder, scores: str) -> str:
     return b.Unsqueeze(target, b.ints([1]))
 
 
-class ClonedPath(NamedTuple):
-    """A copy of the explained path: the graph with it, its nodes, old → new tensor names, and
-    its data tensors (those that depend on the new source)."""
-
-    graph: GraphView
-    nodes: list[onnx.NodeProto]
-    renamed: dict[str, str]
-    data: set[str]
-
-
-def _clone_path(b: GraphBuilder, plan: Plan, source: str, suffix: str, copies: int,
-                dtype: int | None = None) -> ClonedPath:
-    """Emit a copy of the path from the image to the logits that reads ``source`` (a batch of
-    ``copies`` copies of the batch built from the image, copy-major) instead of the image; returns
-    a view of the graph with it, the cloned nodes of the path and the renaming of tensors. The shape
-    computations that read the path's tensors (``Shape → … → Expand`` of a class token to the
-    batch) are cloned with it, so that they see the new batch; a text model's other per-sample
-    inputs (the attention mask, token types) are repeated ``copies`` times, and what the path
-    computes from them is cloned too. ``dtype``: the element type of ``source`` (default float32)."""
-    graph = plan.graph
-    sources = {plan.image: (source, dtype or TensorProto.FLOAT)}
-    for name in plan.tokens.per_sample if plan.tokens is not None else ():
-        with b.scope(suffix):
-            sources[name] = (b.Tile(name, b.ints([copies, 1])), graph.dtypes[name])
-    above, depends, cloned = graph.ancestors([plan.logits]), set(sources), []
-    below = graph.ancestors([plan.image])  # what computes a text model's E from its ids stays as it is
-    for node in graph.nodes:  # topological order
-        if node.name in above and node.name not in below and any(i in depends for i in node.input):
-            depends.update(o for o in node.output if o)
-            cloned.append(node)
-    renamed = {tensor: f"{tensor}/{suffix}" for tensor in depends}
-    renamed.update((name, repeated) for name, (repeated, _) in sources.items())
-    on_path = {node.name for node in plan.path}
-    clones, path_clones = [], []
-    for node in cloned:
-        clone = onnx.NodeProto()
-        clone.CopyFrom(node)
-        clone.name = f"{node.name}/{suffix}"
-        clone.input[:] = [renamed.get(i, i) for i in node.input]
-        clone.output[:] = [renamed.get(o, o) for o in node.output]
-        clones.append(clone)
-        if node.name in on_path:
-            path_clones.append(clone)
-    b.nodes.extend(clones)
-    # the view sees ``source`` as an input with a batch of its own: inferred from the nodes that build
-    # it, its batch would be "N*k", which the rules read as k merged copies and would mix
-    # weights-free: its weights stay those of the original model (a copy of them was the largest
-    # allocation of a compile with --smooth, IG or top-K, docs/memory.md)
-    augmented = passes.weightless(graph.model)
-    present = {node.name for node in augmented.graph.node}
-    inputs = {tensor.name for tensor in augmented.graph.input} | {s for s, _ in sources.values()}  # earlier ones too
-    augmented.graph.node.extend(node for node in b.nodes
-                                if node.name not in present and not inputs.intersection(node.output))
-    present = {tensor.name for tensor in augmented.graph.initializer}
-    augmented.graph.initializer.extend(t for t in b.initializers if t.name not in present)
-    for name, (repeated, element_type) in sources.items():
-        augmented.graph.input.append(helper.make_tensor_value_info(
-            repeated, element_type, [passes.BATCH_DIM, *graph.shape(name)[1:]]))
-    data = {renamed[tensor] for tensor in plan.data if tensor in renamed}
-    return ClonedPath(GraphView(passes.infer_shapes(augmented)[0], weights=graph.initializers), path_clones, renamed,
-                      data)
-
-
 class TopKMaps(NamedTuple):
     """The top-K outputs as emitted: ``heatmaps`` ``[N, K, H, W]``, ``classes`` ``[N, K]``, K."""
 
@@ -197,130 +137,48 @@ class TopKMaps(NamedTuple):
     count: int
 
 
-class RawMap(NamedTuple):
-    """A method's map before its per-sample scaling: ``tensor`` ``[N, *shape]``, and ``finish``,
-    which turns such a tensor into the heatmap ``[N, 1, H, W]``. The modifiers (``modifiers.py``)
-    average and contrast raw maps; only the finished map is scaled."""
-
-    tensor: str
-    shape: tuple[int, ...]
-    finish: Callable[[GraphBuilder, str], str]
-
-
-def _input_map(b: GraphBuilder, plan: Plan, relevance: str, per_channel: bool = True) -> RawMap:
-    """A per-channel map at the image, in the image's layout (or ``[N, 1, H, W]`` with
-    ``per_channel=False``), finished by ``Σ_c A / max A``; a text model's ``[N, T, C]`` map at E,
-    0 at padding tokens, finished by the same scaling into ``[N, T]``."""
-    if plan.tokens is not None:
-        return _token_map(b, plan, relevance, tuple(plan.graph.shape(plan.image)[1:]))
-    if not per_channel:
-        return RawMap(relevance, (1, *plan.image_size), lambda b, raw: _heatmap(b, raw, False))
-    channels_last = plan.channels_last
-    return RawMap(relevance, tuple(plan.graph.shape(plan.image)[1:]), lambda b, raw: _heatmap(b, raw, channels_last))
-
-
-def _coarse_map(b: GraphBuilder, plan: Plan, coarse: str, size: Sequence[int]) -> RawMap:
-    """A coarse ``[N, 1, h, w]`` map, finished by bilinear upsampling and division by its maximum; a
-    text model's ``[N, 1, T, 1]`` (its tokens as a T × 1 grid) is already per token."""
-    if plan.tokens is not None:
-        return _token_map(b, plan, b.Reshape(coarse, b.ints([0, -1])), plan.map_size)
-    size = tuple(size)
-    return RawMap(coarse, (1, *size), lambda b, raw: _upsampled_heatmap(b, plan, raw, size))
-
-
-def _token_map(b: GraphBuilder, plan: Plan, raw: str, shape: tuple[int, ...]) -> RawMap:
-    """A text model's map ``[N, T, ...]``, exactly 0 at padding tokens (attention mask 0: set here,
-    so that the modifiers' averages and contrasts keep it), finished into ``heatmap`` ``[N, T]``."""
-    if plan.tokens.mask is not None:
-        keep = b.Not(b.Equal(plan.tokens.mask, b.const(0, _numpy_type(plan.graph.dtypes[plan.tokens.mask]))))
-        if len(shape) > 1:
-            keep = b.Unsqueeze(keep, b.ints(list(range(2, 1 + len(shape)))))
-        raw = b.Where(keep, raw, b.const(0.0))
-    return RawMap(raw, shape, lambda b, raw: _token_heatmap(b, raw, 1 + len(shape)))
-
-
-def _numpy_type(element_type: int) -> type:
-    return helper.tensor_dtype_to_np_dtype(element_type).type
-
-
-def _cloned_plan(b: GraphBuilder, plan: Plan, source: str, suffix: str, copies: int,
-                 dtype: int | None = None) -> Plan:
-    """``plan`` on a copy of the path that reads ``source`` (``copies`` batches built from the image)."""
-    view, clones, renamed, data = _clone_path(b, plan, source, suffix, copies, dtype)
-    names = {node.name: f"{node.name}/{suffix}" for node in plan.path}  # as _clone_path names them
-    return Plan(view, source, renamed[plan.logits], renamed.get(plan.start, plan.start), clones,
-                data, {names[n]: k for n, k in plan.kinds.items()},
-                {names[n] for n in plan.first_layers}, plan.channels_last, {},
-                renamed.get(plan.layer, plan.layer) if plan.layer else None, plan.layer_grid,
-                plan.tokens.renamed(renamed) if plan.tokens is not None else None)
-
-
 def _emit_top_k(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
                 top_k: int, scores: str | None = None, modifiers: Modifiers = NO_MODIFIERS) -> TopKMaps:
-    """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run:
-    the path is cloned on the image repeated K times, each copy explaining one of the classes.
+    """Heatmaps ``[N, K, H, W]`` of the K best classes and their indices ``[N, K]`` in one run: the
+    path replicated on the image repeated K times, copy k explaining the k-th best class.
     ``scores`` (``[N, K]``, default: the logits) rank the classes (SSL: v)."""
     shape = plan.graph.shape(plan.logits)
     if not 1 <= top_k <= shape[1]:
         raise CompileError(f"--top-k {top_k}: must be between 1 and the number of classes ({shape[1]})")
-    image_shape = plan.graph.shape(plan.image)
     with b.scope("topk"):
         ranked = as_scores(b, plan.logits, shape) if scores is None else scores
         classes = b.TopK(ranked, b.ints([top_k]), axis=1, outputs=2)[1]  # [N, K]
-        repeated = b.Expand(b.Unsqueeze(plan.image, b.ints([0])), b.ints([top_k] + [1] * len(image_shape)))
-        repeated = b.Reshape(repeated, b.ints([-1, *image_shape[1:]]))  # K-major: copy k of sample n at k·N + n
-        targets = b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1]))
-    cloned = _cloned_plan(b, plan, repeated, "topk", top_k, plan.graph.dtypes.get(plan.image))
-    heatmap = _emit(b, cloned, method, options, target=targets, modifiers=modifiers)
-    if modifiers.smooth:  # the K·N copy only fed the K·S·N noisy one: its own forward pass is never read
-        _drop_unread(b, [node for node in b.nodes if node.name.endswith("/topk")])
+        copies = Copies(repeated(b, plan.image, plan.graph.shape(plan.image), top_k), top_k,
+                        b.Reshape(b.Transpose(classes, perm=[1, 0]), b.ints([-1, 1])), "topk",
+                        plan.graph.dtypes.get(plan.image) or TensorProto.FLOAT)
+    heatmap = _emit(b, replicate(b, plan, copies), method, options, target=copies.targets, modifiers=modifiers)
     size = plan.map_size
     with b.scope("topk"):
         heatmaps = b.Transpose(b.Reshape(heatmap, b.ints([top_k, -1, *size])), perm=[1, 0, *range(2, 2 + len(size))])
     return TopKMaps(heatmaps, classes, top_k)
 
 
-def _drop_unread(b: GraphBuilder, nodes: Sequence[onnx.NodeProto]) -> None:
-    """Remove those of ``nodes`` (emitted by ``b``, in topological order) whose outputs nothing else reads."""
-    candidates = {id(node) for node in nodes}
-    read = {i for node in b.nodes if id(node) not in candidates for i in node.input}
-    unread = set()
-    for node in reversed(nodes):
-        if any(o in read for o in node.output):
-            read.update(node.input)
-        else:
-            unread.add(id(node))
-    b.remove(node for node in nodes if id(node) in unread)
-
-
 def _raw_replicated(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
                     others: Method | None = None) -> RawMap | tuple[RawMap, RawMap]:
-    """Kind.REPLICATED (Integrated Gradients, SmoothGrad): the path from the image to the logits is
-    cloned and run on a batch of ``count·N`` expanded inputs, built in the graph; the gradients
-    are combined per image. With ``others`` (contrast), a second gradient stream from its seed runs
-    through the same clone, and the pair of maps is returned."""
-    image = _float_image(b, plan)
+    """Kind.REPLICATED (Integrated Gradients, SmoothGrad): the path replicated on the method's copies
+    of each image; their gradients combined per image. With ``others`` (contrast), a second gradient
+    stream from its seed runs through the same copies, and the pair of maps is returned."""
+    image, shape = _float_image(b, plan), plan.graph.shape(plan.image)
     with b.scope("replicas"):
-        expanded, count = method.expand(b, image, plan.graph.shape(plan.image), options)
-    view, clones, renamed, data = _clone_path(b, plan, expanded, "replica", count)
-    logits, shape = renamed[plan.logits], plan.graph.shape(plan.logits)
+        source, count = method.map.copies(b, image, shape, options)
     with b.scope("start"):
-        target = _target(b, as_scores(b, plan.logits, shape)) if target is None else target
-        target = b.Tile(target, b.ints([count, 1]))
+        target = _target(b, as_scores(b, plan.logits, plan.graph.shape(plan.logits))) if target is None else target
+        copies = Copies(source, count, tiled(b, target, count), "replica")
+    replicated = replicate(b, plan, copies)
     maps = []
     for seeded, scope in ((method, "target"), (others, "contrast")):
         if seeded is None:
             continue
         with b.scope(scope):
-            streams = _Streams(b, view)
-            with b.scope("start"):
-                seed = seeded.start(b, as_scores(b, logits, shape), target, shape[1])
-                streams.gradients[logits].append(_as_logits(b, seed, shape))
-            _walk(b, view, clones, data, streams, {})
+            streams = _gradient_streams(b, replicated, seeded, copies.targets)
             with b.scope("image_map"):
-                combined = method.combine(b, image, plan.graph.shape(plan.image), streams.gradient(expanded), count,
-                                          options)
-        maps.append(_input_map(b, plan, combined))
+                combined = method.map.combine(b, image, shape, streams.gradient(source), count, options)
+        maps.append(input_map(b, plan, combined))
     return maps[0] if others is None else (maps[0], maps[1])
 
 
@@ -347,7 +205,7 @@ def _raw_gradient(b: GraphBuilder, plan: Plan, method: Method, options: Mapping,
     """Kind.GRADIENT: the map comes from ∇x at the image."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("image_map"):
-        return _input_map(b, plan, method.map(b, _float_image(b, plan), streams.gradient(plan.image)))
+        return input_map(b, plan, method.map.function(b, _float_image(b, plan), streams.gradient(plan.image)))
 
 
 def _raw_layer(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
@@ -355,50 +213,42 @@ def _raw_layer(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, ta
     above = {n.name for n in plan.graph.data_flow(plan.layer)[0]}
     streams = _gradient_streams(b, plan, method, target, [n for n in plan.path if n.name in above])
     with b.scope("layer_map"):
-        return _layer_map(b, method, plan, streams.gradient(plan.layer))
+        return layer_map(b, plan, method.map.function, streams.gradient(plan.layer))
 
 
 def _raw_path(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.PATH (FullGrad): the gradient stream read at every layer."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("path_map"):
-        relevance = method.map(b, plan, streams.gradient, _float_image(b, plan))
-    return _input_map(b, plan, relevance, per_channel=False)  # the map is [N, 1, H, W] whatever the image's layout
+        relevance = method.map.function(b, plan, streams.gradient, _float_image(b, plan))
+    return input_map(b, plan, relevance, per_channel=False)  # the map is [N, 1, H, W] whatever the image's layout
 
 
 def _raw_attention(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
     """Kind.ATTENTION (Chefer et al.): the gradient stream read at the attention matrices."""
     streams = _gradient_streams(b, plan, method, target)
     with b.scope("attention_map"):
-        coarse, size = method.map(b, plan, streams.gradient)
-    return _coarse_map(b, plan, coarse, size)
+        coarse, size = method.map.function(b, plan, streams.gradient)
+    return coarse_map(b, plan, coarse, size)
 
 
 def _raw_relevance(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None) -> RawMap:
-    """Kind.RELEVANCE: the relevance stream through the registered rules (and a contrastive second
-    stream for CLRP/SGLRP)."""
-    shape = plan.graph.shape(plan.logits)
+    """Kind.RELEVANCE: the relevance stream through the registered rules, started at the top linear
+    layer's input (AGF, ``_start_relevance``) or at the logits (LRP: ``logit_relevance``)."""
+    shape, at_logits = plan.graph.shape(plan.logits), method.map.logit_relevance
     with b.scope("start"):
         streams, scores, seed = _seeded(b, plan, method, target)
-        if method.logit_relevance is not None:  # LRP: R = y ⊙ onehot(t) at the logits
-            streams.relevances[plan.logits].append(_as_logits(b, method.logit_relevance(b, scores, seed), shape))
-        if method.contrast is not None:  # CLRP: a second stream from the other classes
-            contrast = _Streams(b, plan.graph)
-            contrast.relevances[plan.logits].append(_as_logits(b, method.contrast(b, scores, seed), shape))
+        if at_logits is not None:  # LRP: R = y ⊙ onehot(t) at the logits
+            streams.relevances[plan.logits].append(_as_logits(b, at_logits(b, scores, seed), shape))
     # LRP's rules read no gradient: emitting the gradient stream would only cost run time
     _walk(b, plan.graph, plan.path, plan.data, streams, plan.kinds, plan.start, plan.first_layers,
-          gradients=method.logit_relevance is None)
+          gradients=at_logits is None)
     relevance = streams.relevance(plan.image)
-    if method.contrast is not None:
-        with b.scope("contrast"):
-            _walk(b, plan.graph, plan.path, plan.data, contrast, plan.kinds, plan.start, plan.first_layers,
-                  gradients=False)
-            relevance = contrastive(b, relevance, contrast.relevance(plan.image), plan.graph.rank(plan.image))
     if relevance is None and plan.start == plan.image:
         relevance = _start_relevance(b, streams, plan.image)
     if relevance is None:
         raise CompileError(f"no relevance reaches the image '{plan.image}'")
-    return _input_map(b, plan, relevance)
+    return input_map(b, plan, relevance)
 
 
 #: One emitter per method kind: (b, plan, method, options, target [N, 1] or None) → the map before its scaling.
@@ -409,11 +259,11 @@ _EMITTERS = {Kind.RELEVANCE: _raw_relevance, Kind.GRADIENT: _raw_gradient, Kind.
 def _contrasted(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
                 contrast: str) -> RawMap:
     """``A_t − A_o · ΣA_t / ΣA_o``: the others' map from a second stream through the same forward pass."""
-    others = others_method(method, contrast)
+    others = method.seeded_by_others(contrast)
     if target is None:  # both streams explain the same class
         with b.scope("start"):
             target = _target(b, as_scores(b, plan.logits, plan.graph.shape(plan.logits)))
-    if method.kind is Kind.REPLICATED:  # one clone of the path carries both gradient streams
+    if method.kind is Kind.REPLICATED:  # one replica of the path carries both gradient streams
         own, theirs = _raw_replicated(b, plan, method, options, target, others)
     else:
         own = _EMITTERS[method.kind](b, plan, method, options, target)
@@ -425,18 +275,20 @@ def _contrasted(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, t
 
 def _modified(b: GraphBuilder, plan: Plan, method: Method, options: Mapping, target: str | None,
               modifiers: Modifiers) -> RawMap:
-    """The method's map under ``modifiers`` (see ``modifiers.py``): the smoothing tunnel outside,
-    the contrast inside."""
+    """The method's map under ``modifiers`` (see ``modifiers.py``): the smoothing tunnel outside (the
+    path replicated on noisy copies), the contrast inside."""
     if modifiers.smooth:
+        count = modifiers.smooth
         with b.scope("smooth"):
-            noisy = noisy_copies(b, _float_image(b, plan), plan.graph.shape(plan.image), modifiers)
+            source = noisy(b, _float_image(b, plan), plan.graph.shape(plan.image), count, modifiers.noise,
+                           modifiers.seed)
             if target is None:
                 target = _target(b, as_scores(b, plan.logits, plan.graph.shape(plan.logits)))
-            target = b.Tile(target, b.ints([modifiers.smooth, 1]))  # copy-major, as the noisy batch
-        copies = _cloned_plan(b, plan, noisy, "smooth", modifiers.smooth)
-        raw = _modified(b, copies, method, options, target, dataclasses.replace(modifiers, smooth=0))
+            copies = Copies(source, count, tiled(b, target, count), "smooth")
+        raw = _modified(b, replicate(b, plan, copies), method, options, copies.targets,
+                        dataclasses.replace(modifiers, smooth=0))
         with b.scope("smooth"):
-            return raw._replace(tensor=average_copies(b, raw.tensor, modifiers.smooth, raw.shape, modifiers.square))
+            return raw._replace(tensor=average(b, raw.tensor, count, raw.shape, modifiers.square))
     if modifiers.contrast:
         return _contrasted(b, plan, method, options, target, modifiers.contrast)
     return _EMITTERS[method.kind](b, plan, method, options, target)
@@ -465,7 +317,7 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     path, data = path_between(graph, source, output)
     missing = defaultdict(list)
     for node in path:
-        if node.op_type not in REGISTRY or REGISTRY[node.op_type].gradient is None:
+        if lookup(node.op_type, node.domain) is None:
             missing[node.op_type].append(node.name)
     if missing:
         raise UnsupportedOpsError(missing)
@@ -489,43 +341,6 @@ def gradient_model(model: onnx.ModelProto | str | os.PathLike, output: str | Non
     return canonical
 
 
-def _layer_map(b: GraphBuilder, method: Method, plan: Plan, gradient: str) -> RawMap:
-    """The method's map at the layer (a token layer's patch tokens laid out on their grid)."""
-    activation = plan.layer
-    if plan.layer_grid is not None:
-        channels = plan.graph.shape(activation)[2]
-        activation = as_grid(b, activation, plan.layer_grid, channels)
-        gradient = as_grid(b, gradient, plan.layer_grid, channels)
-        size = (plan.layer_grid.height, plan.layer_grid.width)
-    else:
-        size = plan.graph.shape(activation)[2:]
-    return _coarse_map(b, plan, method.map(b, activation, gradient), size)
-
-
-def _upsampled_heatmap(b: GraphBuilder, plan: Plan, coarse: str, coarse_size: Sequence[int]) -> str:
-    """A coarse ``[N, 1, h, w]`` map upsampled bilinearly (half-pixel centres, as PyTorch's
-    ``interpolate(align_corners=False)``) to the image and divided by its per-sample maximum."""
-    upsampled = resize(b, coarse, coarse_size, plan.image_size)
-    peak = max_per_sample(b, b.Abs(upsampled), 4)
-    return _finite(b, b.Div(upsampled, b.Where(b.Greater(peak, b.const(0.0)), peak, b.const(1.0))))
-
-
-def _finite(b: GraphBuilder, heatmap: str) -> str:
-    """0 where float32 overflowed (a contrast's ratio can): the contract is a finite map."""
-    return b.Where(b.Not(b.Or(b.IsNaN(heatmap), b.IsInf(heatmap))), heatmap, b.const(0.0))
-
-
-def contrastive(b: GraphBuilder, target: str, others: str, rank: int) -> str:
-    """``R_t − R_o · ΣR_t / ΣR_o`` per sample (CLRP, Gu et al. 2018) of two maps of ``rank``. A plain
-    division, as in the authors' code (``sdiv``'s +1e-9 would bias the ratio where ΣR_o is small, as
-    SGLRP's is, and the difference of two nearly equal maps amplifies that); 0 where ΣR_o = 0."""
-    total = sum_per_sample(b, others, rank)
-    nonzero = b.Not(b.Equal(total, b.const(0.0)))
-    scale = b.Where(nonzero, b.Div(sum_per_sample(b, target, rank), b.Where(nonzero, total, b.const(1.0))),
-                    b.const(0.0))
-    return b.Sub(target, b.Mul(others, scale))
-
-
 def _start_relevance(b: GraphBuilder, streams: _Streams, start: str) -> str | None:
     """``ΦX = X ⊙ ∇X`` at the data input of the top linear layer (spec "Start")."""
     if start in streams.relevances:
@@ -536,31 +351,6 @@ def _start_relevance(b: GraphBuilder, streams: _Streams, start: str) -> str | No
     with b.scope("start"):
         streams.relevances[start] = [b.Mul(start, gradient)]
     return streams.relevances[start][0]
-
-
-def _heatmap(b: GraphBuilder, relevance: str, channels_last: bool) -> str:
-    """``Σ_c Φ₀ / max Φ₀`` per sample; ``/ max |Φ₀|`` where ``max Φ₀ ≤ 0``; ``[N, 1, H, W]``."""
-    channel_sum = b.ReduceSum(relevance, b.ints([3 if channels_last else 1]), keepdims=1)
-    if channels_last:
-        channel_sum = b.Transpose(channel_sum, perm=[0, 3, 1, 2])
-    return _scaled_by_peak(b, relevance, channel_sum, 4)
-
-
-def _token_heatmap(b: GraphBuilder, relevance: str, rank: int) -> str:
-    """A text model's ``Σ_c Φ₀ / max Φ₀`` (``[N, T, C]`` → ``[N, T]``; a ``[N, T]`` map is only scaled)."""
-    if rank == 2:
-        return _scaled_by_peak(b, relevance, relevance, rank)
-    return b.Squeeze(_scaled_by_peak(b, relevance, b.ReduceSum(relevance, b.ints([2]), keepdims=1), rank), b.ints([2]))
-
-
-def _scaled_by_peak(b: GraphBuilder, relevance: str, channel_sum: str, rank: int) -> str:
-    """``channel_sum / max Φ₀`` per sample, ``/ max |Φ₀|`` where ``max Φ₀ ≤ 0`` (``relevance``: Φ₀ of ``rank``)."""
-    peak = max_per_sample(b, relevance, rank)
-    zero = b.const(0.0)
-    scale = b.Where(b.Greater(peak, zero), peak, max_per_sample(b, b.Abs(relevance), rank))
-    scale = b.Where(b.Greater(scale, zero), scale, b.const(1.0))
-    # float32 overflow is the one way left to a non-finite value; the contract is a finite map
-    return _finite(b, b.Div(channel_sum, scale))
 
 
 def _scores_output(plan: Plan) -> str:
@@ -642,6 +432,7 @@ def compile_canonical(canonical: onnx.ModelProto, spec: CompileSpec, reserved: I
     canonical model. ``reserved``: names the emitted graph must not take besides the model's own (a
     deployed form's original graph, ``deployed.py``)."""
     chosen = with_options(get_method(spec.method), spec.options)  # RAP's residual rule
+    modifiers = chosen.under(spec.modifiers)  # a preset's contrast (CLRP, SGLRP) with the chosen ones
     found = plan(canonical, image=spec.image, logits=spec.logits, method=chosen, flat_policy=spec.flat_policy,
                  flat=spec.flat, full=spec.full, layer=spec.layer)
     b = GraphBuilder(reserved=_all_names(canonical.graph) | set(reserved),
@@ -649,9 +440,9 @@ def compile_canonical(canonical: onnx.ModelProto, spec: CompileSpec, reserved: I
     self_supervised = ssl.emit(b, found, spec.ssl_bank, spec.features, spec.ssl_mode or "diff") \
         if spec.ssl_bank is not None else None
     explained = self_supervised.explained if self_supervised else None
-    heatmap = _emit(b, found, chosen, dict(spec.options), target=explained, modifiers=spec.modifiers)
+    heatmap = _emit(b, found, chosen, dict(spec.options), target=explained, modifiers=modifiers)
     extra = _emit_top_k(b, found, chosen, dict(spec.options), int(spec.top_k),
-                        self_supervised.scores if self_supervised else None, spec.modifiers) if spec.top_k else None
+                        self_supervised.scores if self_supervised else None, modifiers) if spec.top_k else None
     compiled = _assemble(canonical, b, found, heatmap, spec, extra)
     if self_supervised is not None:
         compiled = ssl.attach(compiled, self_supervised)

@@ -13,7 +13,7 @@ import onnx
 
 from .. import contract, modelfile
 from ..errors import CompileError
-from ..rules import REGISTRY
+from ..rules import lookup
 from . import deployed, passes
 from .emit import compile_canonical
 from .methods import get_method
@@ -95,7 +95,7 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, method: str = "agf",
             kinds[node.op_type].add(found.kinds[node.name])
     ops = []
     for op_type, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        entry = REGISTRY.get(op_type)
+        entry = lookup(op_type)
         missing = found.unsupported.get(op_type, [])
         ops.append(OpReport(op_type, count, entry.describe_gradient() if entry else "unsupported",
                             sorted(kinds[op_type]), missing))

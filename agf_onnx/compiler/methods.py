@@ -1,8 +1,10 @@
-"""Explanation methods as data over the rule registry, and AGF's "flat" conv policy.
+"""Explanation methods, and AGF's "flat" conv policy.
 
-A ``Method`` says which relevance rule kind each op type gets, which kind the linear layer that
-reads the image gets, which kind the convs chosen by the flat policy get, and how the gradient
-at the logits starts. Ops it does not list use their only relevance rule.
+A ``Method`` is how the gradient at the logits starts and a map of its own kind: ``RelevanceMap``
+(the relevance rule kind each op type gets, the kinds of the layer that reads the image and of the
+flat policy's layers: AGF, the LRP family, RAP), ``GradientMap``, ``LayerMap``, ``ReplicatedMap``,
+``PathMap`` or ``AttentionMap``. The planner asks the method what each node gets; the compiler has
+one emitter per kind. CLRP and SGLRP are presets: LRP with a contrast of its own (``modifiers.py``).
 """
 
 from __future__ import annotations
@@ -10,18 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
-from onnx import TensorProto
 
 from ..errors import CompileError
 from ..rules.normalization import batchnorm_shift
 from .builder import GraphBuilder
 from .graph import GraphView, NodeView
 from .maths import resize
+from .modifiers import CONTRASTS, DEFAULT_SMOOTH, NONE, Modifiers
 from .plan import Plan
+from .replicate import counter_normal, noisy, scaled, weighted_sum
 from .tokens import attention_matrices, check_rollout, patch_grid
+
+__all__ = ["METHODS", "Kind", "Method", "counter_normal", "get_method", "parse_variant", "target_score_start"]
 
 Start = Callable[[GraphBuilder, str, str, int], str]
 #: The gradient stream at a tensor (``None`` where the explained score does not depend on it).
@@ -75,73 +80,202 @@ def target_score_start(b: GraphBuilder, logits: str, target: str, classes: int) 
 
 
 class Kind(str, Enum):
-    """How a method turns the model into a map; the compiler has one emitter per kind."""
+    """How a method turns the model into a map: one map class per kind, one emitter per kind
+    (``emit._EMITTERS``)."""
 
     RELEVANCE = "relevance"  # a relevance stream through the registered rules (AGF, the LRP family, RAP)
-    GRADIENT = "gradient"  # map(b, x, ∇x): per channel at the image (Saliency, Gradient × Input)
-    LAYER = "layer"  # map(b, activation, ∇activation) → [N, 1, h, w] at a layer, upsampled (Grad-CAM)
-    REPLICATED = "replicated"  # expand/combine: gradients at several inputs per image (IG, SmoothGrad)
-    PATH = "path"  # map(b, plan, gradient_at, x): the gradient stream read at every layer (FullGrad)
-    ATTENTION = "attention"  # map(b, plan, gradient_at) → ([N, 1, h, w], (h, w)) on the patch grid (Chefer)
-
-
-#: The kinds whose map is one function of the gradient stream (``Method.map``).
-_MAPPED = {Kind.GRADIENT, Kind.LAYER, Kind.PATH, Kind.ATTENTION}
+    GRADIENT = "gradient"  # the gradient at the image, per channel (Saliency, Gradient × Input)
+    LAYER = "layer"  # the activation and gradient at a layer → [N, 1, h, w], upsampled (Grad-CAM)
+    REPLICATED = "replicated"  # gradients at copies of each image, combined (IG, SmoothGrad)
+    PATH = "path"  # the gradient stream read at every layer (FullGrad)
+    ATTENTION = "attention"  # the gradient stream read at the attention matrices → the patch grid (Chefer)
 
 
 @dataclass(frozen=True)
-class Method:
-    """One explanation method: its kind, how the gradient at the logits starts, and what its kind
-    needs — the relevance rule kind each op gets (``Kind.RELEVANCE``), the map function
-    (``GRADIENT``, ``LAYER``, ``PATH``, ``ATTENTION``), or the replicated inputs and how their
-    gradients combine (``REPLICATED``). Every map is summed over channels and scaled like AGF's
-    (spec "Output"), or upsampled from its layer and divided by its maximum."""
+class MethodMap:
+    """What a method's kind answers the planner; the defaults are those of the kinds that read the
+    gradient stream only (every node gets its gradient rule, none a relevance rule)."""
 
-    name: str
-    summary: str
-    kind: Kind
-    start: Start
-    formula: str = ""
-    #: Kind.RELEVANCE: op type → relevance rule kind; the kinds of the layer that reads the image,
-    #: of the layer that computes the logits (RAP's first step) and of the flat policy's layers
+    kind: ClassVar[Kind]
+    #: whether nodes below the start get relevance rules (``rule``)
+    relevance_stream: ClassVar[bool] = False
+    #: whether the map is taken at a layer (``--layer``, or the planner's default layer)
+    at_layer: ClassVar[bool] = False
+
+    @property
+    def starts_at_logits(self) -> bool:
+        """Whether the relevance stream starts at the logits (LRP) instead of at the top linear layer's input."""
+        return False
+
+    @property
+    def needs_top_layer(self) -> bool:
+        """Whether the planner must find the last linear layer before the logits."""
+        return True
+
+    def preferred(self, op_type: str) -> list[str]:
+        """The relevance rule kinds this map names for ``op_type`` (the coverage table's column)."""
+        return []
+
+    def rule(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool, top_layer: bool) -> str | None:
+        """The relevance rule kind a node gets; ``None`` when it has no fitting rule."""
+        return None
+
+    def fits_top(self, kind: str | None) -> bool:
+        """Whether the top linear layer's rule ``kind`` is one this map can start from."""
+        return True
+
+    def text_refusal(self, layer: str | None) -> str | None:
+        """Why this kind cannot explain a text model (after ``--method NAME``), ``None`` when it can."""
+        return None
+
+
+@dataclass(frozen=True)
+class RelevanceMap(MethodMap):
+    """A relevance stream through the registered rules: the rule kind each op type gets, the kinds
+    of the layer that reads the image, of the layer that computes the logits (RAP's first step) and
+    of the flat policy's layers; ops it does not name use their only relevance rule."""
+
+    kind: ClassVar[Kind] = Kind.RELEVANCE
+    relevance_stream: ClassVar[bool] = True
     relevance: Mapping[str, str] = field(default_factory=dict)
     first_layer: str | None = None
     top_layer: str | None = None
     flat: str | None = None
-    #: (b, scores [N, K], the start gradient — the target's one-hot for LRP) → relevance at the logits, for methods whose
-    #: relevance stream starts there (LRP) instead of at the top linear layer's input (AGF)
+    #: (b, scores [N, K], the start gradient — the target's one-hot for LRP) → relevance at the logits,
+    #: for methods whose relevance stream starts there (LRP) instead of at the top linear layer's input (AGF)
     logit_relevance: Callable[[GraphBuilder, str, str], str] | None = None
-    #: (b, scores, start gradient) → the seed of a second, contrastive relevance stream (CLRP):
-    #: the map is ``R_t − R_o · ΣR_t / ΣR_o``
-    contrast: Callable[[GraphBuilder, str, str], str] | None = None
-    #: the map of the GRADIENT, LAYER, PATH and ATTENTION kinds (signatures in ``Kind``)
-    map: Callable[..., Any] | None = None
-    #: Kind.REPLICATED: (b, x, shape, options) → (inputs [count·N, ...], count), the inputs the
-    #: method differentiates at; ``combine(b, x, shape, gradients, count, options)`` → ``[N, ...]``
-    expand: Callable[..., tuple[str, int]] | None = None
-    combine: Callable[..., str] | None = None
-
-    def __post_init__(self) -> None:
-        relevance_only = (self.relevance, self.first_layer, self.top_layer, self.flat, self.logit_relevance,
-                          self.contrast)
-        if (self.map is not None) != (self.kind in _MAPPED) or \
-                (self.expand is not None or self.combine is not None) != (self.kind is Kind.REPLICATED) or \
-                (self.kind is not Kind.RELEVANCE and any(relevance_only)):
-            raise ValueError(f"method {self.name}: the fields given do not fit its kind {self.kind.value}")
 
     @property
-    def relevance_stream(self) -> bool:
-        return self.kind is Kind.RELEVANCE
+    def starts_at_logits(self) -> bool:
+        return self.logit_relevance is not None
 
-    def kind_for(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool,
-                 top_layer: bool = False) -> str | None:
-        """The relevance rule kind an op gets; ``None`` when it has no fitting rule."""
+    @property
+    def needs_top_layer(self) -> bool:
+        return self.logit_relevance is None or self.top_layer is not None
+
+    def preferred(self, op_type: str) -> list[str]:
+        return [k for k in (self.relevance.get(op_type), self.flat, self.first_layer) if k is not None]
+
+    def rule(self, op_type: str, kinds: Iterable[str], *, first_layer: bool, flat: bool, top_layer: bool) -> str | None:
         kinds = [kind for kind in kinds if kind not in OPT_IN_KINDS or kind == self.relevance.get(op_type)]
         for wanted in ([self.first_layer] if first_layer else []) + ([self.top_layer] if top_layer else []) + \
                 ([self.flat] if flat else []) + [self.relevance.get(op_type)]:
             if wanted in kinds:
                 return wanted
         return kinds[0] if len(kinds) == 1 else None
+
+    def fits_top(self, kind: str | None) -> bool:
+        return self.top_layer is None or kind == self.top_layer
+
+
+@dataclass(frozen=True)
+class GradientMap(MethodMap):
+    """``function(b, x, ∇x)``: a per-channel map from the gradient at the image."""
+
+    kind: ClassVar[Kind] = Kind.GRADIENT
+    function: Callable[[GraphBuilder, str, str], str]
+
+
+@dataclass(frozen=True)
+class LayerMap(MethodMap):
+    """``function(b, activation, ∇activation)`` → ``[N, 1, h, w]`` at a layer, upsampled to the image."""
+
+    kind: ClassVar[Kind] = Kind.LAYER
+    at_layer: ClassVar[bool] = True
+    function: Callable[[GraphBuilder, str, str], str]
+
+    def text_refusal(self, layer: str | None) -> str | None:
+        return None if layer is not None else (
+            " on a text model: pass --layer NODE, a node whose output is a [N, T, C] token tensor (no default: "
+            "only the [CLS] token of the last block reaches the classifier)")
+
+
+@dataclass(frozen=True)
+class ReplicatedMap(MethodMap):
+    """Gradients at ``count`` copies of each image: ``copies(b, x, shape, options)`` → (the copies
+    ``[count·N, ...]``, copy-major, and ``count``); ``combine(b, x, shape, gradients, count,
+    options)`` → ``[N, ...]``. The path is cloned over the copies (``replicate.py``)."""
+
+    kind: ClassVar[Kind] = Kind.REPLICATED
+    copies: Callable[[GraphBuilder, str, tuple, Mapping], tuple[str, int]]
+    combine: Callable[[GraphBuilder, str, tuple, str, int, Mapping], str]
+    #: why ``--smooth`` makes no sense on it (SmoothGrad averages over noisy copies itself), None where it does
+    smooth_refusal: str | None = None
+
+
+@dataclass(frozen=True)
+class PathMap(MethodMap):
+    """``function(b, plan, gradient_at, x)`` → ``[N, 1, H, W]``: the gradient stream read at every layer."""
+
+    kind: ClassVar[Kind] = Kind.PATH
+    function: Callable[[GraphBuilder, Plan, GradientAt, str], str]
+
+    def text_refusal(self, layer: str | None) -> str | None:
+        return ": needs an image (its bias terms are upsampled to the pixel grid); a text model's map is per token"
+
+
+@dataclass(frozen=True)
+class AttentionMap(MethodMap):
+    """``function(b, plan, gradient_at)`` → (``[N, 1, h, w]``, ``(h, w)``) on the patch grid."""
+
+    kind: ClassVar[Kind] = Kind.ATTENTION
+    function: Callable[[GraphBuilder, Plan, GradientAt], tuple[str, tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method: how the gradient at the logits starts, and its map (one class per
+    kind, above), which says what the planner gives each node and what the compiler emits. Every
+    map is summed over channels and scaled like AGF's (spec "Output"), or upsampled from its layer
+    and divided by its maximum. A preset is a method with ``modifiers`` of its own (CLRP is LRP
+    under ``--contrast others``): each idea exists once."""
+
+    name: str
+    summary: str
+    formula: str
+    start: Start
+    map: MethodMap
+    modifiers: Modifiers = NONE
+
+    @property
+    def kind(self) -> Kind:
+        return self.map.kind
+
+    def rule_for(self, node, kinds: Iterable[str], *, first_layer: bool, flat: bool, top_layer: bool) -> str | None:
+        """The relevance rule kind ``node`` gets under this method; ``None``: none (no fitting rule, or a
+        kind with no relevance stream). Refuses a top linear layer the method cannot start from."""
+        kind = self.map.rule(node.op_type, kinds, first_layer=first_layer, flat=flat, top_layer=top_layer)
+        if top_layer and not self.map.fits_top(kind):
+            raise CompileError(f"--method {self.name} starts at a Gemm or MatMul that computes the logits; "
+                               f"the last linear layer here is {node.op_type} '{node.name}'")
+        return kind
+
+    def under(self, chosen: Modifiers) -> Modifiers:
+        """The modifiers the method runs under: its own (a preset's) and ``chosen``; refuses, naming the
+        option, what makes no sense (``modifiers.py``)."""
+        chosen.check()
+        if chosen.contrast is not None and self.modifiers.contrast is not None:
+            raise CompileError(f"--contrast: --method {self.name} is contrastive already "
+                               f"({self.name} = lrp --contrast {self.modifiers.contrast})")
+        refusal = getattr(self.map, "smooth_refusal", None)
+        if chosen.smooth and refusal:
+            raise CompileError(f"--smooth: {self.name} {refusal}")
+        if not self.modifiers:
+            return chosen
+        return replace(chosen, contrast=chosen.contrast or self.modifiers.contrast)
+
+    def seeded_by_others(self, contrast: str) -> Method:
+        """The method started from the others' seed (``modifiers.CONTRASTS``) instead of the target's: at
+        the logits' relevance for methods whose relevance starts there (LRP, RAP), else as the gradient
+        seed (AGF, every gradient method)."""
+        weights = CONTRASTS[contrast]
+        if isinstance(self.map, RelevanceMap) and self.map.logit_relevance is not None:
+            return replace(self, map=replace(self.map, logit_relevance=weights))
+
+        def start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
+            return weights(b, logits, target_score_start(b, logits, target, classes))
+
+        return replace(self, start=start)
 
 
 #: Relevance rule kinds only a method that names them for an op gets; other methods get that op's
@@ -153,28 +287,23 @@ AGF = Method(
     name="agf",
     summary="Attribution Guided Factorization (Gur, Ali, Wolf, AAAI 2021), as docs/algorithm.md",
     formula="the spec's relevance stream; Σ_c Φ₀ / max Φ₀",
-    kind=Kind.RELEVANCE,
     start=agf_start,
-    relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"},
-    first_layer="zB",
-    flat="flat",
+    map=RelevanceMap(relevance={"Conv": "agf", "Gemm": "agf", "MatMul": "agf"}, first_layer="zB", flat="flat"),
 )
 
 GRADIENT = Method(
     name="gradient",
     summary="Saliency (Simonyan et al. 2014): the absolute gradient of the target's logit",
-    kind=Kind.GRADIENT,
     start=target_score_start,
-    map=lambda b, x, gradient: b.Abs(gradient),
+    map=GradientMap(lambda b, x, gradient: b.Abs(gradient)),
     formula="A = abs(∂y_t/∂x); Σ_c A / max A (Captum's Saliency(abs=True) per channel)",
 )
 
 GRADIENT_X_INPUT = Method(
     name="gradient-x-input",
     summary="Gradient × Input (Shrikumar et al. 2016): the input times the target logit's gradient",
-    kind=Kind.GRADIENT,
     start=target_score_start,
-    map=lambda b, x, gradient: b.Mul(x, gradient),
+    map=GradientMap(lambda b, x, gradient: b.Mul(x, gradient)),
     formula="A = x ⊙ ∂y_t/∂x; Σ_c A / max A, or / max abs(A) where max A ≤ 0 (Captum's InputXGradient)",
 )
 
@@ -186,9 +315,8 @@ def _gradcam(b: GraphBuilder, activation: str, gradient: str) -> str:
 GRADCAM = Method(
     name="gradcam",
     summary="Grad-CAM (Selvaraju et al. 2017) at the last Conv with a spatial output, or --layer NODE",
-    kind=Kind.LAYER,
     start=target_score_start,
-    map=_gradcam,
+    map=LayerMap(_gradcam),
     formula="relu(Σ_k mean_ij(∂y_t/∂A_k) · A_k), bilinear upsampling to the image, / max (Captum's "
             "LayerGradCam with relu_attributions=True, then LayerAttribution.interpolate)",
 )
@@ -204,27 +332,15 @@ def _option(options: Mapping, name: str, default, kind=int, low=1):
     return value
 
 
-def _stack(b: GraphBuilder, x: str, shape: tuple, coefficients: str) -> str:
-    """``[count·N, ...]``: ``coefficients[s] ⊙ x`` for each of the ``count`` coefficients, ``s`` leading."""
-    return b.Reshape(b.Mul(b.Unsqueeze(x, b.ints([0])), coefficients), b.ints([-1, *shape[1:]]))
-
-
-def _weighted_sum(b: GraphBuilder, gradients: str, shape: tuple, weights: np.ndarray) -> str:
-    """``Σ_s w_s g_s`` over the ``count`` replicas of each image → ``[N, ...]``."""
-    per_replica = b.Reshape(gradients, b.ints([len(weights), -1, *shape[1:]]))
-    weights = b.const(weights.reshape(-1, *[1] * len(shape)).astype(np.float32))
-    return b.ReduceSum(b.Mul(per_replica, weights), b.ints([0]), keepdims=0)
-
-
-def _ig_expand(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
+def _ig_copies(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
     steps = _option(options, "steps", 50)
     alphas, _ = _gauss_legendre(steps)
-    return _stack(b, x, shape, b.const(alphas.reshape(-1, *[1] * len(shape)))), steps
+    return scaled(b, x, shape, alphas), steps
 
 
 def _ig_combine(b: GraphBuilder, x: str, shape: tuple, gradients: str, count: int, options: Mapping) -> str:
     _, weights = _gauss_legendre(count)
-    return b.Mul(x, _weighted_sum(b, gradients, shape, weights))  # zero baseline: (x − 0) ⊙ Σ_s w_s ∇F(α_s x)
+    return b.Mul(x, weighted_sum(b, gradients, shape, weights))  # zero baseline: (x − 0) ⊙ Σ_s w_s ∇F(α_s x)
 
 
 def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,74 +352,30 @@ def _gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
 INTEGRATED_GRADIENTS = Method(
     name="integrated-gradients",
     summary="Integrated Gradients (Sundararajan et al. 2017), zero baseline, --steps (default 50)",
-    kind=Kind.REPLICATED,
     start=target_score_start,
-    expand=_ig_expand,
-    combine=_ig_combine,
+    map=ReplicatedMap(_ig_copies, _ig_combine),
     formula="A = x ⊙ Σ_s w_s ∂y_t/∂x(α_s x), Gauss–Legendre α_s, w_s on [0, 1] (Captum's default); "
             "Σ_c A / max A",
 )
 
-#: The noise's hash works in the prime field of ``p = 2**31 − 1``: ``MiMC``'s round ``x ↦ (x + c)⁵ mod p`` is a
-#: permutation there (5 does not divide ``p − 1``), and every product of two residues fits in int64.
-_PRIME = 2**31 - 1
-_ROUND_CONSTANTS = (0x3C6EF372, 0x1B873593, 0x5BD1E995, 0x27D4EB2D)
-
-
-def _hash_reference(counter: np.ndarray) -> np.ndarray:
-    """Four MiMC rounds on int64 counters (non-negative, below ``2**62``) → int64 in ``[0, p)``."""
-    x = np.asarray(counter, dtype=np.int64) % _PRIME
-    for constant in _ROUND_CONSTANTS:
-        x = (x + constant % _PRIME) % _PRIME
-        square = x * x % _PRIME
-        x = square * square % _PRIME * x % _PRIME
-    return x
-
-
-def counter_normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Standard normal noise of ``shape``, a pure function of ``(seed, element index)`` (float64).
-
-    Counter-based: element ``i`` (row-major) draws two uniforms
-    ``u_j = (⌊hash(hash(2i + j) + key) / 2⁷⌋ + ½) / 2²⁴``, ``j ∈ {0, 1}``, ``key = hash(seed)``, with
-    ``hash`` four MiMC rounds ``x ↦ (x + c)⁵ mod (2³¹ − 1)``; Box–Muller turns them into
-    ``√(−2 ln u₀) · cos(2π u₁)``. Integer arithmetic only up to the last step, so the numbers do not
-    depend on the platform, and a leading axis of copies keeps its first rows when it grows.
-    """
-    counters = np.arange(int(np.prod(shape)), dtype=np.int64) * 2
-    key = _hash_reference(np.array([seed]))[0]
-    uniforms = [(_hash_reference(_hash_reference(counters + stream) + key) // 2**7 + 0.5) * 2.0**-24
-                for stream in (0, 1)]  # in (0, 1): the logarithm stays finite
-    return (np.sqrt(-2.0 * np.log(uniforms[0])) * np.cos(2 * np.pi * uniforms[1])).reshape(shape)
-
-
-def _smoothgrad_expand(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
+def _smoothgrad_copies(b: GraphBuilder, x: str, shape: tuple, options: Mapping) -> tuple[str, int]:
     samples = _option(options, "samples", 25)
     noise = _option(options, "noise", 0.15, float, 0.0)
     seed = _option(options, "seed", 0, int, 0)
-    if seed >= _PRIME:
-        raise CompileError(f"--seed {seed}: must be below {_PRIME} (2³¹ − 1)")
-    axes = list(range(1, len(shape)))
-    spread = b.Sub(b.ReduceMax(x, axes=axes, keepdims=1), b.ReduceMin(x, axes=axes, keepdims=1))
-    # ε[s, n] = noise · spread[n] · z[s]: the same draw z[s] for every image, so an image's map does not
-    # depend on its batch position or its batch mates; z is stored as float16 (2 bytes per pixel, channel
-    # and copy) and widened once, when ONNX Runtime folds the Cast at load time
-    gaussian = b.Cast(b.const(counter_normal((samples, 1, *shape[1:]), seed), np.float16), to=TensorProto.FLOAT)
-    noisy = b.Add(b.Unsqueeze(x, b.ints([0])), b.Mul(gaussian, b.Mul(b.Unsqueeze(spread, b.ints([0])), b.const(noise))))
-    return b.Reshape(noisy, b.ints([-1, *shape[1:]])), samples
+    return noisy(b, x, shape, samples, noise, seed), samples
 
 
 def _smoothgrad_combine(b: GraphBuilder, x: str, shape: tuple, gradients: str, count: int, options: Mapping) -> str:
-    return _weighted_sum(b, b.Abs(gradients), shape, np.full(count, 1.0 / count))
+    return weighted_sum(b, b.Abs(gradients), shape, np.full(count, 1.0 / count))
 
 
 SMOOTHGRAD = Method(
     name="smoothgrad",
     summary="SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies, --samples (25), --noise "
             "(0.15 of the image's range), --seed (0)",
-    kind=Kind.REPLICATED,
     start=target_score_start,
-    expand=_smoothgrad_expand,
-    combine=_smoothgrad_combine,
+    map=ReplicatedMap(_smoothgrad_copies, _smoothgrad_combine,
+                      smooth_refusal="averages over noisy copies already; raise its --samples instead"),
     formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²), a counter-based draw fixed by "
             "the seed and the copy s, the same at every batch position (Captum's NoiseTunnel(Saliency) smoothgrad); "
             "Σ_c A / max A",
@@ -314,11 +386,8 @@ def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
     return Method(
         name=name,
         summary=f"LRP-α{alpha}β{beta} (Bach et al. 2015) from R = y ⊙ onehot(t), z^B at the input layer",
-        kind=Kind.RELEVANCE,
         start=target_score_start,
-        relevance=linear,
-        first_layer="zB",
-        logit_relevance=lambda b, scores, one_hot: b.Mul(scores, one_hot),
+        map=RelevanceMap(relevance=linear, first_layer="zB", logit_relevance=lambda b, scores, one_hot: b.Mul(scores, one_hot)),
         formula=f"α={alpha}, β={beta} on Conv/Gemm/MatMul (no bias), z-rule on ReLU, pools and residual sums; "
                 "Σ_c R₀ / max R₀ (Zennit's AlphaBeta with ZBox first)",
     )
@@ -327,24 +396,12 @@ def _lrp(name: str, kind: str, alpha: int, beta: int) -> Method:
 LRP = _lrp("lrp", "alpha1beta0", 1, 0)
 LRP_AB = _lrp("lrp-ab", "alpha2beta1", 2, 1)
 
-
-def _others(b: GraphBuilder, scores: str, one_hot: str) -> str:
-    """``y_t / (K − 1)`` on every class but the target (spec "Baselines", CLRP)."""
-    target_score = b.ReduceSum(b.Mul(scores, one_hot), b.ints([1]), keepdims=1)
-    classes = b.ReduceSum(b.Add(one_hot, b.Sub(b.const(1.0), one_hot)), b.ints([1]), keepdims=1)
-    return b.Mul(b.Sub(b.const(1.0), one_hot), b.Div(target_score, b.Sub(classes, b.const(1.0))))
-
-
-def _contrastive_lrp(name: str, summary: str, target_seed, others_seed, seeds: str) -> Method:
-    """LRP-α1β0 of the target minus that of the other classes: ``R_t − R_o · ΣR_t / ΣR_o``."""
-    return Method(name=name, summary=summary, kind=Kind.RELEVANCE, start=target_score_start, relevance=LRP.relevance,
-                  first_layer="zB", logit_relevance=target_seed, contrast=others_seed,
-                  formula=f"R = R_t − R_o · ΣR_t / ΣR_o, {seeds}, both LRP-α1β0; Σ_c R / max R")
-
-
-CLRP = _contrastive_lrp(
-    "clrp", "Contrastive LRP (Gu et al. 2018): LRP-α1β0 of the target minus that of the other classes",
-    LRP.logit_relevance, _others, "R_t from y ⊙ onehot(t), R_o from y_t/(K−1) on the other classes")
+#: Contrastive LRP: a preset, LRP under ``--contrast others`` (``modifiers.py``: ``R_t − R_o · ΣR_t / ΣR_o``)
+CLRP = replace(
+    LRP, name="clrp", summary="Contrastive LRP (Gu et al. 2018): LRP-α1β0 of the target minus that of the other classes",
+    formula="R = R_t − R_o · ΣR_t / ΣR_o, R_t from y ⊙ onehot(t), R_o from y_t/(K−1) on the other classes, both "
+            "LRP-α1β0; Σ_c R / max R",
+    modifiers=Modifiers(contrast="others"))
 
 
 def _softmax_gradient_target(b: GraphBuilder, scores: str, one_hot: str) -> str:
@@ -353,30 +410,21 @@ def _softmax_gradient_target(b: GraphBuilder, scores: str, one_hot: str) -> str:
     return b.Mul(one_hot, b.Add(b.Mul(p, b.Sub(b.const(1.0), p)), b.const(1e-8)))
 
 
-def _softmax_gradient_others(b: GraphBuilder, scores: str, one_hot: str) -> str:
-    """``p_t · p_j`` on every class ``j ≠ t``: the magnitude of ``∂p_t/∂y_j`` (the authors' ``sglrp_others``)."""
-    p = b.Softmax(scores, axis=1)
-    target_probability = b.ReduceSum(b.Mul(p, one_hot), b.ints([1]), keepdims=1)
-    return b.Mul(b.Sub(b.const(1.0), one_hot), b.Mul(target_probability, p))
-
-
-SGLRP = _contrastive_lrp(
-    "sglrp", "Softmax-Gradient LRP (Iwana et al. 2019): CLRP started from the softmax's gradient",
-    _softmax_gradient_target, _softmax_gradient_others,
-    "R_t from p_t(1−p_t)+1e-8 on t, R_o from p_t·p_j on every j ≠ t (p = softmax(y); the authors' "
-    "sglrp_target/sglrp_others)")
+#: Softmax-Gradient LRP: a preset, LRP started from the softmax's gradient under ``--contrast softmax``
+SGLRP = replace(
+    CLRP, name="sglrp", summary="Softmax-Gradient LRP (Iwana et al. 2019): CLRP started from the softmax's gradient",
+    formula="R = R_t − R_o · ΣR_t / ΣR_o, R_t from p_t(1−p_t)+1e-8 on t, R_o from p_t·p_j on every j ≠ t (p = "
+            "softmax(y); the authors' sglrp_target/sglrp_others), both LRP-α1β0; Σ_c R / max R",
+    map=replace(LRP.map, logit_relevance=_softmax_gradient_target), modifiers=Modifiers(contrast="softmax"))
 
 
 RAP = Method(
     name="rap",
     summary="Relative Attributing Propagation (Nam et al. 2019): positive and negative relevance "
             "propagated separately from the target's one-hot",
-    kind=Kind.RELEVANCE,
     start=target_score_start,
-    relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap", "Add": "magnitude", "Sum": "magnitude"},
-    first_layer="zB",
-    top_layer="rap_first",
-    logit_relevance=lambda b, scores, one_hot: one_hot,
+    map=RelevanceMap(relevance={"Conv": "rap", "Gemm": "rap", "MatMul": "rap", "Add": "magnitude", "Sum": "magnitude"},
+                     first_layer="zB", top_layer="rap_first", logit_relevance=lambda b, scores, one_hot: one_hot),
     formula="the authors' RAP_relprop: first_prop + redistribute at the logits layer (needs a Gemm/MatMul "
             "there), the sign-split proportional rule with shift_rel on hidden Conv/Gemm/MatMul, z^B at the input, "
             "z-rule on pools (and on ReLU: their pass-through up to the 1e-9 stabiliser); residual sums split by "
@@ -424,9 +472,8 @@ def _fullgrad(b: GraphBuilder, plan: Plan, gradient_at: GradientAt, x: str) -> s
 FULLGRAD = Method(
     name="fullgrad",
     summary="FullGrad (Srinivas & Fleuret 2019): input-gradient plus every conv/BatchNorm bias-gradient",
-    kind=Kind.PATH,
     start=target_score_start,
-    map=_fullgrad,
+    map=PathMap(_fullgrad),
     formula="ψ(x ⊙ ∂y_t/∂x) + Σ_layers upsample(ψ(b ⊙ ∂y_t/∂z)), ψ = abs, min-shift, / (max + 1e-6), summed "
             "over channels, bilinear (align_corners) upsampling (the authors' fullgrad.py); / max",
 )
@@ -467,9 +514,8 @@ CHEFER = Method(
     name="chefer",
     summary="Gradient-weighted attention rollout (Chefer, Gur, Wolf, ICCV 2021, \"Generic Attention-model "
             "Explainability\"), for transformers with one token set",
-    kind=Kind.ATTENTION,
     start=target_score_start,
-    map=_chefer,
+    map=AttentionMap(_chefer),
     formula="Ā = mean_heads(relu(∂y_t/∂A ⊙ A)) per attention block, R = I, R = R + Ā·R in forward order; the class "
             "token's row of R over the patch tokens (no class token: the mean of R's rows), on the patch grid, "
             "bilinear upsampling to the image, / max",
@@ -492,12 +538,40 @@ def with_options(method: Method, options: Mapping) -> Method:
     residual = options.get("residual")
     if residual is None:
         return method
-    if method.relevance.get("Add") not in RESIDUAL_RULES.values():
+    if not isinstance(method.map, RelevanceMap) or method.map.relevance.get("Add") not in RESIDUAL_RULES.values():
         raise CompileError(f"--residual {residual}: only RAP has a choice of residual-sum rule (--method rap)")
     if residual not in RESIDUAL_RULES:
         raise CompileError(f"--residual {residual}: expected one of {', '.join(RESIDUAL_RULES)}")
     kind = RESIDUAL_RULES[residual]
-    return replace(method, relevance={**method.relevance, "Add": kind, "Sum": kind})
+    return replace(method, map=replace(method.map, relevance={**method.map.relevance, "Add": kind, "Sum": kind}))
+
+
+def parse_variant(name: str, defaults: Modifiers = NONE) -> tuple[str, Modifiers]:
+    """``agf+smooth+contrast`` → ("agf", Modifiers(smooth=…, contrast="others")).
+
+    Tokens after the method: ``smooth[=S]``, ``smooth-square[=S]``, ``contrast[=others|softmax]``.
+    ``defaults`` gives S (when ``defaults.smooth`` is set), the noise, the seed and the contrast
+    a bare token takes. The modifiers returned are those named, not a preset's own."""
+    method, *tokens = [part.strip() for part in name.split("+")]
+    if method not in METHODS:
+        raise CompileError(f"unknown method '{method}' in '{name}' (available: {', '.join(METHODS)})")
+    changes: dict = {}
+    for token in tokens:
+        key, _, value = token.partition("=")
+        if key in ("smooth", "smooth-square"):
+            try:
+                samples = int(value) if value else (defaults.smooth or DEFAULT_SMOOTH)
+            except ValueError:
+                raise CompileError(f"'{name}': '{token}' needs a whole number of copies (smooth=S)") from None
+            changes.update(smooth=samples, square=key == "smooth-square")
+        elif key == "contrast":
+            changes["contrast"] = value or defaults.contrast or "others"
+        else:
+            raise CompileError(f"'{name}': unknown modifier '{token}' (available: smooth[=S], smooth-square[=S], "
+                               f"contrast[=others|softmax])")
+    modifiers = replace(defaults, **{"smooth": 0, "square": False, "contrast": None, **changes})
+    METHODS[method].under(modifiers)
+    return method, modifiers
 
 
 # -- the flat layer policy ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ positive where the target's evidence exceeds the others', negative where theirs 
     A_s = mean_{s<S} A(x + ε_s)          (--smooth-square: mean_{s<S} A(x + ε_s)²)
 
 ``ε_s = F · (max x − min x) · z_s`` per image, ``z_s`` SmoothGrad's counter-based noise
-(``methods.counter_normal``), fixed by the seed and the copy and the same for every image: an
+(``replicate.counter_normal``), fixed by the seed and the copy and the same for every image: an
 image's map is the same at any batch position, in any session. Like NoiseTunnel the raw maps are averaged, before the
 per-sample scaling (averaging scaled maps would weight each copy by one over its own peak). The
 S copies of a batch of N are one batch of S·N through a clone of the path; the method's own
@@ -46,10 +46,24 @@ import json
 
 from ..errors import CompileError
 from .builder import GraphBuilder
-from .methods import CLRP, METHODS, SGLRP, SMOOTHGRAD, Method, target_score_start
+
+
+def _others(b: GraphBuilder, scores: str, one_hot: str) -> str:
+    """``y_t / (K − 1)`` on every class but the target (spec "Baselines", CLRP)."""
+    target_score = b.ReduceSum(b.Mul(scores, one_hot), b.ints([1]), keepdims=1)
+    classes = b.ReduceSum(b.Add(one_hot, b.Sub(b.const(1.0), one_hot)), b.ints([1]), keepdims=1)
+    return b.Mul(b.Sub(b.const(1.0), one_hot), b.Div(target_score, b.Sub(classes, b.const(1.0))))
+
+
+def _softmax_gradient_others(b: GraphBuilder, scores: str, one_hot: str) -> str:
+    """``p_t · p_j`` on every class ``j ≠ t``: the magnitude of ``∂p_t/∂y_j`` (the authors' ``sglrp_others``)."""
+    p = b.Softmax(scores, axis=1)
+    target_probability = b.ReduceSum(b.Mul(p, one_hot), b.ints([1]), keepdims=1)
+    return b.Mul(b.Sub(b.const(1.0), one_hot), b.Mul(target_probability, p))
+
 
 #: The others' seed per contrast (b, scores [N, K], the target's one-hot) → [N, K]: CLRP's and SGLRP's own.
-CONTRASTS = {"others": CLRP.contrast, "softmax": SGLRP.contrast}
+CONTRASTS = {"others": _others, "softmax": _softmax_gradient_others}
 #: Copies per image when a variant name says ``+smooth`` without a number (SmoothGrad's default).
 DEFAULT_SMOOTH = 25
 DEFAULT_NOISE, DEFAULT_SEED = 0.15, 0
@@ -68,8 +82,9 @@ class Modifiers:
     def __bool__(self) -> bool:
         return bool(self.smooth or self.contrast)
 
-    def check(self, method: Method) -> None:
-        """Refuse settings that make no sense, naming the option."""
+    def check(self) -> None:
+        """Refuse settings that make no sense, naming the option (``Method.under`` refuses those that make
+        none for a method)."""
         if self.smooth < 0 or isinstance(self.smooth, bool):
             raise CompileError(f"--smooth {self.smooth}: must be at least 1")
         if self.noise < 0:
@@ -80,11 +95,6 @@ class Modifiers:
             raise CompileError("--smooth-square needs --smooth S")
         if self.contrast is not None and self.contrast not in CONTRASTS:
             raise CompileError(f"--contrast {self.contrast}: expected one of {', '.join(CONTRASTS)}")
-        if self.contrast is not None and method.contrast is not None:
-            raise CompileError(f"--contrast: --method {method.name} is contrastive already "
-                               f"({method.name} = lrp --contrast {'others' if method is CLRP else 'softmax'})")
-        if self.smooth and method is SMOOTHGRAD:
-            raise CompileError("--smooth: smoothgrad averages over noisy copies already; raise its --samples instead")
 
     def as_dict(self) -> dict:
         """The modifiers in use, e.g. ``{"smooth": 8, "noise": 0.15, "seed": 0, "square": False}`` ({} for none)."""
@@ -122,62 +132,3 @@ def from_metadata(text: str | None) -> Modifiers:
     return Modifiers(smooth=int(entry.get("smooth", 0)), noise=float(entry.get("noise", DEFAULT_NOISE)),
                      seed=int(entry.get("seed", DEFAULT_SEED)), square=bool(entry.get("square", False)),
                      contrast=entry.get("contrast"))
-
-
-def parse_variant(name: str, defaults: Modifiers = NONE) -> tuple[str, Modifiers]:
-    """``agf+smooth+contrast`` → ("agf", Modifiers(smooth=…, contrast="others")).
-
-    Tokens after the method: ``smooth[=S]``, ``smooth-square[=S]``, ``contrast[=others|softmax]``.
-    ``defaults`` gives S (when ``defaults.smooth`` is set), the noise, the seed and the contrast
-    a bare token takes."""
-    method, *tokens = [part.strip() for part in name.split("+")]
-    if method not in METHODS:
-        raise CompileError(f"unknown method '{method}' in '{name}' (available: {', '.join(METHODS)})")
-    changes: dict = {}
-    for token in tokens:
-        key, _, value = token.partition("=")
-        if key in ("smooth", "smooth-square"):
-            try:
-                samples = int(value) if value else (defaults.smooth or DEFAULT_SMOOTH)
-            except ValueError:
-                raise CompileError(f"'{name}': '{token}' needs a whole number of copies (smooth=S)") from None
-            changes.update(smooth=samples, square=key == "smooth-square")
-        elif key == "contrast":
-            changes["contrast"] = value or defaults.contrast or "others"
-        else:
-            raise CompileError(f"'{name}': unknown modifier '{token}' (available: smooth[=S], smooth-square[=S], "
-                               f"contrast[=others|softmax])")
-    modifiers = dataclasses.replace(defaults, **{"smooth": 0, "square": False, "contrast": None, **changes})
-    modifiers.check(METHODS[method])
-    return method, modifiers
-
-
-def others_method(method: Method, contrast: str) -> Method:
-    """``method`` started from the others' seed instead of the target's: at the logits' relevance
-    for methods whose relevance starts there (LRP, RAP), else as the gradient seed (AGF, every
-    gradient method)."""
-    weights = CONTRASTS[contrast]
-    if method.logit_relevance is not None:
-        return dataclasses.replace(method, logit_relevance=weights)
-
-    def start(b: GraphBuilder, logits: str, target: str, classes: int) -> str:
-        return weights(b, logits, target_score_start(b, logits, target, classes))
-
-    return dataclasses.replace(method, start=start)
-
-
-def noisy_copies(b: GraphBuilder, image: str, shape: tuple, modifiers: Modifiers) -> str:
-    """``[S·N, ...]``: copy s of sample n (at s·N + n) is ``x_n + F · (max x_n − min x_n) · z_s``,
-    SmoothGrad's own noise (``methods.counter_normal``: fixed by the seed and the copy, the same for
-    every image, so an image's map is the same at any batch position, in any session)."""
-    options = {"samples": modifiers.smooth, "noise": modifiers.noise, "seed": modifiers.seed}
-    copies, _ = SMOOTHGRAD.expand(b, image, shape, options)
-    return copies
-
-
-def average_copies(b: GraphBuilder, maps: str, count: int, shape: tuple, square: bool) -> str:
-    """``mean_s A_s`` (or ``mean_s A_s²``) of ``[count·N, *shape]`` maps, copy-major → ``[N, *shape]``."""
-    per_copy = b.Reshape(maps, b.ints([count, -1, *shape]))
-    if square:
-        per_copy = b.Mul(per_copy, per_copy)
-    return b.ReduceMean(per_copy, axes=[0], keepdims=0)

@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
-from ..errors import CompileError
+from ..errors import CompileError, UnsupportedOpsError
+from ..rules import unsupported
 from .builder import TARGET_OPSET
-from .graph import BATCH_DIM, ai_onnx_opset, batch_dim, batch_factor, evaluator
+from .graph import BATCH_DIM, GraphView, ai_onnx_opset, batch_dim, batch_factor, evaluator
 
 #: Ops whose folded output can be far larger than their inputs (the onnx zoo stores weights
 #: as ConstantOfShape): folding them would bloat the file, so their outputs stay computed.
@@ -399,14 +400,10 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 def _refuse_unsupported_ops(model: onnx.ModelProto, inputs: Sequence[str]) -> None:
     """Raise ``UnsupportedOpsError`` for the nodes between ``inputs`` and the outputs that no rule
     covers (what ``planning.plan`` says first of such a file), if there are any."""
-    from ..errors import UnsupportedOpsError
-    from .graph import GraphView
-    from .planning import _without_rules
-
     graph = GraphView(model)
     above = graph.ancestors(graph.outputs)
     flow = [node for source in inputs for node in graph.data_flow(source)[0] if node.name in above]
-    missing = _without_rules(flow)
+    missing = unsupported(flow)
     if missing:
         raise UnsupportedOpsError(missing)
 

@@ -6,15 +6,15 @@ rule each node on the path gets under the chosen method (``Plan``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import onnx
 from onnx import TensorProto, helper
 
 from ..errors import CompileError, UnsupportedOpsError
-from ..rules import REGISTRY, OpRules
+from ..rules import OpRules, label, lookup, unsupported
 from .graph import GraphView
-from .methods import Kind, Method, flat_layers, is_token_linear
+from .methods import Method, flat_layers, is_token_linear
 from .plan import Plan
 from .text import TokenInput, check_sequence_static, find_token_input
 from .tokens import TokenGrid, attention_matrices, patch_grid
@@ -150,25 +150,6 @@ def _channels_last(graph: GraphView, image: str) -> bool:
     return False
 
 
-def _registered(node: onnx.NodeProto) -> OpRules | None:
-    """The rules of ``node``'s op, None where it has none (another domain, or no gradient rule)."""
-    entry = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-    return entry if entry is not None and entry.gradient is not None else None
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.op_type if not node.domain else f"{node.domain}.{node.op_type}"
-
-
-def _without_rules(path: Sequence[onnx.NodeProto]) -> dict[str, list[str]]:
-    """Op type → node names of the nodes on ``path`` that no rule covers."""
-    missing: dict[str, list[str]] = defaultdict(list)
-    for node in path:
-        if _registered(node) is None:
-            missing[_label(node)].append(node.name)
-    return dict(missing)
-
-
 def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None = None,
          method: Method, flat_policy: str = "authors", flat: Iterable[str] = (),
          full: Iterable[str] = (), strict: bool = True, layer: str | None = None) -> Plan:
@@ -183,44 +164,42 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
                            "images, or integer images the model casts to float32, are supported")
     logits = find_logits(graph, logits)
     image, tokens = find_explained(graph, image, logits)
-    if tokens is not None:
-        _check_text_method(method, layer)
+    refusal = method.map.text_refusal(layer) if tokens is not None else None
+    if refusal is not None:  # the methods that need a pixel grid
+        raise CompileError(f"--method {method.name}{refusal}")
     path, data = path_between(graph, image, logits)
     if not path:
         raise CompileError(f"the logits '{logits}' do not depend on the image '{image}'")
-    missing = _without_rules(path)  # the one refusal of a file, the same for every method: said first
+    missing = unsupported(path)  # the one refusal of a file, the same for every method: said first
     if missing and strict:
         raise UnsupportedOpsError(missing)
     try:
-        top = top_linear(graph, logits, data) if method.logit_relevance is None or method.top_layer else None
+        top = top_linear(graph, logits, data) if method.map.needs_top_layer else None
     except CompileError:
         if not missing:
             raise
         top = None  # inspect: the unsupported ops (QLinearConv…) are the reason, reported in the plan
-    start = top.input[0] if method.logit_relevance is None and top is not None else logits
-    relevant = graph.ancestors([start]) & {node.name for node in path} if method.relevance_stream else set()
+    start = logits if method.map.starts_at_logits or top is None else top.input[0]
+    relevant = graph.ancestors([start]) & {node.name for node in path} if method.map.relevance_stream else set()
     # z^B needs the image's bounds: a text model's layers reading E get the rules of hidden layers
     first_layers = {n.name for n in path if n.op_type in LINEAR_OPS and tokens is None
                     and _reads_image(graph, n.input[0], image)}
     layers = [n for n in path if n.name in relevant and (n.op_type == "Conv" or is_token_linear(graph, n))]
     flats = flat_layers(graph, layers, data, flat_policy, flat, full)
     kinds: dict[str, str] = {}
-    unsupported: dict[str, list[str]] = defaultdict(list)
+    refused: dict[str, list[str]] = defaultdict(list)
     for node in path:
-        entry = _registered(node)
+        entry: OpRules | None = lookup(node.op_type, node.domain)
         kind = None
         if entry is not None and node.name in relevant:
-            kind = method.kind_for(node.op_type, entry.relevance, first_layer=node.name in first_layers,
+            kind = method.rule_for(node, entry.relevance, first_layer=node.name in first_layers,
                                    flat=node.name in flats, top_layer=top is not None and node.name == top.name)
-            if method.top_layer and top is not None and node.name == top.name and kind != method.top_layer:
-                raise CompileError(f"--method {method.name} starts at a Gemm or MatMul that computes the logits; "
-                                   f"the last linear layer here is {node.op_type} '{node.name}'")
         if entry is None or (node.name in relevant and kind is None):
-            unsupported[_label(node)].append(node.name)
+            refused[label(node)].append(node.name)
         elif kind is not None:
             kinds[node.name] = kind
-    if unsupported and strict:
-        raise UnsupportedOpsError(unsupported)
+    if refused and strict:
+        raise UnsupportedOpsError(refused)
     if strict:
         if tokens is not None:
             check_sequence_static(graph, tokens)
@@ -229,24 +208,13 @@ def plan(model: onnx.ModelProto, *, image: str | None = None, logits: str | None
     if dtype != TensorProto.FLOAT and not (dtype in _INTEGER_IMAGES and any(n.op_type == "Cast" for n in path)):
         raise CompileError(f"the image input '{image}' is {TensorProto.DataType.Name(dtype)}: float32 images, "
                            "or integer images the model casts to float32, are supported")
-    if layer is not None and method.kind is not Kind.LAYER:
+    if layer is not None and not method.map.at_layer:
         raise CompileError(f"--layer: the method '{method.name}' explains at the image, not at a layer")
     found = Plan(graph, image, logits, start, path, data, kinds, first_layers, _channels_last(graph, image),
-                 dict(unsupported), tokens=tokens)
-    if method.kind is Kind.LAYER:
+                 dict(refused), tokens=tokens)
+    if method.map.at_layer:
         found.layer, found.layer_grid = _find_layer(found, layer)
     return found
-
-
-def _check_text_method(method: Method, layer: str | None) -> None:
-    """Refuse, by name, the methods that need a pixel grid on a text model."""
-    if method.kind is Kind.PATH:
-        raise CompileError(f"--method {method.name}: needs an image (its bias terms are upsampled to the pixel grid); "
-                           "a text model's map is per token")
-    if method.kind is Kind.LAYER and layer is None:
-        raise CompileError(f"--method {method.name} on a text model: pass --layer NODE, a node whose output is a "
-                           "[N, T, C] token tensor (no default: only the [CLS] token of the last block reaches the "
-                           "classifier)")
 
 
 def _check_static(graph: GraphView, image: str, tensors: Iterable[str]) -> None:

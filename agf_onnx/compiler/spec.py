@@ -94,7 +94,7 @@ class CompileSpec:
                 if not (METHOD_OPTIONS[name] is float and isinstance(value, int) and not isinstance(value, bool)):
                     raise CompileError(f"--{name} {value!r}: expected {METHOD_OPTIONS[name].__name__}")
         method = with_options(method, self.options)  # RAP's residual rule, refused for other methods
-        self.modifiers.check(method)
+        method.under(self.modifiers)  # the modifiers' own checks, then those for this method
         if self.flat_policy not in FLAT_POLICIES:
             raise CompileError(f"--flat-policy {self.flat_policy}: expected one of {', '.join(FLAT_POLICIES)}")
         if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool)
