@@ -128,6 +128,10 @@ class MethodMap:
         """Why this kind cannot explain a text model (after ``--method NAME``), ``None`` when it can."""
         return None
 
+    def smooth_refusal(self) -> str | None:
+        """Why ``--smooth`` makes no sense on this map (after ``--method NAME``), ``None`` when it does."""
+        return None
+
 
 @dataclass(frozen=True)
 class RelevanceMap(MethodMap):
@@ -199,8 +203,11 @@ class ReplicatedMap(MethodMap):
     kind: ClassVar[Kind] = Kind.REPLICATED
     copies: Callable[[GraphBuilder, str, tuple, Mapping], tuple[str, int]]
     combine: Callable[[GraphBuilder, str, tuple, str, int, Mapping], str]
-    #: why ``--smooth`` makes no sense on it (SmoothGrad averages over noisy copies itself), None where it does
-    smooth_refusal: str | None = None
+    #: SmoothGrad's copies are noisy already: ``--smooth`` on it is refused
+    noisy: bool = False
+
+    def smooth_refusal(self) -> str | None:
+        return " averages over noisy copies already; raise its --samples instead" if self.noisy else None
 
 
 @dataclass(frozen=True)
@@ -257,9 +264,9 @@ class Method:
         if chosen.contrast is not None and self.modifiers.contrast is not None:
             raise CompileError(f"--contrast: --method {self.name} is contrastive already "
                                f"({self.name} = lrp --contrast {self.modifiers.contrast})")
-        refusal = getattr(self.map, "smooth_refusal", None)
-        if chosen.smooth and refusal:
-            raise CompileError(f"--smooth: {self.name} {refusal}")
+        refusal = self.map.smooth_refusal() if chosen.smooth else None
+        if refusal is not None:
+            raise CompileError(f"--smooth: {self.name}{refusal}")
         if not self.modifiers:
             return chosen
         return replace(chosen, contrast=chosen.contrast or self.modifiers.contrast)
@@ -374,8 +381,7 @@ SMOOTHGRAD = Method(
     summary="SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies, --samples (25), --noise "
             "(0.15 of the image's range), --seed (0)",
     start=target_score_start,
-    map=ReplicatedMap(_smoothgrad_copies, _smoothgrad_combine,
-                      smooth_refusal="averages over noisy copies already; raise its --samples instead"),
+    map=ReplicatedMap(_smoothgrad_copies, _smoothgrad_combine, noisy=True),
     formula="A = mean_s abs(∂y_t/∂x(x + ε_s)), ε_s ~ N(0, (noise·(max x − min x))²), a counter-based draw fixed by "
             "the seed and the copy s, the same at every batch position (Captum's NoiseTunnel(Saliency) smoothgrad); "
             "Σ_c A / max A",
