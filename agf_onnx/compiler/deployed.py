@@ -68,6 +68,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..errors import CompileError, UnsupportedOpsError
+from ..rules import label
 from . import passes
 from .spec import CompileSpec
 
@@ -470,7 +471,7 @@ def _decompose_contrib(model: onnx.ModelProto) -> onnx.ModelProto:
         missing: dict[str, list[str]] = {}
         for node in model.graph.node:
             if node.domain not in _STANDARD:
-                missing.setdefault(f"{node.domain}.{node.op_type}", []).append(node.name)
+                missing.setdefault(label(node), []).append(node.name)
         raise UnsupportedOpsError(missing) from None
     return contrib.decompose(model)
 

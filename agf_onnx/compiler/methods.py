@@ -267,9 +267,7 @@ class Method:
         refusal = self.map.smooth_refusal() if chosen.smooth else None
         if refusal is not None:
             raise CompileError(f"--smooth: {self.name}{refusal}")
-        if not self.modifiers:
-            return chosen
-        return replace(chosen, contrast=chosen.contrast or self.modifiers.contrast)
+        return replace(chosen, contrast=self.modifiers.contrast) if self.modifiers.contrast else chosen
 
     def seeded_by_others(self, contrast: str) -> Method:
         """The method started from the others' seed (``modifiers.CONTRASTS``) instead of the target's: at
